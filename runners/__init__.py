@@ -1,0 +1,1 @@
+"""Runners: the training loop, its measurements, result files, logging and pretraining."""

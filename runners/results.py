@@ -1,0 +1,53 @@
+"""The result file: one `results.json` per run, written atomically so a crash never leaves half a file."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SCHEMA = 1
+FILENAME = "results.json"
+
+
+def write_results(run_dir: str | Path, record: dict[str, Any]) -> Path:
+    """Write `record` to run_dir/results.json via a temp file + rename (atomic on POSIX)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / FILENAME
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".results.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=2, default=_jsonable)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_results(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's record, or None when there is none or it cannot be parsed."""
+    path = Path(run_dir) / FILENAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    """True when the run directory already holds a successful result (a sweep re-run skips it)."""
+    record = read_results(run_dir)
+    return bool(record) and record.get("run", {}).get("status") == "success"
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")

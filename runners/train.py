@@ -1,0 +1,294 @@
+"""`run(cfg)`: one rankbench run, top to bottom.
+
+seed -> task -> adapt (inject / full / none) -> assert count == closed form -> evaluate before ->
+AdamW + warm-up/cosine loop (measured) -> evaluate after -> save adapter -> results.json -> logger.
+Method-specific behaviour lives in `methods/` and `runners.adapt`, never in this loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm import tqdm
+
+import methods
+import tasks
+from runners import env
+from runners.adapt import Adaptation, adapt
+from runners.checkpoint import FILENAME as CHECKPOINT, load_checkpoint, save_checkpoint
+from runners.logger import make_logger
+from runners.metrics import PeakMemory, StepTimer, matrix_ranks
+from runners.results import SCHEMA, is_complete, read_results, write_results
+
+log = logging.getLogger(__name__)
+
+RANK_SAMPLE = 4  # adapted layers whose update rank is reported
+
+
+class RunFailed(RuntimeError):
+    """The run failed; its results.json says why. The message is one line for the user."""
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Execute one run described by a composed rankbench config and return its result record."""
+    run_dir = output_dir(cfg)
+    if is_complete(run_dir):
+        log.info("skipping %s: results.json there already records a successful run", run_dir)
+        return read_results(run_dir)
+    record = _new_record(cfg)
+    logger = None
+    try:
+        device = env.resolve_device(cfg.device)
+        record["run"]["device"] = env.device_description(device)
+        generator = env.seed_everything(cfg.seed)
+        task = tasks.build(cfg.task)
+        model = task.build_model()
+        adaptation = adapt(model, cfg.method, task.target_modules, task.head_prefixes, cfg.budget)
+        _record_adaptation(record, adaptation, model)
+        model.to(device)
+        logger = make_logger(cfg.logger, run_dir, record["run"]["id"], record["run"]["config"],
+                             _group(cfg), [cfg.method.name, cfg.task.name, _size(cfg)])
+        record["metrics"]["per_dataset_before"] = _evaluate(task, model, cfg, device)
+        before = _sample_weights(model, adaptation)
+        record["cost"], record["history"] = train(model, task, cfg, device, generator, run_dir, logger,
+                                                  record["run"]["config_hash"])
+        record["metrics"]["per_dataset"] = _evaluate(task, model, cfg, device)
+        record["metrics"]["delta_rank"] = _delta_ranks(model, before)
+        record["params"]["adapter_file_bytes"] = _save_trained(model, adaptation, run_dir)
+        _finish(record, "success", None)
+        logger.summary({k: record[k] for k in ("params", "cost", "metrics")})
+        write_results(run_dir, record)
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)
+        log.info("%s", summary_table(record))
+        return record
+    except Exception as err:
+        _finish(record, "failed", f"{type(err).__name__}: {err}")
+        write_results(run_dir, record)
+        raise RunFailed(f"run failed ({record['run']['error']}); see {run_dir / 'results.json'}") from err
+    finally:
+        if logger is not None:
+            logger.finish(failed=record["run"]["status"] != "success")
+
+
+def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.device,
+          generator: torch.Generator, run_dir: Path, logger: Any, config_hash: str
+          ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The optimisation loop; returns (cost measurements, history). Resumes from a checkpoint if present."""
+    t = cfg.trainer
+    params = [p for p in model.parameters() if p.requires_grad]
+    memory = PeakMemory(device)
+    cost: dict[str, Any] = {"step_time_s": None, "step_time_p90_s": None, "samples_per_s": None,
+                            memory.key: None, "train_time_s": 0.0}
+    if not params:  # zero-shot CLIP: nothing to train
+        return cost, []
+    lr = cfg.method.get("lr") or t.lr
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.max_steps))
+    timer = StepTimer(device, t.timing_warmup)
+    state = load_checkpoint(run_dir, model, optimizer, scheduler, config_hash) or {}
+    start, history = state.get("step", 0), state.get("history", [])
+    timer.times, train_time = state.get("step_times", []), state.get("train_time_s", 0.0)
+    batches = _skip(task.train_batches(t.batch_size, generator), start * t.grad_accum)
+
+    model.train()
+    memory.start()
+    bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, desc="train", mininterval=2)
+    for step in bar:
+        timer.start()
+        loss = _optimizer_step(model, task, batches, optimizer, params, t, device)
+        scheduler.step()
+        dt = timer.stop()
+        train_time += dt
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower trainer.lr={lr}?")
+        if (step + 1) % t.log_every == 0 or step + 1 == t.max_steps:
+            entry = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "step_time_s": dt}
+            history.append(entry)
+            logger.log(entry, step=step + 1)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}", s=f"{dt:.3f}")
+        if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.max_steps:
+            save_checkpoint(run_dir, model, optimizer, scheduler,
+                            {"step": step + 1, "history": history, "step_times": timer.times,
+                             "train_time_s": train_time, "config_hash": config_hash})
+    model.eval()
+    cost.update(timer.summary(t.batch_size * t.grad_accum))
+    cost[memory.key] = memory.peak()
+    cost["train_time_s"] = train_time
+    return cost, history
+
+
+def _optimizer_step(model: nn.Module, task: tasks.Task, batches: Iterator, optimizer: torch.optim.Optimizer,
+                    params: list[nn.Parameter], t: DictConfig, device: torch.device) -> float:
+    """One optimizer step over `grad_accum` micro-batches; returns the mean loss."""
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for _ in range(t.grad_accum):
+        batch = _to_device(next(batches), device)
+        with autocast(device, t.bf16):
+            loss = task.loss(model, batch) / t.grad_accum
+        loss.backward()
+        total += float(loss.detach())
+    if t.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+    optimizer.step()
+    return total
+
+
+def warmup_cosine(warmup: int, total: int):
+    """lr multiplier: linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA only; CPU runs stay in fp32 so they are exactly reproducible."""
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """Hydra's per-job output dir (never the cwd: concurrent jobs would overwrite each other)."""
+    if cfg.get("out_dir"):
+        return Path(cfg.out_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def summary_table(record: dict[str, Any]) -> str:
+    """A short human-readable table of the run's headline numbers."""
+    r, m, p, c = record["run"], record["metrics"], record["params"], record["cost"]
+    mem_key = "peak_mem_bytes" if "peak_mem_bytes" in c else "peak_rss_bytes"
+    rows = [("dataset", "before", "after")]
+    rows += [(d, f"{m['per_dataset_before'][d]:.3f}", f"{acc:.3f}") for d, acc in m["per_dataset"].items()]
+    rows.append(("mean", f"{m['accuracy_before']:.3f}", f"{m['accuracy']:.3f}"))
+    width = max(len(row[0]) for row in rows)
+    lines = [f"{r['method']} on {r['task']} ({r['size']}, seed {r['seed']}) hp={r['hp']}"]
+    lines += [f"  {a:<{width}}  {b:>7}  {c_:>7}" for a, b, c_ in rows]
+    step = c["step_time_s"]
+    mem = c.get(mem_key)
+    lines.append(f"  trainable params {p['trainable']:,} (+{p['head_trainable']:,} head) of {p['total']:,}"
+                 + (f", budget error {p['budget_error']:+.2%}" if p["budget_error"] is not None else ""))
+    lines.append(f"  step time {step * 1e3:.1f} ms" if step else "  step time n/a (nothing trained)")
+    lines[-1] += f", {mem_key} {mem / 2**20:.1f} MiB" if mem is not None else ""
+    lines.append(f"  train time {c['train_time_s']:.1f} s")
+    return "\n".join(lines)
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+def _evaluate(task: tasks.Task, model: nn.Module, cfg: DictConfig, device: torch.device) -> dict[str, float]:
+    model.eval()
+    with torch.no_grad(), autocast(device, cfg.trainer.bf16):
+        return {name: float(acc) for name, acc in task.evaluate(model, cfg.trainer.eval_batch_size).items()}
+
+
+def _skip(batches: Iterator, n: int) -> Iterator:
+    """Fast-forward the data stream of a resumed run to where the interrupted one stopped."""
+    for _ in range(n):
+        next(batches)
+    return batches
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _sample_names(names: list[str]) -> list[str]:
+    if len(names) <= RANK_SAMPLE:
+        return list(names)
+    idx = [round(i * (len(names) - 1) / (RANK_SAMPLE - 1)) for i in range(RANK_SAMPLE)]
+    return [names[i] for i in idx]
+
+
+@torch.no_grad()
+def _sample_weights(model: nn.Module, adaptation: Adaptation) -> dict[str, torch.Tensor]:
+    """Effective weights of a few adapted (or, for full, targeted) layers, to measure rank(dW) later."""
+    names = _sample_names(adaptation.wrapped or adaptation.rank_layers)
+    return {n: methods.effective_weight(model.get_submodule(n)).detach().float().cpu().clone() for n in names}
+
+
+@torch.no_grad()
+def _delta_ranks(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    return {n: matrix_ranks(methods.effective_weight(model.get_submodule(n)).float().cpu() - w)
+            for n, w in before.items()}
+
+
+def _save_trained(model: nn.Module, adaptation: Adaptation, run_dir: Path) -> int:
+    """Save what was trained; returns the adapter file size in bytes (0 when there is no adapter)."""
+    if adaptation.wrapped:
+        path = run_dir / "adapter"
+        methods.save_adapter(model, path)
+        return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    return 0
+
+
+def _config_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _config_hash(config: dict[str, Any]) -> str:
+    """Identity of a run: everything that changes its numbers (not where or how it is logged)."""
+    keep = {k: v for k, v in config.items() if k not in ("logger", "out_dir")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _size(cfg: DictConfig) -> str:
+    return str(cfg.size.name) if "size" in cfg else "tiny"
+
+
+def _group(cfg: DictConfig) -> str | None:
+    return cfg.logger.get("group") or (cfg.get("sweep") or {}).get("name")
+
+
+def _new_record(cfg: DictConfig) -> dict[str, Any]:
+    config = _config_dict(cfg)
+    config_hash = _config_hash(config)
+    commit, dirty = env.git_state()
+    budget = cfg.budget if cfg.budget is not None else "nobudget"
+    run = {"id": f"{cfg.task.name}-{cfg.method.name}-{_size(cfg)}-{budget}-s{cfg.seed}-{config_hash[:8]}",
+           "method": cfg.method.name, "task": cfg.task.name, "dataset": cfg.get("dataset"),
+           "size": _size(cfg), "seed": cfg.seed, "budget": cfg.budget, "budget_target": None, "hp": {},
+           "config": config, "config_hash": config_hash, "git_commit": commit, "git_dirty": dirty,
+           "versions": env.package_versions(), "device": None, "started_at": _now(), "finished_at": None,
+           "status": "running", "error": None}
+    return {"schema": SCHEMA, "run": run, "params": {}, "cost": {}, "metrics": {}, "history": []}
+
+
+def _record_adaptation(record: dict[str, Any], a: Adaptation, model: nn.Module) -> None:
+    record["run"].update(hp=a.hp, budget_target=a.budget_target)
+    record["params"] = {"trainable": a.backbone_trainable, "head_trainable": a.head_trainable,
+                        "total": sum(p.numel() for p in model.parameters()),
+                        "budget_target": a.budget_target, "budget_error": a.budget_error,
+                        "adapter_file_bytes": None}
+
+
+def _finish(record: dict[str, Any], status: str, error: str | None) -> None:
+    record["run"].update(status=status, error=error, finished_at=_now())
+    m = record["metrics"]
+    for key, src in (("accuracy", "per_dataset"), ("accuracy_before", "per_dataset_before")):
+        if m.get(src):
+            m[key] = sum(m[src].values()) / len(m[src])
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

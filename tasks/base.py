@@ -1,0 +1,58 @@
+"""The task contract: what the runner needs from a task, and nothing more.
+
+A task owns its backbone, its data and its metric. The runner owns the adaptation method, the
+optimizer and the measurements, so every method is measured the same way on every task.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Iterator
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+Batch = dict[str, Any]
+
+
+class Task(ABC):
+    """One modality's model + data + loss + evaluation, configured by the `task` config node.
+
+    Contract used by `runners.train.run`:
+      * `build_model()` loads the pretrained backbone (with `from_pretrained`) plus any task head; all
+        parameters may still require grad, the runner decides what is trained.
+      * `target_modules` names the Linear layers adapters wrap (suffixes or a regex), from config.
+      * `head_prefixes` are parameter-name prefixes trained for every method (the task head); an empty
+        list for CLIP, whose "head" is the text tower's class prompts.
+      * `train_batches(batch_size, generator)` yields batches forever, deterministically from the generator.
+      * `loss(model, batch)` returns a scalar loss; `evaluate(model)` returns top-1 accuracy per dataset.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+
+    @property
+    def target_modules(self) -> list[str] | str:
+        return list(self.cfg.model.target_modules)
+
+    @property
+    def head_prefixes(self) -> list[str]:
+        return list(self.cfg.get("head_prefixes", []))
+
+    @property
+    @abstractmethod
+    def datasets(self) -> list[str]:
+        """Names of the evaluation datasets of this run (one or several)."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module: ...
+
+    @abstractmethod
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]: ...
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
+        """Top-1 accuracy per dataset on its evaluation split (model in eval mode, no grad)."""
