@@ -24,4 +24,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from runners.cli import preflight
+
+    if (problem := preflight(sys.argv[1:])) is not None:
+        sys.exit(f"rankbench: {problem}")
     main()

@@ -145,6 +145,18 @@ def per_dataset_table(df: pd.DataFrame) -> pd.DataFrame:
     return table.loc[order]
 
 
+def best_adapter_mask(table: pd.DataFrame) -> np.ndarray:
+    """Boolean mask over `per_dataset_table`: the best adapter(s) of each column, ties all marked.
+
+    References (full, none) are excluded: full fine-tuning usually wins, which would hide the comparison.
+    """
+    values = table.to_numpy(dtype=float)
+    is_adapter = np.array([m in ADAPTERS for m, _ in table.index], dtype=bool)[:, None]
+    masked = np.where(is_adapter & ~np.isnan(values), values, -np.inf)
+    best = masked.max(axis=0, initial=-np.inf)
+    return np.isfinite(masked) & np.isclose(masked, best[None, :])
+
+
 def panels(df: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
     """Split the frame into comparison panels (task, size, model, regime), in a stable order."""
     return [(key if isinstance(key, tuple) else (key,), part)

@@ -12,6 +12,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from statistics import fmean as mean
 from typing import Any
 
 import pandas as pd
@@ -53,7 +54,7 @@ class _Corrupt(ValueError):
 
 
 def find_result_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Every `results.json` under the given directories (recursively), or the files themselves."""
+    """Every `results.json` under the given directories (recursively), or the files themselves, once each."""
     files: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
@@ -65,7 +66,7 @@ def find_result_files(paths: Iterable[str | Path]) -> list[Path]:
         if not found:
             raise ResultsError(f"{p}: no {RESULTS_FILENAME} found under this directory")
         files.extend(found)
-    return files
+    return list(dict.fromkeys(f.resolve() for f in files))  # a file named twice is read once
 
 
 def load_results(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
@@ -224,7 +225,6 @@ def _rank_fields(delta_rank: Any) -> dict[str, Any]:
     layers = [v for v in (delta_rank or {}).values() if isinstance(v, dict) and v.get("max_rank")]
     if not layers:
         return out
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     out.update(
         dw_rank=mean([float(v.get("rank", math.nan)) for v in layers]),
         dw_effective_rank=mean([float(v.get("effective_rank", math.nan)) for v in layers]),

@@ -29,6 +29,7 @@ class Adaptation:
     backbone_trainable: int  # adapter (or full backbone) parameters: the budgeted quantity
     head_trainable: int
     wrapped: list[str] = field(default_factory=list)
+    rank_layers: list[str] = field(default_factory=list)  # targeted Linear layers, to measure rank(dW)
 
     @property
     def budget_error(self) -> float | None:
@@ -64,6 +65,7 @@ def adapt(model: nn.Module, method_cfg: DictConfig, target_modules: Any, head_pr
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(method_names())}")
 
     budget_target = None
+    rank_layers = list(methods.find_targets(model, target_modules))
     if name in REFERENCES:
         if budget is not None:
             log.info("budget=%s ignored: the %r reference trains a fixed set of weights", budget, name)
@@ -80,7 +82,7 @@ def adapt(model: nn.Module, method_cfg: DictConfig, target_modules: Any, head_pr
     backbone = methods.count_trainable(model) - head
     if expected is not None and backbone != expected:
         raise AssertionError(f"{name}: {backbone} trainable adapter parameters, closed form says {expected}")
-    return Adaptation(name, hp, budget_target, backbone, head, wrapped)
+    return Adaptation(name, hp, budget_target, backbone, head, wrapped, rank_layers)
 
 
 def _unfreeze_head(model: nn.Module, prefixes: list[str]) -> int:

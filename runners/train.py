@@ -223,14 +223,22 @@ def _sample_names(names: list[str]) -> list[str]:
 @torch.no_grad()
 def _sample_weights(model: nn.Module, adaptation: Adaptation) -> dict[str, torch.Tensor]:
     """Effective weights of a few adapted (or, for full, targeted) layers, to measure rank(dW) later."""
-    names = _sample_names(adaptation.wrapped or adaptation.rank_layers)
-    return {n: methods.effective_weight(model.get_submodule(n)).detach().float().cpu().clone() for n in names}
+    names = _sample_names(adaptation.rank_layers)
+    return {n: _effective_weight(model.get_submodule(n)).float().cpu().clone() for n in names}
 
 
 @torch.no_grad()
 def _delta_ranks(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    return {n: matrix_ranks(methods.effective_weight(model.get_submodule(n)).float().cpu() - w)
+    return {n: matrix_ranks(_effective_weight(model.get_submodule(n)).float().cpu() - w)
             for n, w in before.items()}
+
+
+def _effective_weight(module: nn.Module) -> torch.Tensor:
+    """The weight the layer applies: base + dW for an (unmerged) adapter, the weight of a plain Linear."""
+    weight = module.weight.detach()
+    if isinstance(module, methods.AdapterLayer) and not module.merged:
+        weight = weight + module.delta_weight().detach().to(weight.dtype)
+    return weight
 
 
 def _save_trained(model: nn.Module, adaptation: Adaptation, run_dir: Path) -> int:

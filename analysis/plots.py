@@ -1,0 +1,400 @@
+"""Paper figures: pure functions from the tidy frame of one comparison panel to a matplotlib Figure.
+
+One palette (`METHOD_COLORS`) and one marker set colour every method identically in every figure.
+Figures are sized for a paper column (3.5 in) with 7-8 pt text, built on `matplotlib.figure.Figure`
+directly with an Agg canvas (no pyplot global state, nothing to close), so callers save or discard them freely.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from analysis.aggregate import (
+    ADAPTERS,
+    SETTING_KEYS,
+    aggregate_seeds,
+    best_adapter_mask,
+    memory_column,
+    method_rank,
+    normalise_to_lora,
+    pareto_mask,
+    per_dataset_table,
+    per_run,
+)
+from analysis.load import PANEL_KEYS
+
+log = logging.getLogger(__name__)
+
+COLUMN_WIDTH_IN = 3.5
+#: Okabe-Ito colour-blind-safe palette; the single source of method colours for every figure.
+METHOD_COLORS = {"lora": "#0072b2", "loha": "#e69f00", "lokr": "#009e73", "randlora": "#d55e00",
+                 "full": "#333333", "none": "#999999"}
+METHOD_MARKERS = {"lora": "o", "loha": "s", "lokr": "^", "randlora": "D", "full": "*", "none": "X"}
+METHOD_LABELS = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "randlora": "RandLoRA", "full": "Full FT",
+                 "none": "Head-only"}
+STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
+         "xtick.labelsize": 7, "ytick.labelsize": 7, "lines.linewidth": 1.3, "lines.markersize": 4.5,
+         "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
+         "grid.linewidth": 0.5, "legend.frameon": False, "errorbar.capsize": 2, "svg.fonttype": "none"}
+_MEMORY_LABELS = {"peak_mem_bytes": "peak GPU memory", "peak_rss_bytes": "peak RSS growth (CPU)"}
+
+
+# ------------------------------------------------------------------------------------ styling
+
+
+def color(method: str) -> str:
+    """The method's colour in every figure (grey-ish fallback for an unknown method)."""
+    return METHOD_COLORS.get(method, "#7f7f7f")
+
+
+def label(method: str, task: str | None = None) -> str:
+    """Display name; `none` is a zero-shot model for CLIP and a head-only linear probe elsewhere."""
+    if method == "none" and task == "clip":
+        return "Zero-shot"
+    return METHOD_LABELS.get(method, method)
+
+
+def panel_title(df: pd.DataFrame) -> str:
+    """'task · model (size) · regime' for the single panel in `df`."""
+    task, size, model, regime = _single_panel(df)
+    return f"{task} · {model} ({size}) · {regime}"
+
+
+def human(x: float, _pos: object = None) -> str:
+    """18432 -> '18k', 5.6e6 -> '5.6M': tick labels a reader parses at a glance."""
+    if x is None or not np.isfinite(x):
+        return ""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def _figure(width: float = COLUMN_WIDTH_IN, height: float = 2.6) -> Figure:
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)  # Agg canvas on this figure only: no global backend switch, no pyplot registry
+    return fig
+
+
+def _log_params_axis(ax: Axes) -> None:
+    """Log x with plain '20k' labels; denser ticks when the data span less than ~1.5 decades."""
+    ax.set_xscale("log")
+    lo, hi = ax.dataLim.intervalx
+    narrow = np.isfinite(lo) and lo > 0 and hi / lo < 30
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0) if narrow else (1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(human))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("trainable parameters (log scale)")
+
+
+def _legend_below(fig: Figure, ax: Axes, ncol: int = 3) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(ncol, len(handles)),
+                   handlelength=1.6, columnspacing=1.0)
+
+
+def _errs(values: pd.Series) -> np.ndarray | None:
+    """Error-bar half-widths, or None when no point has more than one seed."""
+    arr = values.to_numpy(dtype=float)
+    return None if np.all(np.isnan(arr)) else np.nan_to_num(arr)
+
+
+# --------------------------------------------------------------------------------- figure 1
+
+
+def fig_accuracy_vs_params(df: pd.DataFrame) -> Figure:
+    """Accuracy vs trainable parameters: one line per adapter, `full`/`none` as reference lines.
+
+    Accuracy is the run's mean over its datasets; error bars are 95% CIs over seeds.
+    """
+    with matplotlib.rc_context(STYLE):
+        fig = _figure(height=2.9)
+        ax = fig.add_subplot()
+        agg = _run_agg(df, ["mean_accuracy", "trainable_params"])
+        if not agg["method"].isin(ADAPTERS).any():
+            raise ValueError("no successful adapter runs to plot against parameters")
+        task = str(agg["task"].iloc[0]) if len(agg) else None
+        for method, part in _by_method(agg[agg["method"].isin(ADAPTERS)]):
+            part = _best_per_budget(part, "mean_accuracy_mean").sort_values("trainable_params_mean")
+            ax.errorbar(part["trainable_params_mean"], 100 * part["mean_accuracy_mean"],
+                        yerr=_pct(_errs(part["mean_accuracy_ci95"])), color=color(method),
+                        marker=METHOD_MARKERS.get(method, "o"), label=label(method))
+        for method, style in (("full", "--"), ("none", ":")):
+            _reference_line(ax, agg[agg["method"] == method], "mean_accuracy", style, task)
+        _log_params_axis(ax)
+        ax.set_ylabel(_accuracy_label(df))
+        ax.set_title(f"Accuracy vs parameters\n{panel_title(df)}")
+        _legend_below(fig, ax)
+    return fig
+
+
+def _reference_line(ax: Axes, ref: pd.DataFrame, metric: str, linestyle: str, task: str | None) -> None:
+    if ref.empty:
+        return
+    row = ref.iloc[0]
+    mean, ci = 100 * row[f"{metric}_mean"], 100 * row[f"{metric}_ci95"]
+    method = row["method"]
+    params = row.get("trainable_params_mean")
+    extra = f" ({human(params)} params)" if params is not None and pd.notna(params) else ""
+    ax.axhline(mean, color=color(method), linestyle=linestyle, linewidth=1.1, label=label(method, task) + extra)
+    if pd.notna(ci):
+        ax.axhspan(mean - ci, mean + ci, color=color(method), alpha=0.12, linewidth=0)
+
+
+# --------------------------------------------------------------------------------- figure 2
+
+
+def fig_memory_pareto(df: pd.DataFrame) -> Figure:
+    """Peak memory vs accuracy for every method and budget, with the Pareto front (less memory, more accuracy)."""
+    mem = memory_column(df)
+    if mem is None:
+        raise ValueError("no peak_mem_bytes or peak_rss_bytes in these runs")
+    with matplotlib.rc_context(STYLE):
+        fig = _figure(height=2.9)
+        ax = fig.add_subplot()
+        agg = _run_agg(df.dropna(subset=[mem]), ["mean_accuracy", mem])
+        scale, unit = _byte_unit(agg[f"{mem}_mean"].max())
+        agg = agg.assign(_x=agg[f"{mem}_mean"] / scale, _xe=agg[f"{mem}_ci95"] / scale,
+                         _y=100 * agg["mean_accuracy_mean"], _ye=100 * agg["mean_accuracy_ci95"])
+        task = str(agg["task"].iloc[0]) if len(agg) else None
+        sizes = _budget_marker_sizes(agg)
+        for method, part in _by_method(agg):
+            ax.errorbar(part["_x"], part["_y"], xerr=_errs(part["_xe"]), yerr=_errs(part["_ye"]),
+                        color=color(method), linestyle="none", elinewidth=0.7)
+            ax.scatter(part["_x"], part["_y"], s=sizes[part.index], color=color(method), zorder=2,
+                       marker=METHOD_MARKERS.get(method, "o"), label=label(method, task))
+        if agg["budget_target"].nunique() > 1:
+            ax.text(0.99, 0.02, "marker size ∝ budget", transform=ax.transAxes, ha="right", va="bottom",
+                    fontsize=6.5, color="0.35")
+        front = agg[pareto_mask(agg, "_x", "_y", "min", "max")].sort_values("_x")
+        ax.plot(front["_x"], front["_y"], drawstyle="steps-post", color="black", linewidth=0.8,
+                linestyle="--", zorder=1, label="Pareto front")
+        ax.scatter(front["_x"], front["_y"], s=70, facecolors="none", edgecolors="black", linewidths=0.8,
+                   zorder=3)
+        ax.set_xlabel(f"{_MEMORY_LABELS.get(mem, mem)} ({unit})")
+        ax.set_ylabel(_accuracy_label(df))
+        ax.set_title(f"Memory vs accuracy (circled: Pareto-optimal)\n{panel_title(df)}")
+        _legend_below(fig, ax, ncol=4)
+    return fig
+
+
+def _budget_marker_sizes(agg: pd.DataFrame) -> pd.Series:
+    """Marker area grows with the budget rank so budgets of one method stay distinguishable."""
+    budgets = sorted(agg["budget_target"].dropna().unique())
+    area = {b: 14 + 16 * i for i, b in enumerate(budgets)}
+    default = 14 + 8 * max(len(budgets) - 1, 0)
+    return agg["budget_target"].map(lambda b: default if pd.isna(b) else area[b]).astype(float)
+
+
+def _byte_unit(max_bytes: float) -> tuple[float, str]:
+    if pd.notna(max_bytes) and max_bytes >= 4 * 2**30:
+        return 2**30, "GiB"
+    return 2**20, "MiB"
+
+
+# --------------------------------------------------------------------------------- figure 3
+
+
+def fig_cost_vs_lora(df: pd.DataFrame) -> Figure:
+    """Step time and peak memory of each adapter relative to LoRA at the same budget (bars, 95% CI)."""
+    mem = memory_column(df)
+    metrics = [m for m in ("step_time_s", mem) if m is not None]
+    runs = per_run(df)
+    runs = runs[runs["method"].isin(ADAPTERS) & runs["budget_target"].notna()]
+    if not (runs["method"] == "lora").any() or runs["method"].nunique() < 2:
+        raise ValueError("needs LoRA and at least one other adapter at a budget")
+    rel = normalise_to_lora(runs, metrics)
+    agg = aggregate_seeds(rel, [f"{m}_rel" for m in metrics], keys=SETTING_KEYS)
+    budgets = sorted(agg["budget_target"].dropna().unique())
+    methods = sorted(agg["method"].unique(), key=method_rank)
+    with matplotlib.rc_context(STYLE):
+        fig = _figure(height=1.45 * len(metrics) + 1.0)
+        axes = fig.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0]
+        for ax, metric in zip(axes, metrics):
+            _relative_bars(ax, agg, f"{metric}_rel", budgets, methods)
+            name = "step time" if metric == "step_time_s" else _MEMORY_LABELS.get(metric, metric)
+            ax.set_ylabel(f"{name}\n/ LoRA (×)")
+        axes[-1].set_xticks(range(len(budgets)), [_budget_label(b, runs) for b in budgets])
+        axes[-1].set_xlabel("adapter budget (trainable parameters)")
+        axes[0].set_title(f"Cost relative to LoRA at equal budget\n{panel_title(df)}")
+        _legend_below(fig, axes[0], ncol=4)
+    return fig
+
+
+def _relative_bars(ax: Axes, agg: pd.DataFrame, col: str, budgets: Sequence, methods: Sequence[str]) -> None:
+    width = 0.8 / max(len(methods), 1)
+    for i, method in enumerate(methods):
+        part = agg[agg["method"] == method].set_index("budget_target").reindex(budgets)
+        xs = np.arange(len(budgets)) + (i - (len(methods) - 1) / 2) * width
+        ax.bar(xs, part[f"{col}_mean"], width=width * 0.92, color=color(method), label=label(method),
+               yerr=_errs(part[f"{col}_ci95"]), error_kw={"elinewidth": 0.7, "capsize": 1.5})
+    ax.axhline(1.0, color=color("lora"), linewidth=0.8, linestyle="--", zorder=0)
+    ax.grid(axis="x", visible=False)
+    top = np.nanmax(agg[f"{col}_mean"] + agg[f"{col}_ci95"].fillna(0)) if len(agg) else 1.0
+    ax.set_ylim(0, max(1.2, float(top) * 1.08))
+
+
+def _budget_label(budget: float, runs: pd.DataFrame) -> str:
+    """'37k\\n(LoRA r=8)': budgets are conventionally named by the LoRA rank that produces them."""
+    lora = runs[(runs["method"] == "lora") & (runs["budget_target"] == budget)]
+    rank = _lora_rank(lora["hp"].iloc[0]) if len(lora) else None
+    return human(float(budget)) + (f"\n(LoRA r={rank})" if rank is not None else "")
+
+
+def _lora_rank(hp_json: str) -> int | None:
+    try:
+        return json.loads(hp_json).get("r")
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+# --------------------------------------------------------------------------------- figure 4
+
+
+def fig_per_dataset(df: pd.DataFrame, max_columns: int = 12) -> Figure:
+    """Methods x datasets accuracy heatmap (seed means, %), best adapter per dataset in bold.
+
+    Shading is per dataset (its min to max) because datasets differ in difficulty. Beyond `max_columns`
+    datasets the table is transposed (datasets as rows) so a 22-dataset suite fits a page width.
+    """
+    table = per_dataset_table(df)
+    if table.empty:
+        raise ValueError("no successful runs to tabulate")
+    values, bold = 100 * table.to_numpy(dtype=float), best_adapter_mask(table)
+    shade = _column_minmax(values)
+    task = str(df["task"].iloc[0])
+    methods = [m for m, _ in table.index]
+    row_labels = [_row_label(m, b, task) for m, b in table.index]
+    datasets = [str(c) for c in table.columns]
+    transpose = len(datasets) > max_columns
+    if transpose:
+        values, bold, shade = values.T, bold.T, shade.T
+    n_rows, n_cols = values.shape
+    with matplotlib.rc_context(STYLE):
+        fig = _figure(width=max(COLUMN_WIDTH_IN, 1.4 + (0.42 if transpose else 0.5) * n_cols),
+                      height=(1.6 if transpose else 1.1) + 0.2 * n_rows)
+        ax = fig.add_subplot()
+        ax.imshow(shade, cmap="Blues", vmin=0, vmax=1.4, aspect="auto", interpolation="nearest")
+        for (r, c), v in np.ndenumerate(values):
+            if not np.isnan(v):
+                ax.text(c, r, f"{v:.1f}", ha="center", va="center", fontsize=6.5,
+                        fontweight="bold" if bold[r, c] else "normal")
+        method_axis = ax.xaxis if transpose else ax.yaxis
+        _heatmap_ticks(ax, row_labels, datasets, transpose)
+        for tick, method in zip(method_axis.get_ticklabels(), methods):
+            tick.set_color(color(method))
+        if datasets[-1] == "mean" and len(datasets) > 1:
+            (ax.axhline if transpose else ax.axvline)(len(datasets) - 1.5, color="white", linewidth=3)
+        ax.grid(False)
+        ax.tick_params(length=0)
+        for side in ("left", "bottom"):
+            ax.spines[side].set_visible(False)
+        ax.set_title(f"Per-dataset accuracy (%), best adapter per dataset in bold\n{panel_title(df)}")
+    return fig
+
+
+def _heatmap_ticks(ax: Axes, method_labels: list[str], datasets: list[str], transpose: bool) -> None:
+    xs, ys = (method_labels, datasets) if transpose else (datasets, method_labels)
+    ax.set_xticks(range(len(xs)), xs, rotation=40 if not transpose else 60, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(len(ys)), ys)
+
+
+def _column_minmax(values: np.ndarray) -> np.ndarray:
+    lo, hi = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    return (values - lo) / span
+
+
+def _row_label(method: str, budget: object, task: str | None) -> str:
+    if budget is None or pd.isna(budget):
+        return label(method, task)
+    return f"{label(method)} @ {human(float(budget))}"
+
+
+# --------------------------------------------------------------------------------- figure 5
+
+
+def fig_delta_rank(df: pd.DataFrame) -> Figure:
+    """Rank of dW as a fraction of the layer's maximum rank, per method and budget.
+
+    Numerical rank (left) and effective rank (right): LoRA is capped at r, RandLoRA aims at full rank.
+    """
+    runs = per_run(df).dropna(subset=["dw_rank_frac"])
+    if not runs["method"].isin(ADAPTERS).any():
+        raise ValueError("no delta_rank measurements of adapter runs")
+    agg = aggregate_seeds(runs, ["dw_rank_frac", "dw_effective_rank_frac", "trainable_params"], keys=SETTING_KEYS)
+    task = str(agg["task"].iloc[0])
+    with matplotlib.rc_context(STYLE):
+        fig = _figure(height=2.7)
+        axes = fig.subplots(1, 2, sharey=True)
+        for ax, metric, name in zip(axes, ("dw_rank_frac", "dw_effective_rank_frac"),
+                                    ("numerical rank", "effective rank")):
+            _rank_panel(ax, agg, metric, task)
+            ax.set_title(name)
+            _log_params_axis(ax)
+            ax.set_xlabel("trainable params")
+        axes[0].set_ylabel("rank(ΔW) / max rank (%)")
+        axes[0].set_ylim(0, 105)
+        fig.suptitle(f"Rank of the weight update ΔW (mean over sampled layers)\n{panel_title(df)}", fontsize=8)
+        _legend_below(fig, axes[0])
+    return fig
+
+
+def _rank_panel(ax: Axes, agg: pd.DataFrame, metric: str, task: str) -> None:
+    for method, part in _by_method(agg[agg["method"].isin(ADAPTERS)]):
+        part = part.sort_values("trainable_params_mean")
+        ax.errorbar(part["trainable_params_mean"], 100 * part[f"{metric}_mean"],
+                    yerr=_pct(_errs(part[f"{metric}_ci95"])), color=color(method),
+                    marker=METHOD_MARKERS.get(method, "o"), label=label(method))
+    full = agg[agg["method"] == "full"]
+    if len(full):  # drawn on top: RandLoRA often sits exactly on it
+        ax.axhline(100 * full[f"{metric}_mean"].iloc[0], color=color("full"), linestyle=(0, (3, 2)),
+                   linewidth=0.9, label=label("full", task), zorder=4)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _single_panel(df: pd.DataFrame) -> tuple:
+    keys = df[PANEL_KEYS].drop_duplicates()
+    if len(keys) != 1:
+        raise ValueError(f"a figure shows one panel (task, size, model, regime); got {len(keys)}: "
+                         "split with analysis.aggregate.panels()")
+    return tuple(keys.iloc[0])
+
+
+def _run_agg(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    _single_panel(df)
+    return aggregate_seeds(per_run(df), metrics, keys=SETTING_KEYS)
+
+
+def _by_method(agg: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    return sorted(agg.groupby("method", sort=False), key=lambda kv: method_rank(kv[0]))
+
+
+def _best_per_budget(part: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One point per budget: if a sweep varied other knobs (e.g. lr), show the best setting."""
+    if not part.duplicated(["budget_target"]).any():
+        return part
+    log.info("%s: several settings per budget; plotting the best by %s", part["method"].iloc[0], metric)
+    return part.sort_values(metric, ascending=False).drop_duplicates(["budget_target"])
+
+
+def _pct(err: np.ndarray | None) -> np.ndarray | None:
+    return None if err is None else 100 * err
+
+
+def _accuracy_label(df: pd.DataFrame) -> str:
+    n = df.loc[df["status"] == "success", "dataset"].nunique()
+    return f"mean accuracy over {n} datasets (%)" if n > 1 else "accuracy (%)"

@@ -1,0 +1,288 @@
+"""`python -m analysis.report DIR [DIR...] --out report/`: figures, summary.md and index.html.
+
+The CLI is thin: load -> one section per comparison panel (task, model, size, data regime) with its
+tables and figures -> provenance (the command, git commits and package versions behind every input).
+Bad input ends with one clear line on stderr and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis import plots
+from analysis.aggregate import (
+    ADAPTERS,
+    SETTING_KEYS,
+    aggregate_seeds,
+    best_adapter_mask,
+    memory_column,
+    method_rank,
+    normalise_to_lora,
+    panels,
+    per_dataset_table,
+    per_run,
+    successful,
+)
+from analysis.document import Block, Cell, Table, to_html, to_markdown
+from analysis.load import ResultsError, load_results
+
+log = logging.getLogger("analysis.report")
+
+#: (file stem, figure function, caption). Order is the order in the report.
+FIGURES: list[tuple[str, Callable[[pd.DataFrame], Figure], str]] = [
+    ("accuracy_vs_params", plots.fig_accuracy_vs_params,
+     ("Accuracy vs trainable parameters (log scale), one line per method; dashed/dotted lines: full "
+     "fine-tuning and head-only/zero-shot references; error bars and bands: 95% CI over seeds.")),
+    ("memory_pareto", plots.fig_memory_pareto,
+     ("Peak memory vs accuracy for every method and budget; circled points and the dashed step line form "
+     "the Pareto front (less memory, more accuracy).")),
+    ("cost_vs_lora", plots.fig_cost_vs_lora,
+     "Step time and peak memory relative to LoRA at the same parameter budget (1.0 = LoRA); 95% CI over seeds."),
+    ("per_dataset", plots.fig_per_dataset,
+     "Per-dataset accuracy (%), seed means; best adapter per column in bold; shading is per column."),
+    ("delta_rank", plots.fig_delta_rank,
+     "Rank of the learned update dW as a fraction of the layer's maximum rank (mean over sampled layers)."),
+]
+
+
+class ReportError(RuntimeError):
+    """Input that cannot produce a report; the message is the one line the user sees."""
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code (0 ok, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(name)s: %(levelname)s: %(message)s")
+    command = "python -m analysis.report " + shlex.join(argv)
+    try:
+        df = load_results(args.dirs)
+        index = build_report(df, Path(args.out), command=command, dpi=args.dpi)
+    except (ResultsError, ReportError, OSError) as exc:
+        print(f"analysis.report: error: {exc}", file=sys.stderr)
+        return 2
+    log.info("wrote %s", index)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
+    p.add_argument("dirs", nargs="+", help="sweep output directories (searched recursively for results.json)")
+    p.add_argument("--out", default="report", help="output directory (default: report/)")
+    p.add_argument("--dpi", type=int, default=200, help="PNG resolution (default: 200)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return p
+
+
+# --------------------------------------------------------------------------------------- report
+
+
+def build_report(df: pd.DataFrame, out: Path, command: str = "", dpi: int = 200) -> Path:
+    """Write figures (PNG+SVG), summary.md and index.html into `out`; returns the index.html path."""
+    ok = successful(df)
+    if ok.empty:
+        n = df["source"].nunique()
+        raise ReportError(f"all {n} runs failed; nothing to compare (first error: {_first_error(df)})")
+    out.mkdir(parents=True, exist_ok=True)
+    blocks = _header(df, command)
+    for key, part in panels(df):
+        blocks += _panel_section(key, part, out, dpi)
+    blocks += _failures_section(df) + _provenance_section(df, command)
+    (out / "summary.md").write_text(to_markdown(blocks))
+    index = out / "index.html"
+    index.write_text(to_html(blocks, "rankbench report", out))
+    return index
+
+
+def _header(df: pd.DataFrame, command: str) -> list[Block]:
+    runs = per_run(df)
+    n_failed = int((runs["status"] != "success").sum())
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return [
+        Block("h1", "rankbench comparison report"),
+        Block("p", f"Generated {stamp} by `{command}` from {len(runs)} runs ({n_failed} failed, "
+                   f"{len(df.attrs.get('skipped', []))} unreadable result files skipped). Accuracy is top-1 on the "
+                   "evaluation split, mean over seeds ± 95% CI (Student t); failed runs are never averaged in."),
+    ]
+
+
+def _panel_section(key: tuple, part: pd.DataFrame, out: Path, dpi: int) -> list[Block]:
+    task, size, model, regime = key
+    blocks = [Block("h2", f"{task} · {model} ({size}) · {regime}"), _summary_table(part)]
+    multi = successful(part)["dataset"].nunique() > 1
+    for stem, fn, caption in FIGURES:
+        if stem == "per_dataset" and not multi:
+            continue
+        name, problem = _save_figure(fn, part, out, f"{stem}__{_slug(key)}", dpi)
+        if name:
+            blocks.append(Block("image", caption, path=name))
+        else:
+            blocks.append(Block("p", f"(Figure `{stem}` not drawn: {problem}.)"))
+        if stem == "per_dataset" and multi:
+            blocks.append(_per_dataset_block(part))
+    return blocks
+
+
+def _save_figure(fn: Callable[[pd.DataFrame], Figure], part: pd.DataFrame, out: Path, stem: str,
+                 dpi: int) -> tuple[str | None, str]:
+    """Render one figure to PNG and SVG -> (png name, ""); data it needs are absent -> (None, why)."""
+    try:
+        fig = fn(part)
+    except ValueError as exc:
+        log.info("skipping figure %s: %s", stem, exc)
+        return None, str(exc)
+    fig.savefig(out / f"{stem}.png", dpi=dpi)
+    fig.savefig(out / f"{stem}.svg")
+    return f"{stem}.png", ""
+
+
+# --------------------------------------------------------------------------------------- tables
+
+
+def summary_frame(part: pd.DataFrame) -> pd.DataFrame:
+    """Per (method, budget): params, accuracy, gain over before-training, cost and cost ratio to LoRA."""
+    mem = memory_column(part)
+    costs = [c for c in ("step_time_s", mem) if c]
+    runs = normalise_to_lora(per_run(part), costs)
+    metrics = ["trainable_params", "mean_accuracy", "mean_accuracy_before", *costs, *(f"{c}_rel" for c in costs)]
+    return aggregate_seeds(runs, metrics, keys=SETTING_KEYS)
+
+
+def _summary_table(part: pd.DataFrame) -> Block:
+    agg = summary_frame(part)
+    mem = memory_column(part)
+    best = _best_per_budget(agg)
+    headers = ["method", "budget", "trainable params", "accuracy (%)", "gain (pp)", "seeds", "step time (ms)",
+               "step time ×LoRA"]
+    if mem:
+        headers += [f"{'GPU peak' if mem == 'peak_mem_bytes' else 'CPU peak RSS'} (MiB)", "memory ×LoRA"]
+    rows = []
+    for i, r in agg.iterrows():
+        gain = 100 * (r["mean_accuracy_mean"] - r["mean_accuracy_before_mean"])
+        row = [Cell(plots.label(r["method"], r["task"])), Cell(_budget_text(r["budget_target"])),
+               Cell(plots.human(r["trainable_params_mean"])),
+               Cell(_pm(100 * r["mean_accuracy_mean"], 100 * r["mean_accuracy_ci95"]), bold=i in best),
+               Cell(_num(gain, "+.1f")), Cell(str(int(r["n_runs"]))),
+               Cell(_num(1000 * r["step_time_s_mean"], ".1f")), Cell(_num(r.get("step_time_s_rel_mean"), ".2f"))]
+        if mem:
+            row += [Cell(_num(r[f"{mem}_mean"] / 2**20, ".0f")), Cell(_num(r.get(f"{mem}_rel_mean"), ".2f"))]
+        rows.append(row)
+    caption = ("accuracy: mean ± 95% CI over seeds (bold: best adapter at each budget); gain: accuracy minus "
+               "accuracy before training, percentage points; ×LoRA: ratio to LoRA at the same budget.")
+    return Block("table", table=Table(headers, rows, caption))
+
+
+def _best_per_budget(agg: pd.DataFrame) -> set[int]:
+    adapters = agg[agg["method"].isin(ADAPTERS) & agg["budget_target"].notna()]
+    if adapters.empty:
+        return set()
+    return set(adapters.groupby("budget_target")["mean_accuracy_mean"].idxmax().dropna().astype(int))
+
+
+def _per_dataset_block(part: pd.DataFrame) -> Block:
+    table = per_dataset_table(part)
+    task = str(part["task"].iloc[0])
+    values, bold = table.to_numpy(dtype=float), best_adapter_mask(table)
+    rows = [[Cell(plots.label(m, task)), Cell(_budget_text(b))]
+            + [Cell(_num(100 * v, ".1f"), bold=bool(bold[i, j])) for j, v in enumerate(values[i])]
+            for i, (m, b) in enumerate(table.index)]
+    caption = "Per-dataset accuracy (%), seed means; best adapter per column in bold (references excluded)."
+    return Block("table", table=Table(["method", "budget", *map(str, table.columns)], rows, caption))
+
+
+def _failures_section(df: pd.DataFrame) -> list[Block]:
+    blocks: list[Block] = []
+    failed = per_run(df)
+    failed = failed[failed["status"] != "success"]
+    if len(failed):
+        rows = [[Cell(r["method"]), Cell(r["task"]), Cell(_budget_text(r["budget_target"])), Cell(_int(r["seed"])),
+                 Cell(str(r["error"] or "")), Cell(str(r["source"]))] for _, r in failed.iterrows()]
+        blocks += [Block("h2", f"Failed runs ({len(failed)}, excluded from every mean)"),
+                   Block("table", table=Table(["method", "task", "budget", "seed", "error", "file"], rows))]
+    skipped = df.attrs.get("skipped", [])
+    if skipped:
+        rows = [[Cell(s["file"]), Cell(s["reason"])] for s in skipped]
+        blocks += [Block("h2", f"Unreadable result files ({len(skipped)}, skipped)"),
+                   Block("table", table=Table(["file", "reason"], rows))]
+    return blocks
+
+
+def _provenance_section(df: pd.DataFrame, command: str) -> list[Block]:
+    runs = per_run(df)
+    commits = runs.groupby(runs["git_commit"].fillna("unknown"))["source"].count()
+    dirty = runs.groupby(runs["git_commit"].fillna("unknown"))["git_dirty"].agg(lambda s: bool(s.fillna(False).any()))
+    commit_rows = [[Cell(c), Cell("yes" if dirty[c] else "no"), Cell(str(n))] for c, n in commits.items()]
+    ordered = runs.assign(_m=runs["method"].map(method_rank)).sort_values(["task", "_m", "budget_target", "seed"])
+    listing = [f"{r['command']}    # {r['source']}" for _, r in ordered.iterrows()]
+    return [
+        Block("h2", "Provenance"),
+        Block("p", "Report command:"), Block("code", command),
+        Block("h3", "Code"),
+        Block("table", table=Table(["git commit", "uncommitted changes", "runs"], commit_rows)),
+        Block("h3", "Package versions"), Block("table", table=_versions_table(runs)),
+        Block("h3", "Devices"),
+        Block("table", table=Table(["device", "runs"], [[Cell(str(d)), Cell(str(n))] for d, n in
+                                                          runs["device"].fillna("unknown").value_counts().items()])),
+        Block("p", "Run commands come from the result file when the runner recorded one, otherwise they are "
+                   "rebuilt from the run's method, task, size, seed, budget and dataset."),
+        Block("details", f"Command of each of the {len(runs)} runs", extra=listing),
+    ]
+
+
+def _versions_table(runs: pd.DataFrame) -> Table:
+    """Every package with the versions seen across runs; more than one version is a red flag."""
+    seen: dict[str, dict[str, int]] = {}
+    for text in runs["versions"].dropna():
+        for pkg, ver in json.loads(text).items():
+            seen.setdefault(pkg, {}).setdefault(str(ver), 0)
+            seen[pkg][str(ver)] += 1
+    rows = [[Cell(pkg), Cell(", ".join(f"{v} ({n} runs)" if len(vs) > 1 else v for v, n in vs.items()),
+                             bold=len(vs) > 1)] for pkg, vs in sorted(seen.items())]
+    return Table(["package", "version"], rows, "bold: runs disagree on this package's version" if any(
+        r[1].bold for r in rows) else "")
+
+
+# -------------------------------------------------------------------------------------- helpers
+
+
+def _first_error(df: pd.DataFrame) -> str:
+    errors = df["error"].dropna()
+    return str(errors.iloc[0]) if len(errors) else "none recorded"
+
+
+def _slug(key: tuple) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", "_".join(map(str, key))).strip("-").lower()
+
+
+def _budget_text(budget: object) -> str:
+    return "–" if budget is None or pd.isna(budget) else plots.human(float(budget))
+
+
+def _num(x: object, fmt: str) -> str:
+    return "" if x is None or pd.isna(x) else format(float(x), fmt)
+
+
+def _pm(mean: float, ci: float) -> str:
+    return _num(mean, ".1f") + ("" if pd.isna(ci) else f" ± {ci:.1f}")
+
+
+def _int(x: object) -> str:
+    return "" if x is None or pd.isna(x) else str(int(x))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Command-line pre-flight: turn Hydra's multi-line composition errors into one clear line.
+
+`run.py` composes the config once with Hydra's compose API before handing over to `@hydra.main`, so a
+typo such as `task=clpi` or `trainer.max_step=5` ends with one line naming what is wrong and what is valid.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def preflight(argv: list[str]) -> str | None:
+    """Return a one-line error for a command line whose config cannot be composed, else None."""
+    if any(a in ("-m", "--multirun") or a.startswith(("--hydra-help", "--help", "-h")) for a in argv):
+        return None  # sweeps are validated by the sweeper; help needs no config
+    overrides = [a for a in argv if not a.startswith("-") and "=" in a]
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        return one_line(str(err))
+    return None
+
+
+def one_line(message: str) -> str:
+    """Condense a Hydra/OmegaConf error message to the part a user needs."""
+    missing = re.search(r"Could not find '([^']+)/([^']+)'", message)
+    if missing:
+        group, choice = missing.groups()
+        options = _options(group)
+        return f"unknown {group} {choice!r}; valid: {', '.join(options) or '(none found)'}"
+    override = re.search(r"Could not override '([^']+)'", message)
+    if override:
+        key = override.group(1)
+        return (f"unknown config key {key!r} (check the spelling; `python run.py --cfg job` lists every key; "
+                f"use +{key}=... only to add a new key)")
+    first = next((line.strip() for line in message.splitlines() if line.strip()), message)
+    return f"invalid command line: {first}"
+
+
+def _options(group: str) -> list[str]:
+    folder = CONF_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []

@@ -1,0 +1,89 @@
+"""Every figure renders from a synthetic panel, with consistent colours, log-x, titles and error bars."""
+from __future__ import annotations
+
+import matplotlib.colors as mcolors
+import pytest
+from matplotlib.container import BarContainer, ErrorbarContainer
+from matplotlib.figure import Figure
+
+from analysis import plots
+from analysis.aggregate import panels
+
+FIGS = [plots.fig_accuracy_vs_params, plots.fig_memory_pareto, plots.fig_cost_vs_lora,
+        plots.fig_per_dataset, plots.fig_delta_rank]
+
+
+@pytest.fixture(scope="module")
+def clip_panel(sweep_df):
+    return sweep_df[sweep_df.task == "clip"]
+
+
+@pytest.mark.parametrize("fn", FIGS, ids=lambda f: f.__name__)
+def test_each_figure_renders_with_title(fn, clip_panel, tmp_path):
+    fig = fn(clip_panel)
+    assert isinstance(fig, Figure)
+    text = " ".join([a.get_title() for a in fig.axes] + [fig._suptitle.get_text() if fig._suptitle else ""])
+    assert "clip" in text and "tiny-clip" in text and "16-shot" in text
+    fig.savefig(tmp_path / "f.png", dpi=72)
+    assert (tmp_path / "f.png").stat().st_size > 1000
+    assert fig.get_figwidth() <= 7.5
+
+
+def _line_colors(fig: Figure) -> dict[str, str]:
+    """Legend label -> colour of its artist (line, error-bar, scatter or bar)."""
+    out = {}
+    for ax in fig.axes:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            if isinstance(handle, ErrorbarContainer):
+                rgba = handle.lines[0].get_color()
+            elif isinstance(handle, BarContainer):
+                rgba = handle.patches[0].get_facecolor()
+            elif hasattr(handle, "get_facecolor"):
+                rgba = handle.get_facecolor()[0]
+            else:
+                rgba = handle.get_color()
+            out[name] = mcolors.to_hex(rgba)
+    return out
+
+
+def test_accuracy_figure_lines_colours_log_x(clip_panel):
+    fig = plots.fig_accuracy_vs_params(clip_panel)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and "parameters" in ax.get_xlabel() and "%" in ax.get_ylabel()
+    colors = _line_colors(fig)
+    for method in ("lora", "loha", "lokr", "randlora"):
+        assert colors[plots.label(method)] == plots.METHOD_COLORS[method]
+    assert any(k.startswith("Full FT") for k in colors) and any(k.startswith("Zero-shot") for k in colors)
+    assert fig.legends, "legend missing"
+    assert ax.containers and all(c.has_yerr for c in ax.containers)  # 3 seeds -> error bars
+
+
+def test_no_error_bars_with_one_seed(sweep_df):
+    one = sweep_df[(sweep_df.task == "vision") & (sweep_df.seed == 0)]
+    ax = plots.fig_accuracy_vs_params(one).axes[0]
+    assert not any(c.has_yerr for c in ax.containers)
+
+
+def test_memory_figure_labels_which_memory(sweep_df):
+    cpu = plots.fig_memory_pareto(sweep_df[sweep_df.task == "clip"]).axes[0].get_xlabel()
+    gpu = plots.fig_memory_pareto(sweep_df[sweep_df.task == "vision"]).axes[0].get_xlabel()
+    assert "RSS" in cpu and "CPU" in cpu and "GPU" in gpu and "MiB" in gpu
+
+
+def test_same_colour_for_a_method_in_every_figure(clip_panel):
+    seen = [_line_colors(fn(clip_panel)) for fn in FIGS if fn is not plots.fig_per_dataset]
+    for method in ("lora", "loha", "lokr", "randlora"):
+        assert {c[plots.label(method)] for c in seen} == {plots.METHOD_COLORS[method]}
+    ticks = plots.fig_per_dataset(clip_panel).axes[0].get_yticklabels()
+    assert {mcolors.to_hex(t.get_color()) for t in ticks if t.get_text().startswith("RandLoRA")} == {
+        plots.METHOD_COLORS["randlora"]}
+
+
+def test_figures_refuse_several_panels(sweep_df):
+    with pytest.raises(ValueError, match="one panel"):
+        plots.fig_accuracy_vs_params(sweep_df)
+    assert len(panels(sweep_df)) == 2
+
+
+def test_human_ticks():
+    assert [plots.human(x) for x in (512, 18432, 5.6e6, 2e9)] == ["512", "18.4k", "5.6M", "2G"]

@@ -1,0 +1,118 @@
+"""End-to-end runs of the real configs: every method x task, determinism, failures, bad input."""
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import compose_config, run_cli
+from runners.adapt import method_names
+from runners.train import RunFailed, run
+
+TASKS = ["clip", "vision", "language"]
+METHODS = ["lora", "loha", "lokr", "randlora", "full", "none"]
+
+
+def test_method_configs_match_the_registry():
+    conf = Path(__file__).resolve().parents[2] / "conf" / "method"
+    assert sorted(p.stem for p in conf.glob("*.yaml")) == sorted(method_names())
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_and_task_composes(method, task):
+    cfg = compose_config([f"method={method}", f"task={task}"])
+    assert cfg.method.name == method and cfg.task.name == task
+    assert cfg.task.model.target_modules
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("method", METHODS)
+def test_smoke_run_writes_a_complete_result(method, task, tiny_overrides, tmp_path):
+    record = run(compose_config([f"method={method}", f"task={task}", *tiny_overrides]))
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["run"]["status"] == "success" and saved["run"]["error"] is None
+    assert saved["metrics"]["accuracy"] == record["metrics"]["accuracy"]
+    assert set(saved["metrics"]["per_dataset"]) == set(saved["metrics"]["per_dataset_before"])
+    assert 0.0 <= saved["metrics"]["accuracy"] <= 1.0
+    assert saved["run"]["config"]["method"]["name"] == method and saved["run"]["versions"]["torch"]
+    assert "peak_rss_bytes" in saved["cost"] and "peak_mem_bytes" not in saved["cost"]
+    trains_something = saved["params"]["trainable"] + saved["params"]["head_trainable"] > 0
+    assert (saved["cost"]["step_time_s"] is not None) == trains_something
+    assert (saved["params"]["adapter_file_bytes"] > 0) == (method not in ("full", "none"))
+
+
+def test_same_seed_gives_identical_metrics(tiny_overrides, tmp_path):
+    first = run(compose_config(["method=lora", *tiny_overrides]))
+    second = run(compose_config(["method=lora", *tiny_overrides[1:], f"out_dir={tmp_path / 'again'}"]))
+    assert first["metrics"]["per_dataset"] == second["metrics"]["per_dataset"]
+    assert [h["loss"] for h in first["history"]] == [h["loss"] for h in second["history"]]
+
+
+def test_budget_is_solved_and_recorded(tiny_overrides):
+    record = run(compose_config(["method=loha", "budget=lora4", *tiny_overrides]))
+    params = record["params"]
+    assert params["budget_target"] > 0
+    assert abs(params["trainable"] - params["budget_target"]) / params["budget_target"] == pytest.approx(
+        abs(params["budget_error"]))
+    assert record["run"]["hp"]["r"] >= 1
+
+
+def test_completed_run_is_skipped_not_overwritten(tiny_overrides, tmp_path):
+    run(compose_config(["method=lora", *tiny_overrides]))
+    path = tmp_path / "run" / "results.json"
+    before = path.read_text()
+    run(compose_config(["method=lora", *tiny_overrides]))
+    assert path.read_text() == before
+
+
+def test_diverging_run_writes_failed_result_and_exits_nonzero(tmp_path):
+    out = tmp_path / "nan"
+    proc = run_cli(["method=lora", "trainer.lr=1e30", "trainer.max_steps=6", "trainer.warmup_steps=1",
+                    "logger=none", f"out_dir={out}"], cwd=tmp_path)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "run failed" in line]
+    assert len(errors) == 1 and "loss is" in errors[0] and "Traceback" not in proc.stderr
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["run"]["status"] == "failed" and "loss is" in saved["run"]["error"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["method=lorra"], "unknown method 'lorra'; valid: full, loha, lokr, lora, none, randlora"),
+    (["task=clpi"], "unknown task 'clpi'; valid: clip, language, vision"),
+    (["size=huge"], "unknown size 'huge'; valid: base, large, tiny"),
+    (["trainer.max_step=5"], "unknown config key 'trainer.max_step'"),
+])
+def test_bad_command_line_is_one_clear_line(args, expected, tmp_path):
+    proc = run_cli(args, cwd=tmp_path, timeout=60)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_unreachable_budget_fails_with_the_smallest_achievable(tmp_path):
+    out = tmp_path / "budget"
+    proc = run_cli(["method=lora", "budget=10", "logger=none", f"out_dir={out}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    line = [x for x in proc.stderr.splitlines() if "run failed" in x]
+    assert len(line) == 1 and "smallest" in line[0].lower(), proc.stderr
+    assert json.loads((out / "results.json").read_text())["run"]["status"] == "failed"
+
+
+def test_wandb_offline_run_holds_the_summary(tiny_overrides, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    overrides = [o for o in tiny_overrides if o != "logger=none"] + ["logger=wandb"]
+    record = run(compose_config(["method=lora", *overrides]))
+    summaries = list((tmp_path / "run" / "wandb").glob("offline-run-*/files/wandb-summary.json"))
+    assert len(summaries) == 1
+    summary = json.loads(summaries[0].read_text())
+    assert summary["metrics/accuracy"] == pytest.approx(record["metrics"]["accuracy"])
+    assert summary["params/trainable"] == record["params"]["trainable"]
+
+
+def test_run_failed_is_raised_in_process(tiny_overrides):
+    with pytest.raises(RunFailed, match="unknown method|lorra"):
+        cfg = compose_config(["method=lora", *tiny_overrides])
+        cfg.method.name = "lorra"
+        run(cfg)
