@@ -6,8 +6,9 @@ Whatever the method, the task head (`task.head_prefixes`) is trained and counted
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn

@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
@@ -17,9 +19,11 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 def preflight(argv: list[str]) -> str | None:
     """Return a one-line error for a command line whose config cannot be composed, else None."""
-    if any(a in ("-m", "--multirun") or a.startswith(("--hydra-help", "--help", "-h")) for a in argv):
-        return None  # sweeps are validated by the sweeper; help needs no config
+    if any(a.startswith(("--hydra-help", "--help", "-h")) for a in argv):
+        return None  # help needs no config
     overrides = [a for a in argv if not a.startswith("-") and "=" in a]
+    if any(a in ("-m", "--multirun") for a in argv):
+        overrides = _without_sweeps(overrides)  # the sweeper validates the sweep itself
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             compose("config", overrides=overrides)
@@ -44,6 +48,16 @@ def one_line(message: str) -> str:
     return f"invalid command line: {first}"
 
 
+def _without_sweeps(overrides: list[str]) -> list[str]:
+    """Drop `key=a,b` style sweep values: compose checks one job's config, not the product."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return overrides  # let compose report the syntax error
+    return [o.input_line for o in parsed if not o.is_sweep_override()]
+
+
 def _options(group: str) -> list[str]:
-    folder = CONF_DIR / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    """Choices of a config group, including those plugins provide (e.g. hydra/launcher=submitit_local)."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return sorted(GlobalHydra.instance().config_loader().get_group_options(group))

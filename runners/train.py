@@ -11,10 +11,10 @@ import hashlib
 import json
 import logging
 import math
-import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -25,7 +25,8 @@ import methods
 import tasks
 from runners import env
 from runners.adapt import Adaptation, adapt
-from runners.checkpoint import FILENAME as CHECKPOINT, load_checkpoint, save_checkpoint
+from runners.checkpoint import FILENAME as CHECKPOINT
+from runners.checkpoint import load_checkpoint, save_checkpoint
 from runners.logger import make_logger
 from runners.metrics import PeakMemory, StepTimer, matrix_ranks
 from runners.results import SCHEMA, is_complete, read_results, write_results
@@ -161,6 +162,15 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
+def _command() -> str | None:
+    """The command line that launched this job (per job of a sweep), when running under Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return " ".join(["python run.py", *HydraConfig.get().overrides.task])
+
+
 def output_dir(cfg: DictConfig) -> Path:
     """Hydra's per-job output dir (never the cwd: concurrent jobs would overwrite each other)."""
     if cfg.get("out_dir"):
@@ -276,7 +286,8 @@ def _new_record(cfg: DictConfig) -> dict[str, Any]:
     run = {"id": f"{cfg.task.name}-{cfg.method.name}-{_size(cfg)}-{budget}-s{cfg.seed}-{config_hash[:8]}",
            "method": cfg.method.name, "task": cfg.task.name, "dataset": cfg.get("dataset"),
            "size": _size(cfg), "seed": cfg.seed, "budget": cfg.budget, "budget_target": None, "hp": {},
-           "config": config, "config_hash": config_hash, "git_commit": commit, "git_dirty": dirty,
+           "command": _command(), "config": config, "config_hash": config_hash, "git_commit": commit,
+           "git_dirty": dirty,
            "versions": env.package_versions(), "device": None, "started_at": _now(), "finished_at": None,
            "status": "running", "error": None}
     return {"schema": SCHEMA, "run": run, "params": {}, "cost": {}, "metrics": {}, "history": []}

@@ -3,8 +3,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import compose_config, run_cli
+
 from runners.adapt import method_names
 from runners.train import RunFailed, run
 

@@ -1,0 +1,46 @@
+"""LoHa: dW = (alpha / r) * (W1a @ W1b) * (W2a @ W2b), a Hadamard product of two rank-r products.
+
+Follows PEFT's LoHaConfig (its `hada_*` tensors are our `loha_*`). rank(dW) <= r^2 for 2x LoRA's params.
+`dropout` is dropout on the adapter input, the same for every method here; PEFT's LoHa instead offers
+rank_dropout / module_dropout (not implemented: the benchmark regularises all methods the same way).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .base import AdapterLayer, Validator, common_hp, register
+
+
+@register("loha")
+class LoHa(AdapterLayer):
+    """W1a, W1b, W2a kaiming-uniform and W2b zero, so dW == 0 at init."""
+
+    hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = common_hp(alpha=8.0)
+
+    @classmethod
+    def num_params(cls, in_features: int, out_features: int, **hp: Any) -> int:
+        return 2 * hp["r"] * (in_features + out_features)
+
+    @classmethod
+    def max_rank(cls, in_features: int, out_features: int, **hp: Any) -> int:
+        return min(hp["r"] ** 2, in_features, out_features)
+
+    def init_adapter(self, factory: dict[str, Any], shared: nn.Module | None) -> None:
+        r, n_in, n_out = self.hp["r"], self.in_features, self.out_features
+        self.loha_w1a = nn.Parameter(torch.empty(n_out, r, **factory))
+        self.loha_w1b = nn.Parameter(torch.empty(r, n_in, **factory))
+        self.loha_w2a = nn.Parameter(torch.empty(n_out, r, **factory))
+        self.loha_w2b = nn.Parameter(torch.empty(r, n_in, **factory))
+
+    def reset_adapter(self) -> None:
+        for p in (self.loha_w1a, self.loha_w1b, self.loha_w2a):
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        nn.init.zeros_(self.loha_w2b)
+
+    def delta_weight(self) -> torch.Tensor:
+        # The Hadamard product has no cheaper factored form, so forward materialises dW (as PEFT does).
+        return (self.loha_w1a @ self.loha_w1b) * (self.loha_w2a @ self.loha_w2b) * self.scaling

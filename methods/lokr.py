@@ -1,0 +1,133 @@
+"""LoKr: dW = (alpha / r) * kron(W1, W2) (PEFT LoKrConfig semantics).
+
+out = a * b and in = c * d come from `factorization(dim, factor)`; W1 is (a x c), W2 is (b x d).
+W2 is full unless r < max(b, d) / 2, then rank r (W2a @ W2b); W1 is full unless `decompose_both` and
+r < max(a, c) / 2. With factor -1 (most balanced split) LoKr is tiny: its parameter count saturates
+once both factors are full, so large budgets need a small `factor`.
+`dropout` is dropout on the adapter input (as for every method here), not PEFT's rank/module dropout.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .base import AdapterLayer, Validator, boolean, common_hp, integer, register
+
+#: factors the budget solver tries besides -1; 1 is excluded because kron(1x1, W2) is plain LoRA.
+SOLVER_FACTORS = (-1, *range(2, 65))
+
+
+def lokr_factor(key: str, value: Any) -> int:
+    value = integer(key, value)
+    if value != -1 and value <= 0:
+        raise ValueError(f"{key} must be -1 (most balanced split) or a positive integer, got {value!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=4096)
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Split `dimension` into m * n as PEFT does.
+
+    A positive factor that divides the dimension is used as is: (factor, dimension // factor), not
+    reordered. Otherwise walk the divisors upwards while they stay <= factor (any for -1) and the pair
+    is still unbalanced, and return the last pair with the smaller number first.
+    """
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    limit = dimension if factor == -1 else factor
+    m, n = 1, dimension
+    while m < n:
+        nxt = next(d for d in range(m + 1, dimension + 1) if dimension % d == 0)
+        if nxt > limit:
+            break
+        m, n = nxt, dimension // nxt
+    return min(m, n), max(m, n)
+
+
+def kron_shapes(in_features: int, out_features: int, hp: dict[str, Any]
+                ) -> tuple[int, int, int, int, bool, bool]:
+    """(a, b, c, d, w1_full, w2_full): W1 is (a x c), W2 is (b x d); the full/low-rank rule of PEFT."""
+    a, b = factorization(out_features, hp["factor"])
+    c, d = factorization(in_features, hp["factor"])
+    r = hp["r"]
+    w1_full = not (hp["decompose_both"] and r < max(a, c) / 2)
+    w2_full = not (r < max(b, d) / 2)
+    return a, b, c, d, w1_full, w2_full
+
+
+@register("lokr")
+class LoKr(AdapterLayer):
+    """W1 (or W1a) zero, everything else kaiming-uniform, so dW == 0 at init."""
+
+    hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = {
+        **common_hp(alpha=8.0), "factor": (-1, lokr_factor), "decompose_both": (False, boolean)}
+    budget_knobs: ClassVar[tuple[str, ...]] = ("factor", "r")
+
+    @classmethod
+    def num_params(cls, in_features: int, out_features: int, **hp: Any) -> int:
+        a, b, c, d, w1_full, w2_full = kron_shapes(in_features, out_features, hp)
+        r = hp["r"]
+        return (a * c if w1_full else r * (a + c)) + (b * d if w2_full else r * (b + d))
+
+    @classmethod
+    def max_rank(cls, in_features: int, out_features: int, **hp: Any) -> int:
+        a, b, c, d, w1_full, w2_full = kron_shapes(in_features, out_features, hp)
+        r = hp["r"]
+        rank1 = min(a, c) if w1_full else min(r, a, c)
+        rank2 = min(b, d) if w2_full else min(r, b, d)
+        return rank1 * rank2
+
+    @classmethod
+    def budget_candidates(cls, shapes: list[tuple[int, int]], fixed: dict[str, Any]) -> list[dict]:
+        out = []
+        for f in SOLVER_FACTORS:
+            # beyond half the largest factor dimension every weight is full and r no longer changes counts
+            top = max(max(*factorization(i, f), *factorization(o, f)) for i, o in shapes)
+            out.extend({"factor": f, "r": r} for r in range(1, top // 2 + 2))
+        return out
+
+    def init_adapter(self, factory: dict[str, Any], shared: nn.Module | None) -> None:
+        a, b, c, d, w1_full, w2_full = kron_shapes(self.in_features, self.out_features, self.hp)
+        self.kron_dims = (a, b, c, d)
+        r = self.hp["r"]
+        if w1_full:
+            self.lokr_w1 = nn.Parameter(torch.empty(a, c, **factory))
+        else:
+            self.lokr_w1_a = nn.Parameter(torch.empty(a, r, **factory))
+            self.lokr_w1_b = nn.Parameter(torch.empty(r, c, **factory))
+        if w2_full:
+            self.lokr_w2 = nn.Parameter(torch.empty(b, d, **factory))
+        else:
+            self.lokr_w2_a = nn.Parameter(torch.empty(b, r, **factory))
+            self.lokr_w2_b = nn.Parameter(torch.empty(r, d, **factory))
+
+    def reset_adapter(self) -> None:
+        if hasattr(self, "lokr_w1"):
+            nn.init.zeros_(self.lokr_w1)
+        else:
+            nn.init.zeros_(self.lokr_w1_a)
+            nn.init.kaiming_uniform_(self.lokr_w1_b, a=math.sqrt(5))
+        for name in ("lokr_w2", "lokr_w2_a", "lokr_w2_b"):
+            if hasattr(self, name):
+                nn.init.kaiming_uniform_(getattr(self, name), a=math.sqrt(5))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two Kronecker factors W1 (a x c) and W2 (b x d), unscaled."""
+        w1 = self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b
+        w2 = self.lokr_w2 if hasattr(self, "lokr_w2") else self.lokr_w2_a @ self.lokr_w2_b
+        return w1, w2
+
+    def delta_weight(self) -> torch.Tensor:
+        w1, w2 = self.factors()
+        return torch.kron(w1, w2) * self.scaling
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # kron(W1, W2) @ vec(X) == vec(W1 @ X @ W2^T) with X = x viewed as (c x d), row-major.
+        a, b, c, d = self.kron_dims
+        w1, w2 = self.factors()
+        y = w1 @ x.reshape(*x.shape[:-1], c, d) @ w2.T
+        return y.reshape(*x.shape[:-1], a * b) * self.scaling

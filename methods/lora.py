@@ -1,0 +1,41 @@
+"""LoRA: dW = (alpha / r) * B @ A (PEFT LoraConfig semantics)."""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .base import AdapterLayer, Validator, common_hp, register
+
+
+@register("lora")
+class LoRA(AdapterLayer):
+    """A (r x in) kaiming-uniform, B (out x r) zero, so training starts from the base model."""
+
+    hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = common_hp(alpha=8.0)
+
+    @classmethod
+    def num_params(cls, in_features: int, out_features: int, **hp: Any) -> int:
+        return hp["r"] * (in_features + out_features)
+
+    @classmethod
+    def max_rank(cls, in_features: int, out_features: int, **hp: Any) -> int:
+        return min(hp["r"], in_features, out_features)
+
+    def init_adapter(self, factory: dict[str, Any], shared: nn.Module | None) -> None:
+        r = self.hp["r"]
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+
+    def reset_adapter(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Never materialise dW: two thin matmuls cost r * (in + out) per token.
+        return (x @ self.lora_A.T) @ self.lora_B.T * self.scaling

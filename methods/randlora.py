@@ -1,0 +1,141 @@
+"""RandLoRA: a full-rank update from frozen random bases and learned diagonal scalings (PEFT RandLoraConfig).
+
+For a layer with d = min(in, out), D = max(in, out) and n = ceil(d / r) bases:
+  A     (r x d)      one random matrix, frozen, shared by every basis j,
+  B     (D x n x r)  n random matrices B_j, frozen,
+  lambda (r x n)     trainable, zero at init (dW == 0),
+  gamma  (n x d)     trainable, 1 / d at init,
+  dW (on the (D x d) side) = (alpha / r) * B.reshape(D, n r) @ S.reshape(r n, d),
+  S[k, j] = lambda[k, j] * A[k] * gamma[j]  (element-wise over the d columns)
+and dW is transposed when out < in, so the trainable scalings always sit on the smaller side. As in
+PEFT, the two flattenings pair B's (j, k) column order with S's (k, j) row order; that is still n * r
+rank-one terms with distinct random bases, and copying it keeps parity with PEFT's tensors.
+
+One pair (A, B) is generated per injection from `seed`, sized for the largest targeted layer (element-wise
+max of (out, in) over the targets, as PEFT does) and sliced per layer. Bases are non-persistent buffers:
+they are regenerated from the seed and never written into adapter files.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .base import AdapterLayer, Validator, boolean, common_hp, integer, register
+
+
+def num_bases(min_dim: int, r: int) -> int:
+    """ceil(min_dim / r): enough rank-r bases for the update to reach full rank."""
+    return -(-min_dim // r)
+
+
+class RandomBases(nn.Module):
+    """The shared frozen bases A (r, 1, d_max) and B (D_max, n_max, r), as non-persistent buffers."""
+
+    def __init__(self, out_features: int, in_features: int, r: int, seed: int, sparse: bool,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        big, small = max(out_features, in_features), min(out_features, in_features)
+        n = num_bases(small, r)
+        if torch.device(device).type == "meta":
+            a, b = torch.empty(r, 1, small, device="meta"), torch.empty(big, n, r, device="meta")
+        else:
+            make = ternary_bases if sparse else kaiming_bases
+            a, b = make(r, small, big, n, torch.Generator(device="cpu").manual_seed(seed))
+        self.register_buffer("randlora_A", a.to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("randlora_B", b.to(device=device, dtype=dtype), persistent=False)
+
+
+Bases = tuple[torch.Tensor, torch.Tensor]
+
+
+def kaiming_bases(r: int, small: int, big: int, n: int, gen: torch.Generator) -> Bases:
+    """Kaiming-uniform A then the n B_j one by one (the order fixes the values), each normalised to std 1.
+
+    Drawn and normalised in bfloat16 on the CPU, as PEFT 0.21 does wherever bf16 is available: the same
+    seed then gives bit-identical bases to PEFT's, on any machine (PEFT itself falls back to fp16).
+    """
+
+    def draw(*shape: int) -> torch.Tensor:
+        empty = torch.empty(shape, dtype=torch.bfloat16)
+        return nn.init.kaiming_uniform_(empty, a=math.sqrt(5), generator=gen)
+
+    a = draw(r, 1, small)
+    b = torch.cat([draw(big, 1, r) for _ in range(n)], dim=1)
+    return a / a.std(), b / b.std()
+
+
+def ternary_bases(r: int, small: int, big: int, n: int, gen: torch.Generator) -> Bases:
+    """Sparse bases: -1 / 0 / +1 with probabilities 1/6, 2/3, 1/6 (Achlioptas), normalised to std 1."""
+
+    def ternary(u: torch.Tensor) -> torch.Tensor:
+        t = torch.zeros_like(u)
+        t[u < 1 / 6] = -1.0
+        t[u > 5 / 6] = 1.0
+        return t / t.std()
+
+    a = torch.rand((r, 1, small), generator=gen)
+    b = torch.rand((big, n, r), generator=gen)
+    return ternary(a), ternary(b)
+
+
+@register("randlora")
+class RandLoRA(AdapterLayer):
+    """Trainable lambda (r x n) and gamma (n x min(in, out)); n = ceil(min / r) grows as r shrinks."""
+
+    hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = {
+        **common_hp(alpha=640.0), "seed": (0, integer), "sparse": (False, boolean)}
+
+    @classmethod
+    def num_params(cls, in_features: int, out_features: int, **hp: Any) -> int:
+        small = min(in_features, out_features)
+        return num_bases(small, hp["r"]) * (hp["r"] + small)
+
+    @classmethod
+    def make_shared(cls, linears: list[nn.Linear], hp: dict[str, Any]) -> nn.Module:
+        """One pair of bases for all targets, sized by the element-wise max of their (out, in)."""
+        out_max = max(lin.out_features for lin in linears)
+        in_max = max(lin.in_features for lin in linears)
+        w = linears[0].weight
+        return RandomBases(out_max, in_max, hp["r"], hp["seed"], hp["sparse"], w.device, w.dtype)
+
+    @classmethod
+    def budget_candidates(cls, shapes: list[tuple[int, int]], fixed: dict[str, Any]) -> list[dict]:
+        # r beyond the largest min(in, out) only adds parameters (one basis of growing rank)
+        return [{"r": r} for r in range(1, max(min(i, o) for i, o in shapes) + 1)]
+
+    def init_adapter(self, factory: dict[str, Any], shared: nn.Module | None) -> None:
+        if shared is None:
+            shared = self.make_shared([self.base_layer], self.hp)
+        if not isinstance(shared, RandomBases):
+            raise TypeError(f"randlora needs RandomBases as shared state, got {type(shared).__name__}")
+        self.bases = shared
+        r, small = self.hp["r"], min(self.in_features, self.out_features)
+        self.n_bases = num_bases(small, r)
+        self.randlora_lambda = nn.Parameter(torch.empty(r, self.n_bases, **factory))
+        self.randlora_gamma = nn.Parameter(torch.empty(self.n_bases, small, **factory))
+
+    def reset_adapter(self) -> None:
+        nn.init.zeros_(self.randlora_lambda)
+        nn.init.constant_(self.randlora_gamma, 1.0 / self.randlora_gamma.shape[1])
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B_flat (D x n r), S (r n x d)) with dW on the (D x d) side = B_flat @ S (unscaled)."""
+        small, big = min(self.in_features, self.out_features), max(self.in_features, self.out_features)
+        a = self.bases.randlora_A[:, :, :small]                        # (r, 1, d)
+        b = self.bases.randlora_B[:big, : self.n_bases, :]             # (D, n, r)
+        s = self.randlora_lambda[:, :, None] * a * self.randlora_gamma[None]  # (r, n, d)
+        return b.flatten(1), s.flatten(0, 1)
+
+    def delta_weight(self) -> torch.Tensor:
+        b, s = self.factors()
+        dw = b @ s
+        return (dw if self.out_features >= self.in_features else dw.T) * self.scaling
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s = self.factors()
+        if self.out_features >= self.in_features:   # dW = B S: x -> x S^T -> (x S^T) B^T
+            return (x @ s.T) @ b.T * self.scaling
+        return (x @ b) @ s * self.scaling           # dW = S^T B^T: x -> x B -> (x B) S

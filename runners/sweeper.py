@@ -1,0 +1,282 @@
+"""Sweeps as config files: expand the `sweep` node into jobs, skip the ones that already finished.
+
+`python run.py -m +sweep=budget task=clip` composes `conf/sweep/budget.yaml`, which selects this sweeper
+(`hydra/sweeper=rankbench`). Hydra's basic sweeper can only take cartesian products of command-line
+values; a benchmark sweep is not one (references run once per seed, hyper-parameter axes differ per
+method), so the axes live in the `sweep` config node and `expand` turns them into job override lists:
+
+    seeds x (methods x budgets x hp[method]  +  references x hp[reference])
+
+Every job gets a deterministic directory `<hydra.sweep.dir>/<job name>` (e.g.
+`multirun/budget/clip-tiny/lora-lora8-s0`), so re-running a sweep finds its earlier runs: jobs whose
+`results.json` says success are skipped, failed or missing ones run again. Extra command-line sweeps
+(`trainer.lr=1e-3,1e-4`) still multiply every job, as with the basic sweeper.
+
+Hydra instantiates sweepers only from the `hydra_plugins` namespace, which the project's fixed layout
+cannot hold as a top-level folder; `RegisterSweeper` (a Hydra callback, configured next to the sweeper
+in conf/hydra/sweeper/rankbench.yaml) publishes the class there before Hydra looks it up.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from runners.results import is_complete, read_results
+
+log = logging.getLogger(__name__)
+
+AXIS_KEYS = ("method", "budget", "seed")  # set per job by the sweep, never on its command line
+IGNORED_IN_DIFF = ("logger", "out_dir", "sweep")  # do not change a run's numbers
+PLUGIN_MODULE = "hydra_plugins.rankbench_sweeper"
+
+
+class SweepError(HydraException):
+    """A sweep that cannot run as written; the message is one line saying what to change."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of a sweep: its directory name and the overrides that make it."""
+
+    name: str
+    overrides: tuple[str, ...]
+
+
+# --- expansion (pure) ------------------------------------------------------------------------------
+
+def expand(spec: Mapping[str, Any]) -> list[Job]:
+    """Jobs of a sweep spec (the `sweep` config node as a dict), seed-major so early seeds finish first."""
+    hp = spec.get("hp") or {}
+    jobs = []
+    for seed in spec.get("seeds") or [0]:
+        for method in spec.get("methods") or []:
+            for budget in spec.get("budgets") or [None]:
+                jobs += [_job(method, budget, seed, combo) for combo in _hp_combos(hp.get(method))]
+        for reference in spec.get("references") or []:
+            jobs += [_job(reference, None, seed, combo) for combo in _hp_combos(hp.get(reference))]
+    return jobs
+
+
+def _hp_combos(axes: Mapping[str, Sequence[Any]] | None) -> list[tuple[tuple[str, Any], ...]]:
+    """Cartesian product of one method's hyper-parameter axes ({"r": [4, 8]} -> ((r,4),), ((r,8),))."""
+    if not axes:
+        return [()]
+    keys = list(axes)
+    return [tuple(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
+
+
+def _job(method: str, budget: Any, seed: int, combo: tuple[tuple[str, Any], ...]) -> Job:
+    parts = [method] + ([str(budget)] if budget is not None else []) + [f"{k}{v}" for k, v in combo]
+    overrides = [f"method={method}", f"budget={'null' if budget is None else budget}", f"seed={seed}"]
+    overrides += [f"++method.{k}={v}" for k, v in combo]
+    return Job("-".join(parts + [f"s{seed}"]), tuple(overrides))
+
+
+def validate(spec: Mapping[str, Any], adapters: Iterable[str], references: Iterable[str],
+             configs: Iterable[str]) -> None:
+    """Raise SweepError (one line) for a method name that is not registered or has no config file."""
+    adapters, references, configs = sorted(adapters), sorted(references), set(configs)
+    for key, valid in (("methods", adapters), ("references", references)):
+        values = spec.get(key) or []
+        if isinstance(values, str) or not isinstance(values, Sequence):
+            raise SweepError(f"sweep.{key} must be a list, e.g. sweep.{key}=[{','.join(valid[:2])}]; "
+                             f"got {values!r}")
+        for name in values:
+            if name not in valid:
+                raise SweepError(f"unknown method {name!r} in sweep.{key}; valid: {', '.join(valid)}")
+            if name not in configs:
+                raise SweepError(f"method {name!r} in sweep.{key} has no conf/method/{name}.yaml")
+    for name in (spec.get("hp") or {}):
+        if name not in adapters and name not in references:
+            raise SweepError(f"unknown method {name!r} in sweep.hp; valid: {', '.join(adapters + references)}")
+    if not expand(spec):
+        raise SweepError("the sweep is empty: sweep.methods and sweep.references are both empty")
+
+
+def registered_methods() -> tuple[list[str], list[str]]:
+    """(adapter methods of the registry, reference points) — what sweep.methods / sweep.references accept."""
+    import methods
+    from runners.adapt import REFERENCES
+
+    return sorted(methods.available()), sorted(REFERENCES)
+
+
+# --- what already ran --------------------------------------------------------------------------------
+
+def config_diff(stored: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (ignoring logging/launch-only keys)."""
+    diffs = []
+    for key in sorted(set(stored) | set(current)):
+        if not prefix and key in IGNORED_IN_DIFF:
+            continue
+        a, b = stored.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            diffs += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def job_config(cfg: DictConfig) -> dict[str, Any] | None:
+    """The resolved config the runner will record (hydra node removed), JSON-normalised; None if unresolvable."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    try:
+        return json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
+    except Exception:  # noqa: BLE001 - an interpolation only the job can resolve: compare nothing
+        return None
+
+
+def already_done(run_dir: Path, config: dict[str, Any] | None) -> bool:
+    """True when run_dir holds a successful result of this very config; SweepError if of another one."""
+    if not is_complete(run_dir):
+        return False
+    stored = (read_results(run_dir) or {}).get("run", {}).get("config")
+    diff = config_diff(stored, config) if stored is not None and config is not None else []
+    if diff:
+        raise SweepError(f"{run_dir} holds a finished run of a different config ({'; '.join(diff[:3])}); "
+                         "use another sweep.root (or hydra.sweep.dir), or delete that run")
+    return True
+
+
+# --- the Hydra sweeper -----------------------------------------------------------------------------
+
+class RankbenchSweeper(BasicSweeper):
+    """BasicSweeper that expands the `sweep` node, names job dirs deterministically and skips finished jobs."""
+
+    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=params)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        try:
+            return self._sweep(arguments)
+        except SweepError as err:
+            sys.exit(f"rankbench: {err}")  # one line, like run.py's pre-flight errors
+
+    def _sweep(self, arguments: list[str]) -> Any:
+        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        spec = OmegaConf.to_container(self.config.get("sweep") or {}, resolve=True)
+        if not spec:
+            return super().sweep(arguments)
+        base_jobs = self._base_jobs(arguments)
+        _check_axes_not_overridden(base_jobs[0], spec.get("name", "?"))
+        self._validate(spec)
+        jobs = [Job(_with_suffix(job.name, base, base_jobs), tuple(base) + job.overrides)
+                for base in base_jobs for job in expand(spec)]
+        todo = self._pending(jobs)
+        self._save_multirun_yaml()
+        if not todo:
+            log.info("sweep %s: all %d runs already finished; nothing to launch", spec.get("name"), len(jobs))
+            return []
+        log.info("sweep %s: %d runs, %d finished, launching %d", spec.get("name"), len(jobs),
+                 len(jobs) - len(todo), len(todo))
+        return self._launch([list(job.overrides) + [f"hydra.sweep.subdir={job.name}"] for job in todo])
+
+    def _base_jobs(self, arguments: list[str]) -> list[list[str]]:
+        """Cartesian product of the command line's own sweeps (one empty-suffix job when there are none)."""
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides(self._parse_config() + list(arguments))
+        return self.split_arguments(overrides, None)[0]
+
+    def _validate(self, spec: dict[str, Any]) -> None:
+        configs = self.hydra_context.config_loader.get_group_options("method")
+        adapters, references = registered_methods()
+        validate(spec, adapters, references, configs)
+
+    def _pending(self, jobs: list[Job]) -> list[Job]:
+        """Jobs to launch: compose each (catching composition errors early) and drop finished ones."""
+        loader = self.hydra_context.config_loader
+        todo = []
+        for job in jobs:
+            overrides = list(job.overrides) + [f"hydra.sweep.subdir={job.name}"]
+            cfg = loader.load_sweep_config(self.config, overrides)
+            run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+            if already_done(run_dir, job_config(cfg)):
+                log.info("skip %s: %s/results.json says success", job.name, run_dir)
+            else:
+                todo.append(job)
+        return todo
+
+    def _save_multirun_yaml(self) -> None:
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+
+    def _launch(self, job_overrides: list[list[str]]) -> list[Any]:
+        _export_project_path()
+        size = self.max_batch_size or (1 if _is_local(self.config) else len(job_overrides))
+        returns, start = [], 0
+        for batch in self.split_overrides_to_chunks(job_overrides, size):
+            results = self.launcher.launch(batch, initial_job_idx=start)
+            for r in results:
+                _ = r.return_value  # re-raises a job's exception, as the basic sweeper does
+            start += len(batch)
+            returns.append(results)
+        return returns
+
+
+def _check_axes_not_overridden(base: list[str], sweep_name: str) -> None:
+    for override in base:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in AXIS_KEYS:
+            raise SweepError(f"{key}= is set per run by +sweep={sweep_name}; narrow the sweep with "
+                             f"sweep.methods=[...], sweep.budgets=[...] or sweep.seeds=[...] instead")
+
+
+def _with_suffix(name: str, base: list[str], base_jobs: list[list[str]]) -> str:
+    """Name + the command-line sweep values that vary between base jobs (so their dirs differ)."""
+    varying = [o for o in base if sum(o in other for other in base_jobs) < len(base_jobs)]
+    return ",".join([name] + [o.lstrip("+~").replace("/", "_") for o in varying])
+
+
+def _export_project_path() -> None:
+    """Let job processes (submitit local/SLURM) import this project even when it is not pip-installed."""
+    root = str(Path(__file__).resolve().parent.parent)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+
+
+def _is_local(config: DictConfig) -> bool:
+    """Local launchers run on this machine's cores: one job at a time (2 cores thrash otherwise)."""
+    target = str(config.hydra.launcher.get("_target_", ""))
+    return target.endswith(("LocalLauncher", "BasicLauncher"))
+
+
+# --- registration with Hydra -----------------------------------------------------------------------
+
+def register() -> None:
+    """Publish RankbenchSweeper as `hydra_plugins.rankbench_sweeper.RankbenchSweeper` (Hydra's plugin rule)."""
+    from hydra.core.plugins import Plugins
+
+    module = sys.modules.get(PLUGIN_MODULE)
+    if module is None:
+        import hydra_plugins
+
+        module = types.ModuleType(PLUGIN_MODULE, "rankbench sweeper (defined in runners/sweeper.py)")
+        cls = type("RankbenchSweeper", (RankbenchSweeper,), {"__module__": PLUGIN_MODULE})
+        module.RankbenchSweeper = cls
+        sys.modules[PLUGIN_MODULE] = module
+        setattr(hydra_plugins, "rankbench_sweeper", module)
+    Plugins.instance().register(module.RankbenchSweeper)
+
+
+class RegisterSweeper(Callback):
+    """Hydra callback whose only job is `register()`: Hydra builds callbacks just before the sweeper."""
+
+    def __init__(self) -> None:
+        register()

@@ -1,0 +1,155 @@
+"""Parity with Hugging Face PEFT (the reference implementation; imported only here).
+
+For each case: build PEFT's adapter on a Linear, randomise its tensors (so dW != 0), copy them into
+ours, and compare dW, the forward output and the trainable-parameter count.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import methods
+from methods.lokr import factorization
+
+peft = pytest.importorskip("peft")
+from peft.tuners.lokr.layer import factorization as peft_factorization
+
+RENAME = {"hada_w1_a": "loha_w1a", "hada_w1_b": "loha_w1b", "hada_w2_a": "loha_w2a", "hada_w2_b": "loha_w2b"}
+
+
+def peft_config(method: str, targets: list[str], r: int, alpha: float = 4.0, factor: int = -1,
+                decompose_both: bool = False, seed: int = 0, sparse: bool = False):
+    """Our hyper-parameters spelled as PEFT's config of the same method."""
+    if method == "lora":
+        return peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets)
+    if method == "loha":
+        return peft.LoHaConfig(r=r, alpha=alpha, target_modules=targets)
+    if method == "lokr":
+        return peft.LoKrConfig(r=r, alpha=alpha, target_modules=targets, decompose_factor=factor,
+                               decompose_both=decompose_both)
+    return peft.RandLoraConfig(r=r, randlora_alpha=alpha, target_modules=targets,
+                               projection_prng_key=seed, sparse=sparse)
+
+
+def our_name(peft_name: str) -> str:
+    name = peft_name.replace(".default", "").removesuffix(".weight")
+    return RENAME.get(name, name)
+
+
+@torch.no_grad()
+def copy_peft_into_ours(peft_model: nn.Module, ours: nn.Module, seed: int) -> None:
+    """Randomise PEFT's trainable tensors, then copy each into our tensor of the same role."""
+    gen = torch.Generator().manual_seed(seed)
+    targets = dict(ours.named_parameters())
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+            module, _, leaf = name.removeprefix("base_model.model.").partition(".")
+            targets[f"{module}.{our_name(leaf)}"].copy_(p)
+    for name, layer in methods.adapter_layers(ours).items():
+        if hasattr(layer, "bases"):  # RandLoRA: frozen bases (bit-identical anyway, see test below)
+            ref = getattr(peft_model.base_model.model, name)
+            layer.bases.randlora_A.copy_(ref.randlora_A["default"])
+            layer.bases.randlora_B.copy_(ref.randlora_B["default"])
+
+
+class Net(nn.Module):
+    def __init__(self, shapes: list[tuple[int, int]]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        for k, (i, o) in enumerate(shapes):
+            self.add_module(f"lin{k}", nn.Linear(i, o))
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [m(x) for m, x in zip(self.children(), xs)]
+
+
+def assert_parity(method: str, shapes: list[tuple[int, int]], **hp) -> None:
+    net = Net(shapes)
+    names = [f"lin{k}" for k in range(len(shapes))]
+    ours = copy.deepcopy(net)
+    methods.inject(ours, method, names, alpha=4.0, **hp)
+    theirs = peft.get_peft_model(copy.deepcopy(net), peft_config(method, names, **hp))
+    n_theirs = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert methods.count_trainable(ours) == n_theirs
+    assert sum(methods.num_params(method, i, o, alpha=4.0, **hp) for i, o in shapes) == n_theirs
+    copy_peft_into_ours(theirs, ours, seed=sum(sum(s) for s in shapes) + hp["r"])
+    xs = [torch.randn(3, i) for i, _ in shapes]
+    ref = theirs.base_model.model
+    for k, name in enumerate(names):
+        dw_theirs = getattr(ref, name).get_delta_weight("default")
+        dw_ours = methods.adapter_layers(ours)[name].delta_weight()
+        assert dw_theirs.abs().max() > 0
+        torch.testing.assert_close(dw_ours, dw_theirs, rtol=1e-5, atol=1e-5 * dw_theirs.abs().max().item())
+    for y_ours, y_theirs in zip(ours(xs), theirs(xs)):
+        torch.testing.assert_close(y_ours, y_theirs, rtol=1e-5, atol=1e-5 * y_theirs.abs().max().item())
+
+
+# (in, out) shapes: in > out, out > in, square, awkward widths (100 = 4 * 25, 36, prime 37)
+CASES = {
+    "lora": [((64, 32), {"r": 1}), ((32, 64), {"r": 8}), ((48, 48), {"r": 32}), ((100, 37), {"r": 4}),
+             ((36, 100), {"r": 16})],
+    "loha": [((64, 32), {"r": 1}), ((32, 64), {"r": 4}), ((37, 37), {"r": 8}), ((100, 36), {"r": 32})],
+    "lokr": [((64, 32), {"r": 1}), ((32, 64), {"r": 8, "factor": 2}), ((48, 48), {"r": 4, "factor": 4}),
+             ((100, 36), {"r": 2, "decompose_both": True}), ((37, 100), {"r": 8, "factor": 4}),
+             ((64, 64), {"r": 1, "factor": 2, "decompose_both": True}),
+             ((36, 100), {"r": 32, "decompose_both": True}),
+             ((96, 48), {"r": 2, "factor": 4, "decompose_both": True}),
+             ((128, 96), {"r": 3, "factor": 16, "decompose_both": True})],
+    "randlora": [((64, 32), {"r": 1}), ((32, 64), {"r": 8, "sparse": True}), ((48, 48), {"r": 32}),
+                 ((100, 37), {"r": 4, "sparse": True}), ((37, 100), {"r": 16, "seed": 7}),
+                 ((36, 100), {"r": 32})],
+}
+
+
+def test_cases_cover_every_registered_method():
+    assert set(CASES) == set(methods.available())
+
+
+def case_id(value) -> str:
+    return "-".join(f"{k}{x}" for k, x in value.items()) if isinstance(value, dict) else str(value)
+
+
+@pytest.mark.parametrize("method,shape,hp", [(m, s, hp) for m, cases in CASES.items() for s, hp in cases],
+                         ids=case_id)
+def test_single_layer_parity(method, shape, hp):
+    assert_parity(method, [shape], **hp)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_randlora_shared_bases_parity_across_layers(sparse):
+    """One pair of bases for all layers, sized by the element-wise max of (out, in), sliced per layer;
+    the same seed generates bit-identical bases to PEFT's."""
+    shapes = [(48, 20), (20, 64), (30, 30)]
+    assert_parity("randlora", shapes, r=6, sparse=sparse, seed=3)
+    net = Net(shapes)
+    names = ["lin0", "lin1", "lin2"]
+    ours = copy.deepcopy(net)
+    methods.inject(ours, "randlora", names, r=6, sparse=sparse, seed=3)
+    theirs = peft.get_peft_model(net, peft_config("randlora", names, r=6, sparse=sparse, seed=3))
+    bases = next(iter(methods.adapter_layers(ours).values())).bases
+    assert torch.equal(bases.randlora_A, theirs.base_model.model.lin0.randlora_A["default"])
+    assert torch.equal(bases.randlora_B, theirs.base_model.model.lin0.randlora_B["default"])
+
+
+@pytest.mark.parametrize("method", ["lora", "loha", "lokr"])
+def test_multi_layer_parity(method):
+    assert_parity(method, [(48, 20), (20, 64), (30, 30)], r=3)
+
+
+def test_lokr_factorization_matches_peft():
+    for dim in [*range(1, 130), 256, 512, 768, 1000, 2048, 3072, 4096]:
+        for factor in (-1, 1, 2, 3, 4, 5, 8, 16, 64):
+            assert factorization(dim, factor) == peft_factorization(dim, factor), (dim, factor)
+
+
+def test_initialisation_matches_peft_semantics():
+    """At init PEFT's update is zero too, and RandLoRA's gamma is 1/min(in, out)."""
+    for method in methods.available():
+        layer = methods.wrap_linear(method, nn.Linear(40, 24), r=4)
+        assert layer.delta_weight().abs().max() == 0
+    layer = methods.wrap_linear("randlora", nn.Linear(40, 24), r=4)
+    assert torch.all(layer.randlora_gamma == 1 / 24) and torch.all(layer.randlora_lambda == 0)
