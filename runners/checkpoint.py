@@ -23,6 +23,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
                     state: dict[str, Any]) -> Path:
     """Atomically write the training state (temp file + rename)."""
     path = Path(run_dir) / FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)  # an `out_dir` run has no Hydra-made directory yet
     payload = {
         "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
         "optimizer": optimizer.state_dict(),

@@ -24,9 +24,10 @@ import logging
 import os
 import sys
 import types
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -178,13 +179,18 @@ class RankbenchSweeper(BasicSweeper):
         jobs = [Job(_with_suffix(job.name, base, base_jobs), tuple(base) + job.overrides)
                 for base in base_jobs for job in expand(spec)]
         todo = self._pending(jobs)
+        if spec.get("dry_run"):
+            for job, run_dir in todo:
+                log.info("would launch %s -> %s", job.name, run_dir)
+            log.info("sweep %s: dry run, %d of %d runs would launch", spec.get("name"), len(todo), len(jobs))
+            return []
         self._save_multirun_yaml()
         if not todo:
             log.info("sweep %s: all %d runs already finished; nothing to launch", spec.get("name"), len(jobs))
             return []
         log.info("sweep %s: %d runs, %d finished, launching %d", spec.get("name"), len(jobs),
                  len(jobs) - len(todo), len(todo))
-        return self._launch([list(job.overrides) + [f"hydra.sweep.subdir={job.name}"] for job in todo])
+        return self._launch([list(job.overrides) + [f"hydra.sweep.subdir={job.name}"] for job, _ in todo])
 
     def _base_jobs(self, arguments: list[str]) -> list[list[str]]:
         """Cartesian product of the command line's own sweeps (one empty-suffix job when there are none)."""
@@ -197,8 +203,8 @@ class RankbenchSweeper(BasicSweeper):
         adapters, references = registered_methods()
         validate(spec, adapters, references, configs)
 
-    def _pending(self, jobs: list[Job]) -> list[Job]:
-        """Jobs to launch: compose each (catching composition errors early) and drop finished ones."""
+    def _pending(self, jobs: list[Job]) -> list[tuple[Job, Path]]:
+        """(job, run dir) to launch: compose each (catching composition errors early), drop finished ones."""
         loader = self.hydra_context.config_loader
         todo = []
         for job in jobs:
@@ -208,7 +214,7 @@ class RankbenchSweeper(BasicSweeper):
             if already_done(run_dir, job_config(cfg)):
                 log.info("skip %s: %s/results.json says success", job.name, run_dir)
             else:
-                todo.append(job)
+                todo.append((job, run_dir))
         return todo
 
     def _save_multirun_yaml(self) -> None:
@@ -271,7 +277,7 @@ def register() -> None:
         cls = type("RankbenchSweeper", (RankbenchSweeper,), {"__module__": PLUGIN_MODULE})
         module.RankbenchSweeper = cls
         sys.modules[PLUGIN_MODULE] = module
-        setattr(hydra_plugins, "rankbench_sweeper", module)
+        hydra_plugins.rankbench_sweeper = module
     Plugins.instance().register(module.RankbenchSweeper)
 
 

@@ -116,7 +116,8 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
             entry = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "step_time_s": dt}
             history.append(entry)
             logger.log(entry, step=step + 1)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}", s=f"{dt:.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}", s=f"{dt:.3f}",
+                        refresh=False)
         if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.max_steps:
             save_checkpoint(run_dir, model, optimizer, scheduler,
                             {"step": step + 1, "history": history, "step_times": timer.times,
@@ -266,7 +267,7 @@ def _config_dict(cfg: DictConfig) -> dict[str, Any]:
 
 def _config_hash(config: dict[str, Any]) -> str:
     """Identity of a run: everything that changes its numbers (not where or how it is logged)."""
-    keep = {k: v for k, v in config.items() if k not in ("logger", "out_dir")}
+    keep = {k: v for k, v in config.items() if k not in ("logger", "out_dir", "sweep")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

