@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import compose_config, run_cli
+from rbtest import compose_config, run_cli
 
 from runners.adapt import method_names
 from runners.train import RunFailed, run

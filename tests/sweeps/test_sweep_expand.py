@@ -1,0 +1,144 @@
+"""Sweep expansion, validation and the sweep configs themselves: pure and fast (no training)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from runners.sweeper import (
+    Job,
+    SweepError,
+    _with_suffix,
+    already_done,
+    config_diff,
+    expand,
+    registered_methods,
+    validate,
+)
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+ADAPTERS, REFERENCES = ["loha", "lokr", "lora", "randlora"], ["full", "none"]
+
+
+def sweep_config(name: str, *overrides: str):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=[f"+sweep={name}", *overrides], return_hydra_config=True)
+
+
+def spec(name: str, *overrides: str) -> dict:
+    return OmegaConf.to_container(sweep_config(name, *overrides).sweep, resolve=True)
+
+
+def test_budget_sweep_is_methods_x_budgets_x_seeds_plus_references_once_per_seed():
+    jobs = expand(spec("budget"))
+    assert len(jobs) == 3 * (4 * 4 + 2)
+    names = [j.name for j in jobs]
+    assert len(set(names)) == len(names)
+    assert "lokr-lora16-s2" in names and "full-s0" in names and "none-s1" in names
+    lora8 = next(j for j in jobs if j.name == "lora-lora8-s1")
+    assert lora8.overrides == ("method=lora", "budget=lora8", "seed=1")
+    assert next(j for j in jobs if j.name == "full-s0").overrides == ("method=full", "budget=null", "seed=0")
+
+
+def test_command_line_narrows_every_axis():
+    jobs = expand(spec("budget", "sweep.methods=[lora,randlora]", "sweep.budgets=[lora4,lora8]",
+                       "sweep.seeds=[0]", "sweep.references=[]"))
+    assert [j.name for j in jobs] == ["lora-lora4-s0", "lora-lora8-s0", "randlora-lora4-s0", "randlora-lora8-s0"]
+
+
+def test_ranks_sweep_uses_each_methods_own_knob_without_budget():
+    jobs = expand(spec("ranks", "sweep.seeds=[0]", "sweep.hp.lora.r=[4,8]"))
+    lora = [j for j in jobs if j.name.startswith("lora-")]
+    assert [j.name for j in lora] == ["lora-r4-s0", "lora-r8-s0"]
+    assert lora[0].overrides == ("method=lora", "budget=null", "seed=0", "++method.r=4")
+    assert {j.name.split("-")[0] for j in jobs} == set(ADAPTERS + REFERENCES)
+
+
+def test_lr_sweep_gives_each_method_its_own_learning_rates():
+    jobs = expand(spec("lr"))
+    randlora = [j for j in jobs if j.name.startswith("randlora-")]
+    full = [j for j in jobs if j.name.startswith("full-")]
+    assert len(randlora) == 4 and len(full) == 3
+    assert "++method.lr=0.01" in randlora[2].overrides and randlora[2].name == "randlora-lora8-lr0.01-s0"
+    assert all("budget=null" in j.overrides for j in full)
+
+
+@pytest.mark.parametrize("sweep", ["budget", "ranks", "lr"])
+def test_sweep_configs_select_the_sweeper_and_a_deterministic_dir(sweep):
+    cfg = sweep_config(sweep, "task=clip", "size=tiny")
+    assert cfg.hydra.sweeper._target_ == "hydra_plugins.rankbench_sweeper.RankbenchSweeper"
+    assert cfg.hydra.sweep.dir == f"multirun/{sweep}/clip-tiny"
+    assert cfg.logger.group == f"{sweep}-clip-tiny"
+    validate(OmegaConf.to_container(cfg.sweep, resolve=True), ADAPTERS, REFERENCES, ADAPTERS + REFERENCES)
+
+
+def test_slurm_launcher_config_has_the_cluster_keys():
+    launcher = sweep_config("budget", "hydra/launcher=slurm").hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    for key in ("partition", "account", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min",
+                "array_parallelism", "max_num_timeout", "signal_delay_s"):
+        assert key in launcher, key
+    assert launcher.max_num_timeout > 0 and launcher.timeout_min >= 60
+    assert launcher.additional_parameters.requeue is True
+    for name in ("submitit_local", "local"):
+        assert sweep_config("budget", f"hydra/launcher={name}").hydra.launcher._target_.endswith("LocalLauncher")
+
+
+def test_the_registry_is_what_validation_checks_against():
+    adapters, references = registered_methods()
+    assert set(ADAPTERS) <= set(adapters) and references == REFERENCES
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"methods": ["lora", "lroa"]}, "unknown method 'lroa' in sweep.methods; valid: loha, lokr, lora, randlora"),
+    ({"methods": "lora"}, "sweep.methods must be a list"),
+    ({"references": ["ful"]}, "unknown method 'ful' in sweep.references; valid: full, none"),
+    ({"methods": ["lora"], "hp": {"lroa": {"r": [1]}}}, "unknown method 'lroa' in sweep.hp"),
+    ({"methods": [], "references": []}, "the sweep is empty"),
+])
+def test_bad_axes_are_one_clear_line(bad, message):
+    base = {"name": "budget", "methods": ["lora"], "budgets": ["lora4"], "seeds": [0], "references": []}
+    with pytest.raises(SweepError) as err:
+        validate({**base, **bad}, ADAPTERS, REFERENCES, ADAPTERS + REFERENCES)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_method_without_config_file_is_rejected():
+    with pytest.raises(SweepError, match="no conf/method/lora.yaml"):
+        validate({"methods": ["lora"], "seeds": [0]}, ADAPTERS, REFERENCES, ["loha"])
+
+
+def test_command_line_sweeps_multiply_jobs_and_name_their_dirs():
+    base_jobs = [["task=clip", "trainer.lr=0.1"], ["task=clip", "trainer.lr=0.2"]]
+    assert _with_suffix("lora-lora4-s0", base_jobs[1], base_jobs) == "lora-lora4-s0,trainer.lr=0.2"
+    assert _with_suffix("lora-lora4-s0", ["task=clip"], [["task=clip"]]) == "lora-lora4-s0"
+
+
+def write_result(run_dir: Path, status: str, config: dict) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text(json.dumps({"run": {"status": status, "config": config}}))
+
+
+def test_only_a_successful_result_of_the_same_config_counts_as_done(tmp_path):
+    config = {"seed": 0, "trainer": {"max_steps": 4}, "logger": {"name": "none"}, "sweep": {"seeds": [0]}}
+    write_result(tmp_path / "ok", "success", config)
+    write_result(tmp_path / "failed", "failed", config)
+    assert already_done(tmp_path / "ok", config)
+    assert already_done(tmp_path / "ok", {**config, "logger": {"name": "wandb"}, "sweep": {"seeds": [0, 1]}})
+    assert not already_done(tmp_path / "failed", config)
+    assert not already_done(tmp_path / "missing", config)
+    with pytest.raises(SweepError, match=r"different config \(trainer.max_steps: 4 -> 150\)"):
+        already_done(tmp_path / "ok", {**config, "trainer": {"max_steps": 150}})
+
+
+def test_config_diff_names_dotted_keys():
+    assert config_diff({"a": {"b": 1}, "c": 2}, {"a": {"b": 2}, "c": 2}) == ["a.b: 1 -> 2"]
+    assert config_diff({"logger": 1}, {"logger": 2}) == []
+
+
+def test_job_is_hashable_and_frozen():
+    job = Job("lora-s0", ("method=lora",))
+    assert {job: 1}[Job("lora-s0", ("method=lora",))] == 1

@@ -1,0 +1,72 @@
+"""Tiny real sweeps on this machine (basic and submitit_local launchers) and bad command lines."""
+from __future__ import annotations
+
+import pytest
+from sweephelpers import SMALL_SWEEP, TINY, assert_on_budget, mtimes, results, run_py
+
+EXPECTED = {"lora-lora4-s0", "lora-lora8-s0", "randlora-lora4-s0", "randlora-lora8-s0"}
+
+
+@pytest.mark.parametrize("args, line", [
+    (["+sweep=bugdet"], "rankbench: unknown sweep 'bugdet'; valid: budget, lr, ranks"),
+    (["+sweep=budget", "sweep.methods=[lora,lroa]"],
+     "rankbench: unknown method 'lroa' in sweep.methods; valid: loha, lokr, lora, randlora"),
+    (["+sweep=budget", "hydra/launcher=ray"], "rankbench: unknown hydra/launcher 'ray'; valid: basic, "),
+    (["+sweep=budget", "method=lora"], "rankbench: method= is set per run by +sweep=budget"),
+])
+def test_bad_sweep_command_is_one_clear_line(args, line, tmp_path):
+    result = run_py(["-m", *args, f"sweep.root={tmp_path}"], cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    errors = [ln for ln in result.stdout.splitlines() if ln.startswith("rankbench:")]
+    assert len(errors) == 1 and errors[0].startswith(line), result.stdout[-2000:]
+    assert "Traceback" not in result.stdout
+    assert not list(tmp_path.rglob("results.json"))
+
+
+@pytest.mark.slow
+def test_basic_launcher_sweep_skips_finished_runs_and_reruns_a_deleted_one(tmp_path):
+    sweep = ["-m", *SMALL_SWEEP, *TINY, f"sweep.root={tmp_path / 'multirun'}"]
+    sweep_dir = tmp_path / "multirun" / "budget" / "clip-tiny"
+
+    first = run_py(sweep, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:]
+    records = results(sweep_dir)
+    assert set(records) == EXPECTED
+    for record in records.values():
+        assert record["run"]["status"] == "success", record["run"]["error"]
+        assert_on_budget(record)
+        assert record["run"]["config"]["logger"]["group"] == "budget-clip-tiny"
+    before = mtimes(sweep_dir)
+
+    again = run_py(sweep, cwd=tmp_path)
+    assert again.returncode == 0 and "all 4 runs already finished; nothing to launch" in again.stdout
+    assert again.stdout.count("skip ") == 4 and mtimes(sweep_dir) == before
+
+    (sweep_dir / "randlora-lora8-s0" / "results.json").unlink()
+    third = run_py(sweep, cwd=tmp_path)
+    assert third.returncode == 0 and "4 runs, 3 finished, launching 1" in third.stdout
+    after = mtimes(sweep_dir)
+    assert set(after) == EXPECTED
+    assert {k for k in EXPECTED if after[k] != before.get(k)} == {"randlora-lora8-s0"}
+
+    changed = run_py([*sweep, "trainer.max_steps=5"], cwd=tmp_path)
+    assert changed.returncode != 0
+    assert "holds a finished run of a different config (trainer.max_steps: 4 -> 5)" in changed.stdout
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_runs_each_job_in_its_own_process(tmp_path):
+    sweep = ["-m", *SMALL_SWEEP, *TINY, "hydra/launcher=submitit_local", f"sweep.root={tmp_path / 'multirun'}"]
+    sweep_dir = tmp_path / "multirun" / "budget" / "clip-tiny"
+
+    first = run_py(sweep, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:]
+    records = results(sweep_dir)
+    assert set(records) == EXPECTED and all(r["run"]["status"] == "success" for r in records.values())
+    for record in records.values():
+        assert_on_budget(record)
+    assert len(list((sweep_dir / ".submitit").glob("*/*_log.out"))) == 4  # one process per job
+
+    again = run_py(sweep, cwd=tmp_path)
+    assert again.returncode == 0 and "nothing to launch" in again.stdout
+    assert len(list((sweep_dir / ".submitit").glob("*/*_log.out"))) == 4
