@@ -50,15 +50,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_config(vocab_size: int, width: int = 128, layers: int = 4) -> CLIPConfig:
-    text = dict(
-        vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, pad_token_id=0, bos_token_id=2,
-        eos_token_id=3,
-    )
-    vision = dict(
-        image_size=render.SIZE, patch_size=8, hidden_size=width, intermediate_size=2 * width,
-        num_hidden_layers=layers, num_attention_heads=4, num_channels=3,
-    )
+    common = {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": layers,
+              "num_attention_heads": 4}
+    text = {**common, "vocab_size": vocab_size, "max_position_embeddings": MAX_TOKENS, "pad_token_id": 0,
+            "bos_token_id": 2, "eos_token_id": 3}
+    vision = {**common, "image_size": render.SIZE, "patch_size": 8, "num_channels": 3}  # 4x4 patches
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=width)
 
 

@@ -6,9 +6,10 @@ captions never mention) are new to it (zero-shot near chance), so adaptation has
 """
 from __future__ import annotations
 
+import functools
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from datasets import Array3D, ClassLabel, Dataset, Features
@@ -114,6 +115,7 @@ def _count_scene(rng: np.random.Generator, k: int) -> np.ndarray:
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
+@functools.lru_cache(maxsize=1)
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """sklearn's bundled handwritten digits (1797 real 8x8 scans), upscaled bilinearly to 32x32 RGB."""
     import torch

