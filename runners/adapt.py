@@ -86,11 +86,16 @@ def adapt(model: nn.Module, method_cfg: DictConfig, target_modules: Any, head_pr
     return Adaptation(name, hp, budget_target, backbone, head, wrapped, rank_layers)
 
 
+def is_head(param_name: str, prefixes: list[str]) -> bool:
+    """True for parameters of the task head (named by `task.head_prefixes`)."""
+    return any(param_name == p or param_name.startswith(p + ".") for p in prefixes)
+
+
 def _unfreeze_head(model: nn.Module, prefixes: list[str]) -> int:
     """Train the task head for every method; returns the number of head parameters."""
     count = 0
     for pname, param in model.named_parameters():
-        if any(pname == p or pname.startswith(p + ".") for p in prefixes):
+        if is_head(pname, prefixes):
             param.requires_grad_(True)
             count += param.numel()
     if prefixes and count == 0:

@@ -29,6 +29,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def set_threads(threads: int | None) -> None:
+    """Pin torch's intra-op CPU threads (null keeps torch's default: one per core).
+
+    On a shared or oversubscribed CPU, fewer threads than cores avoids threads spinning against each other.
+    """
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed every RNG a run touches and return the generator that drives its data order."""
     random.seed(seed)

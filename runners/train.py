@@ -24,7 +24,7 @@ from tqdm import tqdm
 import methods
 import tasks
 from runners import env
-from runners.adapt import Adaptation, adapt
+from runners.adapt import Adaptation, adapt, is_head
 from runners.checkpoint import FILENAME as CHECKPOINT
 from runners.checkpoint import load_checkpoint, save_checkpoint
 from runners.logger import make_logger
@@ -50,6 +50,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     logger = None
     try:
         device = env.resolve_device(cfg.device)
+        env.set_threads(cfg.get("threads"))
         record["run"]["device"] = env.device_description(device)
         generator = env.seed_everything(cfg.seed)
         task = tasks.build(cfg.task)
@@ -93,7 +94,8 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
     if not params:  # zero-shot CLIP: nothing to train
         return cost, []
     lr = cfg.method.get("lr") or t.lr
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+    groups = param_groups(model, task.head_prefixes, backbone_lr=lr, head_lr=t.lr)
+    optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.max_steps))
     timer = StepTimer(device, t.timing_warmup)
     state = load_checkpoint(run_dir, model, optimizer, scheduler, config_hash) or {}
@@ -127,6 +129,17 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
     cost[memory.key] = memory.peak()
     cost["train_time_s"] = train_time
     return cost, history
+
+
+def param_groups(model: nn.Module, head_prefixes: list[str], backbone_lr: float, head_lr: float
+                 ) -> list[dict[str, Any]]:
+    """Backbone (adapter or full) parameters at the method's lr; the task head at the trainer's lr for
+    every method, so a small full-fine-tuning lr does not also starve the head."""
+    backbone, head = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head if is_head(name, head_prefixes) else backbone).append(param)
+    return [g for g in ({"params": backbone, "lr": backbone_lr}, {"params": head, "lr": head_lr}) if g["params"]]
 
 
 def _optimizer_step(model: nn.Module, task: tasks.Task, batches: Iterator, optimizer: torch.optim.Optimizer,
