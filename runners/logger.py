@@ -5,9 +5,11 @@ history = per-step loss/lr/step time, summary = params/cost/metrics).
 """
 from __future__ import annotations
 
+import json
 import logging
 import netrc
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +90,47 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+_BLOCK = 32768
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def offline_records(path: str | Path) -> Iterator[bytes]:
+    """Serialized protobuf records of an offline `run-*.wandb` file (a LevelDB-style log).
+
+    wandb ships no Python reader for its offline files; this lets tests and users check what an offline
+    run holds before `wandb sync`. Layout: a 7-byte file header, then 32 KiB blocks of chunks, each
+    with a 7-byte header (crc32, little-endian length, type); records may span blocks.
+    """
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B offline run file")
+    pos, parts = 7, []
+    while pos + 7 <= len(data):
+        if _BLOCK - pos % _BLOCK < 7:  # block trailer too small for a header: padding
+            pos += _BLOCK - pos % _BLOCK
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (_FULL, _FIRST):
+            parts = [chunk]
+        elif kind in (_MIDDLE, _LAST):
+            parts.append(chunk)
+        if kind in (_FULL, _LAST):
+            yield b"".join(parts)
+
+
+def offline_summary(path: str | Path) -> dict[str, Any]:
+    """The run summary (key -> value) recorded in an offline `run-*.wandb` file."""
+    from wandb.proto import wandb_internal_pb2
+
+    summary: dict[str, Any] = {}
+    for raw in offline_records(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                key = item.key or "/".join(item.nested_key)
+                summary[key] = json.loads(item.value_json)
+    return summary

@@ -6,6 +6,7 @@ import pytest
 from rbtest import compose_config, run_cli
 
 from runners.adapt import method_names
+from runners.logger import offline_summary
 from runners.train import RunFailed, run
 
 TASKS = ["clip", "vision", "language"]
@@ -104,9 +105,9 @@ def test_wandb_offline_run_holds_the_summary(tiny_overrides, tmp_path, monkeypat
     monkeypatch.setenv("WANDB_MODE", "offline")
     overrides = [o for o in tiny_overrides if o != "logger=none"] + ["logger=wandb"]
     record = run(compose_config(["method=lora", *overrides]))
-    summaries = list((tmp_path / "run" / "wandb").glob("offline-run-*/files/wandb-summary.json"))
-    assert len(summaries) == 1
-    summary = json.loads(summaries[0].read_text())
+    files = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    summary = offline_summary(files[0])
     assert summary["metrics/accuracy"] == pytest.approx(record["metrics"]["accuracy"])
     assert summary["params/trainable"] == record["params"]["trainable"]
 
