@@ -93,7 +93,7 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
                             memory.key: None, "train_time_s": 0.0}
     if not params:  # zero-shot CLIP: nothing to train
         return cost, []
-    lr = cfg.method.get("lr") or t.lr
+    lr = method_lr(cfg)
     groups = param_groups(model, task.head_prefixes, backbone_lr=lr, head_lr=t.lr)
     optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.max_steps))
@@ -129,6 +129,13 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
     cost[memory.key] = memory.peak()
     cost["train_time_s"] = train_time
     return cost, history
+
+
+def method_lr(cfg: DictConfig) -> float:
+    """The method's learning rate: `method.lr` if set, else the task's `trainer.method_lr.<method>`
+    default, else `trainer.lr`. Methods differ in their best lr (`+sweep=lr` finds it)."""
+    per_method = cfg.trainer.get("method_lr") or {}
+    return float(cfg.method.get("lr") or per_method.get(cfg.method.name) or cfg.trainer.lr)
 
 
 def param_groups(model: nn.Module, head_prefixes: list[str], backbone_lr: float, head_lr: float
@@ -299,7 +306,8 @@ def _new_record(cfg: DictConfig) -> dict[str, Any]:
     budget = cfg.budget if cfg.budget is not None else "nobudget"
     run = {"id": f"{cfg.task.name}-{cfg.method.name}-{_size(cfg)}-{budget}-s{cfg.seed}-{config_hash[:8]}",
            "method": cfg.method.name, "task": cfg.task.name, "dataset": cfg.get("dataset"),
-           "size": _size(cfg), "seed": cfg.seed, "budget": cfg.budget, "budget_target": None, "hp": {},
+           "size": _size(cfg), "seed": cfg.seed, "lr": method_lr(cfg), "budget": cfg.budget,
+           "budget_target": None, "hp": {},
            "command": _command(), "config": config, "config_hash": config_hash, "git_commit": commit,
            "git_dirty": dirty,
            "versions": env.package_versions(), "device": None, "started_at": _now(), "finished_at": None,
