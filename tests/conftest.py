@@ -18,4 +18,5 @@ for path in (ROOT, ROOT / "tests"):
 def tiny_overrides(tmp_path: Path) -> list[str]:
     """Overrides for a fast, offline, in-process run writing into a temporary run dir."""
     return [f"out_dir={tmp_path / 'run'}", "logger=none", "trainer.max_steps=4", "trainer.log_every=2",
-            "trainer.timing_warmup=1", "trainer.checkpoint_every=0"]
+            "trainer.timing_warmup=1", "trainer.checkpoint_every=0", "trainer.batch_size=16",
+            "task.data.train_size=64", "task.data.test_size=32", "threads=1"]

@@ -26,7 +26,6 @@ def test_every_method_and_task_composes(method, task):
     assert cfg.task.model.target_modules
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("method", METHODS)
 def test_smoke_run_writes_a_complete_result(method, task, tiny_overrides, tmp_path):
