@@ -1,7 +1,7 @@
 """Tasks: backbone + data + loss + evaluation, one module per modality, looked up by `task.kind`."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from omegaconf import DictConfig
 

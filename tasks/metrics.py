@@ -1,0 +1,52 @@
+"""Evaluation metrics of the paper benchmarks beyond top-1 accuracy (GLUE: each task's own metric).
+
+Pure functions of (predictions, labels) arrays, named as `task.data.sources.<name>.metrics` lists them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+
+def accuracy(pred: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(pred == y))
+
+
+def matthews_corr(pred: np.ndarray, y: np.ndarray) -> float:
+    """CoLA's metric."""
+    from sklearn.metrics import matthews_corrcoef
+
+    return float(matthews_corrcoef(y, pred))
+
+
+def f1(pred: np.ndarray, y: np.ndarray) -> float:
+    """MRPC's (and QQP's) metric: F1 of the positive class."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y, pred, zero_division=0.0))
+
+
+def pearson(pred: np.ndarray, y: np.ndarray) -> float:
+    """STS-B's metric (a regression task: `pred` are scores)."""
+    if np.std(pred) == 0 or np.std(y) == 0:
+        return 0.0  # an untrained constant predictor: correlation undefined, reported as 0
+    return float(np.corrcoef(pred, y)[0, 1])
+
+
+def spearman(pred: np.ndarray, y: np.ndarray) -> float:
+    from scipy.stats import rankdata
+
+    return pearson(rankdata(pred), rankdata(y))
+
+
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "accuracy": accuracy, "matthews_corr": matthews_corr, "f1": f1, "pearson": pearson, "spearman": spearman}
+
+
+def compute(names: list[str], pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """The named metrics of one dataset; an unknown name is a ValueError listing the valid ones."""
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; valid: {', '.join(METRICS)}")
+    return {n: METRICS[n](pred, y) for n in names}
