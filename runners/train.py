@@ -60,11 +60,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model.to(device)
         logger = make_logger(cfg.logger, run_dir, record["run"]["id"], record["run"]["config"],
                              _group(cfg), [cfg.method.name, cfg.task.name, _size(cfg)])
-        record["metrics"]["per_dataset_before"] = _evaluate(task, model, cfg, device)
+        record["run"].update(max_steps=total_steps(task, cfg.trainer), regime=task.regime,
+                             memory_savers=_memory_savers(task, cfg.trainer, device))
+        _evaluate(task, model, cfg, device, record["metrics"], suffix="_before")
         before = _sample_weights(model, adaptation)
         record["cost"], record["history"] = train(model, task, cfg, device, generator, run_dir, logger,
-                                                  record["run"]["config_hash"])
-        record["metrics"]["per_dataset"] = _evaluate(task, model, cfg, device)
+                                                  record["run"]["config_hash"], record["run"]["max_steps"])
+        _evaluate(task, model, cfg, device, record["metrics"], suffix="")
         record["metrics"]["delta_rank"] = _delta_ranks(model, before)
         record["params"]["adapter_file_bytes"] = _save_trained(model, adaptation, run_dir)
         _finish(record, "success", None)
@@ -83,7 +85,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.device,
-          generator: torch.Generator, run_dir: Path, logger: Any, config_hash: str
+          generator: torch.Generator, run_dir: Path, logger: Any, config_hash: str, max_steps: int
           ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The optimisation loop; returns (cost measurements, history). Resumes from a checkpoint if present."""
     t = cfg.trainer
@@ -96,7 +98,7 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
     lr = method_lr(cfg)
     groups = param_groups(model, task.head_prefixes, backbone_lr=lr, head_lr=t.lr)
     optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, max_steps))
     timer = StepTimer(device, t.timing_warmup)
     state = load_checkpoint(run_dir, model, optimizer, scheduler, config_hash) or {}
     start, history = state.get("step", 0), state.get("history", [])
@@ -105,7 +107,7 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
 
     model.train()
     memory.start()
-    bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, desc="train", mininterval=2)
+    bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc="train", mininterval=2)
     for step in bar:
         timer.start()
         loss = _optimizer_step(model, task, batches, optimizer, params, t, device)
@@ -114,13 +116,13 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
         train_time += dt
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower trainer.lr={lr}?")
-        if (step + 1) % t.log_every == 0 or step + 1 == t.max_steps:
+        if (step + 1) % t.log_every == 0 or step + 1 == max_steps:
             entry = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "step_time_s": dt}
             history.append(entry)
             logger.log(entry, step=step + 1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}", s=f"{dt:.3f}",
                         refresh=False)
-        if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.max_steps:
+        if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < max_steps:
             save_checkpoint(run_dir, model, optimizer, scheduler,
                             {"step": step + 1, "history": history, "step_times": timer.times,
                              "train_time_s": train_time, "config_hash": config_hash})
@@ -223,10 +225,28 @@ def summary_table(record: dict[str, Any]) -> str:
 
 # --- helpers ---------------------------------------------------------------------------------------
 
-def _evaluate(task: tasks.Task, model: nn.Module, cfg: DictConfig, device: torch.device) -> dict[str, float]:
+def total_steps(task: tasks.Task, t: DictConfig) -> int:
+    """Optimizer steps of the run: `trainer.max_steps`, or what the task's configured epochs amount to."""
+    steps = t.max_steps if t.max_steps is not None else task.planned_steps(t.batch_size, t.grad_accum)
+    if not steps or steps < 1:
+        raise ValueError("no training length: set trainer.max_steps=<int> (or task.data.epochs for this task)")
+    return int(steps)
+
+
+def _memory_savers(task: tasks.Task, t: DictConfig, device: torch.device) -> dict[str, Any]:
+    return {**task.memory_savers, "grad_accum": int(t.grad_accum),
+            "bf16_autocast": bool(t.bf16 and device.type == "cuda")}
+
+
+def _evaluate(task: tasks.Task, model: nn.Module, cfg: DictConfig, device: torch.device,
+              metrics: dict[str, Any], suffix: str) -> None:
+    """Every metric per dataset into `metrics`; `per_dataset` holds each dataset's primary one
+    (accuracy, except e.g. STS-B's Pearson r)."""
     model.eval()
     with torch.no_grad(), autocast(device, cfg.trainer.bf16):
-        return {name: float(acc) for name, acc in task.evaluate(model, cfg.trainer.eval_batch_size).items()}
+        full = task.evaluate_metrics(model, cfg.trainer.eval_batch_size)
+    metrics["per_dataset" + suffix] = {d: float(m[task.primary_metric(d)]) for d, m in full.items()}
+    metrics["per_dataset_metrics" + suffix] = {d: {k: float(v) for k, v in m.items()} for d, m in full.items()}
 
 
 def _skip(batches: Iterator, n: int) -> Iterator:

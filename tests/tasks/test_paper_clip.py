@@ -48,7 +48,7 @@ def test_base_config_names_the_real_model_and_the_22_dataset_suite() -> None:
         assert cfg.task.model.path == model and list(cfg.task.data.datasets) == PAPER22
         assert set(cfg.task.data.sources) == set(PAPER22)
         assert cfg.trainer.batch_size * cfg.trainer.grad_accum == 128 and cfg.trainer.weight_decay == 0.1
-        assert cfg.trainer.lr == 1e-3 and cfg.task.full_ft_lr == 1e-5 and cfg.trainer.bf16
+        assert cfg.trainer.lr == 1e-3 and cfg.trainer.method_lr.full == 1e-5 and cfg.trainer.bf16
         assert cfg.task.data.sources.cars.epochs == 35 and cfg.task.data.sources.dtd.epochs == 76
     vision = compose_task("vision", "size=base")
     assert vision.task.model.path == "facebook/dinov2-base"
