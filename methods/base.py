@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 Validator = Callable[[str, Any], Any]
 
@@ -143,7 +144,41 @@ class AdapterLayer(nn.Module):
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         """dW applied to (already dropped-out) x; override with a factored form where one exists."""
+        factors = self.adapter_factors(x)
+        if factors is not None:
+            return F.linear(*factors)
         return F.linear(x, self.delta_weight())
+
+    def adapter_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(h, R) with x dW^T == h R^T (h: tokens x k, R: out x k, scale folded in), for methods whose
+        last factored step is one matmul: the base class then accumulates h R^T straight into the base
+        output (one GEMM with accumulation, no separate tokens x out sum). None: no such form."""
+        return None
+
+    # -- cost model (multiply-adds), used to pick the cheaper of the factored and the merged path --------
+    def factored_macs(self, tokens: int) -> int | None:
+        """Multiply-adds of one `adapter_forward` over `tokens` rows; None if it has no factored form."""
+        return None
+
+    def delta_macs(self) -> int:
+        """Multiply-adds of one `delta_weight()` (building dW)."""
+        return self.out_features * self.in_features
+
+    def use_merged_path(self, tokens: int, grad: bool) -> bool:
+        """Whether x (W + dW)^T beats W x + factored(x) for this call.
+
+        Factored: the adapter's own forward F per call, ~3F with its backward (input and parameter grads).
+        Merged: the base matmul absorbs dW, so a forward costs only building dW (D); training adds the
+        weight-shaped gradient G = g^T x (tokens * out * in) and D to rebuild dW plus ~2D to backpropagate
+        G into the factors (dW is rebuilt rather than kept in the graph: no out x in tensor per layer).
+        """
+        factored = self.factored_macs(tokens)
+        if factored is None:
+            return True
+        build = self.delta_macs()
+        if not grad:
+            return build < factored
+        return tokens * self.out_features * self.in_features + 4 * build < 3 * factored
 
     # -- shared behaviour -----------------------------------------------------------------------------
     @classmethod
@@ -181,11 +216,29 @@ class AdapterLayer(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if not n.startswith("base_layer.")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if self.merged:
-            return out
+            return self.base_layer(x)
+        if self._fusable(x):
+            tokens = x.numel() // max(1, x.shape[-1])
+            grad = torch.is_grad_enabled() and any(p.requires_grad for _, p in self.adapter_parameters())
+            if self.use_merged_path(tokens, grad):
+                return merged_linear(self, x)
         dtype = self.base_layer.weight.dtype
+        if x.dtype == dtype:
+            x2 = x.reshape(-1, x.shape[-1])
+            factors = self.adapter_factors(self.adapter_dropout(x2))
+            if factors is not None:   # base GEMM, then h R^T accumulated in place into its fresh output
+                out = self.base_layer(x2)
+                return out.addmm_(*factors[:1], factors[1].T).view(*x.shape[:-1], out.shape[-1])
+        out = self.base_layer(x)
         return out + self.adapter_forward(self.adapter_dropout(x.to(dtype))).to(out.dtype)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """dW can join the base matmul only if the adapter sees the same input as the base layer
+        (no active dropout) and no autocast/dtype conversion sits between them."""
+        no_dropout = isinstance(self.adapter_dropout, nn.Identity) or not self.training
+        return (no_dropout and x.dtype == self.base_layer.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type))
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -206,6 +259,52 @@ class AdapterLayer(nn.Module):
     def extra_repr(self) -> str:
         hp = ", ".join(f"{k}={v}" for k, v in self.hp.items())
         return f"{self.method}: {hp}, merged={self.merged}"
+
+
+# ----------------------------------------------------------------------------- the merged training path
+class _MergedLinear(torch.autograd.Function):
+    """y = x (W + dW)^T + b in one matmul; backward rebuilds dW instead of keeping it in the graph.
+
+    Saved for backward: x only (the factors are the layer's own parameters). Backward computes
+    grad_x = g (W + dW), G = g^T x, and pushes G through `layer.delta_weight()` with autograd, so every
+    method gets a correct merged path from its `delta_weight` alone.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                layer: AdapterLayer, *params: torch.Tensor) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight + layer.delta_weight(), bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        layer: AdapterLayer = ctx.layer
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        params = [p for _, p in layer.adapter_parameters()]
+        trained = [p for p, need in zip(params, ctx.needs_input_grad[4:]) if need]
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        with torch.enable_grad():
+            dw = layer.delta_weight()
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = (g2 @ (weight + dw.detach())).view(x.shape)
+        if need_w or trained:
+            grad_w = g2.T @ x.reshape(-1, x.shape[-1])   # G (out x in): the gradient of W and of dW
+        grads = iter(torch.autograd.grad(dw, trained, grad_w) if trained else ())
+        if need_b:
+            grad_b = g2.sum(0)
+        param_grads = [next(grads) if need else None for need in ctx.needs_input_grad[4:]]
+        return (grad_x, grad_w if need_w else None, grad_b, None, *param_grads)
+
+
+def merged_linear(layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` through `_MergedLinear` (the base layer's weight and bias, the adapter's parameters)."""
+    base = layer.base_layer
+    params = [p for _, p in layer.adapter_parameters()]
+    return _MergedLinear.apply(x, base.weight, base.bias, layer, *params)
 
 
 def common_hp(alpha: float) -> dict[str, tuple[Any, Validator]]:

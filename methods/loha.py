@@ -10,6 +10,7 @@ import math
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import AdapterLayer, Validator, common_hp, register
@@ -42,5 +43,28 @@ class LoHa(AdapterLayer):
         nn.init.zeros_(self.loha_w2b)
 
     def delta_weight(self) -> torch.Tensor:
-        # The Hadamard product has no cheaper factored form, so forward materialises dW (as PEFT does).
         return (self.loha_w1a @ self.loha_w1b) * (self.loha_w2a @ self.loha_w2b) * self.scaling
+
+    def khatri_rao(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P (out x r^2), Q (r^2 x in)) with P @ Q == (W1a W1b) * (W2a W2b), unscaled.
+
+        dW[o, i] = sum_{k,l} W1a[o,k] W2a[o,l] W1b[k,i] W2b[l,i]: P is the row-wise Khatri-Rao
+        (face-splitting) product of W1a and W2a, Q the column-wise one of W1b and W2b.
+        """
+        r = self.hp["r"]
+        p = (self.loha_w1a[:, :, None] * self.loha_w2a[:, None, :]).reshape(self.out_features, r * r)
+        q = (self.loha_w1b[:, None, :] * self.loha_w2b[None, :, :]).reshape(r * r, self.in_features)
+        return p, q
+
+    def adapter_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Rank-r^2 factored form: r^2 (in + out) per token, dW never formed. The base class takes the
+        # merged path instead when that is cheaper (large r, few tokens): see `use_merged_path`.
+        p, q = self.khatri_rao()
+        return F.linear(x, q) * self.scaling, p
+
+    def factored_macs(self, tokens: int) -> int:
+        r2, n = self.hp["r"] ** 2, self.in_features + self.out_features
+        return (tokens + 1) * r2 * n
+
+    def delta_macs(self) -> int:
+        return self.out_features * self.in_features * (2 * self.hp["r"] + 2)

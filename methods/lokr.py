@@ -13,6 +13,7 @@ import math
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import AdapterLayer, Validator, boolean, common_hp, integer, register
@@ -126,8 +127,56 @@ class LoKr(AdapterLayer):
         return torch.kron(w1, w2) * self.scaling
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # kron(W1, W2) @ vec(X) == vec(W1 @ X @ W2^T) with X = x viewed as (c x d), row-major.
+        # The vec trick: kron(W1, W2) vec(X) == vec(W1 X W2^T) with X = x viewed as (c x d), row-major.
+        # A low-rank W2 (= W2a W2b) is applied as its two factors, never formed; the contraction order
+        # (c first or d first) is the cheaper one for these shapes (see `_order_macs`).
         a, b, c, d = self.kron_dims
-        w1, w2 = self.factors()
-        y = w1 @ x.reshape(*x.shape[:-1], c, d) @ w2.T
-        return y.reshape(*x.shape[:-1], a * b) * self.scaling
+        lead, tokens = x.shape[:-1], x.numel() // max(1, x.shape[-1])
+        w1 = (self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b) * self.scaling
+        w2s = (self.lokr_w2,) if hasattr(self, "lokr_w2") else (self.lokr_w2_b, self.lokr_w2_a)
+        y = x.reshape(tokens, c, d)
+        right_first, _ = self._order_macs(tokens)
+        if right_first:
+            y = _right(y, w2s[0])
+            y = _left(y, w1)
+            for w in w2s[1:]:
+                y = _right(y, w)
+        else:
+            y = _left(y, w1)
+            for w in w2s:
+                y = _right(y, w)
+        return y.reshape(*lead, a * b)
+
+    def _order_macs(self, tokens: int) -> tuple[bool, int]:
+        """(contract d before c?, multiply-adds of the factored forward over `tokens` rows)."""
+        a, b, c, d = self.kron_dims
+        inner = [b] if hasattr(self, "lokr_w2") else [self.hp["r"], b]   # widths after each W2 factor
+        w1_build = 0 if hasattr(self, "lokr_w1") else a * c * self.hp["r"]
+        # right first: d -> inner[0] on c rows, W1 on inner[0], then the remaining W2 factor on a rows
+        right = c * d * inner[0] + a * c * inner[0] + sum(a * k0 * k1 for k0, k1 in zip(inner, inner[1:]))
+        # left first: W1 on d, then the W2 factors on a rows
+        left = a * c * d + a * d * inner[0] + sum(a * k0 * k1 for k0, k1 in zip(inner, inner[1:]))
+        return right <= left, tokens * min(right, left) + w1_build
+
+    def factored_macs(self, tokens: int) -> int:
+        return self._order_macs(tokens)[1]
+
+    def delta_macs(self) -> int:
+        a, b, c, d = self.kron_dims
+        r = self.hp["r"]
+        w1 = 0 if hasattr(self, "lokr_w1") else a * c * r
+        w2 = 0 if hasattr(self, "lokr_w2") else b * d * r
+        return self.out_features * self.in_features + w1 + w2
+
+
+def _right(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(T, m, k) -> (T, m, j): y @ w^T over the last axis, as one 2-D GEMM."""
+    t, m, k = y.shape
+    return F.linear(y.reshape(t * m, k), w).view(t, m, w.shape[0])
+
+
+def _left(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(T, m, k) -> (T, j, k): w @ y over the middle axis, as one 2-D GEMM on the transposed view."""
+    t, m, k = y.shape
+    z = F.linear(y.transpose(1, 2).reshape(t * k, m), w)         # (T k, j)
+    return z.view(t, k, w.shape[0]).transpose(1, 2).contiguous()

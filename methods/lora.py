@@ -5,6 +5,7 @@ import math
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import AdapterLayer, Validator, common_hp, register
@@ -36,6 +37,13 @@ class LoRA(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
 
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Never materialise dW: two thin matmuls cost r * (in + out) per token.
-        return (x @ self.lora_A.T) @ self.lora_B.T * self.scaling
+    def adapter_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Never materialise dW: two thin matmuls cost r * (in + out) per token; the scale is applied to
+        # the thin (tokens x r) intermediate, not to a (tokens x out) result.
+        return F.linear(x, self.lora_A) * self.scaling, self.lora_B
+
+    def factored_macs(self, tokens: int) -> int:
+        return tokens * self.hp["r"] * (self.in_features + self.out_features)
+
+    def delta_macs(self) -> int:
+        return self.out_features * self.in_features * self.hp["r"]

@@ -21,6 +21,7 @@ import math
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import AdapterLayer, Validator, boolean, common_hp, integer, register
@@ -134,8 +135,18 @@ class RandLoRA(AdapterLayer):
         dw = b @ s
         return (dw if self.out_features >= self.in_features else dw.T) * self.scaling
 
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapter_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Factored: ~ n r (in + out) per token, about a full matmul of the layer since n r >= min(in, out).
+        # The base class usually prefers the merged path for RandLoRA (see `use_merged_path`).
         b, s = self.factors()
         if self.out_features >= self.in_features:   # dW = B S: x -> x S^T -> (x S^T) B^T
-            return (x @ s.T) @ b.T * self.scaling
-        return (x @ b) @ s * self.scaling           # dW = S^T B^T: x -> x B -> (x B) S
+            return F.linear(x, s) * self.scaling, b
+        return x @ b * self.scaling, s.T            # dW = S^T B^T: x -> x B -> (x B) S
+
+    def factored_macs(self, tokens: int) -> int:
+        nr = self.n_bases * self.hp["r"]
+        return tokens * nr * (self.in_features + self.out_features) + nr * min(self.in_features,
+                                                                               self.out_features)
+
+    def delta_macs(self) -> int:
+        return self.out_features * self.in_features * self.n_bases * self.hp["r"]

@@ -11,7 +11,8 @@ version of the method gets the same solved values. Configurations:
 
 Timing: all configurations live in one process and are interleaved (rep 1: all configs, rep 2: all
 configs in another order, ...), each rep with its own warm-up; medians and p90 pool the timed steps of all
-reps. Step time noise between processes reached 25% on the 2-core dev machine, so only the ratios inside
+reps, and every ratio is the median over reps of the ratio inside one rep (robust to load changing
+between reps). Step time noise between processes reached 25% on the 2-core dev machine, so only the ratios inside
 one table are meaningful.
 
 Memory, two figures per configuration:
@@ -380,19 +381,24 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.2f}"
 
 
+def _ratio_of(row: dict[str, Any], ref: dict[str, Any]) -> float:
+    """Median over repetitions of the within-repetition ratio of medians: the load of a shared machine
+    changes between repetitions far more than within one, so ratios are formed before pooling."""
+    return statistics.median(a / b for a, b in zip(row["rep_medians_s"], ref["rep_medians_s"]))
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     by_label = {r["config"]: r for r in rows}
     floor, lora = by_label.get("floor"), by_label.get("ours:lora")
     for r in rows:
-        r["x_floor"] = r["median_s"] / floor["median_s"] if floor else None
+        r["x_floor"] = _ratio_of(r, floor) if floor else None
         if r["config"] == "floor":
             continue
-        r["x_our_lora"] = r["median_s"] / lora["median_s"] if lora else None
+        r["x_our_lora"] = _ratio_of(r, lora) if lora else None
         impl, name = r["config"].split(":")
         twin = by_label.get(f"peft:{name}")
         if impl == "ours" and twin:
-            r["x_peft"] = r["median_s"] / twin["median_s"]
-            r["mem_vs_peft"] = ((r["saved_bytes"] or 0) / max(1, twin["saved_bytes"] or 1))
+            r["x_peft"] = _ratio_of(r, twin)
 
 
 # ----------------------------------------------------------------------------- main

@@ -1,0 +1,103 @@
+"""The fast paths (factored forms, the merged-weight autograd function) equal the reference
+`F.linear(x, W + dW)` in outputs and in every gradient, whichever path the cost model picks."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import methods
+
+METHODS = methods.available()
+# (in, out) and hp: in > out, out > in, awkward widths; LoKr full / low-rank / decompose_both factors
+CASES = [((40, 24), {"r": 3}), ((24, 40), {"r": 5}), ((36, 100), {"r": 2})]
+EXTRA = {"lokr": [((48, 64), {"r": 2, "factor": 4}), ((64, 48), {"r": 1, "factor": 2, "decompose_both": True}),
+                  ((100, 36), {"r": 8})],
+         "randlora": [((40, 24), {"r": 3, "sparse": True})]}
+
+
+def forced(path: str):
+    """Pin the per-call choice of the cost model: 'merged', 'factored' or None (the model decides)."""
+    return None if path == "auto" else (lambda tokens, grad: path == "merged")
+
+
+def grads_of(layer: nn.Module, x: torch.Tensor, path: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    layer = copy.deepcopy(layer)
+    if forced(path) is not None:
+        layer.use_merged_path = forced(path)
+    x = x.clone().requires_grad_(True)
+    params = [p for _, p in layer.adapter_parameters()]
+    if path == "reference":
+        y = F.linear(x, layer.base_layer.weight + layer.delta_weight(), layer.base_layer.bias)
+    else:
+        y = layer(x)
+    weights = torch.linspace(-1, 1, y.numel()).view_as(y)   # a loss with distinct per-output weights
+    grads = torch.autograd.grad((y * weights).sum(), [x, *params])
+    return y.detach(), list(grads)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("path", ["factored", "merged", "auto"])
+def test_fast_path_outputs_and_gradients_equal_reference(method, path, randomize_params):
+    for shape, hp in CASES + EXTRA.get(method, []):
+        torch.manual_seed(0)
+        layer = methods.wrap_linear(method, nn.Linear(*shape), alpha=2.0, **hp)
+        randomize_params(layer, std=0.3)
+        x = torch.randn(2, 7, shape[0])
+        y_ref, g_ref = grads_of(layer, x, "reference")
+        y, g = grads_of(layer, x, path)
+        scale = y_ref.abs().max().item()
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * scale, msg=f"{method} {hp} output")
+        for name, a, b in zip(["x", *(n for n, _ in layer.adapter_parameters())], g, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item() + 1e-7,
+                                       msg=f"{method} {hp} grad of {name}")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merged_path_keeps_no_weight_sized_tensor_for_backward(method, randomize_params):
+    """The merged path saves x only: no out x in tensor (dW or W + dW) stays in the autograd graph."""
+    layer = methods.wrap_linear(method, nn.Linear(64, 96), r=4)
+    randomize_params(layer)
+    layer.use_merged_path = forced("merged")
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    x = torch.randn(5, 64)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    static = {p.data_ptr() for p in layer.parameters()}
+    activations = [t for t in saved if t.data_ptr() not in static]
+    assert all(t.shape != (96, 64) for t in activations), [t.shape for t in activations]
+    y.sum().backward()
+    assert all(p.grad is not None for _, p in layer.adapter_parameters())
+
+
+def test_merged_path_base_weight_and_bias_gradients_when_unfrozen(randomize_params):
+    """If someone unfreezes the base layer, the merged path still returns its weight and bias grads."""
+    layer = methods.wrap_linear("loha", nn.Linear(12, 10), r=2)
+    randomize_params(layer)
+    layer.base_layer.requires_grad_(True)
+    x = torch.randn(4, 12)
+    ref = copy.deepcopy(layer)
+    F.linear(x, ref.base_layer.weight + ref.delta_weight(), ref.base_layer.bias).square().sum().backward()
+    layer.use_merged_path = forced("merged")
+    layer(x).square().sum().backward()
+    torch.testing.assert_close(layer.base_layer.weight.grad, ref.base_layer.weight.grad)
+    torch.testing.assert_close(layer.base_layer.bias.grad, ref.base_layer.bias.grad)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cost_model_picks_factored_for_many_tokens_when_cheaper(method):
+    """Sanity of the FLOP model on a ViT-B-sized layer at a LoRA-8 budget: the rank-limited methods stay
+    factored for thousands of tokens; RandLoRA (full-rank, n r >= min(in, out)) merges."""
+    hp = {"lora": {"r": 8}, "loha": {"r": 4}, "lokr": {"r": 16, "factor": 2}, "randlora": {"r": 34}}[method]
+    with torch.device("meta"):
+        layer = methods.wrap_linear(method, nn.Linear(768, 3072), **hp)
+    assert layer.use_merged_path(3152, grad=True) == (method == "randlora")
+    assert layer.use_merged_path(1, grad=False) is False or method == "randlora"
