@@ -79,6 +79,11 @@ def integer(key: str, value: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- the base class
+def adapter_dtype_for(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters of a half-precision (bf16/fp16) base are kept in fp32; otherwise the base dtype."""
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
 class AdapterLayer(nn.Module):
     """A frozen `nn.Linear` plus a trainable update: `layer(x) == F.linear(x, W + dW, bias)`.
 
@@ -103,7 +108,10 @@ class AdapterLayer(nn.Module):
         p = self.hp["dropout"]
         self.adapter_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
         self.merged = False
-        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        # Like PEFT's autocast_adapter_dtype: adapters of a bf16/fp16 base train in fp32 (half-precision
+        # Adam updates of tiny scalings round to zero); inputs are cast to it on the way in.
+        self.adapter_dtype = adapter_dtype_for(base_layer.weight.dtype)
+        factory = {"device": base_layer.weight.device, "dtype": self.adapter_dtype}
         self.init_adapter(factory, shared)
         self.reset_adapter()
 
@@ -224,20 +232,20 @@ class AdapterLayer(nn.Module):
             if self.use_merged_path(tokens, grad):
                 return merged_linear(self, x)
         dtype = self.base_layer.weight.dtype
-        if x.dtype == dtype:
+        if x.dtype == dtype == self.adapter_dtype:
             x2 = x.reshape(-1, x.shape[-1])
             factors = self.adapter_factors(self.adapter_dropout(x2))
             if factors is not None:   # base GEMM, then h R^T accumulated in place into its fresh output
                 out = self.base_layer(x2)
                 return out.addmm_(*factors[:1], factors[1].T).view(*x.shape[:-1], out.shape[-1])
         out = self.base_layer(x)
-        return out + self.adapter_forward(self.adapter_dropout(x.to(dtype))).to(out.dtype)
+        return out + self.adapter_forward(self.adapter_dropout(x.to(self.adapter_dtype))).to(out.dtype)
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """dW can join the base matmul only if the adapter sees the same input as the base layer
         (no active dropout) and no autocast/dtype conversion sits between them."""
         no_dropout = isinstance(self.adapter_dropout, nn.Identity) or not self.training
-        return (no_dropout and x.dtype == self.base_layer.weight.dtype
+        return (no_dropout and x.dtype == self.base_layer.weight.dtype == self.adapter_dtype
                 and not torch.is_autocast_enabled(x.device.type))
 
     @torch.no_grad()

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, Validator, boolean, common_hp, integer, register
+from .base import AdapterLayer, Validator, adapter_dtype_for, boolean, common_hp, integer, register
 
 
 def num_bases(min_dim: int, r: int) -> int:
@@ -100,7 +100,8 @@ class RandLoRA(AdapterLayer):
         out_max = max(lin.out_features for lin in linears)
         in_max = max(lin.in_features for lin in linears)
         w = linears[0].weight
-        return RandomBases(out_max, in_max, hp["r"], hp["seed"], hp["sparse"], w.device, w.dtype)
+        return RandomBases(out_max, in_max, hp["r"], hp["seed"], hp["sparse"], w.device,
+                           adapter_dtype_for(w.dtype))
 
     @classmethod
     def budget_candidates(cls, shapes: list[tuple[int, int]], fixed: dict[str, Any]) -> list[dict]:

@@ -236,3 +236,19 @@ def test_real_transformers_clip(method, randomize_params):
     adapted = model(**batch).logits_per_image
     methods.merge(model)
     torch.testing.assert_close(model(**batch).logits_per_image, adapted, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_half_precision_base_trains_fp32_adapter(method, randomize_params):
+    """A bf16 frozen base (memory saver for large models) keeps fp32 adapter weights, as PEFT does."""
+    base = nn.Linear(24, 40).to(torch.bfloat16)
+    layer = methods.wrap_linear(method, base, r=4)
+    randomize_params(layer, std=0.1)
+    assert all(p.dtype == torch.float32 for _, p in layer.adapter_parameters())
+    x = torch.randn(3, 24, dtype=torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    expected = F.linear(x.float(), base.weight.float() + layer.delta_weight(), base.bias.float())
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in layer.adapter_parameters())
