@@ -133,10 +133,19 @@ def fig_accuracy_vs_params(df: pd.DataFrame) -> Figure:
         for method, style in (("full", "--"), ("none", ":")):
             _reference_line(ax, agg[agg["method"] == method], "mean_accuracy", style, task)
         _log_params_axis(ax)
+        _clip_to_means(ax, 100 * agg["mean_accuracy_mean"])
         ax.set_ylabel(_accuracy_label(df))
         ax.set_title(f"Accuracy vs parameters\n{panel_title(df)}")
         _legend_below(fig, ax)
     return fig
+
+
+def _clip_to_means(ax: Axes, means_pct: pd.Series) -> None:
+    """Keep the accuracy axis on the means (within 0-100%): with 2-3 seeds a 95% CI can span far
+    beyond the possible range, and an axis stretched to it flattens every difference between methods."""
+    lo, hi = float(np.nanmin(means_pct)), float(np.nanmax(means_pct))
+    pad = max(5.0, 0.25 * (hi - lo))
+    ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
 
 
 def _reference_line(ax: Axes, ref: pd.DataFrame, metric: str, linestyle: str, task: str | None) -> None:

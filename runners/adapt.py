@@ -58,10 +58,12 @@ def method_names() -> list[str]:
 
 
 def adapt(model: nn.Module, method_cfg: DictConfig, target_modules: Any, head_prefixes: list[str],
-          budget: int | str | None) -> Adaptation:
+          budget: int | str | None, budget_alpha: str = "ratio") -> Adaptation:
     """Apply the configured method in place; return its hyper-parameters and trainable counts."""
     name = method_cfg.name
     hp = {k: v for k, v in OmegaConf.to_container(method_cfg, resolve=True).items() if k not in _NOT_HP}
+    if budget_alpha not in ("ratio", "fixed"):
+        raise ValueError(f"budget_alpha={budget_alpha!r} is not valid; use ratio or fixed")
     if name not in REFERENCES and name not in methods.available():
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(method_names())}")
 
@@ -75,7 +77,8 @@ def adapt(model: nn.Module, method_cfg: DictConfig, target_modules: Any, head_pr
     else:
         if budget is not None:
             budget_target = methods.resolve_budget(model, target_modules, budget)
-            hp.update(methods.solve_budget(model, name, target_modules, budget, **hp))
+            hp.update(_keep_scaling(hp, methods.solve_budget(model, name, target_modules, budget, **hp),
+                                    keep_ratio=budget_alpha == "ratio"))
         expected = methods.num_params_model(model, name, target_modules, **hp)
         wrapped = methods.inject(model, name, target_modules, **hp)
 
@@ -84,6 +87,14 @@ def adapt(model: nn.Module, method_cfg: DictConfig, target_modules: Any, head_pr
     if expected is not None and backbone != expected:
         raise AssertionError(f"{name}: {backbone} trainable adapter parameters, closed form says {expected}")
     return Adaptation(name, hp, budget_target, backbone, head, wrapped, rank_layers)
+
+
+def _keep_scaling(hp: dict[str, Any], solved: dict[str, Any], keep_ratio: bool) -> dict[str, Any]:
+    """With `budget_alpha=ratio`, a solved rank keeps the configured scaling alpha/r (alpha = 2r for LoRA,
+    20r for RandLoRA as PEFT recommends); a fixed alpha would make RandLoRA's scaling 320 at r=2."""
+    if keep_ratio and "r" in solved and "r" in hp and "alpha" in hp and "alpha" not in solved:
+        return {**solved, "alpha": hp["alpha"] * solved["r"] / hp["r"]}
+    return solved
 
 
 def is_head(param_name: str, prefixes: list[str]) -> bool:

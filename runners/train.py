@@ -55,7 +55,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         generator = env.seed_everything(cfg.seed)
         task = tasks.build(cfg.task)
         model = task.build_model()
-        adaptation = adapt(model, cfg.method, task.target_modules, task.head_prefixes, cfg.budget)
+        adaptation = adapt(model, cfg.method, task.target_modules, task.head_prefixes, cfg.budget,
+                           cfg.get("budget_alpha", "ratio"))
         _record_adaptation(record, adaptation, model)
         model.to(device)
         logger = make_logger(cfg.logger, run_dir, record["run"]["id"], record["run"]["config"],

@@ -59,6 +59,18 @@ def test_budget_is_solved_and_recorded(tiny_overrides):
     assert record["run"]["hp"]["r"] >= 1
 
 
+@pytest.mark.parametrize("budget_alpha, expected_ratio", [("ratio", 20.0), ("fixed", None)])
+def test_budget_keeps_the_configured_scaling(budget_alpha, expected_ratio, tiny_overrides):
+    record = run(compose_config(["method=randlora", "budget=lora8", f"budget_alpha={budget_alpha}",
+                                 *tiny_overrides]))
+    hp = record["run"]["hp"]
+    assert hp["r"] != 32  # the solver moved r away from the config's 32
+    if expected_ratio is None:
+        assert hp["alpha"] == 640
+    else:
+        assert hp["alpha"] / hp["r"] == pytest.approx(expected_ratio)
+
+
 def test_completed_run_is_skipped_not_overwritten(tiny_overrides, tmp_path):
     run(compose_config(["method=lora", *tiny_overrides]))
     path = tmp_path / "run" / "results.json"
