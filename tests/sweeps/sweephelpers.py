@@ -25,6 +25,8 @@ SMALL_SWEEP = ["+sweep=budget", "task=clip", "sweep.methods=[lora,randlora]", "s
 # The test cluster has no GPU, 2 CPUs and little memory to spare.
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
          "hydra.launcher.mem_gb=null", "hydra.launcher.timeout_min=60", f"hydra.launcher.partition={slurm_cluster.PARTITION}"]
+# The runs SMALL_SWEEP expands to.
+SMALL_SWEEP_RUNS = {"lora-lora4-s0", "lora-lora8-s0", "randlora-lora4-s0", "randlora-lora8-s0"}
 SWEEP_TIMEOUT = 600  # seconds for one whole tiny sweep
 
 log = logging.getLogger(__name__)
@@ -79,3 +81,13 @@ def solver_answer(config: dict, target: int):
     model, targets = _model_and_targets(json.dumps(config["task"], sort_keys=True))
     fixed = {k: v for k, v in config["method"].items() if k not in ("name", "lr")}
     return solve_budget_report(model, config["method"]["name"], targets, target, **fixed)
+
+def assert_small_sweep_succeeded(proc: subprocess.CompletedProcess, sweep_dir: Path) -> dict[str, dict]:
+    """The small sweep exited 0 and wrote one successful, on-budget result per expected run."""
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    records = results(sweep_dir)
+    assert set(records) == SMALL_SWEEP_RUNS
+    for record in records.values():
+        assert record["run"]["status"] == "success", record["run"]["error"]
+        assert_on_budget(record)
+    return records

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import pytest
-from sweephelpers import SMALL_SWEEP, TINY, assert_on_budget, mtimes, results, run_py
-
-EXPECTED = {"lora-lora4-s0", "lora-lora8-s0", "randlora-lora4-s0", "randlora-lora8-s0"}
+from sweephelpers import (
+    SMALL_SWEEP,
+    SMALL_SWEEP_RUNS,
+    TINY,
+    assert_small_sweep_succeeded,
+    mtimes,
+    run_py,
+)
 
 
 @pytest.mark.parametrize("args, line", [
@@ -28,13 +33,8 @@ def test_basic_launcher_sweep_skips_finished_runs_and_reruns_a_deleted_one(tmp_p
     sweep = ["-m", *SMALL_SWEEP, *TINY, f"sweep.root={tmp_path / 'multirun'}"]
     sweep_dir = tmp_path / "multirun" / "budget" / "clip-tiny"
 
-    first = run_py(sweep, cwd=tmp_path)
-    assert first.returncode == 0, first.stdout[-3000:]
-    records = results(sweep_dir)
-    assert set(records) == EXPECTED
+    records = assert_small_sweep_succeeded(run_py(sweep, cwd=tmp_path), sweep_dir)
     for record in records.values():
-        assert record["run"]["status"] == "success", record["run"]["error"]
-        assert_on_budget(record)
         assert record["run"]["config"]["logger"]["group"] == "budget-clip-tiny"
     before = mtimes(sweep_dir)
 
@@ -46,8 +46,8 @@ def test_basic_launcher_sweep_skips_finished_runs_and_reruns_a_deleted_one(tmp_p
     third = run_py(sweep, cwd=tmp_path)
     assert third.returncode == 0 and "4 runs, 3 finished, launching 1" in third.stdout
     after = mtimes(sweep_dir)
-    assert set(after) == EXPECTED
-    assert {k for k in EXPECTED if after[k] != before.get(k)} == {"randlora-lora8-s0"}
+    assert set(after) == SMALL_SWEEP_RUNS
+    assert {k for k in SMALL_SWEEP_RUNS if after[k] != before.get(k)} == {"randlora-lora8-s0"}
 
     changed = run_py([*sweep, "trainer.max_steps=5"], cwd=tmp_path)
     assert changed.returncode != 0
@@ -59,12 +59,7 @@ def test_submitit_local_sweep_runs_each_job_in_its_own_process(tmp_path):
     sweep = ["-m", *SMALL_SWEEP, *TINY, "hydra/launcher=submitit_local", f"sweep.root={tmp_path / 'multirun'}"]
     sweep_dir = tmp_path / "multirun" / "budget" / "clip-tiny"
 
-    first = run_py(sweep, cwd=tmp_path)
-    assert first.returncode == 0, first.stdout[-3000:]
-    records = results(sweep_dir)
-    assert set(records) == EXPECTED and all(r["run"]["status"] == "success" for r in records.values())
-    for record in records.values():
-        assert_on_budget(record)
+    assert_small_sweep_succeeded(run_py(sweep, cwd=tmp_path), sweep_dir)
     assert len(list((sweep_dir / ".submitit").glob("*/*_log.out"))) == 4  # one process per job
 
     again = run_py(sweep, cwd=tmp_path)

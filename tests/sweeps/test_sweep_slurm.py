@@ -13,17 +13,18 @@ from sweephelpers import (
     ROOT,
     SLURM,
     SMALL_SWEEP,
+    SMALL_SWEEP_RUNS,
     SWEEP_TIMEOUT,
     THREADS,
     TINY,
-    assert_on_budget,
+    assert_small_sweep_succeeded,
     mtimes,
     results,
     run_py,
 )
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-EXPECTED = {"lora-lora4-s0", "lora-lora8-s0", "randlora-lora4-s0", "randlora-lora8-s0"}
+
 
 
 def job_dirs(sweep_dir: Path) -> set[str]:
@@ -36,13 +37,7 @@ def test_slurm_sweep_skips_finished_runs_and_reruns_a_deleted_one(slurm, tmp_pat
     sweep = ["-m", *SMALL_SWEEP, *TINY, *SLURM, f"sweep.root={tmp_path / 'multirun'}"]
     sweep_dir = tmp_path / "multirun" / "budget" / "clip-tiny"
 
-    first = run_py(sweep, cwd=tmp_path, env=env)
-    assert first.returncode == 0, first.stdout[-3000:]
-    records = results(sweep_dir)
-    assert set(records) == EXPECTED
-    for record in records.values():
-        assert record["run"]["status"] == "success", record["run"]["error"]
-        assert_on_budget(record)
+    assert_small_sweep_succeeded(run_py(sweep, cwd=tmp_path, env=env), sweep_dir)
     jobs, before = job_dirs(sweep_dir), mtimes(sweep_dir)
     assert len(jobs) == 4
 
@@ -55,7 +50,7 @@ def test_slurm_sweep_skips_finished_runs_and_reruns_a_deleted_one(slurm, tmp_pat
     assert third.returncode == 0 and "launching 1" in third.stdout
     assert len(job_dirs(sweep_dir) - jobs) == 1
     after = mtimes(sweep_dir)
-    assert {k for k in EXPECTED if after[k] != before[k]} == {"lora-lora8-s0"}
+    assert {k for k in SMALL_SWEEP_RUNS if after[k] != before[k]} == {"lora-lora8-s0"}
 
 
 # --- preemption -----------------------------------------------------------------------------------
