@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,40 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         torch.cuda.set_rng_state_all(payload["cuda_rng"])
     log.info("resuming from %s at step %d", path, payload["step"])
     return payload
+
+
+class PreemptionGuard:
+    """Defers the cluster's "you are about to be stopped" signal to the end of the current optimizer step.
+
+    SLURM (through submitit) sends SIGUSR2 before a time limit or on preemption; submitit's handler then
+    requeues the job and exits. The training loop saves a checkpoint of the step it just finished and
+    only then hands the signal over (`hand_over`), so the requeued job resumes exactly there instead of at
+    the last periodic checkpoint. Outside the main thread (where handlers cannot be set) it does nothing.
+    """
+
+    def __init__(self, signum: int = signal.SIGUSR2) -> None:
+        self.signum = signum
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> PreemptionGuard:
+        try:
+            self._previous = signal.signal(self.signum, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        log.warning("received signal %d: checkpointing after this step, then handing over", signum)
+
+    def hand_over(self) -> None:
+        """Restore the previous handler (submitit's requeue, or the default) and deliver the signal to it."""
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+        os.kill(os.getpid(), self.signum)

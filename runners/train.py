@@ -26,7 +26,7 @@ import tasks
 from runners import env
 from runners.adapt import Adaptation, adapt, is_head
 from runners.checkpoint import FILENAME as CHECKPOINT
-from runners.checkpoint import load_checkpoint, save_checkpoint
+from runners.checkpoint import PreemptionGuard, load_checkpoint, save_checkpoint
 from runners.logger import make_logger
 from runners.metrics import PeakMemory, StepTimer, matrix_ranks
 from runners.results import SCHEMA, is_complete, read_results, write_results
@@ -106,27 +106,35 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
     timer.times, train_time = state.get("step_times", []), state.get("train_time_s", 0.0)
     batches = _skip(task.train_batches(t.batch_size, generator), start * t.grad_accum)
 
+    def checkpoint(done: int) -> None:
+        save_checkpoint(run_dir, model, optimizer, scheduler,
+                        {"step": done, "history": history, "step_times": timer.times,
+                         "train_time_s": train_time, "config_hash": config_hash})
+
     model.train()
     memory.start()
     bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc="train", mininterval=2)
-    for step in bar:
-        timer.start()
-        loss = _optimizer_step(model, task, batches, optimizer, params, t, device)
-        scheduler.step()
-        dt = timer.stop()
-        train_time += dt
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower trainer.lr={lr}?")
-        if (step + 1) % t.log_every == 0 or step + 1 == max_steps:
-            entry = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "step_time_s": dt}
-            history.append(entry)
-            logger.log(entry, step=step + 1)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}", s=f"{dt:.3f}",
-                        refresh=False)
-        if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < max_steps:
-            save_checkpoint(run_dir, model, optimizer, scheduler,
-                            {"step": step + 1, "history": history, "step_times": timer.times,
-                             "train_time_s": train_time, "config_hash": config_hash})
+    with PreemptionGuard() as preemption:
+        for step in bar:
+            timer.start()
+            loss = _optimizer_step(model, task, batches, optimizer, params, t, device)
+            scheduler.step()
+            dt = timer.stop()
+            train_time += dt
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower trainer.lr={lr}?")
+            done = step + 1
+            if done % t.log_every == 0 or done == max_steps:
+                entry = {"step": done, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "step_time_s": dt}
+                history.append(entry)
+                logger.log(entry, step=done)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}", s=f"{dt:.3f}",
+                            refresh=False)
+            periodic = t.checkpoint_every and done % t.checkpoint_every == 0 and done < max_steps
+            if periodic or preemption.requested:
+                checkpoint(done)
+            if preemption.requested:
+                preemption.hand_over()  # submitit requeues the job; the requeued run resumes at `done`
     model.eval()
     cost.update(timer.summary(t.batch_size * t.grad_accum))
     cost[memory.key] = memory.peak()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,37 @@ def test_narrowing_a_sweep_keeps_the_run_identity():
     full = tiny(Path("/tmp/x"), "+sweep=budget", "method=lora")
     hash_of = lambda cfg: runners.train._config_hash(runners.train._config_dict(cfg))
     assert hash_of(one) == hash_of(full)
+
+
+class Requeued(BaseException):
+    """Raised by the stand-in for submitit's USR2 handler (which requeues the job and exits)."""
+
+
+def test_preemption_signal_checkpoints_the_step_it_arrived_in(tmp_path, monkeypatch):
+    args = ["method=lora", "task=clip", "trainer.checkpoint_every=0"]  # no periodic checkpoints at all
+    reference = run(tiny(tmp_path / "reference", *args))
+    real_step, calls = runners.train._optimizer_step, {"n": 0}
+
+    def signalled_step(*a, **k):
+        calls["n"] += 1
+        loss = real_step(*a, **k)
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGUSR2)  # SLURM/submitit: time limit or preemption
+        return loss
+
+    def submitit_like_handler(signum, frame):
+        raise Requeued
+
+    monkeypatch.setattr(runners.train, "_optimizer_step", signalled_step)
+    previous = signal.signal(signal.SIGUSR2, submitit_like_handler)
+    try:
+        with pytest.raises(Requeued):
+            run(tiny(tmp_path / "resumed", *args))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    saved = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=False)
+    assert saved["step"] == 3  # the step in flight when the signal came, not a periodic one
+    monkeypatch.undo()
+    resumed = run(tiny(tmp_path / "resumed", *args))
+    assert comparable(resumed) == comparable(reference)
+    assert signal.getsignal(signal.SIGUSR2) is previous  # the runner leaves handlers as it found them
