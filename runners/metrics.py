@@ -45,7 +45,7 @@ class StepTimer:
         if not timed:
             return {"step_time_s": None, "step_time_p90_s": None, "samples_per_s": None}
         median = statistics.median(timed)
-        p90 = sorted(timed)[min(len(timed) - 1, int(round(0.9 * (len(timed) - 1))))]
+        p90 = sorted(timed)[min(len(timed) - 1, round(0.9 * (len(timed) - 1)))]
         return {"step_time_s": median, "step_time_p90_s": p90, "samples_per_s": samples_per_step / median}
 
 

@@ -18,4 +18,4 @@ def compose_config(overrides: list[str]) -> DictConfig:
 def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python run.py ARGS` in a subprocess, as a user would."""
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)

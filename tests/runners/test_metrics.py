@@ -1,4 +1,5 @@
 """Unit tests of the measurement helpers the runner applies identically to every method."""
+import itertools
 import json
 
 import pytest
@@ -16,7 +17,7 @@ def test_warmup_cosine_shape():
     assert f(12) == pytest.approx(0.5)
     assert f(20) == pytest.approx(0.0, abs=1e-12)
     values = [f(s) for s in range(4, 21)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_step_timer_excludes_warmup_and_reports_p90():
