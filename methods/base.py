@@ -230,7 +230,7 @@ class AdapterLayer(nn.Module):
             tokens = x.numel() // max(1, x.shape[-1])
             grad = torch.is_grad_enabled() and any(p.requires_grad for _, p in self.adapter_parameters())
             if self.use_merged_path(tokens, grad):
-                return merged_linear(self, x)
+                return self.merged_forward(x)
         dtype = self.base_layer.weight.dtype
         if x.dtype == dtype == self.adapter_dtype:
             x2 = x.reshape(-1, x.shape[-1])
@@ -240,6 +240,10 @@ class AdapterLayer(nn.Module):
                 return out.addmm_(*factors[:1], factors[1].T).view(*x.shape[:-1], out.shape[-1])
         out = self.base_layer(x)
         return out + self.adapter_forward(self.adapter_dropout(x.to(self.adapter_dtype))).to(out.dtype)
+
+    def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (W + dW)^T + b in one matmul (`_MergedLinear`); a method may save less for backward."""
+        return merged_linear(self, x)
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """dW can join the base matmul only if the adapter sees the same input as the base layer

@@ -78,9 +78,10 @@ def test_merged_path_keeps_no_weight_sized_tensor_for_backward(method, randomize
     assert all(p.grad is not None for _, p in layer.adapter_parameters())
 
 
-def test_merged_path_base_weight_and_bias_gradients_when_unfrozen(randomize_params):
+@pytest.mark.parametrize("method", ["loha", "randlora"])  # randlora 12 -> 10: its out < in function
+def test_merged_path_base_weight_and_bias_gradients_when_unfrozen(method, randomize_params):
     """If someone unfreezes the base layer, the merged path still returns its weight and bias grads."""
-    layer = methods.wrap_linear("loha", nn.Linear(12, 10), r=2)
+    layer = methods.wrap_linear(method, nn.Linear(12, 10), r=2)
     randomize_params(layer)
     layer.base_layer.requires_grad_(True)
     x = torch.randn(4, 12)
@@ -90,6 +91,25 @@ def test_merged_path_base_weight_and_bias_gradients_when_unfrozen(randomize_para
     layer(x).square().sum().backward()
     torch.testing.assert_close(layer.base_layer.weight.grad, ref.base_layer.weight.grad)
     torch.testing.assert_close(layer.base_layer.bias.grad, ref.base_layer.bias.grad)
+
+
+def test_randlora_merged_path_saves_the_basis_projection_not_the_input(randomize_params):
+    """out < in: RandLoRA keeps u = x B (tokens x n r) for backward instead of x (tokens x in), as PEFT does."""
+    layer = methods.wrap_linear("randlora", nn.Linear(96, 32), r=4, alpha=4)   # n = 8 bases, n r = 32
+    randomize_params(layer)
+    layer.use_merged_path = forced("merged")
+    saved = []
+    x = torch.randn(5, 96)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    static = {p.data_ptr() for p in layer.parameters()} | {b.data_ptr() for b in layer.buffers()}
+    shapes = [tuple(t.shape) for t in saved if t.data_ptr() not in static]
+    assert (5, 32) in shapes and (5, 96) not in shapes, shapes
+    ref = copy.deepcopy(layer)
+    F.linear(x, ref.base_layer.weight + ref.delta_weight(), ref.base_layer.bias).square().sum().backward()
+    y.square().sum().backward()
+    for (name, p), (_, q) in zip(layer.adapter_parameters(), ref.adapter_parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-5 * q.grad.abs().max(), name
 
 
 @pytest.mark.parametrize("method", METHODS)
