@@ -34,6 +34,7 @@ def test_peak_rss_measures_growth_during_training():
     assert mem.key == "peak_rss_bytes"
     mem.start()
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
+    assert float(block.sum()) == block.numel()  # touched again right before reading: resident now
     peak = mem.peak()
     del block
     if peak is None:
