@@ -230,7 +230,7 @@ class AdapterLayer(nn.Module):
             tokens = x.numel() // max(1, x.shape[-1])
             grad = torch.is_grad_enabled() and any(p.requires_grad for _, p in self.adapter_parameters())
             if self.use_merged_path(tokens, grad):
-                return self.merged_forward(x)
+                return merged_linear(self, x)
         dtype = self.base_layer.weight.dtype
         if x.dtype == dtype == self.adapter_dtype:
             x2 = x.reshape(-1, x.shape[-1])
@@ -241,9 +241,10 @@ class AdapterLayer(nn.Module):
         out = self.base_layer(x)
         return out + self.adapter_forward(self.adapter_dropout(x.to(self.adapter_dtype))).to(out.dtype)
 
-    def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (W + dW)^T + b in one matmul (`_MergedLinear`); a method may save less for backward."""
-        return merged_linear(self, x)
+    def delta_split(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(P, Q) with dW = P Q and Q frozen, for the merged path (which saves x Q^T for backward);
+        default (dW, None): Q is the identity and x is saved."""
+        return self.delta_weight(), None
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """dW can join the base matmul only if the adapter sees the same input as the base layer
@@ -277,39 +278,45 @@ class AdapterLayer(nn.Module):
 class _MergedLinear(torch.autograd.Function):
     """y = x (W + dW)^T + b in one matmul; backward rebuilds dW instead of keeping it in the graph.
 
-    Saved for backward: x only (the factors are the layer's own parameters). Backward computes
-    grad_x = g (W + dW), G = g^T x, and pushes G through `layer.delta_weight()` with autograd, so every
-    method gets a correct merged path from its `delta_weight` alone.
+    With `layer.delta_split()` = (P, Q), dW = P Q where Q is frozen (None: the identity). Saved for
+    backward: u = x Q^T (x itself by default) -- never anything weight-shaped. Backward computes
+    grad_x = g (W + dW) and pushes g^T u through P with autograd, so every method gets a correct merged
+    path from `delta_weight` alone, and a method with a frozen right factor saves less.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 layer: AdapterLayer, *params: torch.Tensor) -> torch.Tensor:
-        ctx.layer = layer
-        ctx.save_for_backward(x, weight)
-        return F.linear(x, weight + layer.delta_weight(), bias)
+        left, right = layer.delta_split()
+        ctx.layer, ctx.x_shape = layer, x.shape
+        u = x if right is None else x @ right.T
+        ctx.save_for_backward(u, weight, x if ctx.needs_input_grad[1] and right is not None else None)
+        return F.linear(x, weight + (left if right is None else layer.delta_weight()), bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        u, weight, x = ctx.saved_tensors
         layer: AdapterLayer = ctx.layer
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         params = [p for _, p in layer.adapter_parameters()]
         trained = [p for p, need in zip(params, ctx.needs_input_grad[4:]) if need]
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         with torch.enable_grad():
-            dw = layer.delta_weight()
+            left, right = layer.delta_split()
+        dw = left.detach() if right is None else layer.delta_weight().detach()
         grad_x = grad_w = grad_b = None
         if need_x:
-            grad_x = (g2 @ (weight + dw.detach())).view(x.shape)
-        if need_w or trained:
-            grad_w = g2.T @ x.reshape(-1, x.shape[-1])   # G (out x in): the gradient of W and of dW
-        grads = iter(torch.autograd.grad(dw, trained, grad_w) if trained else ())
+            grad_x = (g2 @ (weight + dw)).view(ctx.x_shape)
+        if need_w:                                         # G (out x in): the gradient of W
+            grad_w = g2.T @ (u if right is None else x).reshape(-1, ctx.x_shape[-1])
+        if trained:   # g^T u: the gradient of P (equal to G when Q is the identity)
+            grad_left = grad_w if grad_w is not None and right is None else g2.T @ u.reshape(-1, u.shape[-1])
+            grads = iter(torch.autograd.grad(left, trained, grad_left))
         if need_b:
             grad_b = g2.sum(0)
         param_grads = [next(grads) if need else None for need in ctx.needs_input_grad[4:]]
-        return (grad_x, grad_w if need_w else None, grad_b, None, *param_grads)
+        return (grad_x, grad_w, grad_b, None, *param_grads)
 
 
 def merged_linear(layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:

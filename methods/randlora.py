@@ -23,7 +23,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from .base import AdapterLayer, Validator, adapter_dtype_for, boolean, common_hp, integer, register
 
@@ -145,14 +144,13 @@ class RandLoRA(AdapterLayer):
             return F.linear(x, s) * self.scaling, b
         return x @ b * self.scaling, s.T            # dW = S^T B^T: x -> x B -> (x B) S
 
-    def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # out < in: dW = s S^T B^T with B frozen, so the adapter's trainable part only sees u = x B
-        # (tokens x n r, about tokens x out) -- saving u instead of x (tokens x in) is what PEFT's memory is.
+    def delta_split(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # out < in: dW = (s S^T) B^T with B frozen, so the merged path saves x B (tokens x n r, about
+        # tokens x out) instead of x (tokens x in) -- the activation memory PEFT's RandLoRA has.
         if self.out_features >= self.in_features:
-            return super().merged_forward(x)
-        base = self.base_layer
-        return _MergedBasisLinear.apply(x, base.weight, base.bias, self, self.randlora_lambda,
-                                        self.randlora_gamma)
+            return super().delta_split()
+        b, s = self.factors()
+        return s.T * self.scaling, b.T
 
     def factored_macs(self, tokens: int) -> int:
         nr = self.n_bases * self.hp["r"]
@@ -162,46 +160,3 @@ class RandLoRA(AdapterLayer):
     def delta_macs(self) -> int:
         return self.out_features * self.in_features * self.n_bases * self.hp["r"]
 
-
-class _MergedBasisLinear(torch.autograd.Function):
-    """RandLoRA with out < in: y = x (W + dW)^T + b in one matmul, saving u = x B for backward.
-
-    dW = s S^T B^T (S from lambda and gamma, B the frozen bases), so dL/dS = s u^T g; the input gradient
-    g (W + dW) rebuilds dW. Nothing weight-shaped (out x in) is kept between forward and backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: RandLoRA,
-                lam: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        b, _ = layer.factors()
-        ctx.layer = layer
-        ctx.save_for_backward(x @ b, weight)  # u: tokens x n r
-        ctx.x_shape = x.shape
-        ctx.needs_x_for_w = ctx.needs_input_grad[1]
-        if ctx.needs_x_for_w:
-            ctx.x = x
-        return F.linear(x, weight + layer.delta_weight(), bias)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        u, weight = ctx.saved_tensors
-        layer: RandLoRA = ctx.layer
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        with torch.enable_grad():
-            _, s = layer.factors()                     # (n r, out)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ (weight + layer.delta_weight().detach())).view(ctx.x_shape)
-        if ctx.needs_x_for_w:
-            x = ctx.x
-            grad_w = g2.T @ x.reshape(-1, x.shape[-1])
-        if ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0)
-        need = ctx.needs_input_grad[4:6]
-        params = [p for p, n in zip((layer.randlora_lambda, layer.randlora_gamma), need) if n]
-        grads = iter(())
-        if params:
-            grad_s = layer.scaling * (u.reshape(-1, u.shape[-1]).T @ g2)   # (n r, out)
-            grads = iter(torch.autograd.grad(s, params, grad_s))
-        return (grad_x, grad_w, grad_b, None, *[next(grads) if n else None for n in need])
