@@ -163,6 +163,12 @@ class AdapterLayer(nn.Module):
         output (one GEMM with accumulation, no separate tokens x out sum). None: no such form."""
         return None
 
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`layer(x)` (base and factored adapter together) as one custom autograd function, for methods
+        whose factored form has intermediates autograd would keep or copy needlessly; called only when
+        the adapter sees the base layer's own input. None: no such form (the default)."""
+        return None
+
     # -- cost model (multiply-adds), used to pick the cheaper of the factored and the merged path --------
     def factored_macs(self, tokens: int) -> int | None:
         """Multiply-adds of one `adapter_forward` over `tokens` rows; None if it has no factored form."""
@@ -231,6 +237,9 @@ class AdapterLayer(nn.Module):
             grad = torch.is_grad_enabled() and any(p.requires_grad for _, p in self.adapter_parameters())
             if self.use_merged_path(tokens, grad):
                 return merged_linear(self, x)
+            fused = self.fused_forward(x)
+            if fused is not None:
+                return fused
         dtype = self.base_layer.weight.dtype
         if x.dtype == dtype == self.adapter_dtype:
             x2 = x.reshape(-1, x.shape[-1])

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .base import AdapterLayer, Validator, boolean, common_hp, integer, register
 
@@ -147,6 +148,19 @@ class LoKr(AdapterLayer):
                 y = _right(y, w)
         return y.reshape(*lead, a * b)
 
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        # Training path when d is contracted first: `_KronLinear` keeps only the thin (c, T, k)
+        # intermediate for backward and accumulates the update into the base output in place.
+        if not self._order_macs(1)[0]:
+            return None
+        w1 = (self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b) * self.scaling
+        if hasattr(self, "lokr_w2"):
+            right, left = self.lokr_w2, None
+        else:
+            right, left = self.lokr_w2_b, self.lokr_w2_a
+        base = self.base_layer
+        return _KronLinear.apply(x, base.weight, base.bias, w1, right, left)
+
     def _order_macs(self, tokens: int) -> tuple[bool, int]:
         """(contract d before c?, multiply-adds of the factored forward over `tokens` rows)."""
         a, b, c, d = self.kron_dims
@@ -180,3 +194,75 @@ def _left(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     t, m, k = y.shape
     z = F.linear(y.transpose(1, 2).reshape(t * k, m), w)         # (T k, j)
     return z.view(t, k, w.shape[0]).transpose(1, 2).contiguous()
+
+
+class _KronLinear(torch.autograd.Function):
+    """y = x W^T + b + x kron(w1, L R)^T with the d axis contracted first, in one function.
+
+    x is viewed as (T, c, d). Forward: z1[j] = x[:, j, :] R^T  (c, T, k), z2 = w1 z1  (a, T, k), and
+    y[:, i, :] += z2[i] L^T (L = None: W2 is full and R is W2, so y[:, i, :] += z2[i]). Every product is
+    one GEMM on strided views of x and y: no transposed copies, no (T x out) adapter output. Saved for
+    backward: x (which the base layer needs anyway), the weights and z1 -- T c k numbers, fewer than the
+    out x in dW that PEFT keeps once T c k < out in; z2 = w1 z1 is recomputed (a c T k multiply-adds).
+    w1 arrives scaled and already built (W1 or W1a W1b), so autograd handles those small steps.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w1: torch.Tensor,
+                right: torch.Tensor, left: torch.Tensor | None) -> torch.Tensor:
+        (a, c), k = w1.shape, right.shape[0]
+        x2 = x.reshape(-1, x.shape[-1])
+        tokens, d = x2.shape[0], x2.shape[1] // c
+        out = F.linear(x2, weight, bias)
+        x3, y3 = x2.view(tokens, c, d), out.view(tokens, a, -1)
+        z1 = x2.new_empty(c, tokens, k)
+        for j in range(c):
+            torch.mm(x3[:, j, :], right.T, out=z1[j])
+        z2 = (w1 @ z1.view(c, -1)).view(a, tokens, k)
+        for i in range(a):
+            if left is None:
+                y3[:, i, :].add_(z2[i])
+            else:
+                y3[:, i, :].addmm_(z2[i], left.T)
+        ctx.save_for_backward(x, weight, w1, right, left, z1)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, w1, right, left, z1 = ctx.saved_tensors
+        need_x, need_w, need_b, need_w1, need_r, need_l = ctx.needs_input_grad
+        (a, c), (k, d) = w1.shape, right.shape
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        tokens = g2.shape[0]
+        g3, x3 = g2.view(tokens, a, -1), x.reshape(tokens, c, d)
+        grad_x = grad_w = grad_b = grad_w1 = grad_r = grad_l = None
+        if left is None:                                   # y3[:, i, :] += z2[i]: dL/dz2 is g itself
+            gz2 = g3.transpose(0, 1).contiguous()
+        else:
+            gz2 = g2.new_empty(a, tokens, k)
+            for i in range(a):
+                torch.mm(g3[:, i, :], left, out=gz2[i])
+            if need_l:
+                z2 = (w1 @ z1.view(c, -1)).view(a, tokens, k)
+                grad_l = torch.zeros_like(left)
+                for i in range(a):
+                    grad_l.addmm_(g3[:, i, :].T, z2[i])
+        if need_w1:
+            grad_w1 = gz2.view(a, -1) @ z1.view(c, -1).T
+        gz1 = (w1.T @ gz2.view(a, -1)).view(c, tokens, k)
+        if need_r:
+            grad_r = torch.zeros_like(right)
+            for j in range(c):
+                grad_r.addmm_(gz1[j].T, x3[:, j, :])
+        if need_x:
+            grad_x = g2 @ weight
+            gx3 = grad_x.view(tokens, c, d)
+            for j in range(c):
+                gx3[:, j, :].addmm_(gz1[j], right)
+            grad_x = grad_x.view(x.shape)
+        if need_w:
+            grad_w = g2.T @ x.reshape(tokens, -1)
+        if need_b:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b, grad_w1, grad_r, grad_l

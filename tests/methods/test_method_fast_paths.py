@@ -15,7 +15,8 @@ METHODS = methods.available()
 # (in, out) and hp: in > out, out > in, awkward widths; LoKr full / low-rank / decompose_both factors
 CASES = [((40, 24), {"r": 3}), ((24, 40), {"r": 5}), ((36, 100), {"r": 2})]
 EXTRA = {"lokr": [((48, 64), {"r": 2, "factor": 4}), ((64, 48), {"r": 1, "factor": 2, "decompose_both": True}),
-                  ((100, 36), {"r": 8})],
+                  ((100, 36), {"r": 8}), ((48, 64), {"r": 1, "factor": 8, "decompose_both": True}),
+                  ((8, 16), {"r": 8, "factor": 2})],   # the last contracts c first: generic path
          "randlora": [((40, 24), {"r": 3, "sparse": True})]}
 
 
@@ -121,3 +122,33 @@ def test_cost_model_picks_factored_for_many_tokens_when_cheaper(method):
         layer = methods.wrap_linear(method, nn.Linear(768, 3072), **hp)
     assert layer.use_merged_path(3152, grad=True) == (method == "randlora")
     assert layer.use_merged_path(1, grad=False) is False or method == "randlora"
+
+
+@pytest.mark.parametrize(("shape", "hp", "fused"), [
+    ((384, 384), {"r": 64, "factor": 2}, True),          # the budget solver's lora32 choice
+    ((36, 100), {"r": 8}, True),                          # full W2
+    ((48, 64), {"r": 1, "factor": 8, "decompose_both": True}, True),
+    ((8, 16), {"r": 8, "factor": 2}, False)])             # c contracted first: no fused form
+def test_lokr_fused_path_keeps_only_the_thin_intermediate(shape, hp, fused, randomize_params):
+    """LoKr's training path saves x and z1 = x R^T (c x T x k) for backward -- never dW, never a
+    tokens x out tensor -- and still gives the reference outputs and gradients."""
+    layer = methods.wrap_linear("lokr", nn.Linear(*shape), **hp)
+    randomize_params(layer, std=0.1)
+    x = torch.randn(3, 11, shape[0])
+    assert (layer.fused_forward(x) is not None) == fused
+    if not fused:
+        return
+    layer.use_merged_path = forced("factored")
+    saved = {}
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.setdefault(t.data_ptr(), t), lambda t: t):
+        layer(x.requires_grad_(True))
+    static = {p.data_ptr() for p in layer.parameters()}
+    a, b, c, d = layer.kron_dims
+    k = b if hasattr(layer, "lokr_w2") else hp["r"]
+    activations = sorted(tuple(t.shape) for ptr, t in saved.items() if ptr not in static and t.numel() > a * c)
+    assert activations == sorted([(c, 33, k), (3, 11, shape[0])]), activations
+    y, grads = grads_of(layer, x.detach(), "factored")
+    y_ref, ref = grads_of(layer, x.detach(), "reference")
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * r.abs().max().item() + 1e-7)
