@@ -178,21 +178,25 @@ class AdapterLayer(nn.Module):
         """Multiply-adds of one `delta_weight()` (building dW)."""
         return self.out_features * self.in_features
 
-    def use_merged_path(self, tokens: int, grad: bool) -> bool:
-        """Whether x (W + dW)^T beats W x + factored(x) for this call.
+    def path_macs(self, tokens: int, grad: bool) -> tuple[float, int]:
+        """Multiply-adds the adapter adds to one call over `tokens` rows: (factored path, merged path).
 
-        Factored: the adapter's own forward F per call, ~3F with its backward (input and parameter grads).
-        Merged: the base matmul absorbs dW, so a forward costs only building dW (D); training adds the
-        weight-shaped gradient G = g^T x (tokens * out * in) and D to rebuild dW plus ~2D to backpropagate
-        G into the factors (dW is rebuilt rather than kept in the graph: no out x in tensor per layer).
+        Factored: the adapter's own forward F per call, ~3F with its backward (input and parameter grads);
+        infinite for a method without one. Merged: the base matmul absorbs dW, so a forward costs only
+        building dW (D); training adds the weight-shaped gradient G = g^T x (tokens * out * in) and D to
+        rebuild dW plus ~2D to backpropagate G into the factors (dW is rebuilt rather than kept in the
+        graph: no out x in tensor per layer).
         """
         factored = self.factored_macs(tokens)
-        if factored is None:
-            return True
+        factored = math.inf if factored is None else factored * (3 if grad else 1)
         build = self.delta_macs()
-        if not grad:
-            return build < factored
-        return tokens * self.out_features * self.in_features + 4 * build < 3 * factored
+        merged = tokens * self.out_features * self.in_features + 4 * build if grad else build
+        return factored, merged
+
+    def use_merged_path(self, tokens: int, grad: bool) -> bool:
+        """Whether x (W + dW)^T beats W x + factored(x) for this call (see `path_macs`)."""
+        factored, merged = self.path_macs(tokens, grad)
+        return merged < factored
 
     # -- shared behaviour -----------------------------------------------------------------------------
     @classmethod

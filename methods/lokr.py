@@ -164,12 +164,12 @@ class LoKr(AdapterLayer):
     def _order_macs(self, tokens: int) -> tuple[bool, int]:
         """(contract d before c?, multiply-adds of the factored forward over `tokens` rows)."""
         a, b, c, d = self.kron_dims
-        inner = [b] if hasattr(self, "lokr_w2") else [self.hp["r"], b]   # widths after each W2 factor
+        low_rank = not hasattr(self, "lokr_w2")
+        k = self.hp["r"] if low_rank else b               # width after the first W2 factor
+        tail = a * k * b if low_rank else 0                # W2a on the a rows
         w1_build = 0 if hasattr(self, "lokr_w1") else a * c * self.hp["r"]
-        # right first: d -> inner[0] on c rows, W1 on inner[0], then the remaining W2 factor on a rows
-        right = c * d * inner[0] + a * c * inner[0] + sum(a * k0 * k1 for k0, k1 in zip(inner, inner[1:]))
-        # left first: W1 on d, then the W2 factors on a rows
-        left = a * c * d + a * d * inner[0] + sum(a * k0 * k1 for k0, k1 in zip(inner, inner[1:]))
+        right = c * d * k + a * c * k + tail               # d -> k on c rows, then W1 over c
+        left = a * c * d + a * d * k + tail                # W1 over c first, then d -> k on a rows
         return right <= left, tokens * min(right, left) + w1_build
 
     def factored_macs(self, tokens: int) -> int:

@@ -23,6 +23,11 @@ Memory, two figures per configuration:
   configurations in one process interact): peak-RSS growth on CPU (`peak_rss`), the allocator's
   `max_memory_allocated` after a reset on CUDA (`peak_mem`). Covers transient buffers and optimizer state.
 
+`adapter_macs`: multiply-adds our adapters add to a training step over the frozen target linears' own
+(forward + input gradient), from the cost model the layers choose their path with -- the part of a
+ratio to the floor that no implementation can remove. `--profile ours:randlora ...` prints
+torch.profiler's operator table for the named configurations.
+
 PEFT is imported here (and in tests) only, never by the library.
 """
 from __future__ import annotations
@@ -257,6 +262,43 @@ def saved_tensor_bytes(trainer: Trainer) -> int:
     return sum(seen.values())
 
 
+def adapter_work(trainer: Trainer) -> float | None:
+    """Multiply-adds our adapters add to one training step, over those of the frozen target linears
+    (forward + input gradient: 2 T in out each), from the cost model each layer picks its path with.
+    The structural part of a method's step-time ratio: no implementation gets below it. None for PEFT."""
+    if trainer.cfg.method is None:
+        return 0.0
+    if trainer.cfg.impl != "ours":
+        return None
+    layers = list(methods.adapter_layers(trainer.model).values())
+    tokens: dict[nn.Module, int] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        tokens[module] = args[0].numel() // args[0].shape[-1]
+
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    with torch.no_grad():
+        trainer.work.loss(trainer.model, trainer.work.batch)
+    for hook in hooks:
+        hook.remove()
+    added = sum(min(layer.path_macs(tokens[layer], grad=True)) for layer in layers)
+    frozen = sum(2 * tokens[layer] * layer.in_features * layer.out_features for layer in layers)
+    return added / frozen
+
+
+def profile_table(trainer: Trainer, steps: int, rows: int = 12) -> str:
+    """torch.profiler's operator table (self time, top `rows`) over `steps` training steps."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = trainer.timer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    trainer.step()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.step()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+
+
 def peak_memory_child(args: argparse.Namespace, cfg: Config) -> int | None:
     """Training-only peak of one configuration, measured in a fresh Python process."""
     spec = {"model": args.current_model, "batch": args.batch, "tokens": args.tokens, "blocks": args.blocks,
@@ -286,7 +328,7 @@ def run_memory_child(spec: dict[str, Any]) -> None:
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def time_interleaved(trainers: list[Trainer], repeats: int, warmup: int, steps: int) -> dict[str, dict]:
@@ -357,13 +399,13 @@ def _outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- table
 def format_table(rows: list[dict[str, Any]], memory_key: str) -> str:
     head = ["config", "trainable", "hp", "median_s", "p90_s", "rep_medians_s", "saved_MiB",
-            f"{memory_key}_MiB", "x_our_lora", "x_peft", "x_floor"]
+            f"{memory_key}_MiB", "x_our_lora", "x_peft", "x_floor", "adapter_macs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["config"], f"{r['trainable']:,}", _hp(r["hp"]), f"{r['median_s']:.3f}", f"{r['p90_s']:.3f}",
                  "/".join(f"{v:.2f}" for v in r["rep_medians_s"]), _mib(r["saved_bytes"]),
                  _mib(r["peak_bytes"]), _ratio(r.get("x_our_lora")), _ratio(r.get("x_peft")),
-                 _ratio(r.get("x_floor"))]
+                 _ratio(r.get("x_floor")), _ratio(r.get("adapter_macs"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -410,22 +452,27 @@ def bench_one(args: argparse.Namespace, model_name: str, budget: str, device: to
     configs = make_configs(work, budget, args.methods, with_peft=not args.no_peft)
     trainers = [Trainer(work, cfg, device) for cfg in configs]
     saved = {t.cfg.label: saved_tensor_bytes(t) for t in trainers}
+    work_ratio = {t.cfg.label: adapter_work(t) for t in trainers}
     args.current_model = model_name
     peaks = {t.cfg.label: (peak_memory_child(args, t.cfg) if args.peak_memory else None) for t in trainers}
     timing = time_interleaved(trainers, args.repeats, args.warmup, args.steps)
     rows = [{"config": t.cfg.label, "trainable": t.trainable, "hp": t.cfg.hp, **timing[t.cfg.label],
-             "saved_bytes": saved[t.cfg.label], "peak_bytes": peaks[t.cfg.label]} for t in trainers]
+             "saved_bytes": saved[t.cfg.label], "peak_bytes": peaks[t.cfg.label],
+             "adapter_macs": work_ratio[t.cfg.label]} for t in trainers]
     add_ratios(rows)
+    profiles = {t.cfg.label: profile_table(t, args.steps) for t in trainers if t.cfg.label in args.profile}
     merged = (merged_inference_check(work, trainers, args.repeats, max(3, args.steps // 2))
               if args.merged_check else [])
     return {"model": model_name, "budget": budget, "description": work.description, "rows": rows,
-            "merged": merged, "device": str(device), "threads": torch.get_num_threads()}
+            "merged": merged, "profiles": profiles, "device": str(device), "threads": torch.get_num_threads()}
 
 
 def print_result(res: dict[str, Any], memory_key: str) -> None:
     print(f"\n## {res['description']} — budget {res['budget']} ({res['device']}, "
           f"{res['threads']} threads)\n")
     print(format_table(res["rows"], memory_key))
+    for label, table in res["profiles"].items():
+        print(f"\nprofile of {label} ({res['budget']}), self time per operator:\n\n```\n{table}\n```")
     if res["merged"]:
         print("\nmerged inference (after methods.merge):\n")
         print("| method | max rel diff vs unmerged | adapter effect | fwd_s | bare fwd_s | x_bare |")
@@ -454,6 +501,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip the per-configuration subprocess peak measurement")
     p.add_argument("--no-merged-check", dest="merged_check", action="store_false")
     p.add_argument("--no-peft", action="store_true", help="only our implementations and the floor")
+    p.add_argument("--profile", nargs="+", default=[], metavar="CONFIG",
+                   help="print torch.profiler's operator table for these configurations, e.g. ours:randlora")
     p.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)

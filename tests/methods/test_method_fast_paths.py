@@ -143,7 +143,7 @@ def test_lokr_fused_path_keeps_only_the_thin_intermediate(shape, hp, fused, rand
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.setdefault(t.data_ptr(), t), lambda t: t):
         layer(x.requires_grad_(True))
     static = {p.data_ptr() for p in layer.parameters()}
-    a, b, c, d = layer.kron_dims
+    a, b, c, _ = layer.kron_dims
     k = b if hasattr(layer, "lokr_w2") else hp["r"]
     activations = sorted(tuple(t.shape) for ptr, t in saved.items() if ptr not in static and t.numel() > a * c)
     assert activations == sorted([(c, 33, k), (3, 11, shape[0])]), activations

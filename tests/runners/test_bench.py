@@ -15,9 +15,11 @@ TINY = ["--model", "vit-stack", "--blocks", "1", "--batch", "2", "--tokens", "8"
 def test_bench_prints_table_with_ratios_and_merged_check(tmp_path, capsys):
     pytest.importorskip("peft")
     out = tmp_path / "bench.json"
-    results = bench.main([*TINY, "--methods", "lora", "loha", "--no-peak-memory", "--json", str(out)])
+    results = bench.main([*TINY, "--methods", "lora", "loha", "--no-peak-memory", "--json", str(out),
+                          "--profile", "ours:loha"])
     printed = capsys.readouterr().out
     assert "| floor |" in printed and "| ours:loha |" in printed and "| peft:loha |" in printed
+    assert "profile of ours:loha" in printed and "aten::" in printed
     assert "merged inference" in printed
     (res,) = results
     rows = {r["config"]: r for r in res["rows"]}
@@ -27,6 +29,12 @@ def test_bench_prints_table_with_ratios_and_merged_check(tmp_path, capsys):
     assert all(len(r["rep_medians_s"]) == 2 and r["saved_bytes"] > 0 for r in rows.values())
     assert all(m["max_rel_diff"] < 1e-4 and m["adapter_effect"] > 0 for m in res["merged"])
     assert json.loads(out.read_text())[0]["budget"] == "lora8"
+    # LoRA-8 on the block's q, k, v, o (768 x 768), fc1 and fc2 (768 x 3072), 16 tokens: factored,
+    # 3 passes of r (in + out) per token against 2 passes of in x out for the frozen linears
+    shapes = [(768, 768)] * 4 + [(768, 3072), (3072, 768)]
+    expected = sum(3 * 8 * (i + o) for i, o in shapes) / sum(2 * i * o for i, o in shapes)
+    assert rows["ours:lora"]["adapter_macs"] == pytest.approx(expected)
+    assert rows["floor"]["adapter_macs"] == 0.0 and rows["peft:lora"]["adapter_macs"] is None
 
 
 def test_memory_child_reports_peak_in_fresh_process():
