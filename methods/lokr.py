@@ -202,8 +202,8 @@ class _KronLinear(torch.autograd.Function):
     x is viewed as (T, c, d). Forward: z1[j] = x[:, j, :] R^T  (c, T, k), z2 = w1 z1  (a, T, k), and
     y[:, i, :] += z2[i] L^T (L = None: W2 is full and R is W2, so y[:, i, :] += z2[i]). Every product is
     one GEMM on strided views of x and y: no transposed copies, no (T x out) adapter output. Saved for
-    backward: x (which the base layer needs anyway), the weights and z1 -- T c k numbers, fewer than the
-    out x in dW that PEFT keeps once T c k < out in; z2 = w1 z1 is recomputed (a c T k multiply-adds).
+    backward: x (which the adapter's gradient needs in any form), the weights and z1 (T c k numbers;
+    PEFT keeps the out x in dW instead); z2 = w1 z1 is recomputed (a c T k multiply-adds).
     w1 arrives scaled and already built (W1 or W1a W1b), so autograd handles those small steps.
     """
 
