@@ -32,14 +32,19 @@ class LoHa(AdapterLayer):
 
     def init_adapter(self, factory: dict[str, Any], shared: nn.Module | None) -> None:
         r, n_in, n_out = self.hp["r"], self.in_features, self.out_features
-        self.loha_w1a = nn.Parameter(torch.empty(n_out, r, **factory))
+        # the out-side factors are (out x r) as in PEFT, stored column-major so that the Khatri-Rao
+        # product P is built as a contiguous (r^2 x out) tensor (see AdapterLayer.adapter_factors)
+        self.loha_w1a = nn.Parameter(torch.empty(r, n_out, **factory).T)
         self.loha_w1b = nn.Parameter(torch.empty(r, n_in, **factory))
-        self.loha_w2a = nn.Parameter(torch.empty(n_out, r, **factory))
+        self.loha_w2a = nn.Parameter(torch.empty(r, n_out, **factory).T)
         self.loha_w2b = nn.Parameter(torch.empty(r, n_in, **factory))
 
+    @torch.no_grad()
     def reset_adapter(self) -> None:
         for p in (self.loha_w1a, self.loha_w1b, self.loha_w2a):
-            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+            # drawn in row-major order whatever the storage layout: a seed gives the same weights
+            p.copy_(nn.init.kaiming_uniform_(torch.empty_like(p, memory_format=torch.contiguous_format),
+                                             a=math.sqrt(5)))
         nn.init.zeros_(self.loha_w2b)
 
     def delta_weight(self) -> torch.Tensor:
@@ -52,7 +57,8 @@ class LoHa(AdapterLayer):
         (face-splitting) product of W1a and W2a, Q the column-wise one of W1b and W2b.
         """
         r = self.hp["r"]
-        p = (self.loha_w1a[:, :, None] * self.loha_w2a[:, None, :]).reshape(self.out_features, r * r)
+        # P is returned as a view of the contiguous (r^2 x out) product: P^T is contiguous
+        p = (self.loha_w1a.T[:, None, :] * self.loha_w2a.T[None, :, :]).reshape(r * r, self.out_features).T
         q = (self.loha_w1b[:, None, :] * self.loha_w2b[None, :, :]).reshape(r * r, self.in_features)
         return p, q
 

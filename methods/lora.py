@@ -28,7 +28,8 @@ class LoRA(AdapterLayer):
     def init_adapter(self, factory: dict[str, Any], shared: nn.Module | None) -> None:
         r = self.hp["r"]
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        # B is (out x r) as in PEFT, stored column-major so that B^T is contiguous (see adapter_factors)
+        self.lora_B = nn.Parameter(torch.empty(r, self.out_features, **factory).T)
 
     def reset_adapter(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))

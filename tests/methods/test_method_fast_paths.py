@@ -152,3 +152,17 @@ def test_lokr_fused_path_keeps_only_the_thin_intermediate(shape, hp, fused, rand
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * r.abs().max().item() + 1e-7)
+
+
+@pytest.mark.parametrize("method", ["lora", "loha"])
+def test_thin_right_factor_is_column_major_after_copies_and_moves(method):
+    """R^T of the factored form is contiguous (MKL's fast layout for backward's g @ R, see
+    `AdapterLayer.adapter_factors`), also after deepcopy and a dtype move,
+    while parameter shapes stay PEFT's (out x r)."""
+    layer = methods.wrap_linear(method, nn.Linear(24, 40), r=2)
+    x = torch.randn(3, 24)
+    for copy_of in (layer, copy.deepcopy(layer), copy.deepcopy(layer).double()):
+        _, right = copy_of.adapter_factors(x.to(copy_of.weight.dtype))
+        assert right.shape[0] == 40 and right.T.is_contiguous()
+    for name, p in layer.adapter_parameters():
+        assert p.shape[0] in (40, 2), name
