@@ -51,6 +51,7 @@ from torch import nn
 
 import methods
 from runners.metrics import PeakMemory, StepTimer
+from runners.train import adamw
 
 log = logging.getLogger("rankbench.bench")
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,7 +226,7 @@ class Trainer:
         self.model = instantiate(work, cfg)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
-        self.opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+        self.opt = adamw(params, lr=1e-4) if params else None   # the runner's optimizer
         self.timer = StepTimer(device, warmup=0)
 
     def step(self) -> None:

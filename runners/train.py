@@ -98,7 +98,7 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
         return cost, []
     lr = method_lr(cfg)
     groups = param_groups(model, task.head_prefixes, backbone_lr=lr, head_lr=t.lr)
-    optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
+    optimizer = adamw(groups, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, max_steps))
     timer = StepTimer(device, t.timing_warmup)
     state = load_checkpoint(run_dir, model, optimizer, scheduler, config_hash) or {}
@@ -147,6 +147,13 @@ def method_lr(cfg: DictConfig) -> float:
     default, else `trainer.lr`. Methods differ in their best lr (`+sweep=lr` finds it)."""
     per_method = cfg.trainer.get("method_lr") or {}
     return float(cfg.method.get("lr") or per_method.get(cfg.method.name) or cfg.trainer.lr)
+
+
+def adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (CPU and CUDA): one kernel for all parameter tensors. The default
+    CPU path loops over tensors in Python, which cost LoHa (4 tensors per layer) 5.6 ms a step against
+    LoRA's 3.0 ms (2 per layer) on the tiny CLIP -- a charge for tensor count, not for the method."""
+    return torch.optim.AdamW(params, fused=True, **kwargs)
 
 
 def param_groups(model: nn.Module, head_prefixes: list[str], backbone_lr: float, head_lr: float
