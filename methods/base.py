@@ -162,10 +162,10 @@ class AdapterLayer(nn.Module):
         last factored step is one matmul: the base class then accumulates h R^T straight into the base
         output (one GEMM with accumulation, no separate tokens x out sum). None: no such form.
 
-        For thin k, give R as a transposed view of a contiguous (k x out) tensor: backward's input gradient g @ R
-        then reads R column-major, which MKL runs up to 2x faster than a row-major R for thin k (k <= 8
-        on the 2-core AVX-512 dev machine: LoRA-8 on a ViT-B block went from 1.16x to 1.11x the frozen
-        floor)."""
+        For thin k, give R as a transposed view of a contiguous (k x out) tensor: backward's input
+        gradient g @ R then reads R column-major, which MKL runs up to 2x faster than a row-major R
+        (k <= 8 on the 2-core AVX-512 dev machine: LoRA-8 on a ViT-B block went from 1.16x to 1.11x the
+        frozen floor)."""
         return None
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -119,9 +119,18 @@ class LoKr(AdapterLayer):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The two Kronecker factors W1 (a x c) and W2 (b x d), unscaled."""
-        w1 = self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b
-        w2 = self.lokr_w2 if hasattr(self, "lokr_w2") else self.lokr_w2_a @ self.lokr_w2_b
-        return w1, w2
+        right, left = self.w2_factors()
+        return self.w1(), right if left is None else left @ right
+
+    def w1(self) -> torch.Tensor:
+        """W1 (a x c), unscaled; built from its two factors under `decompose_both`."""
+        return self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b
+
+    def w2_factors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(R, L) with W2 = L R: (W2b, W2a) when W2 is low rank, (W2, None) when it is full."""
+        if hasattr(self, "lokr_w2"):
+            return self.lokr_w2, None
+        return self.lokr_w2_b, self.lokr_w2_a
 
     def delta_weight(self) -> torch.Tensor:
         w1, w2 = self.factors()
@@ -133,8 +142,9 @@ class LoKr(AdapterLayer):
         # (c first or d first) is the cheaper one for these shapes (see `_order_macs`).
         a, b, c, d = self.kron_dims
         lead, tokens = x.shape[:-1], x.numel() // max(1, x.shape[-1])
-        w1 = (self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b) * self.scaling
-        w2s = (self.lokr_w2,) if hasattr(self, "lokr_w2") else (self.lokr_w2_b, self.lokr_w2_a)
+        w1 = self.w1() * self.scaling
+        right, left = self.w2_factors()
+        w2s = (right,) if left is None else (right, left)
         y = x.reshape(tokens, c, d)
         right_first, _ = self._order_macs(tokens)
         if right_first:
@@ -153,13 +163,8 @@ class LoKr(AdapterLayer):
         # intermediate for backward and accumulates the update into the base output in place.
         if not self._order_macs(1)[0]:
             return None
-        w1 = (self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b) * self.scaling
-        if hasattr(self, "lokr_w2"):
-            right, left = self.lokr_w2, None
-        else:
-            right, left = self.lokr_w2_b, self.lokr_w2_a
         base = self.base_layer
-        return _KronLinear.apply(x, base.weight, base.bias, w1, right, left)
+        return _KronLinear.apply(x, base.weight, base.bias, self.w1() * self.scaling, *self.w2_factors())
 
     def _order_macs(self, tokens: int) -> tuple[bool, int]:
         """(contract d before c?, multiply-adds of the factored forward over `tokens` rows)."""
