@@ -5,6 +5,7 @@ counting, budgets, saving) only talks to this interface, so adding a method neve
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Callable, Iterable
@@ -183,24 +184,27 @@ class AdapterLayer(nn.Module):
         """Multiply-adds of one `delta_weight()` (building dW)."""
         return self.out_features * self.in_features
 
-    def path_macs(self, tokens: int, grad: bool) -> tuple[float, int]:
+    def path_macs(self, tokens: int, grad: bool, joins_base: bool = True) -> tuple[float, int]:
         """Multiply-adds the adapter adds to one call over `tokens` rows: (factored path, merged path).
 
         Factored: the adapter's own forward F per call, ~3F with its backward (input and parameter grads);
         infinite for a method without one. Merged: the base matmul absorbs dW, so a forward costs only
         building dW (D); training adds the weight-shaped gradient G = g^T x (tokens * out * in) and D to
         rebuild dW plus ~2D to backpropagate G into the factors (dW is rebuilt rather than kept in the
-        graph: no out x in tensor per layer).
+        graph: no out x in tensor per layer). When dW cannot join the base matmul (`joins_base` False:
+        adapter dropout, autocast), x dW^T and its input gradient are two more tokens * out * in each.
         """
         factored = self.factored_macs(tokens)
         factored = math.inf if factored is None else factored * (3 if grad else 1)
-        build = self.delta_macs()
-        merged = tokens * self.out_features * self.in_features + 4 * build if grad else build
+        build, dense = self.delta_macs(), tokens * self.out_features * self.in_features
+        merged = dense + 4 * build if grad else build
+        if not joins_base:
+            merged += 2 * dense if grad else dense
         return factored, merged
 
-    def use_merged_path(self, tokens: int, grad: bool) -> bool:
-        """Whether x (W + dW)^T beats W x + factored(x) for this call (see `path_macs`)."""
-        factored, merged = self.path_macs(tokens, grad)
+    def use_merged_path(self, tokens: int, grad: bool, joins_base: bool = True) -> bool:
+        """Whether materialising dW beats the factored form for this call (see `path_macs`)."""
+        factored, merged = self.path_macs(tokens, grad, joins_base)
         return merged < factored
 
     # -- shared behaviour -----------------------------------------------------------------------------
@@ -241,16 +245,21 @@ class AdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        if self._fusable(x):
-            tokens = x.numel() // max(1, x.shape[-1])
-            grad = torch.is_grad_enabled() and any(p.requires_grad for _, p in self.adapter_parameters())
-            if self.use_merged_path(tokens, grad):
+        tokens = x.numel() // max(1, x.shape[-1])
+        grad = torch.is_grad_enabled() and any(p.requires_grad for _, p in self.adapter_parameters())
+        fusable = self._fusable(x)
+        if self.use_merged_path(tokens, grad, joins_base=fusable):
+            if fusable:                                    # dW rides in the base matmul
                 return merged_linear(self, x)
+            out = self.base_layer(x)                       # dropout or autocast: x dW^T on its own
+            xa = self.adapter_dropout(x.to(self.adapter_dtype))
+            return out + merged_linear(self, xa, alone=True).to(out.dtype)
+        if fusable:
             fused = self.fused_forward(x)
             if fused is not None:
                 return fused
         dtype = self.base_layer.weight.dtype
-        if x.dtype == dtype == self.adapter_dtype:
+        if x.dtype == dtype == self.adapter_dtype and not torch.is_autocast_enabled(x.device.type):
             x2 = x.reshape(-1, x.shape[-1])
             factors = self.adapter_factors(self.adapter_dropout(x2))
             if factors is not None:   # base GEMM, then h R^T accumulated in place into its fresh output
@@ -294,26 +303,36 @@ class AdapterLayer(nn.Module):
 
 # ----------------------------------------------------------------------------- the merged training path
 class _MergedLinear(torch.autograd.Function):
-    """y = x (W + dW)^T + b in one matmul; backward rebuilds dW instead of keeping it in the graph.
+    """y = x (W + dW)^T + b in one matmul (W None: y = x dW^T); backward rebuilds dW instead of keeping
+    it in the graph.
 
     With `layer.delta_split()` = (P, Q), dW = P Q where Q is frozen (None: the identity). Saved for
     backward: u = x Q^T (x itself by default) -- never anything weight-shaped. Backward computes
     grad_x = g (W + dW) and pushes g^T u through P with autograd, so every method gets a correct merged
-    path from `delta_weight` alone, and a method with a frozen right factor saves less.
+    path from `delta_weight` alone, and a method with a frozen right factor saves less. Under autocast
+    (W None only) backward re-enters the forward's autocast, so its matmuls see the same dtypes.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 layer: AdapterLayer, *params: torch.Tensor) -> torch.Tensor:
         left, right = layer.delta_split()
-        ctx.layer, ctx.x_shape = layer, x.shape
+        ctx.layer, ctx.x_shape, ctx.autocast = layer, x.shape, _autocast_state()
         u = x if right is None else x @ right.T
         ctx.save_for_backward(u, weight, x if ctx.needs_input_grad[1] and right is not None else None)
-        return F.linear(x, weight + (left if right is None else layer.delta_weight()), bias)
+        dw = left if right is None else layer.delta_weight()
+        return F.linear(x, dw if weight is None else weight + dw, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
+        with contextlib.ExitStack() as stack:
+            for device, dtype in ctx.autocast:
+                stack.enter_context(torch.autocast(device, dtype=dtype))
+            return _MergedLinear._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         u, weight, x = ctx.saved_tensors
         layer: AdapterLayer = ctx.layer
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -325,7 +344,7 @@ class _MergedLinear(torch.autograd.Function):
         dw = left.detach() if right is None else layer.delta_weight().detach()
         grad_x = grad_w = grad_b = None
         if need_x:
-            grad_x = (g2 @ (weight + dw)).view(ctx.x_shape)
+            grad_x = (g2 @ (dw if weight is None else weight + dw)).view(ctx.x_shape)
         if need_w:                                         # G (out x in): the gradient of W
             grad_w = g2.T @ (u if right is None else x).reshape(-1, ctx.x_shape[-1])
         if trained:   # g^T u: the gradient of P (equal to G when Q is the identity)
@@ -337,11 +356,20 @@ class _MergedLinear(torch.autograd.Function):
         return (grad_x, grad_w, grad_b, None, *param_grads)
 
 
-def merged_linear(layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)` through `_MergedLinear` (the base layer's weight and bias, the adapter's parameters)."""
+def merged_linear(layer: AdapterLayer, x: torch.Tensor, alone: bool = False) -> torch.Tensor:
+    """`layer(x)` through `_MergedLinear` (the base layer's weight and bias, the adapter's parameters);
+    `alone`: only the update, x dW^T."""
     base = layer.base_layer
     params = [p for _, p in layer.adapter_parameters()]
+    if alone:
+        return _MergedLinear.apply(x, None, None, layer, *params)
     return _MergedLinear.apply(x, base.weight, base.bias, layer, *params)
+
+
+def _autocast_state() -> list[tuple[str, torch.dtype]]:
+    """(device type, dtype) of every autocast region active now. Autograd runs a custom backward with
+    autocast off, so a backward that mixes saved half-precision tensors with fp32 weights re-enters these."""
+    return [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
 
 
 def common_hp(alpha: float) -> dict[str, tuple[Any, Validator]]:

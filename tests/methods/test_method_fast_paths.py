@@ -22,7 +22,7 @@ EXTRA = {"lokr": [((48, 64), {"r": 2, "factor": 4}), ((64, 48), {"r": 1, "factor
 
 def forced(path: str):
     """Pin the per-call choice of the cost model: 'merged', 'factored' or None (the model decides)."""
-    return None if path == "auto" else (lambda tokens, grad: path == "merged")
+    return None if path == "auto" else (lambda tokens, grad, joins_base=True: path == "merged")
 
 
 def grads_of(layer: nn.Module, x: torch.Tensor, path: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -166,3 +166,58 @@ def test_thin_right_factor_is_column_major_after_copies_and_moves(method):
         assert right.shape[0] == 40 and right.T.is_contiguous()
     for name, p in layer.adapter_parameters():
         assert p.shape[0] in (40, 2), name
+
+
+class FixedMask(nn.Module):
+    """Adapter dropout with a fixed mask: like active dropout it gives the adapter its own input (so dW
+    cannot join the base matmul), but the reference can apply the same mask."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("path", ["factored", "merged", "auto"])
+def test_paths_with_a_separate_adapter_input_equal_reference(method, path, randomize_params):
+    """With adapter dropout the update is x' dW^T on the dropped-out x': the merged path then runs alone
+    (`merged_linear(..., alone=True)`) next to the base matmul, with the same outputs and gradients."""
+    for shape, hp in CASES + EXTRA.get(method, []):
+        torch.manual_seed(0)
+        layer = methods.wrap_linear(method, nn.Linear(*shape), alpha=2.0, **hp)
+        randomize_params(layer, std=0.3)
+        x = torch.randn(2, 7, shape[0])
+        layer.adapter_dropout = FixedMask((torch.rand(shape[0]) > 0.3).float())
+        ref_layer = copy.deepcopy(layer)
+        xr = x.clone().requires_grad_(True)
+        base = ref_layer.base_layer
+        y_ref = F.linear(xr, base.weight, base.bias) + F.linear(ref_layer.adapter_dropout(xr), ref_layer.delta_weight())
+        params_ref = [p for _, p in ref_layer.adapter_parameters()]
+        weights = torch.linspace(-1, 1, y_ref.numel()).view_as(y_ref)
+        g_ref = torch.autograd.grad((y_ref * weights).sum(), [xr, *params_ref])
+        y, g = grads_of(layer, x, path)
+        torch.testing.assert_close(y, y_ref.detach(), rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item() + 1e-7)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("path", ["factored", "merged"])
+def test_paths_under_bf16_autocast_match_fp32_within_bf16_precision(method, path, randomize_params):
+    """Under autocast (the GPU runs' bf16) dW cannot join the base matmul; both paths must still run
+    forward and backward (the merged path's backward re-enters autocast) and agree with the fp32
+    reference to bf16 precision, with fp32 parameter gradients."""
+    torch.manual_seed(0)
+    layer = methods.wrap_linear(method, nn.Linear(48, 64), alpha=2.0, r=4)
+    randomize_params(layer, std=0.3)
+    x = torch.randn(2, 9, 48)
+    y_ref, g_ref = grads_of(layer, x, "reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, g = grads_of(layer, x, path)
+    assert y.dtype == torch.bfloat16 and all(a.dtype == torch.float32 for a in g)
+    torch.testing.assert_close(y.float(), y_ref, rtol=0, atol=3e-2 * y_ref.abs().max().item())
+    for name, a, b in zip(["x", *(n for n, _ in layer.adapter_parameters())], g, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=3e-2 * b.abs().max().item(), msg=f"grad of {name}")
