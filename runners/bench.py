@@ -161,10 +161,20 @@ def build_workload(name: str, batch: int | None, tokens: int | None, blocks: int
     raise ValueError(f"unknown model {name!r}; valid: minilm, vit-stack, tiny-clip")
 
 
-def prepare(work: Workload, device: torch.device) -> None:
+def prepare(work: Workload, device: torch.device, bf16: bool = False) -> None:
+    """Frozen model and batch on the device; with `bf16` the forward runs under bf16 autocast and the
+    backward outside it, as the runner's `trainer.bf16` does on CUDA."""
     work.model.requires_grad_(False).to(device).train()
     work.batch = {k: v.to(device) for k, v in work.batch.items()}
     _requires_grad_output(work.grad_entry)
+    if bf16:
+        loss = work.loss
+
+        def autocast_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return loss(model, batch)
+
+        work.loss = autocast_loss
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -303,7 +313,8 @@ def profile_table(trainer: Trainer, steps: int, rows: int = 12) -> str:
 def peak_memory_child(args: argparse.Namespace, cfg: Config) -> int | None:
     """Training-only peak of one configuration, measured in a fresh Python process."""
     spec = {"model": args.current_model, "batch": args.batch, "tokens": args.tokens, "blocks": args.blocks,
-            "device": args.device, "steps": args.memory_steps, "config": dataclasses.asdict(cfg)}
+            "device": args.device, "bf16": args.bf16, "steps": args.memory_steps,
+            "config": dataclasses.asdict(cfg)}
     cmd = [sys.executable, "-m", "runners.bench", "--memory-child", json.dumps(spec)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -317,7 +328,7 @@ def run_memory_child(spec: dict[str, Any]) -> None:
     device = torch.device(spec["device"])
     work = build_workload(spec["model"], spec["batch"], spec["tokens"], spec["blocks"], device)
     assert work is not None
-    prepare(work, device)
+    prepare(work, device, spec["bf16"])
     trainer = Trainer(work, Config(**spec["config"]), device)
     del work.model  # only the configuration's copy stays alive
     peak = PeakMemory(device)
@@ -449,7 +460,7 @@ def bench_one(args: argparse.Namespace, model_name: str, budget: str, device: to
     work = build_workload(model_name, args.batch, args.tokens, args.blocks, device)
     if work is None:
         return None
-    prepare(work, device)
+    prepare(work, device, args.bf16)
     configs = make_configs(work, budget, args.methods, with_peft=not args.no_peft)
     trainers = [Trainer(work, cfg, device) for cfg in configs]
     saved = {t.cfg.label: saved_tensor_bytes(t) for t in trainers}
@@ -465,7 +476,7 @@ def bench_one(args: argparse.Namespace, model_name: str, budget: str, device: to
     merged = (merged_inference_check(work, trainers, args.repeats, max(3, args.steps // 2))
               if args.merged_check else [])
     return {"model": model_name, "budget": budget, "description": work.description, "rows": rows,
-            "merged": merged, "profiles": profiles, "device": str(device), "threads": torch.get_num_threads()}
+            "merged": merged, "profiles": profiles, "device": str(device) + (", bf16 autocast" if args.bf16 else ""), "threads": torch.get_num_threads()}
 
 
 def print_result(res: dict[str, Any], memory_key: str) -> None:
@@ -494,6 +505,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=None, help="tokens per sample (default 64 / 197 / 16)")
     p.add_argument("--blocks", type=int, default=2, help="blocks of the ViT-B-shaped stack (ViT-B has 12)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true",
+                   help="forward under bf16 autocast, as GPU runs (trainer.bf16) train; adapters then run "
+                        "next to the base matmul instead of inside it")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions")
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration per repetition")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each repetition")

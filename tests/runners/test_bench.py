@@ -48,3 +48,13 @@ def test_missing_backbone_is_skipped_with_message(monkeypatch, tmp_path, caplog)
     monkeypatch.setattr(bench, "TINY_CLIP", tmp_path / "absent")
     assert bench.build_workload("tiny-clip", 2, 4, 1, torch.device("cpu")) is None
     assert "skipping tiny-clip" in caplog.text
+
+
+def test_bench_bf16_autocast_runs_ours_and_peft(capsys):
+    """`--bf16` times the GPU runs' setting (forward under autocast, backward outside) for both sides."""
+    pytest.importorskip("peft")
+    (res,) = bench.main([*TINY, "--methods", "randlora", "--bf16", "--no-peak-memory", "--no-merged-check"])
+    assert "bf16 autocast" in res["device"] and "bf16 autocast" in capsys.readouterr().out
+    rows = {r["config"]: r for r in res["rows"]}
+    assert rows["ours:randlora"]["trainable"] == rows["peft:randlora"]["trainable"] > 0
+    assert all(r["median_s"] > 0 and r["saved_bytes"] > 0 for r in rows.values())
