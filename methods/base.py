@@ -247,7 +247,7 @@ class AdapterLayer(nn.Module):
             return self.base_layer(x)
         tokens = x.numel() // max(1, x.shape[-1])
         grad = torch.is_grad_enabled() and any(p.requires_grad for _, p in self.adapter_parameters())
-        fusable = self._fusable(x)
+        fusable = self.joins_base(x)
         if self.use_merged_path(tokens, grad, joins_base=fusable):
             if fusable:                                    # dW rides in the base matmul
                 return merged_linear(self, x)
@@ -273,7 +273,7 @@ class AdapterLayer(nn.Module):
         default (dW, None): Q is the identity and x is saved."""
         return self.delta_weight(), None
 
-    def _fusable(self, x: torch.Tensor) -> bool:
+    def joins_base(self, x: torch.Tensor) -> bool:
         """dW can join the base matmul only if the adapter sees the same input as the base layer
         (no active dropout) and no autocast/dtype conversion sits between them."""
         no_dropout = isinstance(self.adapter_dropout, nn.Identity) or not self.training

@@ -282,18 +282,18 @@ def adapter_work(trainer: Trainer) -> float | None:
     if trainer.cfg.impl != "ours":
         return None
     layers = list(methods.adapter_layers(trainer.model).values())
-    tokens: dict[nn.Module, int] = {}
+    calls: dict[nn.Module, tuple[int, bool]] = {}   # layer -> (tokens, can dW join the base matmul?)
 
     def record(module: nn.Module, args: tuple) -> None:
-        tokens[module] = args[0].numel() // args[0].shape[-1]
+        calls[module] = (args[0].numel() // args[0].shape[-1], module.joins_base(args[0]))
 
     hooks = [layer.register_forward_pre_hook(record) for layer in layers]
     with torch.no_grad():
         trainer.work.loss(trainer.model, trainer.work.batch)
     for hook in hooks:
         hook.remove()
-    added = sum(min(layer.path_macs(tokens[layer], grad=True)) for layer in layers)
-    frozen = sum(2 * tokens[layer] * layer.in_features * layer.out_features for layer in layers)
+    added = sum(min(layer.path_macs(calls[layer][0], True, calls[layer][1])) for layer in layers)
+    frozen = sum(2 * calls[layer][0] * layer.in_features * layer.out_features for layer in layers)
     return added / frozen
 
 
