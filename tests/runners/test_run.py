@@ -1,8 +1,11 @@
 """End-to-end runs of the real configs: every method x task, determinism, failures, bad input."""
+import contextlib
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 from rbtest import compose_config, run_cli
 
 from runners.adapt import method_names
@@ -130,3 +133,17 @@ def test_run_failed_is_raised_in_process(tiny_overrides):
         cfg = compose_config(["method=lora", *tiny_overrides])
         cfg.method.name = "lorra"
         run(cfg)
+
+
+@pytest.mark.parametrize("method", ["lora", "loha", "lokr", "randlora"])
+def test_bf16_autocast_training_runs_every_adapter(method, tiny_overrides, monkeypatch):
+    """GPU runs train under bf16 autocast (`trainer.bf16`, CUDA only): the same loop under CPU autocast
+    must train every adapter (their fp32 parameters get fp32 gradients) and evaluate."""
+    import runners.train as train_module
+
+    monkeypatch.setattr(train_module, "autocast", lambda device, bf16: (
+        torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()))
+    record = run(compose_config([f"method={method}", "task=clip", "trainer.bf16=true", *tiny_overrides]))
+    assert record["run"]["status"] == "success", record["run"]["error"]
+    assert all(math.isfinite(h["loss"]) for h in record["history"])
+    assert 0.0 <= record["metrics"]["accuracy"] <= 1.0
