@@ -319,6 +319,9 @@ class _MergedLinear(torch.autograd.Function):
         left, right = layer.delta_split()
         ctx.layer, ctx.x_shape, ctx.autocast = layer, x.shape, _autocast_state()
         u = x if right is None else x @ right.T
+        half = dict(ctx.autocast).get(x.device.type)
+        if half is not None:   # backward's g^T u runs in the autocast dtype anyway: keep u in it
+            u = u.to(half)
         ctx.save_for_backward(u, weight, x if ctx.needs_input_grad[1] and right is not None else None)
         dw = left if right is None else layer.delta_weight()
         return F.linear(x, dw if weight is None else weight + dw, bias)

@@ -217,8 +217,13 @@ def test_paths_under_bf16_autocast_match_fp32_within_bf16_precision(method, path
     y_ref, g_ref = grads_of(layer, x, "reference")
     layer.use_merged_path = forced(path)
     x = x.requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):   # forward only, as in the training loop
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):   # forward only, as in the training loop
         y = layer(x)
+    if path == "merged":   # the activation kept for g^T x is in bf16, as autocast's own matmuls keep it
+        static = {p.data_ptr() for p in layer.parameters()}
+        assert all(t.dtype == torch.bfloat16 for t in saved if t.data_ptr() not in static and t.dim() == 3)
     weights = torch.linspace(-1, 1, y.numel()).view_as(y)
     g = torch.autograd.grad((y.float() * weights).sum(), [x, *(p for _, p in layer.adapter_parameters())])
     assert y.dtype == torch.bfloat16 and all(a.dtype == torch.float32 for a in g)
