@@ -254,17 +254,20 @@ class AdapterLayer(nn.Module):
             out = self.base_layer(x)                       # dropout or autocast: x dW^T on its own
             xa = self.adapter_dropout(x.to(self.adapter_dtype))
             return out + merged_linear(self, xa, alone=True).to(out.dtype)
-        if fusable:
+        if self.shares_input(x):
             fused = self.fused_forward(x)
             if fused is not None:
                 return fused
-        dtype = self.base_layer.weight.dtype
-        if x.dtype == dtype == self.adapter_dtype and not torch.is_autocast_enabled(x.device.type):
+        half = autocast_dtype(x)
+        if half is not None or x.dtype == self.base_layer.weight.dtype == self.adapter_dtype:
             x2 = x.reshape(-1, x.shape[-1])
             factors = self.adapter_factors(self.adapter_dropout(x2))
             if factors is not None:   # base GEMM, then h R^T accumulated in place into its fresh output
+                h, right = factors
                 out = self.base_layer(x2)
-                return out.addmm_(*factors[:1], factors[1].T).view(*x.shape[:-1], out.shape[-1])
+                if half is not None:  # in-place ops are not autocast: cast as autocast would
+                    h, right = h.to(half), right.to(half)
+                return out.addmm_(h, right.T).view(*x.shape[:-1], out.shape[-1])
         out = self.base_layer(x)
         return out + self.adapter_forward(self.adapter_dropout(x.to(self.adapter_dtype))).to(out.dtype)
 
@@ -273,12 +276,17 @@ class AdapterLayer(nn.Module):
         default (dW, None): Q is the identity and x is saved."""
         return self.delta_weight(), None
 
-    def joins_base(self, x: torch.Tensor) -> bool:
-        """dW can join the base matmul only if the adapter sees the same input as the base layer
-        (no active dropout) and no autocast/dtype conversion sits between them."""
+    def shares_input(self, x: torch.Tensor) -> bool:
+        """The adapter sees the base layer's own input: no active dropout, and one dtype throughout or
+        autocast (which runs both in its dtype). Required by `fused_forward`."""
         no_dropout = isinstance(self.adapter_dropout, nn.Identity) or not self.training
-        return (no_dropout and x.dtype == self.base_layer.weight.dtype == self.adapter_dtype
-                and not torch.is_autocast_enabled(x.device.type))
+        same_dtype = x.dtype == self.base_layer.weight.dtype == self.adapter_dtype
+        return no_dropout and (same_dtype or torch.is_autocast_enabled(x.device.type))
+
+    def joins_base(self, x: torch.Tensor) -> bool:
+        """dW can join the base matmul: the same input, and no autocast (in bf16, W + dW would round a
+        small update away)."""
+        return self.shares_input(x) and not torch.is_autocast_enabled(x.device.type)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -367,6 +375,12 @@ def merged_linear(layer: AdapterLayer, x: torch.Tensor, alone: bool = False) -> 
     if alone:
         return _MergedLinear.apply(x, None, None, layer, *params)
     return _MergedLinear.apply(x, base.weight, base.bias, layer, *params)
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes in on x's device, None when autocast is off there."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def _autocast_state() -> list[tuple[str, torch.dtype]]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .base import AdapterLayer, Validator, boolean, common_hp, integer, register
+from .base import AdapterLayer, Validator, autocast_dtype, boolean, common_hp, integer, register
 
 #: factors the budget solver tries besides -1; 1 is excluded because kron(1x1, W2) is plain LoRA.
 SOLVER_FACTORS = (-1, *range(2, 65))
@@ -215,6 +215,18 @@ class _KronLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w1: torch.Tensor,
                 right: torch.Tensor, left: torch.Tensor | None) -> torch.Tensor:
+        half = autocast_dtype(x)
+        if half is None:
+            return _KronLinear._forward(ctx, x, weight, bias, w1, right, left)
+        # under autocast: everything in its dtype, as autocast's own matmuls would run; autograd casts the
+        # returned gradients back to the inputs' dtypes
+        cast = [None if t is None else t.to(half) for t in (x, weight, bias, w1, right, left)]
+        with torch.autocast(x.device.type, enabled=False):
+            return _KronLinear._forward(ctx, *cast)
+
+    @staticmethod
+    def _forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w1: torch.Tensor,
+                 right: torch.Tensor, left: torch.Tensor | None) -> torch.Tensor:
         (a, c), k = w1.shape, right.shape[0]
         x2 = x.reshape(-1, x.shape[-1])
         tokens, d = x2.shape[0], x2.shape[1] // c
