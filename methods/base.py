@@ -247,20 +247,21 @@ class AdapterLayer(nn.Module):
             return self.base_layer(x)
         tokens = x.numel() // max(1, x.shape[-1])
         grad = torch.is_grad_enabled() and any(p.requires_grad for _, p in self.adapter_parameters())
-        fusable = self.joins_base(x)
+        half, shares = autocast_dtype(x), self.shares_input(x)
+        fusable = shares and half is None                  # == self.joins_base(x)
         if self.use_merged_path(tokens, grad, joins_base=fusable):
             if fusable:                                    # dW rides in the base matmul
                 return merged_linear(self, x)
             out = self.base_layer(x)                       # dropout or autocast: x dW^T on its own
             xa = self.adapter_dropout(x.to(self.adapter_dtype))
             return out + merged_linear(self, xa, alone=True).to(out.dtype)
-        if self.shares_input(x):
+        if shares:
             fused = self.fused_forward(x)
             if fused is not None:
                 return fused
         # in-place accumulation needs one dtype throughout; under autocast (with explicit casts) it was a
         # few % faster but kept two more activations than PEFT on MiniLM, so the sum below is used there
-        if x.dtype == self.base_layer.weight.dtype == self.adapter_dtype and autocast_dtype(x) is None:
+        if x.dtype == self.base_layer.weight.dtype == self.adapter_dtype and half is None:
             x2 = x.reshape(-1, x.shape[-1])
             factors = self.adapter_factors(self.adapter_dropout(x2))
             if factors is not None:   # base GEMM, then h R^T accumulated in place into its fresh output
@@ -284,7 +285,7 @@ class AdapterLayer(nn.Module):
     def joins_base(self, x: torch.Tensor) -> bool:
         """dW can join the base matmul: the same input, and no autocast (in bf16, W + dW would round a
         small update away)."""
-        return self.shares_input(x) and not torch.is_autocast_enabled(x.device.type)
+        return self.shares_input(x) and autocast_dtype(x) is None
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -325,7 +326,7 @@ class _MergedLinear(torch.autograd.Function):
         left, right = layer.delta_split()
         ctx.layer, ctx.x_shape, ctx.autocast = layer, x.shape, _autocast_state()
         u = x if right is None else x @ right.T
-        half = dict(ctx.autocast).get(x.device.type)
+        half = autocast_dtype(x)
         if half is not None:   # backward's g^T u runs in the autocast dtype anyway: keep u in it
             u = u.to(half)
         ctx.save_for_backward(u, weight, x if ctx.needs_input_grad[1] and right is not None else None)
