@@ -30,6 +30,7 @@ from runners.checkpoint import PreemptionGuard, load_checkpoint, save_checkpoint
 from runners.logger import make_logger
 from runners.metrics import PeakMemory, StepTimer, matrix_ranks
 from runners.results import SCHEMA, is_complete, read_results, write_results
+from runners.suite import run_suite, suite_datasets
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("skipping %s: results.json there already records a successful run", run_dir)
         return read_results(run_dir)
     record = _new_record(cfg)
+    names = _suite_or_error(cfg, run_dir, record)
+    if names:
+        return _run_suite(cfg, names, run_dir, record)
     logger = None
     try:
         device = env.resolve_device(cfg.device)
@@ -85,6 +89,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             logger.finish(failed=record["run"]["status"] != "success")
 
 
+def _suite_or_error(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> list[str]:
+    """The datasets to train one adapter each for (see runners.suite); a bad `dataset=` fails the run."""
+    try:
+        return suite_datasets(cfg)
+    except ValueError as err:
+        _finish(record, "failed", f"{type(err).__name__}: {err}")
+        write_results(run_dir, record)
+        raise RunFailed(f"run failed ({record['run']['error']}); see {run_dir / 'results.json'}") from err
+
+
+def _run_suite(cfg: DictConfig, names: list[str], run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """One fresh run per dataset of the suite (the papers' protocol), then the suite's summary record."""
+    record = run_suite(cfg, names, run_dir, record, run, RunFailed)
+    errors = record["run"].pop("suite_errors")
+    _finish(record, "failed" if errors else "success",
+            "; ".join(f"{n}: {e}" for n, e in errors.items()) or None)
+    write_results(run_dir, record)
+    if errors:
+        raise RunFailed(f"suite failed on {len(errors)} of {len(names)} datasets ({', '.join(errors)}); "
+                        f"see {run_dir / 'results.json'} and each dataset's results.json")
+    log.info("%s", summary_table(record))
+    return record
+
+
 def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.device,
           generator: torch.Generator, run_dir: Path, logger: Any, config_hash: str, max_steps: int
           ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -99,7 +127,7 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
     lr = method_lr(cfg)
     groups = param_groups(model, task.head_prefixes, backbone_lr=lr, head_lr=t.lr)
     optimizer = adamw(groups, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, max_steps))
     timer = StepTimer(device, t.timing_warmup)
     state = load_checkpoint(run_dir, model, optimizer, scheduler, config_hash) or {}
     start, history = state.get("step", 0), state.get("history", [])
@@ -184,14 +212,34 @@ def _optimizer_step(model: nn.Module, task: tasks.Task, batches: Iterator, optim
     return total
 
 
-def warmup_cosine(warmup: int, total: int):
-    """lr multiplier: linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def lr_schedule(t: DictConfig, total: int):
+    """lr multiplier of `trainer`: linear warm-up over `warmup_steps` (or `warmup_ratio` of the run),
+    then `schedule` (cosine | linear | constant) from the peak down to `final_lr_ratio` x peak at `total`."""
+    warmup = round(float(t.warmup_ratio) * total) if t.get("warmup_ratio") is not None else int(t.warmup_steps)
+    return warmup_decay(warmup, total, str(t.schedule), float(t.final_lr_ratio))
+
+
+def warmup_decay(warmup: int, total: int, schedule: str = "cosine", final: float = 0.0):
+    """lr multiplier: linear warm-up over `warmup` steps, then `schedule` decay to `final` at `total`."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"trainer.schedule={schedule!r} is not a schedule; valid: {', '.join(SCHEDULES)}")
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        shape = {"cosine": 0.5 * (1.0 + math.cos(math.pi * progress)), "linear": 1.0 - progress,
+                 "constant": 1.0}[schedule]
+        return final + (1.0 - final) * shape if schedule != "constant" else 1.0
     return factor
+
+
+def warmup_cosine(warmup: int, total: int):
+    """lr multiplier: linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+    return warmup_decay(warmup, total, "cosine", 0.0)
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:

@@ -71,6 +71,10 @@ class Task(ABC):
         """The metric `accuracy` / per_dataset report for `dataset` (a regression task has no accuracy)."""
         return "accuracy"
 
+    #: Train one fresh adapter per dataset of a suite (the image suites and GLUE, as in the papers).
+    #: False where one training set serves every evaluation set (commonsense: one adapter, 8 benchmarks).
+    trains_per_dataset: bool = True
+
     @property
     def regime(self) -> str:
         """The training-data regime: `full`, `<k>shot` or `frac<f>`."""

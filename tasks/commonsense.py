@@ -62,6 +62,8 @@ def response_logprob(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
 class CommonsenseTask(Task):
     """Causal LM + instruction data; `accuracy` per benchmark is answer accuracy (no task head)."""
 
+    trains_per_dataset = False  # one adapter trained on the mixed commonsense set, scored on 8 benchmarks
+
     @property
     def datasets(self) -> list[str]:
         return selected(list(self.cfg.data.datasets), self.cfg.get("dataset"))
