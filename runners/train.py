@@ -392,7 +392,7 @@ def _new_record(cfg: DictConfig) -> dict[str, Any]:
            "method": cfg.method.name, "task": cfg.task.name, "dataset": cfg.get("dataset"),
            "size": _size(cfg), "seed": cfg.seed, "lr": method_lr(cfg), "budget": cfg.budget,
            "budget_target": None, "hp": {},
-           "command": _command(), "config": config, "config_hash": config_hash, "git_commit": commit,
+           "protocol": protocol_of(config), "command": _command(), "config": config, "config_hash": config_hash, "git_commit": commit,
            "git_dirty": dirty,
            "versions": env.package_versions(), "device": None, "started_at": _now(), "finished_at": None,
            "status": "running", "error": None}
@@ -413,6 +413,13 @@ def _finish(record: dict[str, Any], status: str, error: str | None) -> None:
     for key, src in (("accuracy", "per_dataset"), ("accuracy_before", "per_dataset_before")):
         if m.get(src):
             m[key] = sum(m[src].values()) / len(m[src])
+
+
+def protocol_of(config: dict[str, Any]) -> dict[str, Any]:
+    """The paper protocol the task config follows and its deliberate deviations (`task.protocol`:
+    `source` and a list of `deviations`, each {what, why}), so results never hide what differed."""
+    protocol = (config.get("task") or {}).get("protocol") or {}
+    return {"source": protocol.get("source"), "deviations": list(protocol.get("deviations") or [])}
 
 
 def _now() -> str:
