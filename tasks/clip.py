@@ -1,8 +1,15 @@
 """task=clip: both CLIP towers tuned with CLIP-style contrast against class prompts, zero-shot-style eval.
 
-Training: a batch holds images of one dataset plus that dataset's "a photo of a {class}" prompts; the
-loss is cross entropy of image-to-prompt similarities (temperature = the model's logit scale). The
-evaluation is the same classifier without training, so `accuracy_before` is true zero-shot accuracy.
+Training: a batch holds images of one dataset plus class prompts; the loss is cross entropy of
+image-to-prompt similarities times a temperature. The evaluation is the same classifier without
+training, so `accuracy_before` is true zero-shot accuracy. Three switches (`task.objective`) say how:
+
+* `prompts.train` / `prompts.eval`: a template (`"An image of {}"`), `dataset` (the dataset's first
+  template) or `ensemble` (the dataset's template list, class embeddings averaged and renormalised);
+* `logit_scale`: `exp` (CLIP's temperature, exp(logit_scale) = 100) or `raw` (the parameter itself,
+  ln 100 = 4.6, as the official RandLoRA code multiplies);
+* `loss`: `classes` (every class of the dataset competes) or `in_batch` (the official code: one prompt
+  per image, B x B similarities, the target is the first image of the batch with the same class).
 """
 from __future__ import annotations
 
@@ -24,7 +31,6 @@ from tasks.common import (
     load_pretrained,
     model_device,
     round_robin,
-    to_device,
 )
 from tasks.data import ImageSuiteTask, prepare_images
 
@@ -33,14 +39,40 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Prepared:
-    """A dataset as tensors: normalised pixels, labels and tokenised class prompts."""
+    """A dataset as tensors: normalised pixels, labels and tokenised class prompts (templates x classes)."""
 
     classes: list[str]
     train_x: torch.Tensor  # or tasks.data.LazyPixels (indexes the same way)
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-    prompts: dict[str, torch.Tensor]
+    prompts: dict[str, torch.Tensor]       # training prompts, row t * C + c = template t, class c
+    eval_prompts: dict[str, torch.Tensor]  # evaluation prompts, same layout
+
+
+def templates_for(choice: str, pair: object) -> list[str]:
+    """The templates a prompt choice stands for: `ensemble`, `dataset`, or a literal template."""
+    if choice == "ensemble":
+        return pair.ensemble
+    if choice == "dataset":
+        return [pair.template]
+    if "{}" not in choice:
+        raise ValueError(f"prompt {choice!r} is neither 'ensemble', 'dataset' nor a template with {{}}")
+    return [choice]
+
+
+def class_embeddings(model: nn.Module, prompts: dict[str, torch.Tensor], num_classes: int,
+                     classes: torch.Tensor | None = None) -> torch.Tensor:
+    """(C, D) normalised text embeddings per class, averaged over templates (CLIP's prompt ensemble);
+    `classes` restricts them to those classes (in that order)."""
+    rows = prompts["input_ids"].shape[0]
+    templates = rows // num_classes
+    if classes is not None:
+        pick = (torch.arange(templates)[:, None] * num_classes + classes.cpu()[None, :]).reshape(-1)
+        prompts, num_classes = {k: v[pick] for k, v in prompts.items()}, len(classes)
+    device = model_device(model)
+    emb = text_features(model, prompts["input_ids"].to(device), prompts["attention_mask"].to(device))
+    return F.normalize(emb.view(templates, num_classes, -1).mean(0), dim=-1)
 
 
 def image_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -72,13 +104,21 @@ class ClipTask(ImageSuiteTask):
 
     @cached_property
     def data(self) -> dict[str, Prepared]:
+        objective = self.cfg.objective
         out = {}
         for name, pair in self.suite.items():
-            prompts = [pair.template.format(c) for c in pair.classes]
-            tok = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
-            out[name] = Prepared(pair.classes, *prepare_images(pair, self.processor, self.lazy),
-                                 prompts={"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]})
+            train, test = (self._tokenize(templates_for(objective.prompts[k], pair), pair.classes)
+                           for k in ("train", "eval"))
+            images = prepare_images(pair, self.processor, self.lazy, self.augment, int(self.cfg.get("seed", 0)))
+            out[name] = Prepared(pair.classes, *images, prompts=train, eval_prompts=test)
+        log.info("clip prompts: train %r, eval %r (e.g. %r)", objective.prompts.train, objective.prompts.eval,
+                 next(iter(out.values())).classes[:1])
         return out
+
+    def _tokenize(self, templates: list[str], classes: list[str]) -> dict[str, torch.Tensor]:
+        texts = [t.format(c) for t in templates for c in classes]
+        tok = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
         data = self.data
@@ -86,22 +126,34 @@ class ClipTask(ImageSuiteTask):
             d = data[name]
             yield {"dataset": name, "pixel_values": d.train_x[idx], "labels": d.train_y[idx], **d.prompts}
 
-    def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Image x class-prompt similarities scaled by the model's (learned) temperature."""
-        batch = to_device(batch, model_device(model))
-        img = image_features(model, batch["pixel_values"])
-        txt = text_features(model, batch["input_ids"], batch["attention_mask"])
-        return model.logit_scale.exp() * img @ txt.T
+    def temperature(self, model: nn.Module) -> torch.Tensor:
+        """The factor on cosine similarities: exp(logit_scale) (CLIP) or the raw parameter (official code)."""
+        kind = self.cfg.objective.logit_scale
+        if kind not in ("exp", "raw"):
+            raise ValueError(f"task.objective.logit_scale={kind!r}; valid: exp, raw")
+        return model.logit_scale.exp() if kind == "exp" else model.logit_scale
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(self.logits(model, batch), batch["labels"].to(model_device(model)))
+        device, kind = model_device(model), self.cfg.objective.loss
+        labels = batch["labels"].to(device)
+        prompts = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        img = image_features(model, batch["pixel_values"].to(device))
+        num_classes = len(self.data[batch["dataset"]].classes)
+        if kind == "classes":
+            txt = class_embeddings(model, prompts, num_classes)
+            return F.cross_entropy(self.temperature(model) * img @ txt.T, labels)
+        if kind != "in_batch":
+            raise ValueError(f"task.objective.loss={kind!r}; valid: classes, in_batch")
+        present, inverse = labels.unique(return_inverse=True)
+        txt = class_embeddings(model, prompts, num_classes, present)[inverse]  # one prompt per image
+        first = (labels[None, :] == labels[:, None]).int().argmax(1)  # first image of the same class
+        return F.cross_entropy(self.temperature(model) * img @ txt.T, first)
 
     def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
         device, acc = model_device(model), {}
         with eval_mode(model):
             for name, d in self.data.items():
-                p = to_device(d.prompts, device)
-                txt = text_features(model, p["input_ids"], p["attention_mask"])
+                txt = class_embeddings(model, d.eval_prompts, len(d.classes))
                 correct = 0
                 for i in range(0, len(d.test_y), batch_size):
                     img = image_features(model, d.test_x[i : i + batch_size].to(device))

@@ -157,21 +157,50 @@ class eval_mode:
 
 
 class HeadedModel(nn.Module):
-    """A backbone plus one linear head per dataset (`heads.<dataset>`), trained for every method.
+    """A backbone plus one head per dataset (`heads.<dataset>`), trained for every method.
 
     `pool` says how the backbone's output becomes one vector: "pooler" (CLS-based `pooler_output`, the
     ViT/CLIP/DINOv2 convention), "cls" (the first token's last hidden state, RoBERTa's classification
-    input) or "mean" (attention-masked mean of tokens, the sentence-transformers one). Heads stay float32
-    when the frozen backbone is loaded in bf16."""
+    input) or "mean" (attention-masked mean of tokens, the sentence-transformers one).
 
-    def __init__(self, backbone: nn.Module, dim: int, num_classes: dict[str, int], pool: str, seed: int = 0) -> None:
+    `head` is "linear" (one Linear) or "roberta": transformers' RobertaClassificationHead (dropout ->
+    dense(dim, dim) -> tanh -> dropout -> out_proj(dim, n); modeling_roberta.py:1145-1164 in transformers
+    5.24.0), which AutoModelForSequenceClassification puts on RoBERTa and the RandLoRA GLUE code trains.
+    Its dropout is the backbone config's `classifier_dropout`, else `hidden_dropout_prob`, as there.
+    Weights are N(0, init_std) and biases 0 (transformers' `_init_weights` with initializer_range), drawn
+    from `seed` so every method starts from the same head. Heads stay float32 when the frozen backbone is
+    loaded in bf16."""
+
+    HEADS = ("linear", "roberta")
+
+    def __init__(self, backbone: nn.Module, dim: int, num_classes: dict[str, int], pool: str, seed: int = 0,
+                 head: str = "linear", bias: bool = True, init_std: float = 0.02) -> None:
         super().__init__()
+        if head not in self.HEADS:
+            raise ValueError(f"head={head!r} is not a head type; valid: {', '.join(self.HEADS)}")
         self.backbone, self.pool = backbone, pool
-        self.heads = nn.ModuleDict({k: nn.Linear(dim, n) for k, n in num_classes.items()})
-        gen = torch.Generator().manual_seed(seed)  # heads identical for every method and run seed
-        for head in self.heads.values():
-            nn.init.normal_(head.weight, std=0.02, generator=gen)
-            nn.init.zeros_(head.bias)
+        make = self._linear_head if head == "linear" else self._roberta_head
+        self.heads = nn.ModuleDict({k: make(dim, n, bias) for k, n in num_classes.items()})
+        gen = torch.Generator().manual_seed(seed)  # heads identical for every method
+        for module in self.heads.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=init_std, generator=gen)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    @staticmethod
+    def _linear_head(dim: int, n: int, bias: bool) -> nn.Module:
+        return nn.Linear(dim, n, bias=bias)
+
+    def _roberta_head(self, dim: int, n: int, bias: bool) -> nn.Module:
+        config = getattr(self.backbone, "config", None)
+        p = getattr(config, "classifier_dropout", None)
+        p = p if p is not None else getattr(config, "hidden_dropout_prob", 0.0)
+        head = nn.Sequential()  # named like RobertaClassificationHead's submodules: heads.<dataset>.dense
+        for name, module in (("dropout", nn.Dropout(p)), ("dense", nn.Linear(dim, dim, bias=bias)), ("tanh", nn.Tanh()),
+                             ("out_dropout", nn.Dropout(p)), ("out_proj", nn.Linear(dim, n, bias=bias))):
+            head.add_module(name, module)
+        return head
 
     def features(self, **inputs: torch.Tensor) -> torch.Tensor:
         out = self.backbone(**inputs)
@@ -184,4 +213,5 @@ class HeadedModel(nn.Module):
 
     def forward(self, dataset: str, **inputs: torch.Tensor) -> torch.Tensor:
         head = self.heads[dataset]
-        return head(self.features(**inputs).to(head.weight.dtype))
+        dtype = [*head.parameters(), *head.buffers()][0].dtype  # a PromptHead has buffers only
+        return head(self.features(**inputs).to(dtype))

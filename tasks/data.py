@@ -6,6 +6,9 @@ loads it with `load_from_disk` / `load_dataset` — the seam paper-scale configs
 """
 from __future__ import annotations
 
+import json
+import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,9 +21,12 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from omegaconf import DictConfig
 
 from tasks import images
+from tasks.augment import Augment, batch_rng
 from tasks.base import Task
 from tasks.common import load_pretrained, selected
 from tasks.regimes import apply_regime, regime_name, steps_for_epochs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,6 +39,11 @@ class SplitPair:
     train: Dataset
     test: Dataset
     source: DictConfig | None = None  # the `task.data.sources.<name>` entry (None: generated)
+    templates: list[str] | None = None  # the dataset's prompt ensemble (None: just `template`)
+
+    @property
+    def ensemble(self) -> list[str]:
+        return list(self.templates or [self.template])
 
 
 def load_suite(
@@ -82,8 +93,10 @@ def _from_source(name: str, src: DictConfig, data_cfg: DictConfig | None = None)
         if col and col != std:
             train, test = train.rename_column(col, std), test.rename_column(col, std)
     train, test = cap(train, (data_cfg or {}).get("train_size")), cap(test, (data_cfg or {}).get("test_size"))
-    return SplitPair(name, source_classes(name, src, train), str(src.get("template", "a photo of a {}.")),
-                     train, test, src)
+    feature = train.features.get("label")
+    classes = source_classes(name, src, list(feature.names) if hasattr(feature, "names") else None)
+    templates = source_templates(name, src)
+    return SplitPair(name, classes, templates[0], train, test, src, templates)
 
 
 def cap(ds: Dataset, size: int | None) -> Dataset:
@@ -108,8 +121,12 @@ def open_source(name: str, src: DictConfig, key: str | None = None) -> DatasetDi
         if Path(path).is_file() and path.endswith((".json", ".jsonl")):  # e.g. LLM-Adapters' test.json files
             dd = load_dataset("json", data_files={str(src.get("json_split", "train")): path})
         else:
-            dd = load_from_disk(path) if Path(path).is_dir() else load_dataset(path, src.get("config"))
+            dd = load_from_disk(path) if Path(path).is_dir() else load_dataset(path, src.get("config"), **hub_kwargs(src))
     except Exception as e:  # network, missing files, wrong id: one clear line
+        if is_script_error(e):
+            raise RuntimeError(
+                f"dataset {name!r} at {path!r} is a script-based hub repo, which datasets>=4 no longer "
+                f"loads: point {key}.path at a parquet/webdataset copy or a local save_to_disk folder") from e
         raise FileNotFoundError(
             f"could not load dataset {name!r} from {path!r} ({type(e).__name__}): no such local folder and "
             f"could not be reached on the Hugging Face hub. Set {key}.path to a "
@@ -121,17 +138,101 @@ def open_source(name: str, src: DictConfig, key: str | None = None) -> DatasetDi
     return dd
 
 
-def source_classes(name: str, src: DictConfig, train: Dataset) -> list[str]:
-    """Class names for prompts: config `classes`, else `classes_file` (one per line, in the dataset
-    folder or hub repo), else the label column's ClassLabel names with underscores as spaces."""
+PROMPTS_DIR = Path(__file__).resolve().parent / "assets" / "prompts"
+
+
+def prompt_set(name: str, src: DictConfig) -> dict[str, Any] | None:
+    """The source's entry in `tasks/assets/prompts/<prompts>.json` (curated class names + template list,
+    each with its public source), when the source names a prompt set; else None."""
+    if not src.get("prompts"):
+        return None
+    path = PROMPTS_DIR / f"{src.prompts}.json"
+    table = json.loads(path.read_text())
+    key = str(src.get("prompts_key") or name)  # prompts_key: another dataset's entry
+    if key not in table:
+        raise KeyError(f"prompt set {src.prompts!r} ({path}) has no entry {key!r}; it has "
+                       f"{', '.join(k for k in table if not k.startswith('_'))}")
+    return table[key]
+
+
+def source_templates(name: str, src: DictConfig) -> list[str]:
+    """Prompt templates: config `templates` (or `template`), else the prompt set's list."""
+    if src.get("templates"):
+        return [str(t) for t in src.templates]
+    if src.get("template"):
+        return [str(src.template)]
+    entry = prompt_set(name, src)
+    return list(entry["templates"]) if entry else ["a photo of a {}."]
+
+
+def hub_kwargs(src: DictConfig) -> dict[str, Any]:
+    """`load_dataset` kwargs of a hub source: `data_files` (webdataset split folders), else nothing."""
+    files = src.get("data_files")
+    return {"data_files": {str(k): str(v) for k, v in files.items()}} if files else {}
+
+
+def is_script_error(err: BaseException) -> bool:
+    """datasets >= 4 refuses hub repos that still ship a loading script (a RuntimeError whose message
+    says dataset scripts are no longer supported; datasets 4.0.0 src/datasets/load.py)."""
+    return isinstance(err, RuntimeError) and "scripts are no longer supported" in str(err)
+
+
+def source_classes(name: str, src: DictConfig, label_names: list[str] | None) -> list[str]:
+    """Class names for prompts, in label order: config `classes`; else the prompt set's curated names
+    aligned to the dataset's own label names (`classes_file`, else the ClassLabel names); else those
+    names with underscores as spaces. An empty list means a regression target (GLUE STS-B)."""
     if src.get("classes"):
         return [str(c) for c in src.classes]
     if src.get("classes_file"):
-        return _read_classes_file(name, src)
-    feature = train.features.get("label")
-    if hasattr(feature, "names"):
-        return [str(c).replace("_", " ") for c in feature.names]
-    return []  # a regression target (e.g. STS-B) has no classes
+        label_names = _read_classes_file(name, src)
+    entry = prompt_set(name, src)
+    if entry is not None:
+        return align_classes(name, list(entry["classes"]), label_names)
+    return [str(c).replace("_", " ") for c in label_names or []]
+
+
+def _name_keys(name: str) -> list[str]:
+    """Spelling-independent keys of a class name: the words of `001.Black_footed_Albatross`,
+    `Black-footed Albatross` or `AM General Hummer SUV 2000` / `2000 AM General Hummer SUV` compare
+    equal; a WordNet synonym list (`tench, Tinca tinca`) also matches its first synonym."""
+    def key(text: str) -> str:
+        text = re.sub(r"^\d+\.", "", text.strip().lower())
+        return " ".join(sorted(re.sub(r"[_\-/,.'()]+", " ", text).split()))
+    return list(dict.fromkeys([key(name), key(name.split(",")[0])]))
+
+
+def align_classes(name: str, curated: list[str], label_names: list[str] | None,
+                  max_unmatched: float = 0.05) -> list[str]:
+    """`curated` reordered to the dataset's label order by matching names (see `_name_keys`).
+
+    With no label names (integer labels) the curated order is taken as the label order. A few names
+    that match nothing (a typo such as CIFAR-100's `cra` for `crab` in the hub copies) take the
+    remaining curated names in order; more than `max_unmatched` of them is a ValueError, since the
+    lists then describe different label sets."""
+    if not label_names:
+        return list(curated)
+    if len(label_names) != len(curated):
+        raise ValueError(f"dataset {name!r} has {len(label_names)} labels but its curated class names "
+                         f"list {len(curated)}; set task.data.sources.{name}.classes=[...] or prompts=null")
+    free: dict[str, list[int]] = {}
+    for i, c in enumerate(curated):
+        for k in _name_keys(c):
+            free.setdefault(k, []).append(i)
+    taken: set[int] = set()
+    out: list[str | None] = []
+    for label in label_names:
+        i = next((i for k in _name_keys(str(label)) for i in free.get(k, []) if i not in taken), None)
+        taken.add(i) if i is not None else None
+        out.append(curated[i] if i is not None else None)
+    rest = iter(c for i, c in enumerate(curated) if i not in taken)
+    unmatched = [str(label) for label, c in zip(label_names, out) if c is None]
+    if len(unmatched) > max_unmatched * len(curated):
+        raise ValueError(f"curated class names of {name!r} do not match the dataset's label names "
+                         f"({len(unmatched)} of {len(curated)} unmatched, e.g. {unmatched[:3]}); set "
+                         f"task.data.sources.{name}.classes=[...] in label order, or prompts=null")
+    if unmatched:
+        log.info("%s: label names %s matched no curated name; given the remaining ones in order", name, unmatched)
+    return [c if c is not None else next(rest) for c in out]
 
 
 def _read_classes_file(name: str, src: DictConfig) -> list[str]:
@@ -176,27 +277,38 @@ def pixel_values(ds: Dataset, processor: Any) -> torch.Tensor:
 
 class LazyPixels:
     """Pixels of a split processed per batch: hub-scale datasets (ImageNet: 1.28M images) do not fit in
-    memory as tensors. Indexes like a tensor (`x[idx_tensor]`, `x[i:j]`), so tasks need not care."""
+    memory as tensors. Indexes like a tensor (`x[idx_tensor]`, `x[i:j]`), so tasks need not care.
+    With `augment` (training splits of the paper suites) each batch is randomly cropped and flipped,
+    then only rescaled and normalised by the processor."""
 
-    def __init__(self, ds: Dataset, processor: Any) -> None:
-        self.ds, self.processor = ds, processor
+    def __init__(self, ds: Dataset, processor: Any, augment: Augment | None = None, seed: int = 0) -> None:
+        self.ds, self.processor, self.augment, self.seed = ds, processor, augment, seed
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, idx: slice | torch.Tensor) -> torch.Tensor:
         rows = range(*idx.indices(len(self))) if isinstance(idx, slice) else torch.as_tensor(idx).tolist()
-        return pixel_values(self.ds.select(list(rows)), self.processor)
+        part = self.ds.select(list(rows))
+        if self.augment is None:
+            return pixel_values(part, self.processor)
+        images = self.augment(part["image"], batch_rng(self.seed, list(rows)))
+        return self.processor(images=images, do_resize=False, do_center_crop=False,
+                              return_tensors="pt")["pixel_values"]
 
 
 def labels(ds: Dataset) -> torch.Tensor:
     return torch.as_tensor(np.asarray(ds["label"]), dtype=torch.long)
 
 
-def prepare_images(pair: SplitPair, processor: object, lazy: bool = False) -> tuple[Any, ...]:
-    """(train_x, train_y, test_x, test_y) of one dataset; x are tensors, or `LazyPixels` when `lazy`."""
-    pixels = (lambda ds: LazyPixels(ds, processor)) if lazy else (lambda ds: pixel_values(ds, processor))
-    return pixels(pair.train), labels(pair.train), pixels(pair.test), labels(pair.test)
+def prepare_images(pair: SplitPair, processor: object, lazy: bool = False, augment: Augment | None = None,
+                   seed: int = 0) -> tuple[Any, ...]:
+    """(train_x, train_y, test_x, test_y) of one dataset; x are tensors, or `LazyPixels` when `lazy`
+    (only lazy training splits are augmented: the tiny suite's eager tensors are used as they are)."""
+    if not lazy:
+        return pixel_values(pair.train, processor), labels(pair.train), pixel_values(pair.test, processor), labels(pair.test)
+    return (LazyPixels(pair.train, processor, augment, seed), labels(pair.train),
+            LazyPixels(pair.test, processor), labels(pair.test))
 
 
 class EpochPlanMixin:
@@ -241,7 +353,15 @@ class ImageSuiteTask(EpochPlanMixin, Task):
     def processor(self) -> object:
         from transformers import AutoImageProcessor
 
-        return load_pretrained(AutoImageProcessor.from_pretrained, self.cfg.model.path)
+        overrides = dict(self.cfg.model.get("processor") or {})  # e.g. DINOv2 with CLIP's statistics
+        return load_pretrained(AutoImageProcessor.from_pretrained, self.cfg.model.path, **overrides)
+
+    @cached_property
+    def augment(self) -> Augment | None:
+        """Training augmentation (`task.data.augment`); None for the tiny suite."""
+        from tasks.augment import from_config
+
+        return from_config(self.cfg.data.get("augment"), self.processor)
 
     @property
     def lazy(self) -> bool:

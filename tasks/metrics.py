@@ -14,7 +14,7 @@ def accuracy(pred: np.ndarray, y: np.ndarray) -> float:
 
 
 def matthews_corr(pred: np.ndarray, y: np.ndarray) -> float:
-    """CoLA's metric."""
+    """CoLA's metric (the GLUE metric's `matthews_correlation`, sklearn's matthews_corrcoef)."""
     from sklearn.metrics import matthews_corrcoef
 
     return float(matthews_corrcoef(y, pred))
@@ -35,13 +35,22 @@ def pearson(pred: np.ndarray, y: np.ndarray) -> float:
 
 
 def spearman(pred: np.ndarray, y: np.ndarray) -> float:
+    """Pearson r of the ranks (ties share their mean rank, as scipy.stats.spearmanr does)."""
     from scipy.stats import rankdata
 
     return pearson(rankdata(pred), rankdata(y))
 
 
+def pearson_spearman_mean(pred: np.ndarray, y: np.ndarray) -> float:
+    """STS-B's headline number in RandLoRA: run_glue.py's `combined_score`, the mean of the GLUE metric's
+    values (pearson, spearmanr), which parse_results.py reports for stsb
+    (github.com/PaulAlbert31/RandLoRA GLUE/run_glue.py:589-591, GLUE/parse_results.py:7-8)."""
+    return (pearson(pred, y) + spearman(pred, y)) / 2
+
+
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-    "accuracy": accuracy, "matthews_corr": matthews_corr, "f1": f1, "pearson": pearson, "spearman": spearman}
+    "accuracy": accuracy, "matthews_corr": matthews_corr, "f1": f1, "pearson": pearson, "spearman": spearman,
+    "pearson_spearman_mean": pearson_spearman_mean}
 
 
 def compute(names: list[str], pred: np.ndarray, y: np.ndarray) -> dict[str, float]:

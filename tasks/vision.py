@@ -83,24 +83,25 @@ class VisionTask(ImageSuiteTask):
         classes = {name: len(pair.classes) for name, pair in self.suite.items()}
         log.info("vision task: %s, datasets %s", self.cfg.model.path, ", ".join(classes))
         return HeadedModel(backbone, hidden_size(backbone), classes, pool=self.cfg.model.get("pool", "pooler"),
-                           seed=int(self.cfg.data.get("seed", 0)))
+                           seed=int(self.cfg.data.get("seed", 0)), bias=bool(self.cfg.model.get("head_bias", True)),
+                           init_std=float(self.cfg.model.get("head_init_std", 0.02)))
 
     def _clip_with_prompt_heads(self) -> nn.Module:
         """`task.model.head: prompts`: a CLIP image encoder under a frozen text-prompt classifier per
         dataset (the text tower is used once, to build the classifier, then dropped)."""
         from transformers import AutoTokenizer, CLIPModel
 
-        from tasks.clip import text_features
+        from tasks.clip import class_embeddings
 
         clip = load_pretrained(CLIPModel.from_pretrained, self.cfg.model.path, **load_kwargs(self.cfg.model))
         tokenizer = load_pretrained(AutoTokenizer.from_pretrained, self.cfg.model.path)
         model = HeadedModel(ClipImageEncoder(clip), clip.config.projection_dim,
                             {name: len(pair.classes) for name, pair in self.suite.items()}, pool="pooler")
         with torch.no_grad():
-            for name, pair in self.suite.items():
-                tok = tokenizer([pair.template.format(c) for c in pair.classes], padding=True, truncation=True,
-                                return_tensors="pt")
-                txt = text_features(clip, tok["input_ids"], tok["attention_mask"])
+            for name, pair in self.suite.items():  # the template ensemble of the official head (src/heads.py)
+                texts = [t.format(c) for t in pair.ensemble for c in pair.classes]
+                tok = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+                txt = class_embeddings(clip, dict(tok), len(pair.classes))
                 model.heads[name] = PromptHead((clip.logit_scale.exp() * txt).float())
         log.info("vision task: %s image encoder, frozen prompt classifiers for %s", self.cfg.model.path,
                  ", ".join(self.suite))
@@ -109,7 +110,9 @@ class VisionTask(ImageSuiteTask):
 
     @cached_property
     def data(self) -> dict[str, tuple[torch.Tensor, ...]]:
-        return {name: prepare_images(pair, self.processor, self.lazy) for name, pair in self.suite.items()}
+        seed = int(self.cfg.get("seed", 0))
+        return {name: prepare_images(pair, self.processor, self.lazy, self.augment, seed)
+                for name, pair in self.suite.items()}
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
         data = self.data

@@ -1,0 +1,75 @@
+"""Training-time image augmentation of the paper image suites, on PIL images (no torchvision needed).
+
+The official RandLoRA code trains every image dataset with RandomResizedCrop(224, scale=(0.5, 1.0),
+bicubic) followed by a random horizontal flip (github.com/PaulAlbert31/RandLoRA,
+vision_language/src/finetune.py, the `preprocess_train` transform). `random_resized_crop` follows the
+sampling rule torchvision documents for RandomResizedCrop: up to 10 draws of an area fraction in `scale`
+and a log-uniform aspect ratio in (3/4, 4/3), else a centre crop of the clamped ratio.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's default aspect-ratio range
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random resized crop to `size` (area fraction in `scale`) + horizontal flip with prob. `flip`."""
+
+    size: int
+    scale: tuple[float, float] = (0.5, 1.0)
+    flip: float = 0.5
+
+    def __call__(self, images: Sequence[Image.Image], rng: np.random.Generator) -> list[Image.Image]:
+        out = []
+        for img in images:
+            img = random_resized_crop(img.convert("RGB"), self.size, self.scale, rng)
+            out.append(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < self.flip else img)
+        return out
+
+
+def batch_rng(seed: int, indices: Sequence[int]) -> np.random.Generator:
+    """A generator fixed by the run seed and the batch's example indices: the same batch gets the
+    same crops in a resumed run, and no state needs checkpointing."""
+    return np.random.default_rng([seed, zlib.crc32(np.asarray(indices, dtype=np.int64).tobytes())])
+
+
+def crop_box(width: int, height: int, scale: tuple[float, float], rng: np.random.Generator
+             ) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a random crop covering a `scale` fraction of the image area."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(math.log(RATIO[0]), math.log(RATIO[1])))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    ratio = width / height  # fallback: the largest centred crop whose ratio lies in RATIO
+    w, h = (width, round(width / RATIO[1])) if ratio > RATIO[1] else (
+        (round(height * RATIO[0]), height) if ratio < RATIO[0] else (width, height))
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float],
+                        rng: np.random.Generator) -> Image.Image:
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=crop_box(*img.size, scale, rng))
+
+
+def from_config(cfg: object, processor: object) -> Augment | None:
+    """`task.data.augment` ({size, scale, flip}; null = none) as an Augment; size null = the
+    processor's crop size (224 for the CLIP and DINOv2 checkpoints)."""
+    if not cfg:
+        return None
+    size = cfg.get("size") or (getattr(processor, "crop_size", None) or {}).get("height")
+    if not size:
+        raise ValueError("task.data.augment.size is null and the image processor has no crop_size; set it")
+    return Augment(int(size), tuple(float(s) for s in cfg.get("scale", (0.5, 1.0))), float(cfg.get("flip", 0.5)))
