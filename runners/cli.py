@@ -32,6 +32,15 @@ def preflight(argv: list[str]) -> str | None:
     return None
 
 
+def compose_config(overrides: list[str]) -> "DictConfig":
+    """The job config `python run.py <overrides>` would run with (no Hydra run directory needed);
+    a composition error exits with the same one line as run.py."""
+    if (problem := preflight(overrides)) is not None:
+        raise SystemExit(f"rankbench: {problem}")
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
 def one_line(message: str) -> str:
     """Condense a Hydra/OmegaConf error message to the part a user needs."""
     missing = re.search(r"Could not find '([^']+)/([^']+)'", message)

@@ -417,9 +417,11 @@ def _finish(record: dict[str, Any], status: str, error: str | None) -> None:
 
 def protocol_of(config: dict[str, Any]) -> dict[str, Any]:
     """The paper protocol the task config follows and its deliberate deviations (`task.protocol`:
-    `source` and a list of `deviations`, each {what, why}), so results never hide what differed."""
+    `source`, a list of `deviations`, each {what, why}, and `notes` on facts that could not be checked),
+    so results never hide what differed."""
     protocol = (config.get("task") or {}).get("protocol") or {}
-    return {"source": protocol.get("source"), "deviations": list(protocol.get("deviations") or [])}
+    return {"source": protocol.get("source"), "deviations": list(protocol.get("deviations") or []),
+            "notes": list(protocol.get("notes") or [])}
 
 
 def _now() -> str:

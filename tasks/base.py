@@ -34,7 +34,10 @@ class Task(ABC):
 
     @property
     def target_modules(self) -> list[str] | str:
-        return list(self.cfg.model.target_modules)
+        """Name suffixes (a list), or one regex (a string, kept whole): GLUE's size=base uses a regex so
+        adapters wrap only encoder layers, never the RoBERTa head's own `dense`."""
+        targets = self.cfg.model.target_modules
+        return targets if isinstance(targets, str) else list(targets)
 
     @property
     def head_prefixes(self) -> list[str]:

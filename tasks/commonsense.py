@@ -1,18 +1,31 @@
-"""task=commonsense: decoder LMs fine-tuned on commonsense instructions, scored by answer accuracy.
+"""task=commonsense: a decoder LM fine-tuned once on commonsense instructions, scored on eight benchmarks.
 
-The LLM-Adapters protocol the RandLoRA paper follows (Hu et al. 2023, arXiv 2304.01933): train on the
-commonsense-170k (or -15k) instruction set with the causal-LM loss on the response only, then evaluate on
-eight benchmarks (BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA). Evaluation here scores
-each candidate answer keyword ("the correct answer is option1") by its log-likelihood after the prompt and
-takes the best: the same answer accuracy as LLM-Adapters' generate-then-parse, without generation noise.
+The protocol of the official RandLoRA code (github.com/PaulAlbert31/RandLoRA commonsense_reasoning/, commit
+4ac565e, itself derived from LLM-Adapters, Hu et al. 2023, arXiv 2304.01933): one adapter trained for one
+epoch on commonsense_170k (or _15k) with the causal-LM loss on prompt + response + EOS (finetune.py:105,
+train_on_inputs=True), minus a 120-example validation hold-out of that file (finetune.py:351-353); then
+BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c and OBQA are scored with the evaluation prompt,
+which is never truncated (commonsense_evaluate.py:89; only training cuts at cutoff_len 256).
+
+Per benchmark, from the log-likelihood of continuations after "<evaluation prompt>the correct answer is":
+  * `accuracy` (the headline): the answer keyword ("solution1", "true", ...) the model finds likeliest.
+    The official code generates with 4-beam search and takes the first keyword its regex finds
+    (commonsense_evaluate.py:78-111, 315-346); both choose among the same keywords, this one without
+    generation cost (listed in task.protocol.deviations).
+  * `acc`, `acc_norm`, `acc_bytes`: lm-evaluation-harness multiple-choice scoring of each option's text
+    (parsed from the instruction: "Solution1: ..."), argmax of the summed log-likelihood, of it divided by
+    the option's length in characters, and in UTF-8 bytes (lm_eval/api/task.py:1494-1512, v0.4.13).
+  * `val_loss`: the training loss on the validation hold-out (the same number in every benchmark's entry:
+    one adapter serves all eight).
 """
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
@@ -25,42 +38,111 @@ from tasks.data import cap, open_source
 from tasks.regimes import steps_for_epochs
 
 log = logging.getLogger(__name__)
-IGNORE = -100  # label of tokens the loss skips (prompt, padding)
+IGNORE = -100  # label of tokens the loss skips (padding; the prompt when train_on_inputs is false)
 TRAIN = "commonsense_train"
 
-
-@dataclass
-class Example:
-    """One tokenised training example: prompt + response ids, and where the response starts."""
-
-    ids: list[int]
-    start: int
+Row = tuple[list[int], list[int]]  # (input ids, labels) of one sequence
+Pair = tuple[list[int], list[int]]  # (context ids, continuation ids) of one scoring request
 
 
-def pad_batch(seqs: list[list[int]], starts: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask, and labels that are IGNORE before `start` and on padding."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, (seq, start) in enumerate(zip(seqs, starts)):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-        labels[row, start : len(seq)] = torch.tensor(seq[start:])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+# --- pure helpers --------------------------------------------------------------------------------------
+
+def pad_batch(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask / labels; padding is masked and IGNOREd."""
+    width = max(len(ids) for ids, _ in rows)
+    ids_t = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels_t = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (ids, labels) in enumerate(rows):
+        ids_t[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels_t[r, : len(labels)] = torch.tensor(labels, dtype=torch.long)
+        mask[r, : len(ids)] = 1
+    return {"input_ids": ids_t, "attention_mask": mask, "labels": labels_t}
 
 
-def response_logprob(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed log-probability of the labelled (response) tokens of each row."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    target = batch["labels"][:, 1:]
-    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * (target != IGNORE)).sum(-1)
+def _labelled_logits(model: nn.Module, batch: dict[str, torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits at labelled positions as float32, their targets, their row index). Only those positions are
+    upcast: full-vocabulary float32 logits of a whole batch are large (151936 words for Qwen2)."""
+    device = model_device(model)
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+    logits = model(**inputs).logits
+    labels = batch["labels"].to(device)[:, 1:]
+    keep = labels != IGNORE
+    return logits[:, :-1][keep].float(), labels[keep], keep.nonzero()[:, 0]
 
+
+def token_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over the labelled positions, and their number."""
+    logits, targets, _ = _labelled_logits(model, batch)
+    return F.cross_entropy(logits, targets, reduction="sum"), torch.tensor(len(targets), device=logits.device)
+
+
+def encode_pair(tok: object, context: str, continuation: str) -> Pair:
+    """(context ids, continuation ids) as lm-evaluation-harness splits them (lm_eval/api/model.py
+    `_encode_pair`, v0.4.13): trailing spaces of the context move to the continuation, the whole text is
+    tokenised once and cut after the context's own tokens. Nothing is truncated."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole, ctx = tok(context + continuation)["input_ids"], tok(context)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
+def continuation_logprobs(model: nn.Module, pairs: list[Pair], pad_id: int, batch_size: int) -> list[float]:
+    """Summed log-probability of each continuation given its context, (context ids, continuation ids)
+    pairs scored longest first so that a batch pads little."""
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    out = [0.0] * len(pairs)
+    for start in range(0, len(order), max(1, batch_size)):
+        idx = order[start : start + max(1, batch_size)]
+        rows = [(ctx + cont, [IGNORE] * len(ctx) + cont) for ctx, cont in (pairs[i] for i in idx)]
+        logits, targets, row = _labelled_logits(model, pad_batch(rows, pad_id))
+        logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        sums = torch.zeros(len(idx), device=logp.device).index_add_(0, row, logp)
+        for i, s in zip(idx, sums.tolist()):
+            out[i] = s
+    return out
+
+
+def choice_metrics(lls: list[float], choices: list[str], gold: int) -> dict[str, float]:
+    """lm-evaluation-harness multiple-choice metrics of one example (lm_eval/api/task.py:1494-1512, v0.4.13):
+    `acc` argmax of the summed log-likelihoods; `acc_norm` of them divided by each choice's length in
+    characters (`len(choice)`); `acc_bytes` divided by its UTF-8 byte length. gold = -1: always wrong."""
+    ll = np.asarray(lls, dtype=float)
+    chars = np.array([max(1.0, len(c)) for c in choices])  # max(1, .): an empty option must not divide by 0
+    nbytes = np.array([max(1.0, len(c.encode("utf-8"))) for c in choices])
+    return {"acc": float(np.argmax(ll) == gold), "acc_norm": float(np.argmax(ll / chars) == gold),
+            "acc_bytes": float(np.argmax(ll / nbytes) == gold)}
+
+
+def option_texts(instruction: str, label: str) -> dict[int, str]:
+    """The options an LLM-Adapters instruction lists, by number: "Solution1: a Solution2: b Answer format:
+    solution1/solution2" -> {1: "a", 2: "b"} (options end at the next option or at "Answer format:")."""
+    lab = re.escape(label)
+    pattern = rf"{lab}(\d+):\s*(.*?)\s*(?={lab}\d+:|Answer format:|\Z)"
+    return {int(k): v for k, v in re.findall(pattern, instruction, flags=re.DOTALL)}
+
+
+def hold_out(ds: Dataset, size: int, seed: int) -> tuple[Dataset, Dataset | None]:
+    """(train, validation): the official `train_test_split(test_size=120, shuffle=True, seed=42)`
+    (finetune.py:351-353), the same `datasets` call, so the same examples are held out. A set too small to
+    spare `size` examples holds out half of itself (a smoke test still trains); size 0: no hold-out."""
+    if size > len(ds) // 2:
+        log.warning("training set has %d examples: holding out %d for validation instead of %d",
+                    len(ds), len(ds) // 2, size)
+        size = len(ds) // 2
+    if size <= 0:
+        return ds, None
+    parts = ds.train_test_split(test_size=size, shuffle=True, seed=seed)
+    return parts["train"], parts["test"]
+
+
+# --- the task ------------------------------------------------------------------------------------------
 
 @register("commonsense")
 class CommonsenseTask(Task):
-    """Causal LM + instruction data; `accuracy` per benchmark is answer accuracy (no task head)."""
+    """Causal LM + instruction data; no task head (the LM head answers)."""
 
     trains_per_dataset = False  # one adapter trained on the mixed commonsense set, scored on 8 benchmarks
 
@@ -71,7 +153,8 @@ class CommonsenseTask(Task):
     def build_model(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        model = load_pretrained(AutoModelForCausalLM.from_pretrained, self.cfg.model.path, **load_kwargs(self.cfg.model))
+        model = load_pretrained(AutoModelForCausalLM.from_pretrained, self.cfg.model.path,
+                                **load_kwargs(self.cfg.model))
         model.config.use_cache = False  # training and one-pass scoring: no KV cache needed
         log.info("commonsense task: %s, benchmarks %s", self.cfg.model.path, ", ".join(self.datasets))
         return enable_memory_savers(model, self.cfg.model)
@@ -81,61 +164,101 @@ class CommonsenseTask(Task):
         from transformers import AutoTokenizer
 
         tok = load_pretrained(AutoTokenizer.from_pretrained, self.cfg.model.path)
-        if tok.pad_token_id is None:  # LLaMA-3 / Qwen2 base ship no pad token; padding is masked anyway
+        if tok.pad_token_id is None:  # LLaMA-3 ships no pad token; padding is masked out anyway
             tok.pad_token = tok.eos_token
         return tok
 
     # --- text ------------------------------------------------------------------------------------------
 
-    def prompt(self, row: dict) -> str:
+    def train_text(self, row: dict, output: str | None = None) -> str:
+        """finetune.py generate_prompt: the training template (with or without input) filled with the row
+        and its `output` ("the correct answer is X"); `output=""` gives the user prompt."""
         d = self.cfg.data
-        return str(d.prompt).format(instruction=row[d.get("instruction_column", "instruction")],
-                                    input=row.get(d.get("input_column", "input")) or "")
+        given = row.get(d.input_column) or ""
+        template = d.train_prompt_input if given else d.train_prompt
+        return str(template).format(instruction=row[d.instruction_column], input=given,
+                                    output=row[d.output_column] if output is None else output)
 
-    def response(self, answer: str) -> str:
-        return str(self.cfg.data.response).format(answer)
+    def eval_context(self, row: dict) -> str:
+        """commonsense_evaluate.py generate_prompt (the instruction only), then the response's lead-in."""
+        d = self.cfg.data
+        return str(d.eval_prompt).format(instruction=row[d.instruction_column]) + str(d.response_prefix)
 
-    def encode(self, prompt: str, response: str, eos: bool) -> Example:
-        """Token ids of prompt + response (truncated to max_length), response start = prompt length."""
-        tok, limit = self.tokenizer, int(self.cfg.data.get("max_length", 256))
-        start = len(tok(prompt)["input_ids"])
-        ids = tok(prompt + response)["input_ids"]
-        if eos and tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
-            ids = ids + [tok.eos_token_id]
-        return Example(ids[:limit], min(start, limit))
+    def encode_train(self, row: dict) -> Row:
+        """finetune.py tokenize + generate_and_tokenize_prompt: cut to cutoff_len, append EOS if there is
+        room, labels = ids; with train_on_inputs false the user prompt's tokens are IGNOREd."""
+        tok, limit = self.tokenizer, int(self.cfg.data.max_length)
+        ids = tok(self.train_text(row), truncation=True, max_length=limit)["input_ids"]
+        if tok.eos_token_id is not None and ids and ids[-1] != tok.eos_token_id and len(ids) < limit:
+            ids = [*ids, tok.eos_token_id]
+        labels = list(ids)
+        if not self.cfg.data.train_on_inputs:
+            user = len(tok(self.train_text(row, output=""), truncation=True, max_length=limit)["input_ids"])
+            labels = [IGNORE] * user + labels[user:]
+        return ids, labels
+
+    def options(self, name: str, row: dict, keywords: list[str]) -> tuple[list[str], int]:
+        """One example's option texts and the gold one's index: parsed from the instruction by the
+        benchmark's `choice_label` (keyword i names option i+1), or the keywords themselves (BoolQ)."""
+        d, src = self.cfg.data, self.cfg.data.sources[name]
+        answer = str(row[d.answer_column])
+        gold = keywords.index(answer) if answer in keywords else -1
+        if not src.get("choice_label"):
+            return keywords, gold
+        found = option_texts(row[d.instruction_column], str(src.choice_label))
+        if not found or (gold >= 0 and gold + 1 not in found):
+            raise ValueError(
+                f"{name}: no options labelled '{src.choice_label}<k>:' (or none for the gold answer "
+                f"{answer!r}) in the instruction {row[d.instruction_column][:200]!r}. Fix task.data.sources."
+                f"{name}.choice_label, or set task.data.score_options=false to skip acc/acc_norm.")
+        numbers = sorted(found)
+        return [found[k] for k in numbers], numbers.index(gold + 1) if gold >= 0 else -1
 
     # --- data ------------------------------------------------------------------------------------------
 
     @cached_property
-    def train_set(self) -> Dataset:
-        src = self.cfg.data.train
+    def _train_and_val(self) -> tuple[Dataset, Dataset | None]:
+        d, src = self.cfg.data, self.cfg.data.train
         ds = open_source("train", src, key="task.data.train")[src.get("split", "train")]
-        return cap(ds, self.cfg.data.get("train_size"))
+        train, val = hold_out(ds, int(d.get("val_set_size") or 0), int(d.get("val_seed", 42)))
+        return cap(train, d.get("train_size")), val
+
+    @property
+    def train_set(self) -> Dataset:
+        """The training file minus the validation hold-out (capped by task.data.train_size)."""
+        return self._train_and_val[0]
+
+    @property
+    def val_set(self) -> Dataset | None:
+        return self._train_and_val[1]
 
     @cached_property
     def test_sets(self) -> dict[str, Dataset]:
         out = {}
         for name in self.datasets:
             src = self.cfg.data.sources[name]
-            out[name] = cap(open_source(name, src)[src.get("test_split", "test")], self.cfg.data.get("test_size"))
+            ds = open_source(name, src)[src.get("test_split", "test")]
+            if src.get("size") and len(ds) != int(src.size):
+                log.warning("%s: %d test examples where the official test set has %d "
+                            "(task.data.sources.%s.size)", name, len(ds), int(src.size), name)
+            out[name] = cap(ds, self.cfg.data.get("test_size"))
         return out
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
-        ds, answer = self.train_set, self.cfg.data.get("answer_column", "answer")
-        n = len(ds)
+        """Shuffled every epoch by `generator`; the last, smaller batch of an epoch is kept (as the
+        official DataLoader does)."""
+        ds, pad = self.train_set, self.tokenizer.pad_token_id
+        if len(ds) == 0:
+            raise ValueError("the commonsense training set is empty (after the validation hold-out)")
         while True:
-            perm = torch.randperm(n, generator=generator).tolist()
-            for i in range(0, n - min(batch_size, n) + 1, min(batch_size, n)):
-                rows = ds.select(perm[i : i + batch_size])
-                ex = [self.encode(self.prompt(r), self.response(r[answer]), eos=True) for r in rows]
-                yield {"dataset": TRAIN, **pad_batch([e.ids for e in ex], [e.start for e in ex],
-                                                     self.tokenizer.pad_token_id)}
+            perm = torch.randperm(len(ds), generator=generator).tolist()
+            for i in range(0, len(ds), batch_size):
+                rows = [self.encode_train(r) for r in ds.select(perm[i : i + batch_size])]
+                yield {"dataset": TRAIN, **pad_batch(rows, pad)}
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        device = model_device(model)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        labels = batch["labels"].to(device)
-        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+        total, count = token_nll(model, batch)
+        return total / count.clamp(min=1)
 
     def planned_steps(self, batch_size: int, grad_accum: int = 1) -> int | None:
         epochs = self.cfg.data.get("epochs")
@@ -146,26 +269,53 @@ class CommonsenseTask(Task):
     # --- evaluation ------------------------------------------------------------------------------------
 
     def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
-        """Answer accuracy per benchmark: the candidate answer with the highest log-likelihood."""
-        acc = {}
-        with eval_mode(model):
-            for name, ds in self.test_sets.items():
-                acc[name] = self._accuracy(model, name, ds, batch_size)
-        return acc
+        """Answer-keyword accuracy per benchmark (the headline `accuracy` of evaluate_metrics)."""
+        return {name: m["accuracy"] for name, m in self.evaluate_metrics(model, batch_size).items()}
 
-    def _accuracy(self, model: nn.Module, name: str, ds: Dataset, batch_size: int) -> float:
-        choices = [str(c) for c in self.cfg.data.sources[name].choices]
-        answer = self.cfg.data.get("answer_column", "answer")
-        device, pad = model_device(model), self.tokenizer.pad_token_id
-        # full-vocabulary logits of (examples x choices) sequences: a separate, small scoring batch
+    def evaluate_metrics(self, model: nn.Module, batch_size: int = 256) -> dict[str, dict[str, float]]:
+        """accuracy, acc, acc_norm, acc_bytes per benchmark, and the validation loss in each entry."""
         batch_size = min(batch_size, int(self.cfg.data.get("score_batch_size") or batch_size))
-        pairs = [self.encode(self.prompt(r), self.response(c), eos=False) for r in ds for c in choices]
-        scores = []
-        for i in range(0, len(pairs), max(1, batch_size)):
-            chunk = pairs[i : i + batch_size]
-            batch = {k: v.to(device) for k, v in pad_batch([p.ids for p in chunk], [p.start for p in chunk], pad).items()}
-            scores.append(response_logprob(model, batch).cpu())
-        best = torch.cat(scores).view(len(ds), len(choices)).argmax(-1).tolist()
-        gold = [str(a).strip().lower() for a in ds[answer]]
-        correct = sum(choices[b].lower() == g for b, g in zip(best, gold))
-        return correct / max(1, len(ds))
+        with eval_mode(model):
+            val = self.validation_loss(model, batch_size)
+            out = {name: self._benchmark(model, name, ds, batch_size) for name, ds in self.test_sets.items()}
+        if val is not None:
+            log.info("validation loss (%d held-out examples): %.4f", len(self.val_set), val)
+            for metrics in out.values():
+                metrics["val_loss"] = val
+        return out
+
+    def validation_loss(self, model: nn.Module, batch_size: int) -> float | None:
+        """Token-mean training loss (same encoding and mask) on the hold-out; None without one."""
+        if not self.cfg.data.get("val_set_size") or self.val_set is None:
+            return None
+        ds = self.val_set
+        total, count = 0.0, 0
+        with eval_mode(model):
+            for i in range(0, len(ds), batch_size):
+                rows = [self.encode_train(r) for r in ds.select(range(i, min(i + batch_size, len(ds))))]
+                nll, n = token_nll(model, pad_batch(rows, self.tokenizer.pad_token_id))
+                total, count = total + float(nll), count + int(n)
+        return total / max(1, count)
+
+    def _benchmark(self, model: nn.Module, name: str, ds: Dataset, batch_size: int) -> dict[str, float]:
+        """Keyword accuracy, and the lm-eval option metrics unless task.data.score_options is false."""
+        d, tok = self.cfg.data, self.tokenizer
+        keywords = [str(c) for c in d.sources[name].choices]
+        score_options = bool(d.get("score_options", True))
+        examples, requests = [], []
+        for row in ds:
+            context = self.eval_context(row)
+            texts, gold = self.options(name, row, keywords) if score_options else ([], -1)
+            examples.append((str(row[d.answer_column]), texts, gold))
+            requests += [(context, k) for k in keywords] + [(context, t) for t in texts]
+        pairs = [encode_pair(tok, context, continuation) for context, continuation in requests]
+        lls = iter(continuation_logprobs(model, pairs, tok.pad_token_id, batch_size))
+        names = ["accuracy", "acc", "acc_norm", "acc_bytes"] if score_options else ["accuracy"]
+        totals = dict.fromkeys(names, 0.0)
+        for answer, texts, gold in examples:  # the scores come back in request order
+            keyword_lls, option_lls = [next(lls) for _ in keywords], [next(lls) for _ in texts]
+            totals["accuracy"] += float(keywords[int(np.argmax(keyword_lls))] == answer)
+            if texts:
+                for key, value in choice_metrics(option_lls, texts, gold).items():
+                    totals[key] += value
+        return {key: value / max(1, len(ds)) for key, value in totals.items()}

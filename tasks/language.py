@@ -54,13 +54,6 @@ class LanguageTask(EpochPlanMixin, Task):
     def datasets(self) -> list[str]:
         return selected(list(self.cfg.data.datasets), self.cfg.get("dataset"))
 
-    @property
-    def target_modules(self) -> list[str] | str:
-        """Name suffixes (a list), or one regex (a string, kept whole): size=base uses a regex so that
-        adapters wrap only backbone layers, never the RoBERTa head's own `dense`."""
-        targets = self.cfg.model.target_modules
-        return targets if isinstance(targets, str) else list(targets)
-
     def build_model(self) -> nn.Module:
         from transformers import AutoModel
 

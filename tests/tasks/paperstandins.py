@@ -139,33 +139,52 @@ def roberta_model(path: Path) -> Path:
 
 # --- commonsense reasoning ---------------------------------------------------------------------------
 
-def commonsense_data(root: Path, names: list[str], choices: dict[str, list[str]], n_test: int = 6) -> dict[str, Path]:
-    """LLM-Adapters-shaped JSON sets: commonsense_15k-style train (instruction, input, output, answer) and
-    one test set per benchmark (instruction, answer), saved as DatasetDicts."""
+OPTION_WORDS = ["cat", "dog sat", "a red apple", "the mat is blue", "one two three four five"]
+
+
+def commonsense_instruction(name: str, i: int, keywords: list[str], label: str | None) -> str:
+    """An instruction shaped like LLM-Adapters' dataset/<name>/test.json ones: the question, the options
+    as "<Label>1: ... <Label>2: ..." (none for BoolQ) and "Answer format: k1/k2"."""
+    options = "".join(f" {label}{k + 1}: {OPTION_WORDS[k]}" for k in range(len(keywords))) if label else ""
+    return f"question {name} {i} pick the answer{options} Answer format: {'/'.join(keywords)}"
+
+
+def commonsense_data(root: Path, names: list[str], choices: dict[str, list[str]],
+                     labels: dict[str, str | None] | None = None, n_test: int = 6,
+                     n_train: int = 4) -> dict[str, Path]:
+    """LLM-Adapters-shaped sets saved as DatasetDicts: a commonsense_15k-style train split (instruction,
+    input, output, answer; `n_train` rows per benchmark) and one test split per benchmark."""
     rng = np.random.default_rng(0)
+    labels = labels or {}
     out = {}
     rows = []
     for name in names:
-        for i in range(4):
+        for i in range(n_train):
             answer = choices[name][i % len(choices[name])]
-            rows.append({"instruction": f"question {name} {i} pick the answer", "input": "",
-                         "output": f"the correct answer is {answer}", "answer": answer})
+            rows.append({"instruction": commonsense_instruction(name, i, choices[name], labels.get(name)),
+                         "input": "", "output": f"the correct answer is {answer}", "answer": answer})
     DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(root / "train")
     out["train"] = root / "train"
     for name in names:
-        test = [{"instruction": f"question {name} {int(rng.integers(9))} pick the answer",
-                 "answer": choices[name][int(rng.integers(len(choices[name])))]} for _ in range(n_test)]
+        test = []
+        for _ in range(n_test):
+            instruction = commonsense_instruction(name, int(rng.integers(9)), choices[name], labels.get(name))
+            test.append({"instruction": instruction, "input": "", "output": "",
+                         "answer": choices[name][int(rng.integers(len(choices[name])))]})
         DatasetDict({"test": Dataset.from_list(test)}).save_to_disk(root / name)
         out[name] = root / name
     return out
 
 
 def causal_lm(path: Path, words: list[str], arch: str = "llama") -> Path:
-    """A random tiny LlamaForCausalLM (or Qwen2ForCausalLM) + word-level tokenizer, via save_pretrained."""
+    """A random tiny LlamaForCausalLM (or Qwen2ForCausalLM) + a lower-casing word-level tokenizer over
+    `words` (pass them split as the tokenizer splits: words and punctuation runs), via save_pretrained."""
+    from tokenizers import normalizers
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok = word_tokenizer([" ".join(words)], {"unk_token": "<unk>", "pad_token": "<pad>", "bos_token": "<s>",
                                              "eos_token": "</s>"})
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()
     cls, config_cls = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[arch]
     torch.manual_seed(0)
     config = config_cls(**TINY, num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,

@@ -1,0 +1,290 @@
+"""Check a whole suite before any GPU time is spent: `python -m runners.preflight <run.py overrides>`.
+
+For every dataset of the run's suite: where it comes from, its splits and sizes, its columns, its class
+names exactly as prompts will use them and the first prompts -- read from metadata only (the hub's file
+listing and dataset card, or a local `save_to_disk` folder), never by downloading the data. For the
+model: its config (no weights), a `meta`-device skeleton, the Linear layers the task's targets match and
+each adapter method's exact parameter count at the checked budgets. Every problem is listed at once; the
+exit status is 1 if there is any. `preflight.out=PATH` also writes the records as JSON (a list, one
+record per dataset: dataset, source, splits, columns, num_classes, classes, prompts, problems, model).
+SLURM sweeps run this on the submitting machine before the job array is submitted (runners/sweeper.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("rankbench.preflight")
+
+DEFAULT_BUDGETS = ["lora4", "lora8", "lora16", "lora32"]  # conf/sweep/budget.yaml's axis
+PROMPTS_SHOWN = 3
+
+
+@dataclass
+class Record:
+    """What the preflight found about one dataset of the suite."""
+
+    dataset: str
+    source: dict[str, Any]
+    splits: dict[str, int | None] = field(default_factory=dict)
+    columns: list[str] = field(default_factory=list)
+    num_classes: int | None = None
+    classes: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+# --- datasets ----------------------------------------------------------------------------------------
+
+def check_dataset(name: str, src: DictConfig | None, task_cfg: DictConfig, key: str | None = None) -> Record:
+    """One dataset's record: metadata from a local folder or the hub, then classes and prompts."""
+    key = key or f"task.data.sources.{name}"
+    if src is None:
+        return Record(name, {"generated": True}, problems=[])  # the tiny suite's generated data
+    rec = Record(name, {"path": src.get("path"), "config": src.get("config")})
+    path = src.get("path")
+    if not path:
+        rec.problems.append(f"no path: no verified public copy is configured; set {key}.path=<folder or file>")
+        return rec
+    try:
+        meta = _local_metadata(str(path)) if Path(str(path)).exists() else _hub_metadata(str(path), src)
+    except LookupError as err:
+        rec.problems.append(str(err))
+        return rec
+    rec.splits, rec.columns = meta["splits"], meta["columns"]
+    _check_splits_and_columns(rec, src, key)
+    _fill_classes(rec, name, src, _label_names(meta["features"], src), task_cfg)
+    return rec
+
+
+def _local_metadata(path: str) -> dict[str, Any]:
+    """Splits, sizes, columns and label names of a save_to_disk folder or a .json file (memory-mapped)."""
+    from datasets import load_dataset, load_from_disk
+
+    dd = load_dataset("json", data_files=path) if path.endswith((".json", ".jsonl")) else load_from_disk(path)
+    first = next(iter(dd.values()))
+    return {"splits": {s: len(d) for s, d in dd.items()}, "columns": list(first.column_names),
+            "features": first.features}
+
+
+def _hub_metadata(path: str, src: DictConfig) -> dict[str, Any]:
+    """Splits, sizes and columns from the hub: the repo's file listing, then the dataset card's metadata
+    (load_dataset_builder reads README.md and the data-file layout, not the data)."""
+    files = _repo_files(path)
+    script = [f for f in files if "/" not in f and f.endswith(".py")]
+    if script:
+        raise LookupError(f"{path} ships a loading script ({script[0]}), which datasets>=4 refuses: "
+                          "use a parquet/webdataset copy")
+    if src.get("classes_file") and str(src.classes_file) not in files:
+        raise LookupError(f"{path} has no {src.classes_file} at its root")
+    from datasets import load_dataset_builder
+
+    from tasks.data import hub_kwargs
+
+    try:
+        builder = load_dataset_builder(path, src.get("config"), **hub_kwargs(src))
+    except Exception as err:  # noqa: BLE001 - any failure here is the problem to report
+        raise LookupError(f"{path}: metadata unreadable ({type(err).__name__}: {_first_line(err)})") from err
+    info = builder.info
+    splits = {s: v.num_examples for s, v in (info.splits or {}).items()}
+    if not splits and src.get("data_files"):
+        splits = {s: None for s in src.data_files}  # webdataset: sizes are not in the metadata
+    features = info.features or {}
+    return {"splits": splits, "columns": list(features), "features": features}
+
+
+def _label_names(features: Any, src: DictConfig) -> list[str] | None:
+    """The label column's ClassLabel names, or None for integer labels (or unknown columns)."""
+    feature = (features or {}).get(src.get("label_column") or "label")
+    return list(feature.names) if hasattr(feature, "names") else None
+
+
+def _repo_files(path: str) -> list[str]:
+    """The hub repo's file names; LookupError naming why it cannot be listed."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        return list(HfApi().list_repo_files(path, repo_type="dataset"))
+    except GatedRepoError as err:
+        raise LookupError(f"{path} is gated: accept its terms on the hub and log in (hf auth login)") from err
+    except RepositoryNotFoundError as err:
+        raise LookupError(f"{path}: no such dataset repo on the hub") from err
+    except Exception as err:  # noqa: BLE001 - network, proxy, offline mode
+        raise LookupError(f"{path}: hub unreachable ({type(err).__name__}: {_first_line(err)})") from err
+
+
+def _check_splits_and_columns(rec: Record, src: DictConfig, key: str) -> None:
+    train, test = src.get("train_split", "train"), src.get("test_split", "test")
+    for split, what in ((train, "train_split"), (test, "test_split")):
+        if split is not None and rec.splits and split not in rec.splits:
+            rec.problems.append(f"no split {split!r} (has {', '.join(rec.splits)}); set {key}.{what}")
+    if not rec.columns:
+        return  # webdataset repos: columns are only known from the data; the run checks them
+    for col_key in ("image_column", "label_column", "text_column", "text_pair_column"):
+        col = src.get(col_key)
+        if col and col not in rec.columns:
+            rec.problems.append(f"no column {col!r} (has {', '.join(rec.columns)}); set {key}.{col_key}")
+
+
+def _fill_classes(rec: Record, name: str, src: DictConfig, label_names: list[str] | None,
+                  task_cfg: DictConfig) -> None:
+    """Class names as prompts will use them (curated, aligned) and the first prompts."""
+    from tasks.data import source_classes, source_templates
+
+    try:
+        rec.classes = source_classes(name, src, label_names)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        rec.problems.append(_first_line(err))
+        return
+    rec.num_classes = len(rec.classes) or None
+    templates = _eval_templates(source_templates(name, src), task_cfg)
+    rec.prompts = [t.format(c) for t in templates for c in rec.classes][:PROMPTS_SHOWN]
+
+
+def _eval_templates(dataset_templates: list[str], task_cfg: DictConfig) -> list[str]:
+    """The templates the task's evaluation uses (CLIP's objective; the vision prompt head's ensemble)."""
+    objective = task_cfg.get("objective")
+    if objective is not None:
+        choice = str(objective.prompts.eval)
+        return dataset_templates if choice == "ensemble" else dataset_templates[:1] if choice == "dataset" else [choice]
+    if (task_cfg.get("model") or {}).get("head") == "prompts":
+        return dataset_templates
+    return []
+
+
+# --- the model ---------------------------------------------------------------------------------------
+
+def check_model(cfg: DictConfig, budgets: list[str]) -> dict[str, Any]:
+    """The model's config (no weights), its targets on a meta skeleton and each method's exact count."""
+    import methods
+    from tasks.common import resolve_model_path
+
+    path = str(cfg.task.model.path)
+    out: dict[str, Any] = {"path": path, "targets": [], "counts": {}, "problems": []}
+    try:
+        model = _skeleton(resolve_model_path(path), cfg.task)
+    except Exception as err:  # noqa: BLE001 - any load failure is the problem to report
+        out["problems"].append(f"model {path}: config unreadable or hub unreachable "
+                               f"({type(err).__name__}: {_first_line(err)}); set task.model.path")
+        return out
+    import tasks
+
+    targets = tasks.build(cfg.task).target_modules
+    try:
+        found = methods.find_targets(model, targets)
+    except ValueError as err:
+        out["problems"].append(_first_line(err))
+        return out
+    out["targets"] = sorted({n.rsplit(".", 1)[-1] for n in found})
+    out["target_layers"] = len(found)
+    for method in methods.available():
+        out["counts"][method] = {str(b): _solve(model, method, targets, b) for b in budgets}
+    return out
+
+
+def _skeleton(path: str, task_cfg: DictConfig) -> Any:
+    """The task's backbone built from its config on the meta device: shapes, no memory, no download."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, CLIPModel, CLIPVisionModel
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        if task_cfg.kind == "clip":
+            return CLIPModel(config)
+        if task_cfg.kind == "commonsense":
+            return AutoModelForCausalLM.from_config(config)
+        if config.model_type == "clip":  # task=vision with a CLIP image tower
+            return CLIPVisionModel(config.vision_config)
+        return AutoModel.from_config(config, **dict(task_cfg.model.get("kwargs") or {}))
+
+
+def _solve(model: Any, method: str, targets: Any, budget: str) -> dict[str, Any]:
+    import methods
+
+    try:
+        target = methods.resolve_budget(model, targets, budget)
+        hp = methods.solve_budget(model, method, targets, budget)
+        achieved = methods.num_params_model(model, method, targets, **hp)
+    except ValueError as err:
+        return {"problem": _first_line(err)}
+    return {"hp": hp, "target": target, "achieved": achieved, "error": (achieved - target) / target}
+
+
+# --- the whole suite ---------------------------------------------------------------------------------
+
+def run_preflight(cfg: DictConfig, budgets: list[str] | None = None) -> list[Record]:
+    """Records for every dataset of the run's suite (plus a commonsense training set), model attached."""
+    import tasks
+
+    task = tasks.build(cfg.task)
+    sources = cfg.task.data.get("sources") or {}
+    budgets = budgets or ([str(cfg.budget)] if cfg.get("budget") is not None else DEFAULT_BUDGETS)
+    records = [check_dataset(n, sources.get(n), cfg.task) for n in task.datasets]
+    if cfg.task.data.get("train") is not None and "path" in cfg.task.data.train:  # one shared training set
+        records.insert(0, check_dataset("train", cfg.task.data.train, cfg.task, key="task.data.train"))
+    model = check_model(cfg, budgets)
+    for rec in records:
+        rec.model = model
+    return records
+
+
+def problems(records: list[Record]) -> list[str]:
+    """Every problem, once each: the model's, then each dataset's (prefixed with its name)."""
+    out = list(records[0].model.get("problems", [])) if records else []
+    return out + [f"{r.dataset}: {p}" for r in records for p in r.problems]
+
+
+def table(records: list[Record]) -> str:
+    """One line per dataset: source, splits (sizes), class count, first prompt, problems."""
+    rows = [("dataset", "source", "splits", "classes", "first prompt", "problems")]
+    for r in records:
+        splits = ", ".join(f"{s} {n:,}" if n is not None else s for s, n in r.splits.items()) or "-"
+        source = "generated" if r.source.get("generated") else f"{r.source.get('path')}" + (
+            f" ({r.source['config']})" if r.source.get("config") else "")
+        rows.append((r.dataset, source, splits, str(r.num_classes or "-"), (r.prompts or ["-"])[0],
+                     "; ".join(r.problems) or "ok"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5] for row in rows]
+    return "\n".join(lines)
+
+
+def model_table(model: dict[str, Any]) -> str:
+    lines = [f"model {model['path']}: " + ("; ".join(model["problems"]) if model["problems"] else
+             f"{model.get('target_layers', 0)} target layers ({', '.join(model['targets'])})")]
+    for method, per_budget in model.get("counts", {}).items():
+        cells = [f"{b}: {v['achieved']:,} ({v['error']:+.1%}) {v['hp']}" if "achieved" in v else f"{b}: {v['problem']}"
+                 for b, v in per_budget.items()]
+        lines.append(f"  {method:<9} " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    from runners.cli import compose_config
+
+    out = next((a.split("=", 1)[1] for a in argv if a.startswith("preflight.out=")), None)
+    budgets = next((a.split("=", 1)[1].strip("[]").split(",") for a in argv if a.startswith("preflight.budgets=")), None)
+    cfg = compose_config([a for a in argv if not a.startswith("preflight.")])
+    records = run_preflight(cfg, budgets)
+    found = problems(records)
+    report = [table(records), model_table(records[0].model) if records else "no datasets",
+              f"{len(found)} problem(s)" + (":\n  " + "\n  ".join(found) if found else ": ready to launch")]
+    sys.stdout.write("\n".join(report) + "\n")  # the report is this command's output, not a log
+    if out:
+        Path(out).write_text(json.dumps([asdict(r) for r in records], indent=1, default=str))
+    return 1 if found else 0
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
