@@ -75,15 +75,80 @@ def load_results(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
         paths = [paths]
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    for path in find_result_files(paths):
+    records: list[tuple[str, dict[str, Any]]] = []
+    files = find_result_files(paths)
+    for path in files:
         try:
-            rows.extend(record_to_rows(_read_json(path), source=str(path)))
+            record = _read_json(path)
+            _sections(record)
         except _Corrupt as exc:
             log.warning("skipping %s: %s", path, exc)
             skipped.append({"file": str(path), "reason": str(exc)})
+            continue
+        if not _parts_loaded(record, path, files):
+            records.append((str(path), record))
+    for source, record in combine_suites(records):
+        rows.extend(record_to_rows(record, source=source))
     if not rows:
         raise ResultsError(f"no readable result files ({len(skipped)} skipped: {_first_reason(skipped)})")
     return _frame(rows, skipped)
+
+
+def _parts_loaded(record: dict[str, Any], path: Path, files: list[Path]) -> bool:
+    """A suite summary (`run.parts`) whose per-dataset files are loaded too: read those, not it."""
+    parts = record.get("run", {}).get("parts") or {}
+    return bool(parts) and all((path.parent / p).resolve() in files for p in parts.values())
+
+
+def _suite_key(record: dict[str, Any]) -> str | None:
+    """Identity of the suite run a per-dataset run belongs to: its config without the dataset."""
+    run = record.get("run") or {}
+    if not run.get("dataset") or not isinstance(run.get("config"), dict):
+        return None
+    config = {k: v for k, v in run["config"].items() if k not in ("dataset", "out_dir", "logger", "sweep")}
+    if isinstance(config.get("task"), dict):
+        config["task"] = {k: v for k, v in config["task"].items() if k != "dataset"}
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def combine_suites(records: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """Per-dataset runs of one suite configuration (same config but `dataset`, e.g. the jobs of a sweep
+    over a suite) -> one record per suite run: each dataset's metrics plus their mean, so the report
+    compares suites as the papers do. Failed parts make the suite record failed; others pass through."""
+    groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    out = []
+    for source, record in records:
+        key = _suite_key(record)
+        if key is None:
+            out.append((source, record))
+        else:
+            groups.setdefault(key, []).append((source, record))
+    for members in groups.values():
+        out.append(members[0] if len(members) == 1 else _combined(members))
+    return out
+
+
+def _combined(members: list[tuple[str, dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    records = [r for _, r in sorted(members, key=lambda m: m[1]["run"]["dataset"])]
+    first = records[0]
+    failed = [r for r in records if r["run"].get("status", "success") != "success"]
+    run = {**first["run"], "dataset": None, "parts": {r["run"]["dataset"]: s for s, r in members}}
+    if failed:
+        run.update(status="failed", error="; ".join(f"{r['run']['dataset']}: {r['run'].get('error')}" for r in failed))
+    metrics: dict[str, Any] = {}
+    for key in ("per_dataset", "per_dataset_before"):
+        metrics[key] = {d: v for r in records for d, v in (r.get("metrics") or {}).get(key, {}).items()}
+        if metrics[key]:
+            metrics["accuracy" if key == "per_dataset" else "accuracy_before"] = mean(metrics[key].values())
+    metrics["delta_rank"] = {f"{r['run']['dataset']}/{k}": v for r in records
+                             for k, v in ((r.get("metrics") or {}).get("delta_rank") or {}).items()}
+    costs = [r.get("cost") or {} for r in records]
+    cost = {k: mean(c[k] for c in costs if isinstance(c.get(k), (int, float)))
+            for k in {k for c in costs for k in c} if any(isinstance(c.get(k), (int, float)) for c in costs)}
+    if "train_time_s" in cost:
+        cost["train_time_s"] = sum(c.get("train_time_s") or 0.0 for c in costs)
+    source = "suite:" + ",".join(s for s, _ in sorted(members))
+    return source, {**first, "run": run, "metrics": metrics, "cost": cost}
 
 
 def load_wandb(path: str, api: Any | None = None) -> pd.DataFrame:

@@ -87,7 +87,16 @@ class PeakMemory:
 
 
 def _reset_rss_peak() -> None:
-    """Linux resets VmHWM to the current RSS on `5` written to clear_refs; elsewhere the peak is lifetime."""
+    """Linux resets VmHWM to the current RSS on `5` written to clear_refs; elsewhere the peak is lifetime.
+
+    Freed heap memory that glibc keeps resident would otherwise serve the training phase's allocations
+    without raising the RSS, so it is returned to the system first (malloc_trim, glibc only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

@@ -32,6 +32,13 @@ def suite_datasets(cfg: DictConfig) -> list[str]:
     return list(names) if task.trains_per_dataset and len(names) > 1 else []
 
 
+def sweep_datasets(cfg: DictConfig) -> list[str]:
+    """The datasets a sweep expands over (one job each): the suite, or the one `dataset=` names; none
+    for a task that trains one adapter for all its evaluation sets."""
+    task = tasks.build(cfg.task)
+    return list(task.datasets) if task.trains_per_dataset else []
+
+
 def dataset_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictConfig:
     """The config of one dataset's run of a suite: `dataset=<name>`, written under `run_dir/<name>`."""
     sub = cfg.copy()
@@ -51,8 +58,9 @@ def run_suite(cfg: DictConfig, names: list[str], run_dir: Path, record: dict[str
         log.info("suite %s: dataset %d of %d: %s", cfg.task.name, i, len(names), name)
         try:
             records[name] = run_one(dataset_config(cfg, name, run_dir))
-        except failed as err:
-            errors[name] = str(err)
+        except failed as err:  # the dataset's own results.json holds the details
+            cause = err.__cause__ or err
+            errors[name] = f"{type(cause).__name__}: {cause}"
     return summary_record(record, names, records, errors)
 
 

@@ -5,7 +5,11 @@
 values; a benchmark sweep is not one (references run once per seed, hyper-parameter axes differ per
 method), so the axes live in the `sweep` config node and `expand` turns them into job override lists:
 
-    seeds x (methods x budgets x hp[method]  +  references x hp[reference])
+    seeds x datasets x (methods x budgets x hp[method]  +  references x hp[reference])
+
+`datasets` is the suite of the composed task (one job per dataset, the papers' protocol: a fresh adapter
+per dataset; `dataset=<name>` on the command line narrows it to one); tasks that train one adapter for
+all their evaluation sets (commonsense) are not expanded.
 
 Every job gets a deterministic directory `<hydra.sweep.dir>/<job name>` (e.g.
 `multirun/budget/clip-tiny/lora-lora8-s0`), so re-running a sweep finds its earlier runs: jobs whose
@@ -36,6 +40,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from runners.results import is_complete, read_results
+from runners.suite import sweep_datasets
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +64,17 @@ class Job:
 # --- expansion (pure) ------------------------------------------------------------------------------
 
 def expand(spec: Mapping[str, Any]) -> list[Job]:
-    """Jobs of a sweep spec (the `sweep` config node as a dict), seed-major so early seeds finish first."""
+    """Jobs of a sweep spec (the `sweep` config node as a dict, plus `datasets`: the suite to expand
+    over, if any), seed-major so early seeds finish first."""
     hp = spec.get("hp") or {}
     jobs = []
     for seed in spec.get("seeds") or [0]:
-        for method in spec.get("methods") or []:
-            for budget in spec.get("budgets") or [None]:
-                jobs += [_job(method, budget, seed, combo) for combo in _hp_combos(hp.get(method))]
-        for reference in spec.get("references") or []:
-            jobs += [_job(reference, None, seed, combo) for combo in _hp_combos(hp.get(reference))]
+        for dataset in spec.get("datasets") or [None]:
+            for method in spec.get("methods") or []:
+                for budget in spec.get("budgets") or [None]:
+                    jobs += [_job(method, budget, seed, combo, dataset) for combo in _hp_combos(hp.get(method))]
+            for reference in spec.get("references") or []:
+                jobs += [_job(reference, None, seed, combo, dataset) for combo in _hp_combos(hp.get(reference))]
     return jobs
 
 
@@ -79,11 +86,13 @@ def _hp_combos(axes: Mapping[str, Sequence[Any]] | None) -> list[tuple[tuple[str
     return [tuple(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
 
 
-def _job(method: str, budget: Any, seed: int, combo: tuple[tuple[str, Any], ...]) -> Job:
+def _job(method: str, budget: Any, seed: int, combo: tuple[tuple[str, Any], ...],
+         dataset: str | None = None) -> Job:
+    """A job named `[<dataset>/]<method>[-<budget>][-<hp><value>]-s<seed>` (its directory)."""
     parts = [method] + ([str(budget)] if budget is not None else []) + [f"{k}{v}" for k, v in combo]
     overrides = [f"method={method}", f"budget={'null' if budget is None else budget}", f"seed={seed}"]
-    overrides += [f"++method.{k}={v}" for k, v in combo]
-    return Job("-".join(parts + [f"s{seed}"]), tuple(overrides))
+    overrides += [f"++method.{k}={v}" for k, v in combo] + ([f"dataset={dataset}"] if dataset else [])
+    return Job((f"{dataset}/" if dataset else "") + "-".join(parts + [f"s{seed}"]), tuple(overrides))
 
 
 def validate(spec: Mapping[str, Any], adapters: Iterable[str], references: Iterable[str],
@@ -173,7 +182,8 @@ class RankbenchSweeper(BasicSweeper):
         spec = OmegaConf.to_container(self.config.get("sweep") or {}, resolve=True)
         if not spec:
             return super().sweep(arguments)
-        base_jobs = self._base_jobs(arguments)
+        spec["datasets"] = sweep_datasets(self.config)
+        base_jobs = [[o for o in base if _key(o) != "dataset"] for base in self._base_jobs(arguments)]
         _check_axes_not_overridden(base_jobs[0], spec.get("name", "?"))
         self._validate(spec)
         jobs = [Job(_with_suffix(job.name, base, base_jobs), tuple(base) + job.overrides)
@@ -235,9 +245,13 @@ class RankbenchSweeper(BasicSweeper):
         return returns
 
 
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def _check_axes_not_overridden(base: list[str], sweep_name: str) -> None:
     for override in base:
-        key = override.split("=", 1)[0].lstrip("+~")
+        key = _key(override)
         if key in AXIS_KEYS:
             raise SweepError(f"{key}= is set per run by +sweep={sweep_name}; narrow the sweep with "
                              f"sweep.methods=[...], sweep.budgets=[...] or sweep.seeds=[...] instead")

@@ -107,8 +107,9 @@ def _run_suite(cfg: DictConfig, names: list[str], run_dir: Path, record: dict[st
             "; ".join(f"{n}: {e}" for n, e in errors.items()) or None)
     write_results(run_dir, record)
     if errors:
-        raise RunFailed(f"suite failed on {len(errors)} of {len(names)} datasets ({', '.join(errors)}); "
-                        f"see {run_dir / 'results.json'} and each dataset's results.json")
+        first, error = next(iter(errors.items()))
+        raise RunFailed(f"run failed on {len(errors)} of {len(names)} datasets of the suite ({first}: {error}); "
+                        f"see {run_dir}/<dataset>/results.json")
     log.info("%s", summary_table(record))
     return record
 

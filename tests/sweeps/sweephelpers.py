@@ -26,7 +26,9 @@ SMALL_SWEEP = ["+sweep=budget", "task=clip", "sweep.methods=[lora,randlora]", "s
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
          "hydra.launcher.mem_gb=null", "hydra.launcher.timeout_min=60", f"hydra.launcher.partition={slurm_cluster.PARTITION}"]
 # The runs SMALL_SWEEP expands to.
-SMALL_SWEEP_RUNS = {"lora-lora4-s0", "lora-lora8-s0", "randlora-lora4-s0", "randlora-lora8-s0"}
+# (one dataset of the suite, so one job per method x budget, under the dataset's folder)
+SMALL_SWEEP_RUNS = {"shapes/lora-lora4-s0", "shapes/lora-lora8-s0", "shapes/randlora-lora4-s0",
+                    "shapes/randlora-lora8-s0"}
 SWEEP_TIMEOUT = 600  # seconds for one whole tiny sweep
 
 log = logging.getLogger(__name__)
@@ -43,13 +45,18 @@ def run_py(args: list[str], cwd: Path, timeout: float = SWEEP_TIMEOUT,
     return result
 
 
+def _job_files(sweep_dir: Path) -> dict[str, Path]:
+    """Job name (`<dataset>/<method>-...-s<seed>`) -> its results.json, for every run of a sweep."""
+    return {p.parent.relative_to(sweep_dir).as_posix(): p for p in sorted(Path(sweep_dir).glob("*/*/results.json"))}
+
+
 def results(sweep_dir: Path) -> dict[str, dict]:
     """Job name -> results.json record of every run under a sweep directory."""
-    return {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(sweep_dir).glob("*/results.json"))}
+    return {name: json.loads(p.read_text()) for name, p in _job_files(sweep_dir).items()}
 
 
 def mtimes(sweep_dir: Path) -> dict[str, int]:
-    return {p.parent.name: p.stat().st_mtime_ns for p in Path(sweep_dir).glob("*/results.json")}
+    return {name: p.stat().st_mtime_ns for name, p in _job_files(sweep_dir).items()}
 
 
 def assert_on_budget(record: dict) -> None:

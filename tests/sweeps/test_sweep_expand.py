@@ -43,6 +43,21 @@ def test_budget_sweep_is_methods_x_budgets_x_seeds_plus_references_once_per_seed
     assert next(j for j in jobs if j.name == "full-s0").overrides == ("method=full", "budget=null", "seed=0")
 
 
+def test_a_suite_sweep_is_one_job_per_dataset_with_its_own_directory():
+    """The papers train a fresh adapter per dataset: the sweeper adds the task's suite as an axis."""
+    from runners.suite import sweep_datasets
+
+    cfg = sweep_config("budget", "task=clip", "sweep.methods=[lora]", "sweep.budgets=[lora8]", "sweep.seeds=[0]",
+                       "sweep.references=[full]")
+    datasets = sweep_datasets(cfg)
+    assert datasets == list(cfg.task.data.datasets) and len(datasets) == 5
+    jobs = expand({**OmegaConf.to_container(cfg.sweep, resolve=True), "datasets": datasets})
+    assert [j.name for j in jobs][:2] == ["shapes/lora-lora8-s0", "shapes/full-s0"]
+    assert len(jobs) == 2 * len(datasets) and len({j.name for j in jobs}) == len(jobs)
+    assert jobs[0].overrides == ("method=lora", "budget=lora8", "seed=0", "dataset=shapes")
+    assert sweep_datasets(sweep_config("budget", "task=clip", "dataset=digits")) == ["digits"]
+
+
 def test_command_line_narrows_every_axis():
     jobs = expand(spec("budget", "sweep.methods=[lora,randlora]", "sweep.budgets=[lora4,lora8]",
                        "sweep.seeds=[0]", "sweep.references=[]"))

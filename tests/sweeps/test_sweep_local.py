@@ -42,12 +42,12 @@ def test_basic_launcher_sweep_skips_finished_runs_and_reruns_a_deleted_one(tmp_p
     assert again.returncode == 0 and "all 4 runs already finished; nothing to launch" in again.stdout
     assert again.stdout.count("skip ") == 4 and mtimes(sweep_dir) == before
 
-    (sweep_dir / "randlora-lora8-s0" / "results.json").unlink()
+    (sweep_dir / "shapes" / "randlora-lora8-s0" / "results.json").unlink()
     third = run_py(sweep, cwd=tmp_path)
     assert third.returncode == 0 and "4 runs, 3 finished, launching 1" in third.stdout
     after = mtimes(sweep_dir)
     assert set(after) == SMALL_SWEEP_RUNS
-    assert {k for k in SMALL_SWEEP_RUNS if after[k] != before.get(k)} == {"randlora-lora8-s0"}
+    assert {k for k in SMALL_SWEEP_RUNS if after[k] != before.get(k)} == {"shapes/randlora-lora8-s0"}
 
     changed = run_py([*sweep, "trainer.max_steps=5"], cwd=tmp_path)
     assert changed.returncode != 0

@@ -45,12 +45,12 @@ def test_slurm_sweep_skips_finished_runs_and_reruns_a_deleted_one(slurm, tmp_pat
     assert again.returncode == 0 and "nothing to launch" in again.stdout
     assert job_dirs(sweep_dir) == jobs and mtimes(sweep_dir) == before
 
-    (sweep_dir / "lora-lora8-s0" / "results.json").unlink()
+    (sweep_dir / "shapes" / "lora-lora8-s0" / "results.json").unlink()
     third = run_py(sweep, cwd=tmp_path, env=env)
     assert third.returncode == 0 and "launching 1" in third.stdout
     assert len(job_dirs(sweep_dir) - jobs) == 1
     after = mtimes(sweep_dir)
-    assert {k for k in SMALL_SWEEP_RUNS if after[k] != before[k]} == {"lora-lora8-s0"}
+    assert {k for k in SMALL_SWEEP_RUNS if after[k] != before[k]} == {"shapes/lora-lora8-s0"}
 
 
 # --- preemption -----------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def comparable(record: dict) -> dict:
 
 def test_preempted_slurm_job_requeues_and_resumes_to_identical_metrics(slurm, tmp_path):
     env = {**os.environ, **slurm.env, **THREADS}
-    run_dirs = {name: tmp_path / name / "budget" / "clip-tiny" / "lora-lora4-s0" for name in ("plain", "preempted")}
+    run_dirs = {name: tmp_path / name / "budget" / "clip-tiny" / "shapes" / "lora-lora4-s0" for name in ("plain", "preempted")}
     procs = {name: start_sweep(tmp_path / name, env) for name in run_dirs}
     try:
         wait_for(lambda: (run_dirs["preempted"] / "checkpoint.pt").exists(), SWEEP_TIMEOUT,
@@ -115,7 +115,7 @@ def test_preempted_slurm_job_requeues_and_resumes_to_identical_metrics(slurm, tm
     assert "Requeued" in submitit_logs or "requeue" in submitit_logs.lower()
     assert "resuming from" in submitit_logs + (run_dirs["preempted"] / "run.log").read_text()
 
-    plain = results(run_dirs["plain"].parent)["lora-lora4-s0"]
-    preempted = results(run_dirs["preempted"].parent)["lora-lora4-s0"]
+    plain = results(run_dirs["plain"].parents[1])["shapes/lora-lora4-s0"]
+    preempted = results(run_dirs["preempted"].parents[1])["shapes/lora-lora4-s0"]
     assert preempted["run"]["status"] == plain["run"]["status"] == "success"
     assert comparable(preempted) == comparable(plain)

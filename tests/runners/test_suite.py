@@ -1,0 +1,65 @@
+"""Multi-dataset suites as the papers run them: a fresh adapter per dataset, then the mean."""
+import json
+
+import pytest
+from rbtest import compose_config
+
+from analysis.load import load_results
+from runners.train import RunFailed, run
+
+TWO = "task.data.datasets=[shapes,digits]"
+
+
+def _read(path):
+    return json.loads(path.read_text())
+
+
+def test_suite_run_trains_one_fresh_adapter_per_dataset(tiny_overrides, tmp_path):
+    record = run(compose_config(["method=lora", TWO, *tiny_overrides]))
+    out = tmp_path / "run"
+    parts = {name: _read(out / name / "results.json") for name in ("shapes", "digits")}
+    assert record["run"]["parts"] == {"shapes": "shapes/results.json", "digits": "digits/results.json"}
+    for name, part in parts.items():
+        assert part["run"]["dataset"] == name and set(part["metrics"]["per_dataset"]) == {name}
+        assert (out / name / "adapter").is_dir()
+        assert record["metrics"]["per_dataset"][name] == part["metrics"]["per_dataset"][name]
+    assert record["metrics"]["accuracy"] == pytest.approx(
+        sum(p["metrics"]["per_dataset"][n] for n, p in parts.items()) / 2)
+    assert _read(out / "results.json")["run"]["status"] == "success"
+    # a fresh adapter per dataset: digits trained inside the suite equals digits trained alone
+    alone = run(compose_config(["method=lora", "dataset=digits",
+                                *[o for o in tiny_overrides if not o.startswith("out_dir")],
+                                f"out_dir={tmp_path / 'alone'}"]))
+    assert alone["metrics"]["per_dataset"] == {"digits": parts["digits"]["metrics"]["per_dataset"]["digits"]}
+    assert [h["loss"] for h in alone["history"]] == [h["loss"] for h in parts["digits"]["history"]]
+
+
+def test_an_interrupted_suite_reruns_only_the_missing_datasets(tiny_overrides, tmp_path):
+    cfg = compose_config(["method=lora", TWO, *tiny_overrides])
+    run(cfg)
+    out = tmp_path / "run"
+    shapes_before = (out / "shapes" / "results.json").stat().st_mtime_ns
+    (out / "results.json").unlink()
+    (out / "digits" / "results.json").unlink()
+    record = run(cfg)
+    assert (out / "shapes" / "results.json").stat().st_mtime_ns == shapes_before  # skipped, not redone
+    assert (out / "digits" / "results.json").is_file() and record["run"]["status"] == "success"
+
+
+def test_a_failing_dataset_does_not_stop_the_others(tiny_overrides, tmp_path):
+    cfg = compose_config(["method=lora", TWO, "+task.data.sources.digits.path=/no/such/folder", *tiny_overrides])
+    with pytest.raises(RunFailed, match="run failed on 1 of 2 datasets of the suite \\(digits: FileNotFoundError"):
+        run(cfg)
+    out = tmp_path / "run"
+    assert _read(out / "shapes" / "results.json")["run"]["status"] == "success"
+    summary = _read(out / "results.json")
+    assert summary["run"]["status"] == "failed" and "digits" in summary["run"]["error"]
+
+
+def test_the_report_reads_a_suite_once_and_sweep_jobs_as_one_suite(tiny_overrides, tmp_path):
+    run(compose_config(["method=lora", TWO, *tiny_overrides]))
+    df = load_results(tmp_path / "run")  # summary + its two parts: the parts, combined, not both
+    assert sorted(df["dataset"]) == ["digits", "shapes"]
+    assert df["source"].nunique() == 1 and df["source"].iloc[0].startswith("suite:")
+    assert df["mean_accuracy"].iloc[0] == pytest.approx(df["accuracy"].mean())
+    assert df["run_dataset"].isna().all()
