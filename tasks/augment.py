@@ -53,8 +53,12 @@ def crop_box(width: int, height: int, scale: tuple[float, float], rng: np.random
             left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
             return left, top, left + w, top + h
     ratio = width / height  # fallback: the largest centred crop whose ratio lies in RATIO
-    w, h = (width, round(width / RATIO[1])) if ratio > RATIO[1] else (
-        (round(height * RATIO[0]), height) if ratio < RATIO[0] else (width, height))
+    if ratio < RATIO[0]:  # too tall: full width
+        w, h = width, round(width / RATIO[0])
+    elif ratio > RATIO[1]:  # too wide: full height
+        w, h = round(height * RATIO[1]), height
+    else:
+        w, h = width, height
     left, top = (width - w) // 2, (height - h) // 2
     return left, top, left + w, top + h
 

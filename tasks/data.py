@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tasks import images
 from tasks.augment import Augment, batch_rng
@@ -353,7 +353,8 @@ class ImageSuiteTask(EpochPlanMixin, Task):
     def processor(self) -> object:
         from transformers import AutoImageProcessor
 
-        overrides = dict(self.cfg.model.get("processor") or {})  # e.g. DINOv2 with CLIP's statistics
+        processor = self.cfg.model.get("processor")  # e.g. DINOv2 with CLIP's statistics (vision/base.yaml)
+        overrides = OmegaConf.to_container(processor) if processor is not None else {}
         return load_pretrained(AutoImageProcessor.from_pretrained, self.cfg.model.path, **overrides)
 
     @cached_property

@@ -63,6 +63,22 @@ def image_dataset(path: Path, classes: list[str], splits: dict[str, int], image_
     return path
 
 
+def curated(name: str) -> list[str]:
+    """The official code's class names of `name` (tasks/assets/prompts/randlora_clip22.json)."""
+    table = json.loads((Path(__file__).resolve().parents[2] / "tasks" / "assets" / "prompts" /
+                        "randlora_clip22.json").read_text())
+    return list(table[name]["classes"])
+
+
+def webdataset_copy(path: Path, classnames: list[str], splits: dict[str, int], image_column: str) -> Path:
+    """A clip-benchmark/wds_*-shaped copy: integer `cls` labels, images under their file extension
+    (`jpg` / `webp`), and the class names in `classnames.txt` at the root, one per line."""
+    image_dataset(path, [str(i) for i in range(len(classnames))], splits, image_column=image_column,
+                  label_column="cls", class_label=False)
+    (path / "classnames.txt").write_text("\n".join(classnames) + "\n")
+    return path
+
+
 def clip_model(path: Path) -> Path:
     """A random tiny CLIPModel + CLIPImageProcessor + a word-level tokenizer, via save_pretrained."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
