@@ -29,7 +29,7 @@ SETTING_KEYS = [*PANEL_KEYS, "method", "budget_target", "setting", "lr"]
 _RUN_COLUMNS = [
     "run_id", "method", "task", "run_dataset", "size", "model", "regime", "seed", "budget_target",
     "setting", "lr", "hp", "status", "error", "device", "git_commit", "git_dirty", "versions",
-    "command", "started_at", "finished_at", "source",
+    "command", "started_at", "finished_at", "source", "protocol",
     "trainable_params", "total_params", "budget_error", "adapter_file_bytes",
     "step_time_s", "step_time_p90_s", "samples_per_s", "peak_mem_bytes", "peak_rss_bytes", "train_time_s",
     "mean_accuracy", "mean_accuracy_before",
@@ -256,6 +256,7 @@ def _run_fields(run: dict, source: str) -> dict[str, Any]:
         "git_dirty": run.get("git_dirty"), "versions": json.dumps(run.get("versions") or {}, sort_keys=True),
         "command": _command(run, config), "started_at": run.get("started_at"),
         "finished_at": run.get("finished_at"), "source": source,
+        "protocol": json.dumps(run.get("protocol") or {}, sort_keys=True),
     }
 
 

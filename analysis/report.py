@@ -101,7 +101,7 @@ def build_report(df: pd.DataFrame, out: Path, command: str = "", dpi: int = 200)
     blocks = _header(df, command)
     for key, part in panels(df):
         blocks += _panel_section(key, part, out, dpi)
-    blocks += _failures_section(df) + _provenance_section(df, command)
+    blocks += _failures_section(df) + _protocol_section(df) + _provenance_section(df, command)
     (out / "summary.md").write_text(to_markdown(blocks))
     index = out / "index.html"
     index.write_text(to_html(blocks, "rankbench report", out))
@@ -219,6 +219,23 @@ def _failures_section(df: pd.DataFrame) -> list[Block]:
         blocks += [Block("h2", f"Unreadable result files ({len(skipped)}, skipped)"),
                    Block("table", table=Table(["file", "reason"], rows))]
     return blocks
+
+
+def _protocol_section(df: pd.DataFrame) -> list[Block]:
+    """Each task's paper protocol and the deviations its runs recorded (`run.protocol`), so no figure
+    is read as the paper's setting where it is not."""
+    runs = per_run(df)
+    blocks: list[Block] = []
+    for (task, size), part in runs.groupby(["task", "size"], sort=True):
+        for text in sorted(set(part["protocol"].dropna())):
+            protocol = json.loads(text)
+            if not protocol.get("source") and not protocol.get("deviations"):
+                continue
+            rows = [[Cell(str(d.get("what", ""))), Cell(str(d.get("why", "")))] for d in protocol.get("deviations", [])]
+            blocks += [Block("h3", f"{task} ({size}): protocol of {protocol.get('source') or 'unnamed source'}"),
+                       Block("table", table=Table(["deviation", "why"], rows)) if rows else
+                       Block("p", "No deviations recorded.")]
+    return ([Block("h2", "Protocol deviations")] + blocks) if blocks else []
 
 
 def _provenance_section(df: pd.DataFrame, command: str) -> list[Block]:

@@ -257,8 +257,8 @@ def table(records: list[Record]) -> str:
 
 
 def model_table(model: dict[str, Any]) -> str:
-    lines = [f"model {model['path']}: " + ("; ".join(model["problems"]) if model["problems"] else
-             f"{model.get('target_layers', 0)} target layers ({', '.join(model['targets'])})")]
+    lines = ["; ".join(model["problems"]) if model["problems"] else
+             f"model {model['path']}: {model.get('target_layers', 0)} target layers ({', '.join(model['targets'])})"]
     for method, per_budget in model.get("counts", {}).items():
         cells = [f"{b}: {v['achieved']:,} ({v['error']:+.1%}) {v['hp']}" if "achieved" in v else f"{b}: {v['problem']}"
                  for b, v in per_budget.items()]

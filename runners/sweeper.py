@@ -194,6 +194,7 @@ class RankbenchSweeper(BasicSweeper):
                 log.info("would launch %s -> %s", job.name, run_dir)
             log.info("sweep %s: dry run, %d of %d runs would launch", spec.get("name"), len(todo), len(jobs))
             return []
+        self._preflight(spec)
         self._save_multirun_yaml()
         if not todo:
             log.info("sweep %s: all %d runs already finished; nothing to launch", spec.get("name"), len(jobs))
@@ -227,6 +228,15 @@ class RankbenchSweeper(BasicSweeper):
                 todo.append((job, run_dir))
         return todo
 
+    def _preflight(self, spec: dict[str, Any]) -> None:
+        """On the submitting machine, before a job array is queued: the suite's data and model checked
+        (runners.preflight), so a wrong column or a missing path never costs GPU time."""
+        problems = preflight_problems(self.config, spec)
+        if problems:
+            raise SweepError(f"preflight found {len(problems)} problem(s) before submitting: {problems[0]}"
+                             + (f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else "")
+                             + "; fix them, or set sweep.preflight=false")
+
     def _save_multirun_yaml(self) -> None:
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -247,6 +257,27 @@ class RankbenchSweeper(BasicSweeper):
 
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
+
+
+def preflight_problems(config: DictConfig, spec: Mapping[str, Any]) -> list[str]:
+    """Problems the preflight finds for this sweep's task, when `sweep.preflight` asks for it (true, or
+    auto = on the SLURM launcher); the full table is logged. Empty when skipped or clean."""
+    mode = str(spec.get("preflight", "auto")).lower()
+    if mode == "false" or (mode == "auto" and not _is_slurm(config)):
+        return []
+    from runners import preflight
+
+    job = config.copy()
+    with open_dict(job):
+        job.pop("hydra", None)
+    records = preflight.run_preflight(job, [str(b) for b in spec.get("budgets") or []] or None)
+    log.info("preflight of sweep %s:\n%s\n%s", spec.get("name"), preflight.table(records),
+             preflight.model_table(records[0].model) if records else "")
+    return preflight.problems(records)
+
+
+def _is_slurm(config: DictConfig) -> bool:
+    return str(config.hydra.launcher.get("_target_", "")).endswith("SlurmLauncher")
 
 
 def _check_axes_not_overridden(base: list[str], sweep_name: str) -> None:

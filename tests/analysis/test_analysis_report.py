@@ -89,3 +89,15 @@ def test_cli_subprocess_one_line_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("analysis.report: error:")
+
+
+def test_summary_lists_the_protocol_deviations_runs_recorded(tmp_path):
+    record = make_record("lora", "clip", 0, BUDGETS[0])
+    record["run"]["protocol"] = {"source": "RandLoRA official code", "deviations": [
+        {"what": "q, k and v each get their own adapter", "why": "transformers has no fused in_proj"}]}
+    write_record(tmp_path / "runs" / "a", record)
+    out = tmp_path / "report"
+    assert main([str(tmp_path / "runs"), "--out", str(out), "--dpi", "40", "-q"]) == 0
+    md = (out / "summary.md").read_text()
+    assert "## Protocol deviations" in md and "protocol of RandLoRA official code" in md
+    assert "| q, k and v each get their own adapter | transformers has no fused in_proj |" in md

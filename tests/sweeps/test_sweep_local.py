@@ -1,6 +1,8 @@
 """Tiny real sweeps on this machine (basic and submitit_local launchers) and bad command lines."""
 from __future__ import annotations
 
+import os
+
 import pytest
 from sweephelpers import (
     SMALL_SWEEP,
@@ -26,6 +28,19 @@ def test_bad_sweep_command_is_one_clear_line(args, line, tmp_path):
     assert len(errors) == 1 and errors[0].startswith(line), result.stdout[-2000:]
     assert "Traceback" not in result.stdout
     assert not list(tmp_path.rglob("results.json"))
+
+
+def test_a_slurm_sweep_runs_the_preflight_before_submitting(tmp_path):
+    """Problems of the suite stop the sweep on the submitting machine, in one line, before any job."""
+    result = run_py(["-m", "+sweep=budget", "task=clip", "size=base", "hydra/launcher=slurm", "sweep.methods=[lora]",
+                     "sweep.budgets=[lora8]", "sweep.seeds=[0]", "sweep.references=[]",
+                     "task.data.datasets=[cars,ucf101]", f"sweep.root={tmp_path}"], cwd=tmp_path, timeout=120,
+                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0
+    errors = [ln for ln in result.stdout.splitlines() if ln.startswith("rankbench:")]
+    assert len(errors) == 1 and "preflight found 3 problem(s) before submitting" in errors[0], result.stdout[-3000:]
+    assert "set task.data.sources.ucf101.path" in result.stdout and "Traceback" not in result.stdout
+    assert not list(tmp_path.rglob("results.json")) and not list(tmp_path.rglob(".submitit"))
 
 
 @pytest.mark.slow

@@ -65,7 +65,7 @@ def image_dataset(path: Path, classes: list[str], splits: dict[str, int], image_
 
 def curated(name: str) -> list[str]:
     """The official code's class names of `name` (tasks/assets/prompts/randlora_clip22.json)."""
-    table = json.loads((Path(__file__).resolve().parents[2] / "tasks" / "assets" / "prompts" /
+    table = json.loads((Path(__file__).resolve().parents[1] / "tasks" / "assets" / "prompts" /
                         "randlora_clip22.json").read_text())
     return list(table[name]["classes"])
 

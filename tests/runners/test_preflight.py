@@ -1,0 +1,93 @@
+"""`python -m runners.preflight`: a whole suite checked from metadata, every problem listed at once."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from paperstandins import clip_model, curated, image_dataset, webdataset_copy
+from rbtest import ROOT, compose_config
+
+import methods
+from runners import preflight
+
+
+@pytest.fixture(scope="module")
+def copies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("preflight")
+    cifar = [c if c != "crab" else "cra" for c in curated("cifar100")]
+    return {
+        "clip": clip_model(root / "clip"),
+        "cars": image_dataset(root / "cars", curated("cars"), {"train": 196, "test": 196}),
+        "cifar100": image_dataset(root / "cifar100", cifar, {"train": 100, "test": 100}, image_column="img",
+                                  label_column="fine_label"),
+        "country211": webdataset_copy(root / "country211", curated("country211"), {"train": 211, "test": 211}, "jpg"),
+        "dtd": image_dataset(root / "dtd", curated("dtd"), {"train": 47, "test": 47}, image_column="picture"),
+    }
+
+
+def _overrides(copies: dict[str, Path], *names: str) -> list[str]:
+    local = [f"task.data.sources.{n}.path={copies[n]}" for n in names if n in copies]
+    return ["task=clip", "size=base", f"task.model.path={copies['clip']}", f"task.data.datasets=[{','.join(names)}]",
+            *local]
+
+
+def test_a_suite_is_checked_from_metadata_with_every_problem_listed(copies, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = compose_config(_overrides(copies, "cars", "cifar100", "country211", "dtd", "gtsrb", "ucf101"))
+    records = {r.dataset: r for r in preflight.run_preflight(cfg, ["lora8"])}
+    cars = records["cars"]
+    assert cars.splits == {"train": 196, "test": 196} and cars.num_classes == 196 and not cars.problems
+    assert cars.prompts[0] == "An image of AM General Hummer SUV 2000"  # the official training/eval prompt
+    hub_cifar = [c if c != "crab" else "cra" for c in curated("cifar100")]
+    assert records["cifar100"].classes[hub_cifar.index("cra")] == "crab"
+    assert records["country211"].classes[:1] == ["Andorra"] and not records["country211"].problems
+    assert records["dtd"].problems == [
+        "no column 'image' (has picture, label); set task.data.sources.dtd.image_column"]
+    assert "hub unreachable" in records["gtsrb"].problems[0] and "tanganke/gtsrb" in records["gtsrb"].problems[0]
+    assert records["ucf101"].problems == [
+        "no path: no verified public copy is configured; set task.data.sources.ucf101.path=<folder or file>"]
+    model = cars.model
+    assert model["problems"] == [] and model["targets"] == ["fc1", "fc2", "k_proj", "q_proj", "v_proj"]
+    assert model["target_layers"] == 2 * 2 * 5  # two towers x two layers x five targets (the stand-in)
+    lora = model["counts"]["lora"]["lora8"]
+    assert lora["achieved"] == lora["target"] and lora["hp"]["r"] == 8
+    skeleton = preflight._skeleton(str(copies["clip"]), cfg.task)
+    assert next(skeleton.parameters()).is_meta  # shapes only: nothing allocated, nothing downloaded
+    for method in methods.available():
+        count = model["counts"][method]["lora8"]
+        assert count["achieved"] == methods.num_params_model(skeleton, method, list(cfg.task.model.target_modules),
+                                                             **count["hp"])
+    assert len(preflight.problems(list(records.values()))) == 3
+
+
+def test_a_script_based_hub_repo_is_named_as_such(monkeypatch):
+    monkeypatch.setattr(preflight, "_repo_files", lambda path: ["imagenet-1k.py", "README.md", "classes.py"])
+    cfg = compose_config(["task=clip", "size=base"])
+    src = cfg.task.data.sources.imagenet.copy()
+    src.path = "ILSVRC/imagenet-1k"
+    record = preflight.check_dataset("imagenet", src, cfg.task)
+    assert record.problems == ["ILSVRC/imagenet-1k ships a loading script (imagenet-1k.py), which datasets>=4 "
+                               "refuses: use a parquet/webdataset copy"]
+
+
+def test_cli_prints_one_table_writes_json_and_exits_nonzero_on_problems(copies, tmp_path):
+    out = tmp_path / "preflight.json"
+    proc = subprocess.run([sys.executable, "-m", "runners.preflight", *_overrides(copies, "cars", "ucf101"),
+                           "preflight.budgets=[lora4]", f"preflight.out={out}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "1 problem(s):" in proc.stdout and "ucf101: no path" in proc.stdout
+    assert proc.stdout.splitlines()[0].split()[:4] == ["dataset", "source", "splits", "classes"]
+    saved = json.loads(out.read_text())
+    assert [r["dataset"] for r in saved] == ["cars", "ucf101"]
+    assert {"dataset", "source", "splits", "num_classes", "classes", "prompts", "problems"} <= set(saved[0])
+    assert saved[0]["splits"] == {"train": 196, "test": 196} and len(saved[0]["classes"]) == 196
+    assert list(saved[0]["model"]["counts"]["lora"]) == ["lora4"]
+
+
+def test_a_clean_suite_exits_zero(copies):
+    proc = subprocess.run([sys.executable, "-m", "runners.preflight", *_overrides(copies, "cars"),
+                           "preflight.budgets=[lora4]"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0 and "0 problem(s): ready to launch" in proc.stdout, proc.stdout + proc.stderr
