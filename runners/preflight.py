@@ -11,6 +11,7 @@ SLURM sweeps run this on the submitting machine before the job array is submitte
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -106,17 +107,21 @@ def _label_names(features: Any, src: DictConfig) -> list[str] | None:
     return list(feature.names) if hasattr(feature, "names") else None
 
 
-def _repo_files(path: str) -> list[str]:
-    """The hub repo's file names; LookupError naming why it cannot be listed."""
+@functools.lru_cache(maxsize=None)
+def _repo_files(path: str, repo_type: str = "dataset") -> list[str]:
+    """The hub repo's file names (one metadata request, no retries: an offline machine answers in well
+    under a second, where list_repo_files backs off for ~20 s); LookupError naming why not."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    api = HfApi()
     try:
-        return list(HfApi().list_repo_files(path, repo_type="dataset"))
+        info = api.dataset_info(path) if repo_type == "dataset" else api.model_info(path)
+        return [s.rfilename for s in info.siblings or []]
     except GatedRepoError as err:
         raise LookupError(f"{path} is gated: accept its terms on the hub and log in (hf auth login)") from err
     except RepositoryNotFoundError as err:
-        raise LookupError(f"{path}: no such dataset repo on the hub") from err
+        raise LookupError(f"{path}: no such {repo_type} repo on the hub") from err
     except Exception as err:  # noqa: BLE001 - network, proxy, offline mode
         raise LookupError(f"{path}: hub unreachable ({type(err).__name__}: {_first_line(err)})") from err
 
@@ -170,7 +175,13 @@ def check_model(cfg: DictConfig, budgets: list[str]) -> dict[str, Any]:
     path = str(cfg.task.model.path)
     out: dict[str, Any] = {"path": path, "targets": [], "counts": {}, "problems": []}
     try:
-        model = _skeleton(resolve_model_path(path), cfg.task)
+        resolved = resolve_model_path(path)
+        if not Path(resolved).exists():
+            _repo_files(resolved, "model")  # fails fast when the hub is unreachable (from_pretrained retries)
+        model = _skeleton(resolved, cfg.task)
+    except LookupError as err:
+        out["problems"].append(f"model {err}; set task.model.path")
+        return out
     except Exception as err:  # noqa: BLE001 - any load failure is the problem to report
         out["problems"].append(f"model {path}: config unreadable or hub unreachable "
                                f"({type(err).__name__}: {_first_line(err)}); set task.model.path")

@@ -26,6 +26,7 @@ import tasks
 from runners import env
 from runners.adapt import Adaptation, adapt, is_head
 from runners.checkpoint import FILENAME as CHECKPOINT
+from runners.export import import_peft_adapter, save_head
 from runners.checkpoint import PreemptionGuard, load_checkpoint, save_checkpoint
 from runners.logger import make_logger
 from runners.metrics import PeakMemory, StepTimer, matrix_ranks
@@ -69,11 +70,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                              memory_savers=_memory_savers(task, cfg.trainer, device))
         _evaluate(task, model, cfg, device, record["metrics"], suffix="_before")
         before = _sample_weights(model, adaptation)
+        if cfg.get("init_adapter"):  # a PEFT adapter folder (runners.export): evaluated like our runs
+            import_peft_adapter(model, cfg.init_adapter)
         record["cost"], record["history"] = train(model, task, cfg, device, generator, run_dir, logger,
                                                   record["run"]["config_hash"], record["run"]["max_steps"])
         _evaluate(task, model, cfg, device, record["metrics"], suffix="")
         record["metrics"]["delta_rank"] = _delta_ranks(model, before)
-        record["params"]["adapter_file_bytes"] = _save_trained(model, adaptation, run_dir)
+        record["params"]["adapter_file_bytes"] = _save_trained(model, adaptation, task.head_prefixes, run_dir)
         _finish(record, "success", None)
         logger.summary({k: record[k] for k in ("params", "cost", "metrics")})
         write_results(run_dir, record)
@@ -293,8 +296,9 @@ def summary_table(record: dict[str, Any]) -> str:
 def total_steps(task: tasks.Task, t: DictConfig) -> int:
     """Optimizer steps of the run: `trainer.max_steps`, or what the task's configured epochs amount to."""
     steps = t.max_steps if t.max_steps is not None else task.planned_steps(t.batch_size, t.grad_accum)
-    if not steps or steps < 1:
-        raise ValueError("no training length: set trainer.max_steps=<int> (or task.data.epochs for this task)")
+    if steps is None or steps < 0 or (steps == 0 and t.max_steps is None):
+        raise ValueError("no training length: set trainer.max_steps=<int> (0: evaluate only), or "
+                         "task.data.epochs for this task")
     return int(steps)
 
 
@@ -357,8 +361,10 @@ def _effective_weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
-def _save_trained(model: nn.Module, adaptation: Adaptation, run_dir: Path) -> int:
-    """Save what was trained; returns the adapter file size in bytes (0 when there is no adapter)."""
+def _save_trained(model: nn.Module, adaptation: Adaptation, head_prefixes: list[str], run_dir: Path) -> int:
+    """Save what was trained; returns the adapter file size in bytes (0 when there is no adapter).
+    The task head goes to run_dir/head.safetensors (outside adapter/: not counted in the adapter size)."""
+    save_head(model, head_prefixes, run_dir)
     if adaptation.wrapped:
         path = run_dir / "adapter"
         methods.save_adapter(model, path)

@@ -95,12 +95,13 @@ def comparable(record: dict) -> dict:
 
 def test_preempted_slurm_job_requeues_and_resumes_to_identical_metrics(slurm, tmp_path):
     env = {**os.environ, **slurm.env, **THREADS}
-    run_dirs = {name: tmp_path / name / "budget" / "clip-tiny" / "shapes" / "lora-lora4-s0" for name in ("plain", "preempted")}
+    run_dirs = {name: tmp_path / name / "budget" / "clip-tiny" / "shapes" / "lora-lora4-s0"
+                for name in ("plain", "preempted")}
     procs = {name: start_sweep(tmp_path / name, env) for name in run_dirs}
     try:
         wait_for(lambda: (run_dirs["preempted"] / "checkpoint.pt").exists(), SWEEP_TIMEOUT,
                  "the first checkpoint of the run to preempt")
-        job = next(iter(job_dirs(run_dirs["preempted"].parent)))
+        job = next(iter(job_dirs(run_dirs["preempted"].parents[1])))
         subprocess.run(["scancel", "--signal=USR2", job], env=env, check=True, timeout=30)
         outputs = {name: finish(proc, tmp_path / name, SWEEP_TIMEOUT) for name, proc in procs.items()}
     finally:
@@ -110,7 +111,7 @@ def test_preempted_slurm_job_requeues_and_resumes_to_identical_metrics(slurm, tm
     for name, proc in procs.items():
         assert proc.returncode == 0, outputs[name][-3000:]
 
-    submitit_logs = "".join(p.read_text() for p in (run_dirs["preempted"].parent / ".submitit").rglob("*_log.*"))
+    submitit_logs = "".join(p.read_text() for p in (run_dirs["preempted"].parents[1] / ".submitit").rglob("*_log.*"))
     assert "this job is preempted" in submitit_logs, "USR2 arrived after the run ended; raise PREEMPT_STEPS"
     assert "Requeued" in submitit_logs or "requeue" in submitit_logs.lower()
     assert "resuming from" in submitit_logs + (run_dirs["preempted"] / "run.log").read_text()
