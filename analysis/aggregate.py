@@ -104,10 +104,14 @@ def normalise_to_lora(df: pd.DataFrame, metrics: Sequence[str], keys: Sequence[s
                       reference: str = "lora") -> pd.DataFrame:
     """Add `<metric>_rel` = value / mean of the `reference` method's value at the same budget.
 
-    Keys default to the panel plus `budget_target`; rows with no LoRA run at their budget (full, none,
-    an un-matched budget) get NaN. Applied to per-run rows, then aggregated, it gives a CI on the ratio.
+    Keys default to the panel plus `budget_target`, and `device_type` where the frame has it (a cost is
+    only ever divided by LoRA's on the same kind of device); rows with no LoRA run at their budget (full,
+    none, an un-matched budget, another device) get NaN. Applied to per-run rows, then aggregated, it
+    gives a CI on the ratio.
     """
-    keys = list(keys) if keys is not None else [*PANEL_KEYS, "budget_target"]
+    if keys is None:
+        keys = [*PANEL_KEYS, "budget_target", *(["device_type"] if "device_type" in df.columns else [])]
+    keys = list(keys)
     ok = successful(df) if "status" in df.columns else df
     ref = (ok[ok["method"] == reference].groupby(keys, dropna=False)[list(metrics)].mean()
            .rename(columns=lambda m: f"{m}__ref"))

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILENAME = "results.json"
 
+#: results.json `cost` figures (runners.metrics): GPU allocator figures on CUDA, RSS growth on CPU, and
+#: the device-independent activation and state bytes on every device.
+COST_COLUMNS = ["step_time_s", "step_time_p90_s", "samples_per_s", "peak_mem_growth_bytes", "peak_mem_bytes",
+                "peak_reserved_bytes", "peak_rss_bytes", "activation_bytes", "state_bytes", "train_time_s"]
 #: Columns that identify one comparison panel (one figure): same task, backbone and data regime.
 PANEL_KEYS = ["task", "size", "model", "regime"]
 #: Columns that identify one configuration; rows that differ only in `seed` are repetitions.
@@ -28,10 +32,9 @@ SETTING_KEYS = [*PANEL_KEYS, "method", "budget_target", "setting", "lr"]
 
 _RUN_COLUMNS = [
     "run_id", "method", "task", "run_dataset", "size", "model", "regime", "seed", "budget_target",
-    "setting", "lr", "hp", "status", "error", "device", "git_commit", "git_dirty", "versions",
+    "setting", "lr", "hp", "status", "error", "device", "device_type", "git_commit", "git_dirty", "versions",
     "command", "started_at", "finished_at", "source", "protocol",
-    "trainable_params", "total_params", "budget_error", "adapter_file_bytes",
-    "step_time_s", "step_time_p90_s", "samples_per_s", "peak_mem_bytes", "peak_rss_bytes", "train_time_s",
+    "trainable_params", "total_params", "budget_error", "adapter_file_bytes", *COST_COLUMNS,
     "mean_accuracy", "mean_accuracy_before",
     "dw_rank", "dw_effective_rank", "dw_max_rank", "dw_rank_frac", "dw_effective_rank_frac", "delta_rank",
 ]
@@ -204,7 +207,7 @@ def wandb_run_to_record(run: Any) -> dict[str, Any]:
     info.setdefault("status", "success" if state == "finished" else "failed")
     info.setdefault("error", None if state == "finished" else f"W&B run state: {state}")
     info.setdefault("started_at", getattr(run, "created_at", None))
-    for key in ("git_commit", "versions", "device"):
+    for key in ("git_commit", "versions", "device", "gpu"):
         info.setdefault(key, summary.get(key) or config.get(key))
     return {"schema": 1, "run": info, "params": summary.get("params") or {},
             "cost": summary.get("cost") or {}, "metrics": summary.get("metrics") or {}}
@@ -252,7 +255,8 @@ def _run_fields(run: dict, source: str) -> dict[str, Any]:
         "model": _model_name(task_cfg), "regime": _regime(task_cfg), "seed": _as_int(run.get("seed")),
         "budget_target": budget, "setting": _setting(budget, hp), "lr": _learning_rate(config, hp),
         "hp": json.dumps(hp, sort_keys=True, default=str), "status": run.get("status", "success"),
-        "error": run.get("error"), "device": run.get("device"), "git_commit": run.get("git_commit"),
+        "error": run.get("error"), "device": run.get("device"), "device_type": _device_type(run),
+        "git_commit": run.get("git_commit"),
         "git_dirty": run.get("git_dirty"), "versions": json.dumps(run.get("versions") or {}, sort_keys=True),
         "command": _command(run, config), "started_at": run.get("started_at"),
         "finished_at": run.get("finished_at"), "source": source,
@@ -266,9 +270,19 @@ def _param_fields(params: dict) -> dict[str, Any]:
 
 
 def _cost_fields(cost: dict) -> dict[str, Any]:
-    keys = ("step_time_s", "step_time_p90_s", "samples_per_s", "peak_mem_bytes", "peak_rss_bytes",
-            "train_time_s")
-    return {k: cost.get(k) for k in keys}
+    return {k: cost.get(k) for k in COST_COLUMNS}
+
+
+def _device_type(run: dict) -> str | None:
+    """"cpu" or the GPU model (`run.gpu.name`; older files: the name in `run.device`, "cuda:<name>"):
+    step time and memory are comparable only between runs on the same kind of device."""
+    gpu = run.get("gpu")
+    if isinstance(gpu, dict) and gpu.get("name"):
+        return str(gpu["name"])
+    kind, _, name = str(run.get("device") or "").partition(":")
+    if kind == "cuda":
+        return name or "cuda"
+    return kind or None
 
 
 def _metric_fields(metrics: dict, status: str) -> dict[str, Any]:
@@ -321,8 +335,7 @@ def _frame(rows: list[dict[str, Any]], skipped: list[dict[str, str]]) -> pd.Data
     for col in ("budget_target", "seed", "trainable_params", "total_params"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
     numeric = ["accuracy", "accuracy_before", "mean_accuracy", "mean_accuracy_before", "lr", "budget_error",
-               "adapter_file_bytes", "step_time_s", "step_time_p90_s", "samples_per_s", "peak_mem_bytes",
-               "peak_rss_bytes", "train_time_s"]
+               "adapter_file_bytes", *COST_COLUMNS]
     df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")
     df.attrs["skipped"] = skipped
     n_failed = df.loc[df.status != "success", "source"].nunique()

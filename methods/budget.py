@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from .base import get_method
-from .inject import Targets, find_targets, num_params_model
+from .inject import Targets, find_targets, largest_rank, num_params_model
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ def _count_table(name: str, shapes: Counter, fixed: dict[str, Any]) -> list[tupl
     """(count, knobs) for every candidate setting of the method's knobs.
 
     Values given for the knobs themselves (e.g. a config's default r) are validated, then ignored:
-    the knobs are what the solver searches, so a full method config can be passed as is.
+    the knobs are what the solver searches, so a full method config can be passed as is. Settings that
+    `inject` would refuse (an r above a target's `largest_rank`) are not candidates.
     """
     cls = get_method(name)
     base = cls.resolve_hp(fixed)
@@ -78,8 +79,11 @@ def _count_table(name: str, shapes: Counter, fixed: dict[str, Any]) -> list[tupl
     if ignored:
         log.debug("%s: %s are solved for the budget; the given values are ignored", name, ignored)
     table = []
+    top = largest_rank(list(shapes))
     for knobs in cls.budget_candidates(list(shapes), base):
         hp = {**base, **knobs}
+        if hp.get("r", 1) > top:
+            continue
         table.append((sum(k * cls.num_params(i, o, **hp) for (i, o), k in shapes.items()), knobs))
     return table
 
@@ -90,15 +94,20 @@ def solve_budget_report(model: nn.Module, name: str, target_modules: Targets, bu
 
     `fixed_hp` sets the other hyper-parameters (alpha, dropout, seed, sparse, decompose_both, ...).
 
-    Raises ValueError if the budget is below the smallest achievable count.
+    Raises ValueError if the budget is outside the range the method's knobs reach on these targets
+    (below the smallest or above the largest achievable count), naming that count.
     """
     target = resolve_budget(model, target_modules, budget)
     shapes = Counter((m.in_features, m.out_features) for m in find_targets(model, target_modules).values())
     table = _count_table(name, shapes, fixed_hp)
     smallest = min(table, key=lambda t: t[0])
+    largest = max(table, key=lambda t: t[0])
     if target < smallest[0]:
         raise ValueError(f"budget {target} is below the smallest count {name} can achieve on these targets: "
                          f"{smallest[0]} (with {smallest[1] or fixed_hp})")
+    if target > largest[0]:
+        raise ValueError(f"budget {target} is above the largest count {name} can achieve on these targets: "
+                         f"{largest[0]} (with {largest[1] or fixed_hp})")
     best = min(table, key=lambda t: (abs(t[0] - target), t[0]))
     below = max((t for t in table if t[0] <= target), key=lambda t: t[0], default=None)
     above = min((t for t in table if t[0] >= target), key=lambda t: t[0], default=None)
@@ -111,8 +120,9 @@ def solve_budget(model: nn.Module, name: str, target_modules: Targets, budget: i
                  max_rel_error: float | None = None, **fixed_hp: Any) -> dict[str, Any]:
     """The solved knobs only (e.g. {"r": 12}); `{**fixed_hp, **solved}` builds the method.
 
-    A miss larger than 2% is logged with the nearest achievable counts; pass `max_rel_error` to make
-    a larger miss a ValueError instead.
+    A budget outside the achievable range is a ValueError naming the nearest end of it. Inside it, a
+    miss larger than 2% is logged with the nearest achievable counts; pass `max_rel_error` to make a
+    larger miss a ValueError instead.
     """
     sol = solve_budget_report(model, name, target_modules, budget, **fixed_hp)
     if max_rel_error is not None and abs(sol.rel_error) > max_rel_error:

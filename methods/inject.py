@@ -68,6 +68,35 @@ def find_targets(model: nn.Module, target_modules: Targets) -> dict[str, nn.Line
     return {n: found[n] for n in linears if n in found}  # model order, not target order
 
 
+# ----------------------------------------------------------------------------- rank limit
+def largest_rank(shapes: Sequence[tuple[int, int]]) -> int:
+    """The largest valid `r` on Linear layers of these (in, out) shapes: the smallest larger dimension.
+
+    A rank above a layer's larger dimension adds parameters (and memory: LoRA r=100000 on a 128-wide layer
+    is 25.6M parameters) but no rank or structure, for every method here, so it is refused, not wrapped.
+    """
+    return min(max(i, o) for i, o in shapes)
+
+
+def check_rank(name: str, hp: dict[str, Any], layers: dict[str, nn.Linear]) -> None:
+    """Refuse an `r` above `largest_rank` of `layers` before anything is allocated, naming the layer."""
+    shapes = {n: (m.in_features, m.out_features) for n, m in layers.items()}
+    _check_rank(name, hp, shapes)
+
+
+def _check_rank(name: str, hp: dict[str, Any], shapes: dict[str, tuple[int, int]]) -> None:
+    r = hp.get("r")
+    if r is None or not shapes:
+        return
+    layer, (n_in, n_out) = min(shapes.items(), key=lambda kv: max(kv[1]))
+    limit = largest_rank([(n_in, n_out)])
+    if r > limit:
+        where = f" ({layer!r})" if layer else ""
+        raise ValueError(f"{name}: r={r} is too large for Linear({n_in}, {n_out}){where}: the largest valid "
+                         f"r there is {limit} (a rank above a layer's larger dimension adds parameters but "
+                         f"no rank); valid: 1..{limit}")
+
+
 # ----------------------------------------------------------------------------- counting
 def num_params(name: str, in_features: int, out_features: int, **hp: Any) -> int:
     """Closed-form trainable parameters of `name` on Linear(in_features, out_features); allocates nothing."""
@@ -75,15 +104,21 @@ def num_params(name: str, in_features: int, out_features: int, **hp: Any) -> int
     for key, value in (("in_features", in_features), ("out_features", out_features)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    return cls.num_params(in_features, out_features, **cls.resolve_hp(hp))
+    hp = cls.resolve_hp(hp)
+    _check_rank(name, hp, {"": (in_features, out_features)})
+    return cls.num_params(in_features, out_features, **hp)
 
 
 def num_params_model(model: nn.Module, name: str, target_modules: Targets, **hp: Any) -> int:
-    """Closed-form adapter parameters for a whole model; needs only shapes, so meta-device models work."""
+    """Closed-form adapter parameters for a whole model; needs only shapes, so meta-device models work.
+
+    Refuses what `inject` refuses (an `r` too large for a target), so the runner's check that the wrapped
+    count equals this closed form never compares against a count no model could be given."""
     cls = get_method(name)
     hp = cls.resolve_hp(hp)
-    return sum(cls.num_params(m.in_features, m.out_features, **hp)
-               for m in find_targets(model, target_modules).values())
+    targets = find_targets(model, target_modules)
+    check_rank(name, hp, targets)
+    return sum(cls.num_params(m.in_features, m.out_features, **hp) for m in targets.values())
 
 
 def count_trainable(model: nn.Module) -> int:
@@ -96,6 +131,8 @@ def wrap_linear(name: str, base: nn.Linear, **hp: Any) -> AdapterLayer:
     """One Linear wrapped by method `name`; the base is frozen (shared state sized for this layer alone)."""
     cls = get_method(name)
     hp = cls.resolve_hp(hp)
+    if isinstance(base, nn.Linear):
+        check_rank(name, hp, {"": base})
     return cls(base, shared=cls.make_shared([base], hp), **hp)
 
 
@@ -120,6 +157,7 @@ def inject(model: nn.Module, name: str, target_modules: Targets, **hp: Any) -> l
     if adapter_layers(model):
         raise ValueError("the model already has adapters; inject into a fresh copy of the base model")
     targets = find_targets(model, target_modules)
+    check_rank(name, hp, targets)
     model.requires_grad_(False)
     shared = cls.make_shared(list(targets.values()), hp)
     for module_name, linear in targets.items():

@@ -7,6 +7,9 @@ version of the method gets the same solved values. Configurations:
 
 * `floor`: the backbone with no adapter; the embeddings' output requires grad, so backward runs the
   activation gradient through every frozen layer (the least any adapter method can cost);
+* `full`: full fine-tuning of the adapters' targets (their weights and biases; on these backbones every
+  Linear), the rest frozen as for the adapters -- the reference of RandLoRA's full-rank update, whose
+  arithmetic floor against it is 1 + 2 min(in, out) / (3 T) (printed under each table);
 * `ours:<method>` and `peft:<method>` for lora, loha, lokr, randlora (same embeddings hook).
 
 Timing: all configurations live in one process and are interleaved (rep 1: all configs, rep 2: all
@@ -25,7 +28,9 @@ Memory, two figures per configuration:
 
 `adapter_macs`: multiply-adds our adapters add to a training step over the frozen target linears' own
 (forward + input gradient), from the cost model the layers choose their path with -- the part of a
-ratio to the floor that no implementation can remove. `--profile ours:randlora ...` prints
+ratio to the floor that no implementation can remove (full fine-tuning: its weight gradient, 0.5).
+`saved_MiB` also counts what our adapters keep across micro-batches (`delta_cache`, see
+methods/fastpath.py), so keeping dW is never free in the table. `--profile ours:randlora ...` prints
 torch.profiler's operator table for the named configurations.
 
 PEFT is imported here (and in tests) only, never by the library.
@@ -96,10 +101,10 @@ class VitBlock(nn.Module):
 
 
 class VitStack(nn.Module):
-    def __init__(self, blocks: int, width: int = 768, mlp: int = 3072, heads: int = 12) -> None:
+    def __init__(self, blocks: int, width: int = 768) -> None:
         super().__init__()
         self.embed = nn.Identity()
-        self.blocks = nn.ModuleList(VitBlock(width, mlp, heads) for _ in range(blocks))
+        self.blocks = nn.ModuleList(VitBlock(width, 4 * width, max(1, width // 64)) for _ in range(blocks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
@@ -112,8 +117,8 @@ def _square_loss(out: torch.Tensor) -> torch.Tensor:
     return out.float().square().mean()
 
 
-def build_workload(name: str, batch: int | None, tokens: int | None, blocks: int, device: torch.device
-                   ) -> Workload | None:
+def build_workload(name: str, batch: int | None, tokens: int | None, blocks: int, device: torch.device,
+                   width: int = 768) -> Workload | None:
     """The named backbone (frozen, seeded) with its batch; None (and a message) if it is not available."""
     gen = torch.Generator().manual_seed(0)
     if name == "minilm":
@@ -128,12 +133,12 @@ def build_workload(name: str, batch: int | None, tokens: int | None, blocks: int
                         f"all-MiniLM-L6-v2, batch {batch} x {tokens} tokens, targets query,key,value,dense")
     if name == "vit-stack":
         torch.manual_seed(0)
-        model = VitStack(blocks)
+        model = VitStack(blocks, width)
         batch, tokens = batch or 16, tokens or 197
-        data = {"x": torch.randn(batch, tokens, 768, generator=gen)}
+        data = {"x": torch.randn(batch, tokens, width, generator=gen)}
         return Workload(model, ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"], data,
                         lambda m, d: _square_loss(m(d["x"])), model.embed,
-                        f"ViT-B-shaped stack, {blocks} block(s) of 768/3072 linears + attention, "
+                        f"ViT-shaped stack, {blocks} block(s) of {width}/{4 * width} linears + attention, "
                         f"batch {batch} x {tokens} tokens")
     if name == "tiny-clip":
         if not (TINY_CLIP / "config.json").exists():
@@ -180,8 +185,8 @@ def prepare(work: Workload, device: torch.device, bf16: bool = False) -> None:
 # ----------------------------------------------------------------------------- configurations
 @dataclasses.dataclass
 class Config:
-    label: str          # "floor", "ours:lora", "peft:loha", ...
-    method: str | None  # None for the floor
+    label: str          # "floor", "full", "ours:lora", "peft:loha", ...
+    method: str | None  # None for the floor and full fine-tuning
     hp: dict[str, Any]
 
     @property
@@ -207,7 +212,7 @@ def peft_config(method: str, targets: list[str], hp: dict[str, Any]):
 
 
 def make_configs(work: Workload, budget: str, method_names: list[str], with_peft: bool) -> list[Config]:
-    configs = [Config("floor", None, {})]
+    configs = [Config("floor", None, {}), Config("full", None, {})]
     for name in method_names:
         solved = methods.solve_budget(work.model, name, work.targets, budget)
         hp = methods.get_method(name).resolve_hp(solved)
@@ -220,7 +225,10 @@ def make_configs(work: Workload, budget: str, method_names: list[str], with_peft
 def instantiate(work: Workload, cfg: Config) -> nn.Module:
     """A deep copy of the frozen backbone with the configuration's adapter."""
     model = copy.deepcopy(work.model)
-    if cfg.impl == "ours":
+    if cfg.impl == "full":
+        for linear in methods.find_targets(model, work.targets).values():
+            linear.requires_grad_(True)
+    elif cfg.impl == "ours":
         methods.inject(model, cfg.method, work.targets, **cfg.hp)
     elif cfg.impl == "peft":
         import peft
@@ -267,18 +275,46 @@ def saved_tensor_bytes(trainer: Trainer) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = trainer.work.loss(model, trainer.work.batch)
+    for layer in methods.adapter_layers(model).values():   # dW kept across micro-batches counts too
+        for t in getattr(layer, "delta_cache", ()):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     loss.backward()
     if trainer.opt is not None:
         trainer.opt.zero_grad(set_to_none=True)
     return sum(seen.values())
 
 
+def target_calls(work: Workload) -> list[tuple[int, int, int]]:
+    """(tokens, in, out) of every call of a target Linear in one forward of the frozen backbone."""
+    calls = []
+
+    def record(module: nn.Module, args: tuple) -> None:
+        calls.append((args[0].numel() // args[0].shape[-1], module.in_features, module.out_features))
+
+    hooks = [m.register_forward_pre_hook(record) for m in methods.find_targets(work.model, work.targets).values()]
+    with torch.no_grad():
+        work.loss(work.model, work.batch)
+    for hook in hooks:
+        hook.remove()
+    return calls
+
+
+def full_rank_floor(work: Workload) -> float:
+    """RandLoRA's least step time over full fine-tuning's on the targets, 1 + 2 min / (3 T) summed over
+    the target calls: one dW build and one projection B^T G (min * in * out each) on top of full
+    fine-tuning's 3 T in out (forward, input gradient, weight gradient)."""
+    calls = target_calls(work)
+    full = sum(3 * t * i * o for t, i, o in calls)
+    return 1 + sum(2 * min(i, o) * i * o for _, i, o in calls) / full
+
+
 def adapter_work(trainer: Trainer) -> float | None:
     """Multiply-adds our adapters add to one training step, over those of the frozen target linears
     (forward + input gradient: 2 T in out each), from the cost model each layer picks its path with.
-    The structural part of a method's step-time ratio: no implementation gets below it. None for PEFT."""
-    if trainer.cfg.method is None:
-        return 0.0
+    The structural part of a method's step-time ratio: no implementation gets below it. None for PEFT;
+    0.5 for full fine-tuning (the weight gradient, T in out)."""
+    if trainer.cfg.impl in ("floor", "full"):
+        return 0.5 if trainer.cfg.impl == "full" else 0.0
     if trainer.cfg.impl != "ours":
         return None
     layers = list(methods.adapter_layers(trainer.model).values())
@@ -313,7 +349,7 @@ def profile_table(trainer: Trainer, steps: int, rows: int = 12) -> str:
 def peak_memory_child(args: argparse.Namespace, cfg: Config) -> int | None:
     """Training-only peak of one configuration, measured in a fresh Python process."""
     spec = {"model": args.current_model, "batch": args.batch, "tokens": args.tokens, "blocks": args.blocks,
-            "device": args.device, "bf16": args.bf16, "steps": args.memory_steps,
+            "width": args.width, "device": args.device, "bf16": args.bf16, "steps": args.memory_steps,
             "config": dataclasses.asdict(cfg)}
     cmd = [sys.executable, "-m", "runners.bench", "--memory-child", json.dumps(spec)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
@@ -326,7 +362,7 @@ def peak_memory_child(args: argparse.Namespace, cfg: Config) -> int | None:
 
 def run_memory_child(spec: dict[str, Any]) -> None:
     device = torch.device(spec["device"])
-    work = build_workload(spec["model"], spec["batch"], spec["tokens"], spec["blocks"], device)
+    work = build_workload(spec["model"], spec["batch"], spec["tokens"], spec["blocks"], device, spec["width"])
     assert work is not None
     prepare(work, device, spec["bf16"])
     trainer = Trainer(work, Config(**spec["config"]), device)
@@ -411,13 +447,13 @@ def _outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- table
 def format_table(rows: list[dict[str, Any]], memory_key: str) -> str:
     head = ["config", "trainable", "hp", "median_s", "p90_s", "rep_medians_s", "saved_MiB",
-            f"{memory_key}_MiB", "x_our_lora", "x_peft", "x_floor", "adapter_macs"]
+            f"{memory_key}_MiB", "x_our_lora", "x_peft", "x_floor", "x_full", "adapter_macs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["config"], f"{r['trainable']:,}", _hp(r["hp"]), f"{r['median_s']:.3f}", f"{r['p90_s']:.3f}",
                  "/".join(f"{v:.2f}" for v in r["rep_medians_s"]), _mib(r["saved_bytes"]),
                  _mib(r["peak_bytes"]), _ratio(r.get("x_our_lora")), _ratio(r.get("x_peft")),
-                 _ratio(r.get("x_floor")), _ratio(r.get("adapter_macs"))]
+                 _ratio(r.get("x_floor")), _ratio(r.get("x_full")), _ratio(r.get("adapter_macs"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -443,10 +479,11 @@ def _ratio_of(row: dict[str, Any], ref: dict[str, Any]) -> float:
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     by_label = {r["config"]: r for r in rows}
-    floor, lora = by_label.get("floor"), by_label.get("ours:lora")
+    floor, full, lora = by_label.get("floor"), by_label.get("full"), by_label.get("ours:lora")
     for r in rows:
         r["x_floor"] = _ratio_of(r, floor) if floor else None
-        if r["config"] == "floor":
+        r["x_full"] = _ratio_of(r, full) if full else None
+        if r["config"] in ("floor", "full"):
             continue
         r["x_our_lora"] = _ratio_of(r, lora) if lora else None
         impl, name = r["config"].split(":")
@@ -457,10 +494,11 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 # ----------------------------------------------------------------------------- main
 def bench_one(args: argparse.Namespace, model_name: str, budget: str, device: torch.device) -> dict | None:
-    work = build_workload(model_name, args.batch, args.tokens, args.blocks, device)
+    work = build_workload(model_name, args.batch, args.tokens, args.blocks, device, args.width)
     if work is None:
         return None
     prepare(work, device, args.bf16)
+    floor_vs_full = full_rank_floor(work)
     configs = make_configs(work, budget, args.methods, with_peft=not args.no_peft)
     trainers = [Trainer(work, cfg, device) for cfg in configs]
     saved = {t.cfg.label: saved_tensor_bytes(t) for t in trainers}
@@ -476,13 +514,15 @@ def bench_one(args: argparse.Namespace, model_name: str, budget: str, device: to
     merged = (merged_inference_check(work, trainers, args.repeats, max(3, args.steps // 2))
               if args.merged_check else [])
     return {"model": model_name, "budget": budget, "description": work.description, "rows": rows,
-            "merged": merged, "profiles": profiles, "device": str(device) + (", bf16 autocast" if args.bf16 else ""), "threads": torch.get_num_threads()}
+            "merged": merged, "profiles": profiles, "full_rank_floor": floor_vs_full,
+            "device": str(device) + (", bf16 autocast" if args.bf16 else ""), "threads": torch.get_num_threads()}
 
 
 def print_result(res: dict[str, Any], memory_key: str) -> None:
     print(f"\n## {res['description']} — budget {res['budget']} ({res['device']}, "
           f"{res['threads']} threads)\n")
     print(format_table(res["rows"], memory_key))
+    print(f"\nfull-rank floor (RandLoRA x full: 1 + 2 min / (3 T) over the targets): {res['full_rank_floor']:.3f}")
     for label, table in res["profiles"].items():
         print(f"\nprofile of {label} ({res['budget']}), self time per operator:\n\n```\n{table}\n```")
     if res["merged"]:
@@ -503,7 +543,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--batch", type=int, default=None, help="batch size (default per model: 32 / 16 / 32)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per sample (default 64 / 197 / 16)")
-    p.add_argument("--blocks", type=int, default=2, help="blocks of the ViT-B-shaped stack (ViT-B has 12)")
+    p.add_argument("--blocks", type=int, default=2, help="blocks of the ViT-shaped stack (ViT-B has 12)")
+    p.add_argument("--width", type=int, default=768,
+                   help="width of the ViT-shaped stack (MLP 4 x width, heads of 64): 768 is ViT-B, 384 ViT-S")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true",
                    help="forward under bf16 autocast, as GPU runs (trainer.bf16) train; adapters then run "

@@ -1,17 +1,23 @@
 """Command-line pre-flight: turn Hydra's multi-line composition errors into one clear line.
 
 `run.py` composes the config once with Hydra's compose API before handing over to `@hydra.main`, so a
-typo such as `task=clpi` or `trainer.max_step=5` ends with one line naming what is wrong and what is valid.
+typo such as `task=clpi` or `trainer.max_step=5`, or a value no run can use such as `trainer.lr=-1`,
+ends with one line naming what is wrong and what is valid, before anything is built or trained.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -26,13 +32,80 @@ def preflight(argv: list[str]) -> str | None:
         overrides = _without_sweeps(overrides)  # the sweeper validates the sweep itself
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            compose("config", overrides=overrides)
+            cfg = compose("config", overrides=overrides)
+        return check_values(cfg)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         return one_line(str(err))
+
+
+# ----------------------------------------------------------------------------- composed values
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive_int(v: Any) -> bool:
+    return _is_int(v) and v >= 1
+
+
+def _count(v: Any) -> bool:
+    return _is_int(v) and v >= 0
+
+
+def _positive(v: Any) -> bool:
+    return _is_number(v) and v > 0
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+#: (key, check, what is valid). Only values that need no model: whether a budget is reachable or a rank
+#: fits a layer depends on the model's shapes, and `methods` refuses those before allocating anything.
+VALUE_CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("seed", _is_int, "use an integer, e.g. seed=0"),
+    ("device", lambda v: v in ("auto", "cpu", "cuda"), "use auto, cpu or cuda"),
+    ("threads", _optional(_positive_int), "use an integer >= 1, or null for one per core"),
+    ("trainer.lr", _positive, "use a number > 0, e.g. trainer.lr=1e-3"),
+    ("method.lr", _optional(_positive), "use a number > 0, or null for the task's default"),
+    ("trainer.batch_size", _positive_int, "use an integer >= 1"),
+    ("trainer.eval_batch_size", _positive_int, "use an integer >= 1"),
+    ("trainer.grad_accum", _positive_int, "use an integer >= 1 (1: an optimizer step every micro-batch)"),
+    ("trainer.max_steps", _optional(_count),
+     "use an integer >= 0 (0: evaluate only), or null for the task's configured epochs"),
+    ("trainer.warmup_steps", _count, "use an integer >= 0"),
+    ("trainer.warmup_ratio", _optional(lambda v: _is_number(v) and 0 <= v <= 1), "use a number in [0, 1], or null"),
+    ("trainer.final_lr_ratio", lambda v: _is_number(v) and 0 <= v <= 1, "use a number in [0, 1]"),
+    ("trainer.weight_decay", lambda v: _is_number(v) and v >= 0, "use a number >= 0"),
+    ("trainer.grad_clip", _optional(lambda v: _is_number(v) and v >= 0), "use a number >= 0 (0 or null: off)"),
+    ("trainer.timing_warmup", _count, "use an integer >= 0"),
+    ("trainer.log_every", _positive_int, "use an integer >= 1"),
+    ("trainer.checkpoint_every", _optional(_count), "use an integer >= 0 (0: never)"),
+]
+
+_ABSENT = object()
+
+
+def check_values(cfg: DictConfig) -> str | None:
+    """One line naming the first composed value no run can use and what is valid, else None.
+
+    Type and range errors otherwise surface deep inside a run (`seed=abc`: "not all arguments converted
+    during string formatting"), or not at all (`trainer.grad_accum=0` trains nothing and reports success).
+    """
+    for key, check, valid in VALUE_CHECKS:
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT and not check(value):
+            return f"{key}={value} is not valid: {valid}"
+    for name, value in (OmegaConf.select(cfg, "trainer.method_lr", default=None) or {}).items():
+        if not _positive(value):
+            return f"trainer.method_lr.{name}={value} is not valid: use a number > 0"
     return None
 
 
-def compose_config(overrides: list[str]) -> "DictConfig":
+def compose_config(overrides: list[str]) -> DictConfig:
     """The job config `python run.py <overrides>` would run with (no Hydra run directory needed);
     a composition error exits with the same one line as run.py."""
     if (problem := preflight(overrides)) is not None:
@@ -64,6 +137,18 @@ def _without_sweeps(overrides: list[str]) -> list[str]:
     except HydraException:
         return overrides  # let compose report the syntax error
     return [o.input_line for o in parsed if not o.is_sweep_override()]
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use (CUDA_VISIBLE_DEVICES respected; 0 without CUDA), for launchers that must
+    hand them on: submitit's local executor gives a job `gpus_per_node` GPUs and hides the rest."""
+    import torch  # here, not at import: the command-line check stays fast
+
+    return torch.cuda.device_count()
+
+
+# `${rankbench.gpus:}` in conf/hydra/launcher/local.yaml; registered wherever run.py or a run is imported.
+OmegaConf.register_new_resolver("rankbench.gpus", visible_gpus, replace=True)
 
 
 def _options(group: str) -> list[str]:

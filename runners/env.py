@@ -8,6 +8,7 @@ import platform
 import random
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,10 +19,25 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _VERSIONED = ("torch", "transformers", "hydra-core", "datasets", "safetensors", "wandb", "numpy", "peft")
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; asking for CUDA without one is an error, not a silent CPU run."""
+#: sizes that run the papers' real models: days on a CPU, so `device=auto` never quietly picks one.
+GPU_SIZES = ("base", "large")
+
+
+def resolve_device(name: str, size: str = "tiny") -> torch.device:
+    """`auto` picks CUDA when present; asking for CUDA without one is an error, not a silent CPU run.
+
+    `auto` falls back to the CPU only for the embedded suite (`size=tiny`): a `size=base|large` run on a
+    node whose GPU is hidden (a launcher with no GPUs, a CPU-only torch) stops instead of crawling on.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if size in GPU_SIZES:
+            hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+            why = f" (CUDA_VISIBLE_DEVICES={hidden!r})" if hidden is not None else ""
+            raise ValueError(f"size={size} needs a GPU but torch sees none{why}; "
+                             f"pass device=cpu to run it on the CPU anyway")
+        return torch.device("cpu")
     if name not in ("cpu", "cuda"):
         raise ValueError(f"device={name!r} is not valid; use auto, cpu or cuda")
     if name == "cuda" and not torch.cuda.is_available():
@@ -67,6 +83,14 @@ def package_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return versions
+
+
+def gpu_info(device: torch.device) -> dict[str, Any] | None:
+    """{name, count} of the GPUs this process sees (results of different GPU models are not comparable
+    on cost); None on the CPU, which never touches CUDA."""
+    if device.type != "cuda":
+        return None
+    return {"name": torch.cuda.get_device_name(device), "count": torch.cuda.device_count()}
 
 
 def device_description(device: torch.device) -> str:

@@ -1,4 +1,5 @@
-"""Experiment loggers: W&B (online, or offline without credentials) and `none`.
+"""Experiment loggers: W&B (online, or offline without credentials or without a reachable server) and
+`none`.
 
 The local results.json is the source of truth; W&B mirrors it (config = resolved Hydra config,
 history = per-step loss/lr/step time, summary = params/cost/metrics).
@@ -9,13 +10,19 @@ import json
 import logging
 import netrc
 import os
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+
+#: seconds to wait for the W&B server before running offline (GPU nodes often have no internet).
+REACH_TIMEOUT_S = 3.0
 
 
 class NullLogger:
@@ -40,6 +47,50 @@ def _has_wandb_credentials() -> bool:
         return False
 
 
+def _server() -> str:
+    return os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+
+
+def _unreachable(url: str, timeout: float = REACH_TIMEOUT_S) -> str | None:
+    """Why the W&B server at `url` cannot be reached within `timeout` seconds (None when it can).
+
+    A TCP connect is enough: without one, `wandb.init` online waits for minutes, then fails the run. It
+    runs in a daemon thread so that a slow DNS lookup (which ignores socket timeouts) is bounded too."""
+    parts = urlsplit(url)
+    address = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(str(err) or type(err).__name__)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+def wandb_mode(mode: str) -> str:
+    """`logger.mode` made concrete. `auto`: online with credentials (or WANDB_MODE=online) and a server
+    that answers within REACH_TIMEOUT_S, else offline, saying why in one log line."""
+    if mode != "auto":
+        return mode
+    env_mode = os.environ.get("WANDB_MODE")
+    if env_mode in ("offline", "disabled"):
+        return env_mode
+    if not (_has_wandb_credentials() or env_mode == "online"):
+        return "offline"
+    why = _unreachable(_server())
+    if why is not None:
+        log.warning("W&B server %s unreachable (%s): running offline; upload later with `wandb sync`",
+                    _server(), why)
+        return "offline"
+    return "online"
+
+
 class WandbLogger:
     """One W&B run per rankbench run, always finished (also when the run fails)."""
 
@@ -47,10 +98,7 @@ class WandbLogger:
                  tags: list[str]) -> None:
         import wandb
 
-        mode = cfg.mode
-        if mode == "auto":
-            mode = "online" if (_has_wandb_credentials() or os.environ.get("WANDB_MODE") == "online") \
-                else "offline"
+        mode = wandb_mode(cfg.mode)
         self.mode = mode
         self._wandb = wandb
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=group, tags=tags, name=run_id,
@@ -68,7 +116,7 @@ class WandbLogger:
         run_dir = Path(self.run.dir).parent
         self.run.finish(exit_code=1 if failed else 0)
         if self.mode == "offline":
-            log.info("W&B ran offline (no credentials); upload later with: wandb sync %s", run_dir)
+            log.info("W&B ran offline; upload later with: wandb sync %s", run_dir)
 
 
 def make_logger(cfg: DictConfig, run_dir: Path, run_id: str, config: dict, group: str | None,

@@ -1,19 +1,27 @@
 """Measurements, defined once and applied identically to every method.
 
 * step time: wall time of a full optimizer step (all micro-batches), CUDA-synchronised on GPU;
-* peak memory: training-only peak. On CUDA the allocator's peak after a reset (`peak_mem_bytes`);
-  on CPU the growth of the process's peak resident set size over the training phase (`peak_rss_bytes`).
-  The two are different quantities and carry different names so they are never mixed;
+* peak memory, training phase only, each quantity under its own name so they are never mixed:
+  on CUDA the allocator's growth over the state at training start (`peak_mem_growth_bytes`: what
+  training adds on top of the resident model), its absolute peak (`peak_mem_bytes`) and the caching
+  allocator's reserved peak (`peak_reserved_bytes`, what `nvidia-smi` sees); on CPU the growth of the
+  process's peak resident set size (`peak_rss_bytes`);
+* on every device, two deterministic figures that need no allocator: `activation_bytes` (what autograd
+  saves for backward in one forward, each storage once, the model's own weights excluded) and
+  `state_bytes` (trainable parameters, their gradients and the optimizer's state);
 * delta rank: numerical and effective rank of the learned weight update of sampled layers.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import statistics
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
 _STATUS = Path("/proc/self/status")
 
@@ -58,32 +66,103 @@ def _vm_kib(field: str) -> int | None:
 
 
 class PeakMemory:
-    """Training-only peak memory: CUDA allocator peak, or peak-RSS growth of this process on CPU."""
+    """Training-only peak memory: CUDA allocator figures, or peak-RSS growth of this process on CPU.
+
+    The CPU path never calls into CUDA (a CPU run must not initialise a GPU it does not use).
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._base = 0
 
     @property
-    def key(self) -> str:
-        return "peak_mem_bytes" if self.device.type == "cuda" else "peak_rss_bytes"
+    def keys(self) -> tuple[str, ...]:
+        """The `cost` entries `peak()` fills on this device."""
+        if self.device.type == "cuda":
+            return ("peak_mem_growth_bytes", "peak_mem_bytes", "peak_reserved_bytes")
+        return ("peak_rss_bytes",)
 
     def start(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = 0
+            self._base = int(torch.cuda.memory_allocated(self.device))
             return
         _reset_rss_peak()
         self._base = (_vm_kib("VmRSS") or 0) * 1024
 
-    def peak(self) -> int | None:
-        """Bytes above the state at `start()`; None when the platform cannot tell."""
+    def figures(self) -> dict[str, int | None]:
+        """Bytes by key (see `keys`); None where the platform cannot tell."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            return int(torch.cuda.max_memory_allocated(self.device))
+            peak = int(torch.cuda.max_memory_allocated(self.device))
+            return {"peak_mem_growth_bytes": max(0, peak - self._base), "peak_mem_bytes": peak,
+                    "peak_reserved_bytes": int(torch.cuda.max_memory_reserved(self.device))}
         hwm = _vm_kib("VmHWM")
-        return None if hwm is None else max(0, hwm * 1024 - self._base)
+        return {"peak_rss_bytes": None if hwm is None else max(0, hwm * 1024 - self._base)}
+
+    def peak(self) -> int | None:
+        """One number: the allocator's absolute peak on CUDA, the RSS growth on CPU (runners.bench)."""
+        figures = self.figures()
+        return figures["peak_mem_bytes" if self.device.type == "cuda" else "peak_rss_bytes"]
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    storage = t.untyped_storage()
+    return str(t.device), storage.data_ptr()
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and repeats counted once)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        seen.setdefault(_storage_key(t), t.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+class SavedActivations:
+    """Bytes autograd saves for backward while the context is open: `activation_bytes`.
+
+    Each storage is counted once, at its full size (a saved view holds its whole storage), so a tensor
+    saved by two ops (a ReLU output that is also the next Linear's input) counts once. Storages of the
+    model's parameters and buffers are excluded: frozen weights (and RandLoRA's bases) that an op saves
+    for backward are resident anyway, and counting them would bury the method's own cost under the model
+    size -- the flaw of an absolute allocator peak. Casts and other copies of weights made in the forward
+    are new storages and count. Tensors a custom autograd function keeps as plain `ctx` attributes, not
+    through `save_for_backward`, are invisible to the hooks.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        state = [*model.parameters(), *model.buffers()]
+        self._resident = {_storage_key(t) for t in state if t.device.type != "meta"}
+        self._saved: dict[tuple[str, int], int] = {}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta":
+            key = _storage_key(t)
+            if key not in self._resident:
+                self._saved.setdefault(key, t.untyped_storage().nbytes())
+        return t
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            yield
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._saved.values())
+
+
+def state_bytes(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> int | None:
+    """Trainable parameters + one gradient per parameter (same shape and dtype) + every tensor of the
+    optimizer's state (AdamW: two moments per element and a step counter per tensor). None before the
+    optimizer has state (nothing trained yet)."""
+    moments = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    if not moments:
+        return None
+    weights = sum(p.numel() * p.element_size() for p in params)
+    return 2 * weights + storage_bytes(moments)
 
 
 def _reset_rss_peak() -> None:

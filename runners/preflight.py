@@ -58,6 +58,7 @@ def check_dataset(name: str, src: DictConfig | None, task_cfg: DictConfig, key: 
         meta = _local_metadata(str(path)) if Path(str(path)).exists() else _hub_metadata(str(path), src)
     except LookupError as err:
         rec.problems.append(str(err))
+        _show_configured_classes(rec, name, src, task_cfg)
         return rec
     rec.splits, rec.columns = meta["splits"], meta["columns"]
     _check_splits_and_columns(rec, src, key)
@@ -149,6 +150,18 @@ def _fill_classes(rec: Record, name: str, src: DictConfig, label_names: list[str
     except (ValueError, KeyError, FileNotFoundError) as err:
         rec.problems.append(_first_line(err))
         return
+    rec.num_classes = len(rec.classes) or None
+    templates = _eval_templates(source_templates(name, src), task_cfg)
+    rec.prompts = [t.format(c) for t in templates for c in rec.classes][:PROMPTS_SHOWN]
+
+
+def _show_configured_classes(rec: Record, name: str, src: DictConfig, task_cfg: DictConfig) -> None:
+    """With no metadata, the class names the config itself names (curated set or `classes`), in their own
+    order: prompts can still be read, though their alignment to the copy's labels is unchecked."""
+    from tasks.data import prompt_set, source_templates
+
+    entry = prompt_set(name, src)
+    rec.classes = [str(c) for c in src.get("classes") or (entry or {}).get("classes", [])]
     rec.num_classes = len(rec.classes) or None
     templates = _eval_templates(source_templates(name, src), task_cfg)
     rec.prompts = [t.format(c) for t in templates for c in rec.classes][:PROMPTS_SHOWN]

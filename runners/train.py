@@ -26,10 +26,11 @@ import tasks
 from runners import env
 from runners.adapt import Adaptation, adapt, is_head
 from runners.checkpoint import FILENAME as CHECKPOINT
-from runners.export import import_peft_adapter, save_head
 from runners.checkpoint import PreemptionGuard, load_checkpoint, save_checkpoint
+from runners.cli import check_values
+from runners.export import import_peft_adapter, save_head
 from runners.logger import make_logger
-from runners.metrics import PeakMemory, StepTimer, matrix_ranks
+from runners.metrics import PeakMemory, SavedActivations, StepTimer, matrix_ranks, state_bytes
 from runners.results import SCHEMA, is_complete, read_results, write_results
 from runners.suite import run_suite, suite_datasets
 
@@ -39,11 +40,14 @@ RANK_SAMPLE = 4  # adapted layers whose update rank is reported
 
 
 class RunFailed(RuntimeError):
-    """The run failed; its results.json says why. The message is one line for the user."""
+    """The run failed (its results.json says why) or its config was refused before anything was built
+    or written. The message is one line for the user."""
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Execute one run described by a composed rankbench config and return its result record."""
+    if (problem := _refusal(cfg)) is not None:
+        raise RunFailed(problem)  # refused before anything is built; nothing is written
     run_dir = output_dir(cfg)
     if is_complete(run_dir):
         log.info("skipping %s: results.json there already records a successful run", run_dir)
@@ -54,9 +58,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return _run_suite(cfg, names, run_dir, record)
     logger = None
     try:
-        device = env.resolve_device(cfg.device)
+        device = env.resolve_device(cfg.device, _size(cfg))
         env.set_threads(cfg.get("threads"))
-        record["run"]["device"] = env.device_description(device)
+        record["run"].update(device=env.device_description(device), gpu=env.gpu_info(device))
         generator = env.seed_everything(cfg.seed)
         task = tasks.build(cfg.task)
         model = task.build_model()
@@ -92,6 +96,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             logger.finish(failed=record["run"]["status"] != "success")
 
 
+def _refusal(cfg: DictConfig) -> str | None:
+    """Input no run can use, in one line: a bad config value, or a device this machine lacks (checked once
+    here, not once per dataset of a suite)."""
+    if (problem := check_values(cfg)) is not None:
+        return problem
+    try:
+        env.resolve_device(cfg.device, _size(cfg))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _suite_or_error(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> list[str]:
     """The datasets to train one adapter each for (see runners.suite); a bad `dataset=` fails the run."""
     try:
@@ -125,7 +141,8 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
     params = [p for p in model.parameters() if p.requires_grad]
     memory = PeakMemory(device)
     cost: dict[str, Any] = {"step_time_s": None, "step_time_p90_s": None, "samples_per_s": None,
-                            memory.key: None, "train_time_s": 0.0}
+                            **dict.fromkeys(memory.keys), "activation_bytes": None, "state_bytes": None,
+                            "train_time_s": 0.0}
     if not params:  # zero-shot CLIP: nothing to train
         return cost, []
     lr = method_lr(cfg)
@@ -144,12 +161,14 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
                          "train_time_s": train_time, "config_hash": config_hash})
 
     model.train()
+    activations = SavedActivations(model)  # recorded in this process's first step (see _optimizer_step)
     memory.start()
     bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc="train", mininterval=2)
     with PreemptionGuard() as preemption:
         for step in bar:
             timer.start()
-            loss = _optimizer_step(model, task, batches, optimizer, params, t, device)
+            loss = _optimizer_step(model, task, batches, optimizer, params, t, device,
+                                   activations if step == start else None)
             scheduler.step()
             dt = timer.stop()
             train_time += dt
@@ -169,7 +188,9 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
                 preemption.hand_over()  # submitit requeues the job; the requeued run resumes at `done`
     model.eval()
     cost.update(timer.summary(t.batch_size * t.grad_accum))
-    cost[memory.key] = memory.peak()
+    cost.update(memory.figures())
+    if start < max_steps:
+        cost.update(activation_bytes=activations.bytes, state_bytes=state_bytes(params, optimizer))
     cost["train_time_s"] = train_time
     return cost, history
 
@@ -200,13 +221,19 @@ def param_groups(model: nn.Module, head_prefixes: list[str], backbone_lr: float,
 
 
 def _optimizer_step(model: nn.Module, task: tasks.Task, batches: Iterator, optimizer: torch.optim.Optimizer,
-                    params: list[nn.Parameter], t: DictConfig, device: torch.device) -> float:
-    """One optimizer step over `grad_accum` micro-batches; returns the mean loss."""
+                    params: list[nn.Parameter], t: DictConfig, device: torch.device,
+                    activations: SavedActivations | None = None) -> float:
+    """One optimizer step over `grad_accum` micro-batches; returns the mean loss.
+
+    With `activations`, what autograd saves in the first micro-batch's forward is recorded (micro-batch
+    graphs never coexist: each is freed by its backward). The hooks' small Python cost lands in one
+    step, which the step-time median absorbs."""
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for _ in range(t.grad_accum):
+    for micro in range(t.grad_accum):
         batch = _to_device(next(batches), device)
-        with autocast(device, t.bf16):
+        record = activations is not None and micro == 0
+        with autocast(device, t.bf16), activations.recording() if record else contextlib.nullcontext():
             loss = task.loss(model, batch) / t.grad_accum
         loss.backward()
         total += float(loss.detach())
@@ -274,7 +301,7 @@ def output_dir(cfg: DictConfig) -> Path:
 def summary_table(record: dict[str, Any]) -> str:
     """A short human-readable table of the run's headline numbers."""
     r, m, p, c = record["run"], record["metrics"], record["params"], record["cost"]
-    mem_key = "peak_mem_bytes" if "peak_mem_bytes" in c else "peak_rss_bytes"
+    mem_key = "peak_mem_growth_bytes" if "peak_mem_growth_bytes" in c else "peak_rss_bytes"
     rows = [("dataset", "before", "after")]
     rows += [(d, f"{m['per_dataset_before'][d]:.3f}", f"{acc:.3f}") for d, acc in m["per_dataset"].items()]
     rows.append(("mean", f"{m['accuracy_before']:.3f}", f"{m['accuracy']:.3f}"))
@@ -341,24 +368,29 @@ def _sample_names(names: list[str]) -> list[str]:
 
 
 @torch.no_grad()
-def _sample_weights(model: nn.Module, adaptation: Adaptation) -> dict[str, torch.Tensor]:
-    """Effective weights of a few adapted (or, for full, targeted) layers, to measure rank(dW) later."""
-    names = _sample_names(adaptation.rank_layers)
-    return {n: _effective_weight(model.get_submodule(n)).float().cpu().clone() for n in names}
+def _sample_weights(model: nn.Module, adaptation: Adaptation) -> dict[str, torch.Tensor | None]:
+    """A few adapted (or, for full, targeted) layers whose rank(dW) is reported at the end, with an fp32
+    copy of each plain layer's weight (None for an adapter: its dW is its own)."""
+    layers = {n: model.get_submodule(n) for n in _sample_names(adaptation.rank_layers)}
+    return {n: None if _is_adapter(m) else m.weight.detach().float().cpu().clone() for n, m in layers.items()}
 
 
 @torch.no_grad()
-def _delta_ranks(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    return {n: matrix_ranks(_effective_weight(model.get_submodule(n)).float().cpu() - w)
-            for n, w in before.items()}
+def _delta_ranks(model: nn.Module, before: dict[str, torch.Tensor | None]) -> dict[str, dict[str, float]]:
+    return {n: matrix_ranks(_update(model.get_submodule(n), w)) for n, w in before.items()}
 
 
-def _effective_weight(module: nn.Module) -> torch.Tensor:
-    """The weight the layer applies: base + dW for an (unmerged) adapter, the weight of a plain Linear."""
-    weight = module.weight.detach()
-    if isinstance(module, methods.AdapterLayer) and not module.merged:
-        weight = weight + module.delta_weight().detach().to(weight.dtype)
-    return weight
+def _update(module: nn.Module, before: torch.Tensor | None) -> torch.Tensor:
+    """dW in fp32: an adapter's own `delta_weight()`, never (W + dW) - W, which in a bf16 base rounds a
+    rank-4 update into a full-rank one (rank ~128 of 128 on the tiny CLIP); for a plain Linear (full
+    fine-tuning) the change of its weight, exact in fp32 whatever the base dtype."""
+    if _is_adapter(module):
+        return module.delta_weight().detach().float().cpu()
+    return module.weight.detach().float().cpu() - before
+
+
+def _is_adapter(module: nn.Module) -> bool:
+    return isinstance(module, methods.AdapterLayer) and not module.merged
 
 
 def _save_trained(model: nn.Module, adaptation: Adaptation, head_prefixes: list[str], run_dir: Path) -> int:
@@ -401,7 +433,7 @@ def _new_record(cfg: DictConfig) -> dict[str, Any]:
            "budget_target": None, "hp": {},
            "protocol": protocol_of(config), "command": _command(), "config": config, "config_hash": config_hash, "git_commit": commit,
            "git_dirty": dirty,
-           "versions": env.package_versions(), "device": None, "started_at": _now(), "finished_at": None,
+           "versions": env.package_versions(), "device": None, "gpu": None, "started_at": _now(), "finished_at": None,
            "status": "running", "error": None}
     return {"schema": SCHEMA, "run": run, "params": {}, "cost": {}, "metrics": {}, "history": []}
 

@@ -47,3 +47,20 @@ def test_sentence_datasets_hold_out_their_label_words(name: str) -> None:
     test_vocab = {w for t in test["text"] for w in t.split()}
     assert not held_out & train_vocab and held_out & test_vocab and not seen & test_vocab
     assert max(len(t.split()) for t in [*train["text"], *test["text"]]) <= 20
+
+
+def test_a_script_based_hub_repo_is_named_as_such_not_as_unreachable(monkeypatch):
+    """datasets >= 4 raises a RuntimeError for hub repos that still ship a loading script; the user must
+    hear that, not that the hub could not be reached."""
+    from omegaconf import OmegaConf
+
+    import tasks.data as data
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Dataset scripts are no longer supported, but found imagenet-1k.py")
+
+    monkeypatch.setattr(data, "load_dataset", refuse)
+    with pytest.raises(RuntimeError) as err:
+        data.open_source("imagenet", OmegaConf.create({"path": "ILSVRC/imagenet-1k"}))
+    assert "script-based hub repo" in str(err.value) and "task.data.sources.imagenet.path" in str(err.value)
+    assert "could not be reached" not in str(err.value)
