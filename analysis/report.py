@@ -35,6 +35,7 @@ from analysis.aggregate import (
 )
 from analysis.document import Block, Cell, Table, to_html, to_markdown
 from analysis.load import ResultsError, load_results
+from analysis.paired import noise_floor, paired_differences, win_tie_loss
 
 log = logging.getLogger("analysis.report")
 
@@ -101,6 +102,10 @@ def build_report(df: pd.DataFrame, out: Path, command: str = "", dpi: int = 200)
     blocks = _header(df, command)
     for key, part in panels(df):
         blocks += _panel_section(key, part, out, dpi)
+    paired = paired_differences(df)
+    paired.to_csv(out / "paired.csv", index=False)
+    runs_table(df).to_csv(out / "runs.csv", index=False)
+    blocks += _paired_section(df, paired)
     blocks += _failures_section(df) + _protocol_section(df) + _provenance_section(df, command)
     (out / "summary.md").write_text(to_markdown(blocks))
     index = out / "index.html"
@@ -202,6 +207,40 @@ def _per_dataset_block(part: pd.DataFrame) -> Block:
             for i, (m, b) in enumerate(table.index)]
     caption = "Per-dataset accuracy (%), seed means; best adapter per column in bold (references excluded)."
     return Block("table", table=Table(["method", "budget", *map(str, table.columns)], rows, caption))
+
+
+RUN_COLUMNS = ["run_id", "method", "task", "size", "model", "regime", "run_dataset", "budget_target", "seed", "lr",
+               "status", "mean_accuracy", "mean_accuracy_before", "trainable_params", "budget_error", "device",
+               "step_time_s", "step_time_p90_s", "samples_per_s", "peak_mem_bytes", "peak_rss_bytes",
+               "train_time_s", "adapter_file_bytes", "source"]
+
+
+def runs_table(df: pd.DataFrame) -> pd.DataFrame:
+    """report/runs.csv: one row per run (a suite's datasets combined), its own lr and every figure."""
+    runs = per_run(df)
+    extra = [c for c in runs.columns if c.endswith("_bytes") and c not in RUN_COLUMNS]
+    return runs[[c for c in [*RUN_COLUMNS, *extra] if c in runs.columns]].rename(columns={"budget_target": "budget"})
+
+
+def _paired_section(df: pd.DataFrame, paired: pd.DataFrame) -> list[Block]:
+    """Win/tie/loss of each method pair over budgets (suite means, 95% paired intervals) and the noise floor."""
+    wtl = win_tie_loss(paired)
+    if wtl.empty:
+        return []
+    rows = [[Cell(r["method_a"]), Cell(r["method_b"]), Cell(str(r["win"])), Cell(str(r["tie"])), Cell(str(r["loss"]))]
+            for _, r in wtl.iterrows()]
+    floor = noise_floor(df)
+    floor_rows = [[Cell(f"{r['task']} · {r['model']} ({r['size']}) · {r['regime']}"),
+                   Cell(f"{100 * r['seed_std_median']:.2f}"), Cell(f"{100 * r['seed_std_max']:.2f}"),
+                   Cell(str(r["configurations"]))] for _, r in floor.iterrows()]
+    return [Block("h2", "Paired comparisons"),
+            Block("p", "Mean of per-seed accuracy differences (a - b) at each budget with a 95% Student-t "
+                       "interval (report/paired.csv, also per dataset); a win is an interval above 0, a tie "
+                       "one containing 0 (or fewer than two seeds), counted over budgets and panels."),
+            Block("table", table=Table(["method a", "method b", "wins of a", "ties", "losses of a"], rows)),
+            Block("h3", "Noise floor"),
+            Block("table", table=Table(["panel", "seed std, median (points)", "seed std, max (points)",
+                                        "configurations"], floor_rows))]
 
 
 def _failures_section(df: pd.DataFrame) -> list[Block]:

@@ -101,3 +101,15 @@ def test_summary_lists_the_protocol_deviations_runs_recorded(tmp_path):
     md = (out / "summary.md").read_text()
     assert "## Protocol deviations" in md and "protocol of RandLoRA official code" in md
     assert "| q, k and v each get their own adapter | transformers has no fused in_proj |" in md
+
+
+def test_report_writes_runs_and_paired_csv(report):
+    import pandas as pd
+
+    runs = pd.read_csv(report / "runs.csv")
+    assert {"run_id", "method", "budget", "seed", "lr", "mean_accuracy", "step_time_s"} <= set(runs.columns)
+    assert runs["run_id"].is_unique
+    paired = pd.read_csv(report / "paired.csv")
+    assert {"method_a", "method_b", "budget", "mean_diff", "ci_low", "ci_high", "n"} <= set(paired.columns)
+    assert len(paired) and (paired["ci_low"].isna() | (paired["ci_low"] <= paired["mean_diff"])).all()
+    assert "## Paired comparisons" in (report / "summary.md").read_text()

@@ -9,6 +9,7 @@ import torch
 from rbtest import compose_config, run_cli
 
 from runners.adapt import method_names
+from runners.cli import check_values
 from runners.logger import offline_summary
 from runners.train import RunFailed, run
 
@@ -41,6 +42,7 @@ def test_smoke_run_writes_a_complete_result(method, task, tiny_overrides, tmp_pa
     assert 0.0 <= saved["metrics"]["accuracy"] <= 1.0
     assert saved["run"]["config"]["method"]["name"] == method and saved["run"]["versions"]["torch"]
     assert "peak_rss_bytes" in saved["cost"] and "peak_mem_bytes" not in saved["cost"]
+    assert saved["run"]["gpu"] is None  # CPU run
     trains_something = saved["params"]["trainable"] + saved["params"]["head_trainable"] > 0
     assert (saved["cost"]["step_time_s"] is not None) == trains_something
     assert (saved["params"]["adapter_file_bytes"] > 0) == (method not in ("full", "none"))
@@ -93,28 +95,63 @@ def test_diverging_run_writes_failed_result_and_exits_nonzero(tmp_path):
     assert saved["run"]["status"] == "failed" and "loss is" in saved["run"]["error"]
 
 
+BAD_VALUES = [  # (override, the one line run.py prints)
+    ("trainer.lr=-1", "trainer.lr=-1 is not valid: use a number > 0, e.g. trainer.lr=1e-3"),
+    ("trainer.lr=0", "trainer.lr=0 is not valid: use a number > 0"),
+    ("trainer.grad_accum=0", "trainer.grad_accum=0 is not valid: use an integer >= 1"),
+    ("trainer.batch_size=0", "trainer.batch_size=0 is not valid: use an integer >= 1"),
+    ("trainer.max_steps=-3", "trainer.max_steps=-3 is not valid: use an integer >= 0 (0: evaluate only)"),
+    ("seed=abc", "seed=abc is not valid: use an integer, e.g. seed=0"),
+]
+
+
 @pytest.mark.parametrize("args, expected", [
     (["method=lorra"], "unknown method 'lorra'; valid: full, loha, lokr, lora, none, randlora"),
     (["task=clpi"], "unknown task 'clpi'; valid: clip, "),
     (["size=huge"], "unknown size 'huge'; valid: base, large, tiny"),
     (["trainer.max_step=5"], "unknown config key 'trainer.max_step'"),
+    *(([arg], f"rankbench: {line}") for arg, line in BAD_VALUES),
 ])
 def test_bad_command_line_is_one_clear_line(args, expected, tmp_path):
-    proc = run_cli(args, cwd=tmp_path, timeout=60)
+    finished = tmp_path / "finished"  # a finished run's directory: a refused command line leaves it alone
+    finished.mkdir()
+    (finished / "results.json").write_text('{"run": {"status": "success"}}')
+    proc = run_cli([*args, f"out_dir={finished}"], cwd=tmp_path, timeout=60)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], proc.stderr
     assert not (tmp_path / "outputs").exists()
+    assert (finished / "results.json").read_text() == '{"run": {"status": "success"}}'
 
 
-def test_unreachable_budget_fails_with_the_smallest_achievable(tmp_path):
-    out = tmp_path / "budget"
-    proc = run_cli(["method=lora", "budget=10", "logger=none", f"out_dir={out}", *SMALL_DATA], cwd=tmp_path,
-                   timeout=120)
+@pytest.mark.parametrize("arg, _", BAD_VALUES)
+def test_bad_values_are_refused_in_process_before_anything_is_written(arg, _, tiny_overrides, tmp_path):
+    with pytest.raises(RunFailed, match=rf"^{arg.split('=')[0]}=.* is not valid: "):
+        run(compose_config([*tiny_overrides, arg]))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("arg", ["trainer.max_steps=0", "trainer.max_steps=null", "seed=-1", "trainer.lr=1",
+                                 "trainer.grad_clip=null", "+method.lr=2e-4"])
+def test_valid_edge_values_pass_the_check(arg):
+    assert check_values(compose_config([arg])) is None  # max_steps=0: evaluate only
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["budget=10"], "budget 10 is below the smallest count lora can achieve on these targets: "),
+    (["budget=100000000"], "budget 100000000 is above the largest count lora can achieve on these targets: "),
+    (["task=vision", "method.r=100000"],  # 128-wide layers: once wrapped 1.43B parameters and hung
+     "lora: r=100000 is too large for Linear(128, 128) ('backbone.encoder.layers.0.self_attn."),
+])
+def test_unreachable_budget_or_rank_fails_naming_what_is_valid(args, expected, tmp_path):
+    out = tmp_path / "refused"
+    proc = run_cli(["method=lora", *args, "dataset=shapes", "logger=none", f"out_dir={out}", *SMALL_DATA],
+                   cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     line = [x for x in proc.stderr.splitlines() if "run failed" in x]
-    assert len(line) == 1 and "smallest" in line[0].lower(), proc.stderr
-    assert json.loads((out / "results.json").read_text())["run"]["status"] == "failed"
+    assert len(line) == 1 and expected in line[0], proc.stderr
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["run"]["status"] == "failed" and saved["history"] == [] and saved["cost"] == {}
 
 
 def test_wandb_offline_run_holds_the_summary(tiny_overrides, tmp_path, monkeypatch):
@@ -148,3 +185,21 @@ def test_bf16_autocast_training_runs_every_adapter(method, tiny_overrides, monke
     assert record["run"]["status"] == "success", record["run"]["error"]
     assert all(math.isfinite(h["loss"]) for h in record["history"])
     assert 0.0 <= record["metrics"]["accuracy"] <= 1.0
+
+
+def test_cost_has_device_independent_memory_figures(tiny_overrides):
+    """`activation_bytes` and `state_bytes` on every device (their arithmetic: tests/runners/test_metrics.py)."""
+    record = run(compose_config(["method=lora", "dataset=shapes", *tiny_overrides]))
+    cost, params = record["cost"], record["params"]
+    assert cost["activation_bytes"] > 0
+    trainable = params["trainable"] + params["head_trainable"]
+    counters = cost["state_bytes"] - 16 * trainable  # fp32 AdamW: weight, gradient and two moments
+    assert counters > 0 and counters % 4 == 0  # plus one 4-byte step counter per trainable tensor
+
+
+def test_bf16_base_update_rank_is_the_adapters_rank(tiny_overrides):
+    """W + dW formed in bf16 turned a rank-4 LoRA update into rank ~128 of 128; dW is now measured in fp32."""
+    record = run(compose_config(["method=lora", "method.r=4", "+task.model.dtype=bfloat16", "dataset=shapes",
+                                 *tiny_overrides]))
+    ranks = record["metrics"]["delta_rank"]
+    assert ranks and all(1 <= v["rank"] <= 4 and v["max_rank"] == 128 for v in ranks.values()), ranks

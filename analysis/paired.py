@@ -1,0 +1,83 @@
+"""Paired comparisons between methods: the statistic a reviewer asks for.
+
+Runs of two methods at the same seed share their data subset and head initialisation, so the honest
+comparison is the mean of per-seed differences, not two independent means. For every pair of adapter
+methods at every budget (per dataset, and over a suite's mean) this gives the mean paired difference of
+accuracy with a 95% Student-t interval; an interval containing 0 is a tie. The noise floor beside it is
+the seed-to-seed standard deviation of each configuration.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pandas as pd
+
+from analysis.aggregate import ADAPTERS, method_rank, successful, t_critical
+from analysis.load import PANEL_KEYS
+
+PAIRED_COLUMNS = [*PANEL_KEYS, "dataset", "budget", "method_a", "method_b", "mean_diff", "ci_low", "ci_high", "n"]
+SUITE = "(suite mean)"
+
+
+def paired_differences(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (panel, dataset or suite mean, budget, method pair): a minus b over shared seeds."""
+    values = _per_seed_values(df)
+    rows = []
+    for key, part in values.groupby([*PANEL_KEYS, "dataset", "budget_target"], dropna=False, sort=True):
+        wide = part.pivot_table(index="seed", columns="method", values="value", aggfunc="mean")
+        methods = sorted(wide.columns, key=method_rank)
+        for a, b in itertools.combinations(methods, 2):
+            diff = (wide[a] - wide[b]).dropna()
+            rows.append([*key, a, b, *_interval(diff.tolist())])
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+
+
+def win_tie_loss(paired: pd.DataFrame) -> pd.DataFrame:
+    """Per method pair, over budgets and panels (suite means only): wins of a (interval above 0),
+    ties (interval contains 0, or fewer than 2 seeds) and losses."""
+    suite = paired[paired["dataset"] == SUITE]
+    out = []
+    for (a, b), part in suite.groupby(["method_a", "method_b"], sort=False):
+        win = int((part["ci_low"] > 0).sum())
+        loss = int((part["ci_high"] < 0).sum())
+        out.append({"method_a": a, "method_b": b, "win": win, "tie": len(part) - win - loss, "loss": loss})
+    return pd.DataFrame(out, columns=["method_a", "method_b", "win", "tie", "loss"])
+
+
+def noise_floor(df: pd.DataFrame) -> pd.DataFrame:
+    """Seed-to-seed standard deviation of the suite-mean accuracy, per panel: median and max over
+    configurations with at least two seeds (a difference below it is not evidence)."""
+    values = _per_seed_values(df)
+    suite = values[values["dataset"] == SUITE]
+    std = suite.groupby([*PANEL_KEYS, "method", "budget_target"], dropna=False)["value"].std(ddof=1).dropna()
+    if std.empty:
+        return pd.DataFrame(columns=[*PANEL_KEYS, "seed_std_median", "seed_std_max", "configurations"])
+    grouped = std.groupby(level=list(range(len(PANEL_KEYS))), dropna=False)
+    return pd.DataFrame({"seed_std_median": grouped.median(), "seed_std_max": grouped.max(),
+                         "configurations": grouped.count()}).reset_index()
+
+
+def _per_seed_values(df: pd.DataFrame) -> pd.DataFrame:
+    """Adapter runs with a budget: accuracy per (panel, dataset, budget, method, seed), plus the suite mean."""
+    ok = successful(df)
+    ok = ok[ok["method"].isin(ADAPTERS) & ok["budget_target"].notna() & ok["seed"].notna()]
+    keys = [*PANEL_KEYS, "budget_target", "method", "seed"]
+    per_dataset = ok[[*keys, "dataset", "accuracy"]].rename(columns={"accuracy": "value"})
+    suite = ok.drop_duplicates("source")[[*keys, "mean_accuracy"]].rename(columns={"mean_accuracy": "value"})
+    suite["dataset"] = SUITE
+    both = pd.concat([per_dataset, suite], ignore_index=True)
+    return both.groupby([*keys, "dataset"], dropna=False, as_index=False)["value"].mean()
+
+
+def _interval(diffs: list[float]) -> tuple[float, float, float, int]:
+    """(mean, ci_low, ci_high, n) of paired differences; the interval is NaN below two seeds."""
+    n = len(diffs)
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    mean = sum(diffs) / n
+    if n < 2:
+        return mean, math.nan, math.nan, n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = t_critical(n) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half, n
