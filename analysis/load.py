@@ -253,7 +253,7 @@ def _run_fields(run: dict, source: str) -> dict[str, Any]:
         "run_id": run.get("id"), "method": run.get("method"), "task": run.get("task") or "?",
         "run_dataset": run.get("dataset"), "size": run.get("size") or _cfg_name(config.get("size")) or "?",
         "model": _model_name(task_cfg), "regime": _regime(task_cfg), "seed": _as_int(run.get("seed")),
-        "budget_target": budget, "setting": _setting(budget, hp), "lr": _learning_rate(config, hp),
+        "budget_target": budget, "setting": _setting(budget, hp), "lr": run.get("lr") or _learning_rate(config, hp),  # run.lr: as used
         "hp": json.dumps(hp, sort_keys=True, default=str), "status": run.get("status", "success"),
         "error": run.get("error"), "device": run.get("device"), "device_type": _device_type(run),
         "git_commit": run.get("git_commit"),

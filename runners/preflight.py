@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 log = logging.getLogger("rankbench.preflight")
 
@@ -92,7 +92,7 @@ def _hub_metadata(path: str, src: DictConfig) -> dict[str, Any]:
 
     try:
         builder = load_dataset_builder(path, src.get("config"), **hub_kwargs(src))
-    except Exception as err:  # noqa: BLE001 - any failure here is the problem to report
+    except Exception as err:
         raise LookupError(f"{path}: metadata unreadable ({type(err).__name__}: {_first_line(err)})") from err
     info = builder.info
     splits = {s: v.num_examples for s, v in (info.splits or {}).items()}
@@ -108,7 +108,7 @@ def _label_names(features: Any, src: DictConfig) -> list[str] | None:
     return list(feature.names) if hasattr(feature, "names") else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _repo_files(path: str, repo_type: str = "dataset") -> list[str]:
     """The hub repo's file names (one metadata request, no retries: an offline machine answers in well
     under a second, where list_repo_files backs off for ~20 s); LookupError naming why not."""
@@ -123,7 +123,7 @@ def _repo_files(path: str, repo_type: str = "dataset") -> list[str]:
         raise LookupError(f"{path} is gated: accept its terms on the hub and log in (hf auth login)") from err
     except RepositoryNotFoundError as err:
         raise LookupError(f"{path}: no such {repo_type} repo on the hub") from err
-    except Exception as err:  # noqa: BLE001 - network, proxy, offline mode
+    except Exception as err:
         raise LookupError(f"{path}: hub unreachable ({type(err).__name__}: {_first_line(err)})") from err
 
 

@@ -1,7 +1,11 @@
 """Budgets on a CLIP ViT-B/32-shaped model (meta device: shapes only, nothing allocated)."""
 from __future__ import annotations
 
+import ast
+import re
+
 import pytest
+from torch import nn
 
 import methods
 
@@ -74,3 +78,38 @@ def test_lokr_balanced_split_cannot_reach_lora_budgets(clip_b32_meta):
 def test_budget_below_smallest_on_clip(clip_b32_meta):
     with pytest.raises(ValueError, match=r"below the smallest count randlora can achieve on these targets: \d"):
         methods.solve_budget(clip_b32_meta, "randlora", CLIP_TARGETS, 100_000)
+
+
+def test_budget_above_largest_on_clip_names_the_largest(clip_b32_meta):
+    largest = methods.num_params_model(clip_b32_meta, "lora", CLIP_TARGETS, r=512)  # r up to the 512-wide text
+    with pytest.raises(ValueError, match=rf"above the largest count lora can achieve on these targets: {largest} "
+                                         r"\(with \{'r': 512\}\)"):
+        methods.solve_budget(clip_b32_meta, "lora", CLIP_TARGETS, 100_000_000_000)
+    assert methods.solve_budget(clip_b32_meta, "lora", CLIP_TARGETS, largest) == {"r": 512}
+
+
+@pytest.mark.parametrize("method", methods.available())
+def test_the_largest_count_named_is_one_inject_accepts(clip_b32_meta, method):
+    """The solver never picks a setting `inject` refuses (an r above a target's larger dimension)."""
+    with pytest.raises(ValueError, match="above the largest count") as refused:
+        methods.solve_budget(clip_b32_meta, method, CLIP_TARGETS, 10**12)
+    count, knobs = re.search(r": (\d+) \(with (\{.*\})\)$", str(refused.value)).groups()
+    assert methods.num_params_model(clip_b32_meta, method, CLIP_TARGETS, **ast.literal_eval(knobs)) == int(count)
+
+
+@pytest.mark.parametrize("method", methods.available())
+def test_rank_above_a_layers_larger_dimension_is_refused_before_allocating(clip_b32_meta, method):
+    """LoRA r=100000 on 128-wide layers once wrapped 1.43B parameters and hung; now one line, no allocation."""
+    expected = r"r=100000 is too large for Linear\(128, 128\).*the largest valid r there is 128.*valid: 1\.\.128"
+    with pytest.raises(ValueError, match=expected):
+        methods.num_params(method, 128, 128, r=100_000)
+    with pytest.raises(ValueError, match=expected):
+        methods.wrap_linear(method, nn.Linear(128, 128), r=100_000)
+    model = nn.Sequential(nn.Linear(128, 256), nn.Linear(256, 128), nn.Linear(128, 128))
+    with pytest.raises(ValueError, match=r"r=100000 is too large for Linear\(128, 128\) \('2'\): the largest"):
+        methods.inject(model, method, ["0", "1", "2"], r=100_000)
+    assert not methods.adapter_layers(model) and all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="largest valid r there is 512"):
+        methods.num_params_model(clip_b32_meta, method, CLIP_TARGETS, r=513)
+    assert methods.num_params(method, 128, 128, r=128) > 0
+    assert methods.wrap_linear(method, nn.Linear(128, 64), r=128).hp["r"] == 128  # the limit itself is valid

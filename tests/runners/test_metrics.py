@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from torch import nn
 
 from runners.metrics import PeakMemory, SavedActivations, StepTimer, matrix_ranks, state_bytes
@@ -75,8 +74,9 @@ def test_activation_and_state_bytes_match_a_hand_count():
     """Linear(8, 16) -> ReLU -> Linear(16, 4) on a batch of 5, fp32, every weight trainable.
 
     Saved for backward: the input x (5x8, for the first weight's gradient), the ReLU output (5x16, saved by
-    the ReLU and again as the second Linear's input: one storage, counted once) and the second weight's
-    transpose (a view of a parameter: excluded). The first weight is not saved: x needs no gradient.
+    the ReLU and again as the second Linear's input: one storage, counted once), the output (5x4, saved by
+    the square in the loss) and the second weight's transpose (a view of a parameter: excluded). The first
+    weight is not saved: x needs no gradient.
     State: 212 parameters (8*16+16 + 16*4+4), as many gradients, AdamW's two moments, and a 4-byte step
     counter for each of the 4 parameter tensors.
     """
@@ -86,7 +86,7 @@ def test_activation_and_state_bytes_match_a_hand_count():
     activations = SavedActivations(model)
     with activations.recording():
         loss = model(torch.randn(5, 8)).square().mean()
-    assert activations.bytes == 4 * (5 * 8 + 5 * 16)
+    assert activations.bytes == 4 * (5 * 8 + 5 * 16 + 5 * 4)
     params = list(model.parameters())
     assert state_bytes(params, optimizer) is None  # no optimizer state before the first step
     loss.backward()

@@ -67,8 +67,8 @@ def test_a_script_based_hub_repo_is_named_as_such(monkeypatch):
     src = cfg.task.data.sources.imagenet.copy()
     src.path = "ILSVRC/imagenet-1k"
     record = preflight.check_dataset("imagenet", src, cfg.task)
-    assert record.problems == ["ILSVRC/imagenet-1k ships a loading script (imagenet-1k.py), which datasets>=4 "
-                               "refuses: use a parquet/webdataset copy"]
+    assert record.problems == [("ILSVRC/imagenet-1k ships a loading script (imagenet-1k.py), which datasets>=4 "
+                                "refuses: use a parquet/webdataset copy")]
 
 
 def test_cli_prints_one_table_writes_json_and_exits_nonzero_on_problems(copies, tmp_path):

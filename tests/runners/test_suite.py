@@ -63,3 +63,10 @@ def test_the_report_reads_a_suite_once_and_sweep_jobs_as_one_suite(tiny_override
     assert df["source"].nunique() == 1 and df["source"].iloc[0].startswith("suite:")
     assert df["mean_accuracy"].iloc[0] == pytest.approx(df["accuracy"].mean())
     assert df["run_dataset"].isna().all()
+
+
+def test_the_report_reads_the_lr_the_run_used(tiny_overrides, tmp_path):
+    """trainer.lr (5e-3 on the tiny CLIP) is not RandLoRA's lr: the run records its own (run.lr)."""
+    record = run(compose_config(["method=randlora", "dataset=shapes", *tiny_overrides]))
+    df = load_results(tmp_path / "run")
+    assert record["run"]["lr"] == 1e-3 and df["lr"].iloc[0] == 1e-3

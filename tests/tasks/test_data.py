@@ -54,7 +54,7 @@ def test_a_script_based_hub_repo_is_named_as_such_not_as_unreachable(monkeypatch
     hear that, not that the hub could not be reached."""
     from omegaconf import OmegaConf
 
-    import tasks.data as data
+    from tasks import data
 
     def refuse(*args, **kwargs):
         raise RuntimeError("Dataset scripts are no longer supported, but found imagenet-1k.py")

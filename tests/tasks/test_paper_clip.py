@@ -121,7 +121,8 @@ def test_k_shot_regime_is_deterministic_per_seed_and_cached(standins, tmp_path) 
                            *_overrides(standins, tmp_path, ["cars"]), *extra)
         return tasks.build(cfg.task).suite["cars"].train
 
-    a, b, c = suite(0), suite(0), suite(1, "task.data.sample_seed=1")
+    a, b = suite(0), suite(0)
+    suite(1, "task.data.sample_seed=1")
     assert len(a) == 196 and sorted(set(a["label"])) == list(range(196))  # one image per class in this copy
     assert list(a["label"]) == list(b["label"]) and a["image"][0].tobytes() == b["image"][0].tobytes()
     cached = sorted((tmp_path / "cache").glob("cars-*-2shot-s8539.json"))  # the official constant seed
