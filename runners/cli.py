@@ -59,6 +59,14 @@ def _positive(v: Any) -> bool:
     return _is_number(v) and v > 0
 
 
+def _non_negative(v: Any) -> bool:
+    return _is_number(v) and v >= 0
+
+
+def _fraction(v: Any) -> bool:
+    return _is_number(v) and 0 <= v <= 1
+
+
 def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or check(v)
 
@@ -77,10 +85,10 @@ VALUE_CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.max_steps", _optional(_count),
      "use an integer >= 0 (0: evaluate only), or null for the task's configured epochs"),
     ("trainer.warmup_steps", _count, "use an integer >= 0"),
-    ("trainer.warmup_ratio", _optional(lambda v: _is_number(v) and 0 <= v <= 1), "use a number in [0, 1], or null"),
-    ("trainer.final_lr_ratio", lambda v: _is_number(v) and 0 <= v <= 1, "use a number in [0, 1]"),
-    ("trainer.weight_decay", lambda v: _is_number(v) and v >= 0, "use a number >= 0"),
-    ("trainer.grad_clip", _optional(lambda v: _is_number(v) and v >= 0), "use a number >= 0 (0 or null: off)"),
+    ("trainer.warmup_ratio", _optional(_fraction), "use a number in [0, 1], or null"),
+    ("trainer.final_lr_ratio", _fraction, "use a number in [0, 1]"),
+    ("trainer.weight_decay", _non_negative, "use a number >= 0"),
+    ("trainer.grad_clip", _optional(_non_negative), "use a number >= 0 (0 or null: off)"),
     ("trainer.timing_warmup", _count, "use an integer >= 0"),
     ("trainer.log_every", _positive_int, "use an integer >= 1"),
     ("trainer.checkpoint_every", _optional(_count), "use an integer >= 0 (0: never)"),

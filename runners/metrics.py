@@ -77,7 +77,7 @@ class PeakMemory:
 
     @property
     def keys(self) -> tuple[str, ...]:
-        """The `cost` entries `peak()` fills on this device."""
+        """The `cost` entries `figures()` fills on this device."""
         if self.device.type == "cuda":
             return ("peak_mem_growth_bytes", "peak_mem_bytes", "peak_reserved_bytes")
         return ("peak_rss_bytes",)
@@ -108,8 +108,7 @@ class PeakMemory:
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
-    storage = t.untyped_storage()
-    return str(t.device), storage.data_ptr()
+    return str(t.device), t.untyped_storage().data_ptr()
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -128,8 +127,11 @@ class SavedActivations:
     model's parameters and buffers are excluded: frozen weights (and RandLoRA's bases) that an op saves
     for backward are resident anyway, and counting them would bury the method's own cost under the model
     size -- the flaw of an absolute allocator peak. Casts and other copies of weights made in the forward
-    are new storages and count. Tensors a custom autograd function keeps as plain `ctx` attributes, not
-    through `save_for_backward`, are invisible to the hooks.
+    are new storages and count, and so does the batch where an op saves it (the first Linear's input).
+
+    Not seen: tensors a custom autograd function keeps as plain `ctx` attributes instead of through
+    `save_for_backward`, and whatever is saved inside a region that installs its own saved-tensor hooks
+    (non-reentrant activation checkpointing, CPU offloading: the innermost hooks win there).
     """
 
     def __init__(self, model: nn.Module) -> None:

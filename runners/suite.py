@@ -70,7 +70,7 @@ def summary_record(record: dict[str, Any], names: list[str], records: dict[str, 
     per-dataset adapters; cost figures as the mean over datasets (train time summed, memory the max)."""
     first = next(iter(records.values()), None)
     if first:
-        for key in ("hp", "budget_target", "device", "max_steps", "regime", "memory_savers"):
+        for key in ("hp", "budget_target", "device", "gpu", "max_steps", "regime", "memory_savers"):
             record["run"][key] = first["run"].get(key)
         record["run"]["max_steps"] = {n: r["run"].get("max_steps") for n, r in records.items()}
         record["params"] = dict(first["params"])

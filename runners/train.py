@@ -383,7 +383,7 @@ def _delta_ranks(model: nn.Module, before: dict[str, torch.Tensor | None]) -> di
 def _update(module: nn.Module, before: torch.Tensor | None) -> torch.Tensor:
     """dW in fp32: an adapter's own `delta_weight()`, never (W + dW) - W, which in a bf16 base rounds a
     rank-4 update into a full-rank one (rank ~128 of 128 on the tiny CLIP); for a plain Linear (full
-    fine-tuning) the change of its weight, exact in fp32 whatever the base dtype."""
+    fine-tuning) the change of its weight, subtracted in fp32."""
     if _is_adapter(module):
         return module.delta_weight().detach().float().cpu()
     return module.weight.detach().float().cpu() - before
@@ -433,8 +433,8 @@ def _new_record(cfg: DictConfig) -> dict[str, Any]:
            "budget_target": None, "hp": {},
            "protocol": protocol_of(config), "command": _command(), "config": config, "config_hash": config_hash, "git_commit": commit,
            "git_dirty": dirty,
-           "versions": env.package_versions(), "device": None, "gpu": None, "started_at": _now(), "finished_at": None,
-           "status": "running", "error": None}
+           "versions": env.package_versions(), "device": None, "gpu": None, "started_at": _now(),
+           "finished_at": None, "status": "running", "error": None}
     return {"schema": SCHEMA, "run": run, "params": {}, "cost": {}, "metrics": {}, "history": []}
 
 

@@ -160,8 +160,8 @@ def test_wandb_offline_run_holds_the_summary(tiny_overrides, tmp_path, monkeypat
     record = run(compose_config(["method=lora", *overrides]))
     files = list((tmp_path / "run").glob("*/wandb/offline-run-*/run-*.wandb"))  # one W&B run per dataset
     assert len(files) == len(record["metrics"]["per_dataset"])
-    summary = offline_summary(sorted(files)[0])
-    first = sorted(record["run"]["parts"])[0]
+    summary = offline_summary(min(files))
+    first = min(record["run"]["parts"])
     assert summary["metrics/accuracy"] == pytest.approx(record["metrics"]["per_dataset"][first])
     assert summary["params/trainable"] == record["params"]["trainable"]
 
