@@ -5,7 +5,6 @@ counting, budgets, saving) only talks to this interface, so adding a method neve
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 from collections.abc import Callable, Iterable
@@ -14,7 +13,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
+
+from .fastpath import DeltaCache, autocast_dtype, merged_linear
 
 Validator = Callable[[str, Any], Any]
 
@@ -109,6 +109,7 @@ class AdapterLayer(nn.Module):
         p = self.hp["dropout"]
         self.adapter_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
         self.merged = False
+        self.delta_cache = DeltaCache()   # dW kept from forward to backward and across micro-batches
         # Like PEFT's autocast_adapter_dtype: adapters of a bf16/fp16 base train in fp32 (half-precision
         # Adam updates of tiny scalings round to zero); inputs are cast to it on the way in.
         self.adapter_dtype = adapter_dtype_for(base_layer.weight.dtype)
@@ -175,6 +176,38 @@ class AdapterLayer(nn.Module):
         the adapter sees the base layer's own input. None: no such form (the default)."""
         return None
 
+    # -- the merged path (methods/fastpath.py): what a method may define --------------------------------
+    def delta_split(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(P, Q) with dW = P Q and Q frozen, computed with autograd's graph by the merged path's backward
+        when the method has no closed-form `delta_param_grads`; default (dW, None)."""
+        return self.delta_weight(), self.delta_right()
+
+    def delta_right(self) -> torch.Tensor | None:
+        """Q of `delta_split` alone (cheap, no dW built): the merged path saves x Q^T for backward instead
+        of x. None: the identity."""
+        return None
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W + dW, in one operation where the method has one (RandLoRA: one addmm)."""
+        return weight + self.delta_weight()
+
+    def delta_param_grads(self, grad_left: torch.Tensor) -> list[torch.Tensor] | None:
+        """Gradients of all `adapter_parameters()` from the gradient of P (`delta_split`), without
+        rebuilding dW; None (the default): autograd through a rebuilt P."""
+        return None
+
+    def delta_keep_allowance(self, half: torch.dtype | None) -> int:
+        """Elements (of the dtype a kept dW has: `half` under autocast, else the adapter's) that the
+        factored form saves for backward beyond what the merged path saves: the memory within which
+        keeping dW costs no more than PEFT. 0 (the default): never keep."""
+        return 0
+
+    def keeps_delta(self, half: torch.dtype | None = None) -> bool:
+        """Keep dW (W + dW when joined) from forward to backward, and across the micro-batches of one
+        optimizer step, instead of rebuilding it: in training, wherever its out x in elements fit in
+        `delta_keep_allowance`, so that saved memory stays at or below the factored form's (PEFT's)."""
+        return self.training and self.out_features * self.in_features <= self.delta_keep_allowance(half)
+
     # -- cost model (multiply-adds), used to pick the cheaper of the factored and the merged path --------
     def factored_macs(self, tokens: int) -> int | None:
         """Multiply-adds of one `adapter_forward` over `tokens` rows; None if it has no factored form."""
@@ -184,27 +217,41 @@ class AdapterLayer(nn.Module):
         """Multiply-adds of one `delta_weight()` (building dW)."""
         return self.out_features * self.in_features
 
-    def path_macs(self, tokens: int, grad: bool, joins_base: bool = True) -> tuple[float, int]:
+    def merged_backward_macs(self, tokens: int, keep: bool) -> int:
+        """Multiply-adds of the merged path's backward beyond the input gradient: by default the weight
+        gradient G = g^T x, rebuilding dW with autograd's graph (D) and backpropagating G into the
+        factors (~2D), whose dW the input gradient reuses."""
+        return tokens * self.out_features * self.in_features + 3 * self.delta_macs()
+
+    def path_macs(self, tokens: int, grad: bool, joins_base: bool = True, shares_input: bool = True,
+                  half: torch.dtype | None = None) -> tuple[float, int]:
         """Multiply-adds the adapter adds to one call over `tokens` rows: (factored path, merged path).
 
         Factored: the adapter's own forward F per call, ~3F with its backward (input and parameter grads);
         infinite for a method without one. Merged: the base matmul absorbs dW, so a forward costs only
-        building dW (D); training adds the weight-shaped gradient G = g^T x (tokens * out * in) and D to
-        rebuild dW plus ~2D to backpropagate G into the factors (dW is rebuilt rather than kept in the
-        graph: no out x in tensor per layer). When dW cannot join the base matmul (`joins_base` False:
-        adapter dropout, autocast), x dW^T and its input gradient are two more tokens * out * in each.
+        building dW (D); training adds `merged_backward_macs` (which counts a rebuild of dW unless
+        `keeps_delta`). When dW cannot join the base matmul, x dW^T is one more tokens * out * in, and
+        its input gradient another unless the adapter shares the base's input (autocast: the input
+        gradient uses W + dW; adapter dropout: it cannot).
         """
         factored = self.factored_macs(tokens)
         factored = math.inf if factored is None else factored * (3 if grad else 1)
         build, dense = self.delta_macs(), tokens * self.out_features * self.in_features
-        merged = dense + 4 * build if grad else build
+        merged = build + (self.merged_backward_macs(tokens, self.keeps_delta(half)) if grad else 0)
         if not joins_base:
-            merged += 2 * dense if grad else dense
+            merged += 2 * dense if grad and not shares_input else dense
         return factored, merged
 
-    def use_merged_path(self, tokens: int, grad: bool, joins_base: bool = True) -> bool:
+    def route(self, x: torch.Tensor) -> dict[str, Any]:
+        """How the update meets the base layer for input x: the keywords of `path_macs`."""
+        half = autocast_dtype(x)
+        shares = self.shares_input(x)
+        return {"joins_base": shares and half is None, "shares_input": shares, "half": half}
+
+    def use_merged_path(self, tokens: int, grad: bool, joins_base: bool = True, shares_input: bool = True,
+                        half: torch.dtype | None = None) -> bool:
         """Whether materialising dW beats the factored form for this call (see `path_macs`)."""
-        factored, merged = self.path_macs(tokens, grad, joins_base)
+        factored, merged = self.path_macs(tokens, grad, joins_base, shares_input, half)
         return merged < factored
 
     # -- shared behaviour -----------------------------------------------------------------------------
@@ -247,12 +294,12 @@ class AdapterLayer(nn.Module):
             return self.base_layer(x)
         tokens = x.numel() // max(1, x.shape[-1])
         grad = torch.is_grad_enabled() and any(p.requires_grad for _, p in self.adapter_parameters())
-        half, shares = autocast_dtype(x), self.shares_input(x)
-        fusable = shares and half is None                  # == self.joins_base(x)
-        if self.use_merged_path(tokens, grad, joins_base=fusable):
-            if fusable:                                    # dW rides in the base matmul
+        route = self.route(x)
+        half, shares = route["half"], route["shares_input"]
+        if self.use_merged_path(tokens, grad, **route):
+            if shares:   # fp32: dW rides in the base matmul; autocast: beside it (see methods/fastpath.py)
                 return merged_linear(self, x)
-            out = self.base_layer(x)                       # dropout or autocast: x dW^T on its own
+            out = self.base_layer(x)                       # adapter dropout: x' dW^T on its own
             xa = self.adapter_dropout(x.to(self.adapter_dtype))
             return out + merged_linear(self, xa, alone=True).to(out.dtype)
         if shares:
@@ -270,11 +317,6 @@ class AdapterLayer(nn.Module):
         out = self.base_layer(x)
         return out + self.adapter_forward(self.adapter_dropout(x.to(self.adapter_dtype))).to(out.dtype)
 
-    def delta_split(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(P, Q) with dW = P Q and Q frozen, for the merged path (which saves x Q^T for backward);
-        default (dW, None): Q is the identity and x is saved."""
-        return self.delta_weight(), None
-
     def shares_input(self, x: torch.Tensor) -> bool:
         """The adapter sees the base layer's own input: no active dropout, and one dtype throughout or
         autocast (which runs both in its dtype). Required by `fused_forward`."""
@@ -287,9 +329,15 @@ class AdapterLayer(nn.Module):
         small update away)."""
         return self.shares_input(x) and autocast_dtype(x) is None
 
+    def train(self, mode: bool = True) -> AdapterLayer:
+        """Switching between training and evaluation drops a kept dW (see `keeps_delta`)."""
+        self.delta_cache.clear()
+        return super().train(mode)
+
     @torch.no_grad()
     def merge(self) -> None:
         """Add dW into the base weight; the adapter path is then skipped (no double counting)."""
+        self.delta_cache.clear()
         if not self.merged:
             weight = self.base_layer.weight
             weight += self.delta_weight().to(weight.dtype)
@@ -298,6 +346,7 @@ class AdapterLayer(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract dW again, restoring the base weight up to rounding."""
+        self.delta_cache.clear()
         if self.merged:
             weight = self.base_layer.weight
             weight -= self.delta_weight().to(weight.dtype)
@@ -306,86 +355,6 @@ class AdapterLayer(nn.Module):
     def extra_repr(self) -> str:
         hp = ", ".join(f"{k}={v}" for k, v in self.hp.items())
         return f"{self.method}: {hp}, merged={self.merged}"
-
-
-# ----------------------------------------------------------------------------- the merged training path
-class _MergedLinear(torch.autograd.Function):
-    """y = x (W + dW)^T + b in one matmul (W None: y = x dW^T); backward rebuilds dW instead of keeping
-    it in the graph.
-
-    With `layer.delta_split()` = (P, Q), dW = P Q where Q is frozen (None: the identity). Saved for
-    backward: u = x Q^T (x itself by default) -- never anything weight-shaped. Backward computes
-    grad_x = g (W + dW) and pushes g^T u through P with autograd, so every method gets a correct merged
-    path from `delta_weight` alone, and a method with a frozen right factor saves less. Under autocast
-    (W None only) backward re-enters the forward's autocast, so its matmuls see the same dtypes.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                layer: AdapterLayer, *params: torch.Tensor) -> torch.Tensor:
-        left, right = layer.delta_split()
-        ctx.layer, ctx.x_shape, ctx.autocast = layer, x.shape, _autocast_state()
-        u = x if right is None else x @ right.T
-        half = autocast_dtype(x)
-        if half is not None:   # backward's g^T u runs in the autocast dtype anyway: keep u in it
-            u = u.to(half)
-        ctx.save_for_backward(u, weight, x if ctx.needs_input_grad[1] and right is not None else None)
-        dw = left if right is None else layer.delta_weight()
-        return F.linear(x, dw if weight is None else weight + dw, bias)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        with contextlib.ExitStack() as stack:
-            for device, dtype in ctx.autocast:
-                stack.enter_context(torch.autocast(device, dtype=dtype))
-            return _MergedLinear._backward(ctx, grad_out)
-
-    @staticmethod
-    def _backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        u, weight, x = ctx.saved_tensors
-        layer: AdapterLayer = ctx.layer
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        params = [p for _, p in layer.adapter_parameters()]
-        trained = [p for p, need in zip(params, ctx.needs_input_grad[4:]) if need]
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        with torch.enable_grad():
-            left, right = layer.delta_split()
-        dw = left.detach() if right is None else layer.delta_weight().detach()
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            grad_x = (g2 @ (dw if weight is None else weight + dw)).view(ctx.x_shape)
-        if need_w:                                         # G (out x in): the gradient of W
-            grad_w = g2.T @ (u if right is None else x).reshape(-1, ctx.x_shape[-1])
-        if trained:   # g^T u: the gradient of P (equal to G when Q is the identity)
-            grad_left = grad_w if grad_w is not None and right is None else g2.T @ u.reshape(-1, u.shape[-1])
-            grads = iter(torch.autograd.grad(left, trained, grad_left))
-        if need_b:
-            grad_b = g2.sum(0)
-        param_grads = [next(grads) if need else None for need in ctx.needs_input_grad[4:]]
-        return (grad_x, grad_w, grad_b, None, *param_grads)
-
-
-def merged_linear(layer: AdapterLayer, x: torch.Tensor, alone: bool = False) -> torch.Tensor:
-    """`layer(x)` through `_MergedLinear` (the base layer's weight and bias, the adapter's parameters);
-    `alone`: only the update, x dW^T."""
-    base = layer.base_layer
-    params = [p for _, p in layer.adapter_parameters()]
-    if alone:
-        return _MergedLinear.apply(x, None, None, layer, *params)
-    return _MergedLinear.apply(x, base.weight, base.bias, layer, *params)
-
-
-def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast computes in on x's device, None when autocast is off there."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-
-
-def _autocast_state() -> list[tuple[str, torch.dtype]]:
-    """(device type, dtype) of every autocast region active now. Autograd runs a custom backward with
-    autocast off, so a backward that mixes saved half-precision tensors with fp32 weights re-enters these."""
-    return [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
 
 
 def common_hp(alpha: float) -> dict[str, tuple[Any, Validator]]:

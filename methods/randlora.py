@@ -123,13 +123,19 @@ class RandLoRA(AdapterLayer):
         nn.init.zeros_(self.randlora_lambda)
         nn.init.constant_(self.randlora_gamma, 1.0 / self.randlora_gamma.shape[1])
 
+    def basis_a(self) -> torch.Tensor:
+        """This layer's slice of the shared A: (r, 1, d)."""
+        return self.bases.randlora_A[:, :, : min(self.in_features, self.out_features)]
+
+    def basis_b(self) -> torch.Tensor:
+        """This layer's slice of the shared B, flattened: (D, n r)."""
+        big = max(self.in_features, self.out_features)
+        return self.bases.randlora_B[:big, : self.n_bases, :].flatten(1)
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B_flat (D x n r), S (r n x d)) with dW on the (D x d) side = B_flat @ S (unscaled)."""
-        small, big = min(self.in_features, self.out_features), max(self.in_features, self.out_features)
-        a = self.bases.randlora_A[:, :, :small]                        # (r, 1, d)
-        b = self.bases.randlora_B[:big, : self.n_bases, :]             # (D, n, r)
-        s = self.randlora_lambda[:, :, None] * a * self.randlora_gamma[None]  # (r, n, d)
-        return b.flatten(1), s.flatten(0, 1)
+        s = self.randlora_lambda[:, :, None] * self.basis_a() * self.randlora_gamma[None]  # (r, n, d)
+        return self.basis_b(), s.flatten(0, 1)
 
     def delta_weight(self) -> torch.Tensor:
         b, s = self.factors()
@@ -144,6 +150,7 @@ class RandLoRA(AdapterLayer):
             return F.linear(x, s) * self.scaling, b
         return x @ b * self.scaling, s.T            # dW = S^T B^T: x -> x B -> (x B) S
 
+    # -- the merged path (methods/fastpath.py) -------------------------------------------------------
     def delta_split(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         # out < in: dW = (s S^T) B^T with B frozen, so the merged path saves x B (tokens x n r, about
         # tokens x out) instead of x (tokens x in) -- the activation memory PEFT's RandLoRA has.
@@ -151,6 +158,41 @@ class RandLoRA(AdapterLayer):
             return super().delta_split()
         b, s = self.factors()
         return s.T * self.scaling, b.T
+
+    def delta_right(self) -> torch.Tensor | None:
+        return None if self.out_features >= self.in_features else self.basis_b().T
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        b, s = self.factors()                   # W + s B S (or its transpose) in one GEMM, no dW tensor
+        if self.out_features >= self.in_features:
+            return torch.addmm(weight, b, s, alpha=self.scaling)
+        return torch.addmm(weight, s.T, b.T, alpha=self.scaling)
+
+    def delta_param_grads(self, grad_left: torch.Tensor) -> list[torch.Tensor]:
+        """One projection H = s B^T G (r n x d) -- for out < in the merged path's g^T u is H^T already --
+        then element-wise, since S[k, j] = lambda[k, j] A[k] gamma[j]:
+        d lambda[k, j] = sum_i H[k, j, i] A[k, i] gamma[j, i],
+        d gamma[j, i] = sum_k H[k, j, i] lambda[k, j] A[k, i]."""
+        if self.out_features >= self.in_features:
+            h = self.basis_b().T @ grad_left        # grad_left = G (out x in)
+        else:
+            h = grad_left.T                         # grad_left = g^T (x B) = G B (out x n r)
+        lam, gamma = self.randlora_lambda, self.randlora_gamma
+        h = h.to(lam.dtype).reshape(*lam.shape, -1) * (self.basis_a() * self.scaling)   # H * A: (r, n, d)
+        return [(h * gamma).sum(-1), (h * lam[:, :, None]).sum(0)]
+
+    def delta_keep_allowance(self, half: torch.dtype | None) -> int:
+        # The factored form (PEFT's) keeps S (n r x d) for backward besides what the merged path keeps;
+        # under autocast also a half copy of B (D x n r). A kept dW (out x in) may use that much.
+        nr, small = self.n_bases * self.hp["r"], min(self.in_features, self.out_features)
+        return nr * small + (nr * max(self.in_features, self.out_features) if half is not None else 0)
+
+    def merged_backward_macs(self, tokens: int, keep: bool) -> int:
+        # out >= in: G = g^T x and H = B^T G; out < in: x B in the forward and g^T (x B). Plus a rebuild of
+        # W + dW for the input gradient unless it was kept.
+        nr, i, o = self.n_bases * self.hp["r"], self.in_features, self.out_features
+        grads = tokens * i * o + nr * i * o if o >= i else tokens * nr * (i + o)
+        return grads + (0 if keep else self.delta_macs())
 
     def factored_macs(self, tokens: int) -> int:
         nr = self.n_bases * self.hp["r"]

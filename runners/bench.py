@@ -291,7 +291,8 @@ def target_calls(work: Workload) -> list[tuple[int, int, int]]:
     def record(module: nn.Module, args: tuple) -> None:
         calls.append((args[0].numel() // args[0].shape[-1], module.in_features, module.out_features))
 
-    hooks = [m.register_forward_pre_hook(record) for m in methods.find_targets(work.model, work.targets).values()]
+    targets = methods.find_targets(work.model, work.targets).values()
+    hooks = [m.register_forward_pre_hook(record) for m in targets]
     with torch.no_grad():
         work.loss(work.model, work.batch)
     for hook in hooks:
@@ -318,17 +319,17 @@ def adapter_work(trainer: Trainer) -> float | None:
     if trainer.cfg.impl != "ours":
         return None
     layers = list(methods.adapter_layers(trainer.model).values())
-    calls: dict[nn.Module, tuple[int, bool]] = {}   # layer -> (tokens, can dW join the base matmul?)
+    calls: dict[nn.Module, tuple[int, dict]] = {}   # layer -> (tokens, how dW meets the base matmul)
 
     def record(module: nn.Module, args: tuple) -> None:
-        calls[module] = (args[0].numel() // args[0].shape[-1], module.joins_base(args[0]))
+        calls[module] = (args[0].numel() // args[0].shape[-1], module.route(args[0]))
 
     hooks = [layer.register_forward_pre_hook(record) for layer in layers]
     with torch.no_grad():
         trainer.work.loss(trainer.model, trainer.work.batch)
     for hook in hooks:
         hook.remove()
-    added = sum(min(layer.path_macs(calls[layer][0], True, calls[layer][1])) for layer in layers)
+    added = sum(min(layer.path_macs(calls[layer][0], True, **calls[layer][1])) for layer in layers)
     frozen = sum(2 * calls[layer][0] * layer.in_features * layer.out_features for layer in layers)
     return added / frozen
 
@@ -522,7 +523,8 @@ def print_result(res: dict[str, Any], memory_key: str) -> None:
     print(f"\n## {res['description']} — budget {res['budget']} ({res['device']}, "
           f"{res['threads']} threads)\n")
     print(format_table(res["rows"], memory_key))
-    print(f"\nfull-rank floor (RandLoRA x full: 1 + 2 min / (3 T) over the targets): {res['full_rank_floor']:.3f}")
+    print(f"\nfull-rank floor (RandLoRA x full: 1 + 2 min / (3 T) over the targets): "
+          f"{res['full_rank_floor']:.3f}")
     for label, table in res["profiles"].items():
         print(f"\nprofile of {label} ({res['budget']}), self time per operator:\n\n```\n{table}\n```")
     if res["merged"]:
@@ -550,6 +552,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true",
                    help="forward under bf16 autocast, as GPU runs (trainer.bf16) train; adapters then run "
                         "next to the base matmul instead of inside it")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's); 1 keeps ratios stable when another job shares "
+                        "the cores (a multi-threaded GEMM stalls whenever one of its threads is preempted)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions")
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration per repetition")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each repetition")
@@ -571,6 +576,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         run_memory_child(json.loads(args.memory_child))
         return []
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     memory_key = "peak_mem" if device.type == "cuda" else "peak_rss"
     results = []

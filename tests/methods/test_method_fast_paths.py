@@ -20,15 +20,26 @@ EXTRA = {"lokr": [((48, 64), {"r": 2, "factor": 4}), ((64, 48), {"r": 1, "factor
          "randlora": [((40, 24), {"r": 3, "sparse": True})]}
 
 
+PATHS = ["factored", "merged", "merged-kept", "merged-rebuilt", "auto"]
+
+
 def forced(path: str):
-    """Pin the per-call choice of the cost model: 'merged', 'factored' or None (the model decides)."""
-    return None if path == "auto" else (lambda tokens, grad, joins_base=True: path == "merged")
+    """Pin the per-call choice of the cost model: 'merged...', 'factored' or None (the model decides)."""
+    return None if path == "auto" else (lambda tokens, grad, **route: path.startswith("merged"))
+
+
+def force(layer: nn.Module, path: str) -> None:
+    """Pin the path, and for 'merged-kept' / 'merged-rebuilt' whether dW is kept from forward to backward
+    (plain 'merged': the layer's own choice)."""
+    if forced(path) is not None:
+        layer.use_merged_path = forced(path)
+    if path in ("merged-kept", "merged-rebuilt"):
+        layer.keeps_delta = lambda half=None: path == "merged-kept"
 
 
 def grads_of(layer: nn.Module, x: torch.Tensor, path: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
     layer = copy.deepcopy(layer)
-    if forced(path) is not None:
-        layer.use_merged_path = forced(path)
+    force(layer, path)
     x = x.clone().requires_grad_(True)
     params = [p for _, p in layer.adapter_parameters()]
     if path == "reference":
@@ -41,7 +52,7 @@ def grads_of(layer: nn.Module, x: torch.Tensor, path: str) -> tuple[torch.Tensor
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("path", ["factored", "merged", "auto"])
+@pytest.mark.parametrize("path", PATHS)
 def test_fast_path_outputs_and_gradients_equal_reference(method, path, randomize_params):
     for shape, hp in CASES + EXTRA.get(method, []):
         torch.manual_seed(0)
@@ -59,9 +70,11 @@ def test_fast_path_outputs_and_gradients_equal_reference(method, path, randomize
 
 @pytest.mark.parametrize("method", METHODS)
 def test_merged_path_keeps_no_weight_sized_tensor_for_backward(method, randomize_params):
-    """The merged path saves x only: no out x in tensor (dW or W + dW) stays in the autograd graph."""
+    """Where the layer does not keep dW, the merged path saves x only: no out x in tensor (dW or W + dW)
+    stays in the autograd graph."""
     layer = methods.wrap_linear(method, nn.Linear(64, 96), r=4)
     randomize_params(layer)
+    assert not layer.keeps_delta()   # 64 x 96 > what the factored form saves (randlora: n r x 64)
     layer.use_merged_path = forced("merged")
     saved = []
 
@@ -90,8 +103,9 @@ def test_merged_path_base_weight_and_bias_gradients_when_unfrozen(method, random
     F.linear(x, ref.base_layer.weight + ref.delta_weight(), ref.base_layer.bias).square().sum().backward()
     layer.use_merged_path = forced("merged")
     layer(x).square().sum().backward()
-    torch.testing.assert_close(layer.base_layer.weight.grad, ref.base_layer.weight.grad)
-    torch.testing.assert_close(layer.base_layer.bias.grad, ref.base_layer.bias.grad)
+    for got, want in [(layer.base_layer.weight.grad, ref.base_layer.weight.grad),
+                      (layer.base_layer.bias.grad, ref.base_layer.bias.grad)]:  # W + dW: own rounding
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_randlora_merged_path_saves_the_basis_projection_not_the_input(randomize_params):
@@ -181,7 +195,7 @@ class FixedMask(nn.Module):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("path", ["factored", "merged", "auto"])
+@pytest.mark.parametrize("path", PATHS)
 def test_paths_with_a_separate_adapter_input_equal_reference(method, path, randomize_params):
     """With adapter dropout the update is x' dW^T on the dropped-out x': the merged path then runs alone
     (`merged_linear(..., alone=True)`) next to the base matmul, with the same outputs and gradients."""
@@ -205,7 +219,7 @@ def test_paths_with_a_separate_adapter_input_equal_reference(method, path, rando
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("path", ["factored", "merged"])
+@pytest.mark.parametrize("path", ["factored", "merged-kept", "merged-rebuilt"])
 def test_paths_under_bf16_autocast_match_fp32_within_bf16_precision(method, path, randomize_params):
     """Under autocast (the GPU runs' bf16) dW cannot join the base matmul; both paths must still run
     forward and backward (the merged path's backward re-enters autocast) and agree with the fp32
@@ -215,7 +229,7 @@ def test_paths_under_bf16_autocast_match_fp32_within_bf16_precision(method, path
     randomize_params(layer, std=0.3)
     x = torch.randn(2, 9, 48)
     y_ref, g_ref = grads_of(layer, x, "reference")
-    layer.use_merged_path = forced(path)
+    force(layer, path)
     x = x.requires_grad_(True)
     saved = []
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
@@ -223,12 +237,201 @@ def test_paths_under_bf16_autocast_match_fp32_within_bf16_precision(method, path
         y = layer(x)
     if method == "lokr" and path == "factored":   # the fused function runs under autocast too
         assert type(y.grad_fn).__name__ == "_KronLinearBackward"
-    if path == "merged":   # the activation kept for g^T x is in bf16, as autocast's own matmuls keep it
+    if path != "factored":   # what is kept for backward is in bf16, as autocast's own matmuls keep it
         static = {p.data_ptr() for p in layer.parameters()}
-        assert all(t.dtype == torch.bfloat16 for t in saved if t.data_ptr() not in static and t.dim() == 3)
+        kept = [t for t in saved if t.data_ptr() not in static and t.numel() > 1]
+        assert kept and all(t.dtype == torch.bfloat16 for t in kept), [(t.shape, t.dtype) for t in kept]
     weights = torch.linspace(-1, 1, y.numel()).view_as(y)
     g = torch.autograd.grad((y.float() * weights).sum(), [x, *(p for _, p in layer.adapter_parameters())])
     assert y.dtype == torch.bfloat16 and all(a.dtype == torch.float32 for a in g)
     torch.testing.assert_close(y.float(), y_ref, rtol=0, atol=3e-2 * y_ref.abs().max().item())
     for name, a, b in zip(["x", *(n for n, _ in layer.adapter_parameters())], g, g_ref):
         torch.testing.assert_close(a, b, rtol=0, atol=3e-2 * b.abs().max().item(), msg=f"grad of {name}")
+
+
+# ----------------------------------------------------------------------------- RandLoRA at its floor
+def count_builds(layer: nn.Module) -> dict[str, int]:
+    """Count RandLoRA's dW builds (W + dW in one GEMM, or dW alone) and closed-form projections."""
+    counts = {"merged_weight": 0, "delta_weight": 0, "delta_param_grads": 0}
+    for name in counts:
+        original = getattr(layer, name)
+
+        def counted(*args, _name=name, _original=original):
+            counts[_name] += 1
+            return _original(*args)
+
+        setattr(layer, name, counted)
+    return counts
+
+
+def reference_step(layer: nn.Module, xs: list[torch.Tensor], mask: torch.Tensor | None = None
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Outputs and accumulated (x, parameter) gradients of F.linear(x, W) + F.linear(x', dW) over
+    micro-batches, on a copy of the layer (the class's own delta_weight: counting wrappers stay out)."""
+    ref = copy.deepcopy(layer)
+    ref.__dict__.pop("delta_weight", None)
+    params = [p for _, p in ref.adapter_parameters()]
+    outs, x_grads = [], []
+    for x in xs:
+        x = x.clone().requires_grad_(True)
+        base = ref.base_layer
+        xa = x if mask is None else x * mask
+        y = F.linear(x, base.weight, base.bias) + F.linear(xa, ref.delta_weight())
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        x_grads.append(x.grad)
+    return outs, x_grads + [p.grad for p in params]
+
+
+def layer_step(layer: nn.Module, xs: list[torch.Tensor], half: torch.dtype | None = None
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The same through the layer itself (its grads accumulate in place, as in training)."""
+    outs, x_grads = [], []
+    for x in xs:
+        x = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=half or torch.bfloat16, enabled=half is not None):
+            y = layer(x).to(x.dtype)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        x_grads.append(x.grad)
+    return outs, x_grads + [p.grad for _, p in layer.adapter_parameters()]
+
+
+def assert_all_close(got: list[torch.Tensor], want: list[torch.Tensor], rtol: float, what: str) -> None:
+    for k, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item(), msg=f"{what} #{k}")
+
+
+def randlora_layer(shape: tuple[int, int], r: int, dtype: torch.dtype = torch.float32, **hp) -> nn.Module:
+    torch.manual_seed(0)
+    layer = methods.wrap_linear("randlora", nn.Linear(*shape, dtype=dtype), r=r, alpha=2.0, **hp)
+    with torch.no_grad():
+        for _, p in layer.adapter_parameters():
+            p.copy_(torch.randn(p.shape) * 0.3)
+    return layer
+
+
+@pytest.mark.parametrize(("shape", "keeps"), [((24, 24), True), ((24, 40), False), ((40, 24), False)])
+def test_randlora_training_call_builds_dw_once_and_projects_once(shape, keeps):
+    """Per training call: one build of W + dW and one closed-form projection (no autograd rebuild of
+    dW's graph); a second build for the input gradient only where dW is not kept (out x in elements above
+    the n r x min(in, out) that PEFT's form keeps)."""
+    layer = randlora_layer(shape, r=3)
+    layer.use_merged_path = forced("merged")
+    assert layer.keeps_delta() == keeps
+    counts = count_builds(layer)
+    layer_step(layer, [torch.randn(2, 5, shape[0])])
+    assert counts == {"merged_weight": 1 if keeps else 2, "delta_weight": 0, "delta_param_grads": 1}
+
+
+OPTIMIZERS = {"fused AdamW": lambda ps: torch.optim.AdamW(ps, lr=0.1, fused=True),
+              "AdamW": lambda ps: torch.optim.AdamW(ps, lr=0.1, foreach=False),
+              "SGD": lambda ps: torch.optim.SGD(ps, lr=0.1)}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("mode", ["joined", "dropout", "bf16"])
+def test_gradient_accumulation_builds_dw_once_per_optimizer_step(optimizer, mode):
+    """Micro-batches of one optimizer step share one dW (it only changes when the optimizer steps) and
+    accumulate exactly the reference gradients; after the step -- even one of the fused AdamW kernel,
+    which does not bump parameter versions -- dW is rebuilt from the new parameters."""
+    layer = randlora_layer((24, 24), r=3)
+    layer.use_merged_path = forced("merged")
+    mask = (torch.rand(24) > 0.3).float() if mode == "dropout" else None
+    if mask is not None:
+        layer.adapter_dropout = FixedMask(mask)
+    half = torch.bfloat16 if mode == "bf16" else None
+    counts = count_builds(layer)
+    build = "merged_weight" if mode == "joined" else "delta_weight"
+    opt = OPTIMIZERS[optimizer]([p for _, p in layer.adapter_parameters()])
+    rtol = 3e-2 if half else 1e-5
+    for step in range(2):
+        xs = [torch.randn(2, 5, 24) for _ in range(3)]
+        want_y, want_g = reference_step(layer, xs, mask)
+        got_y, got_g = layer_step(layer, xs, half)
+        assert counts[build] == step + 1 and counts["delta_param_grads"] == 3 * (step + 1)
+        assert_all_close(got_y, want_y, rtol, f"{mode} step {step} outputs")
+        assert_all_close(got_g, want_g, rtol, f"{mode} step {step} gradients")
+        opt.step()
+        opt.zero_grad()
+
+
+def _mutate(layer: nn.Module, how: str, tmp_path) -> nn.Module:
+    """Change what dW is built from in one of the ways training code does; returns the layer to use."""
+    lam = layer.randlora_lambda
+    with torch.no_grad():
+        if how == "copy_":
+            lam.copy_(torch.randn_like(lam))
+        elif how == "bases copy_":
+            layer.bases.randlora_A.mul_(-1)
+        elif how == "replaced .data":
+            lam.data = torch.randn_like(lam)
+        elif how == "load_adapter":
+            other = copy.deepcopy(layer)
+            other.randlora_gamma.copy_(torch.randn_like(other.randlora_gamma))
+            methods.save_adapter(nn.Sequential(other), tmp_path)
+            methods.load_adapter(nn.Sequential(layer), tmp_path)
+        elif how == "merge, unmerge":
+            layer.merge()
+            lam.add_(1.0)
+            layer.unmerge()
+        elif how == "eval, edit through .data, train":
+            layer.eval()
+            lam.data.add_(1.0)          # invisible to version counters: the mode switch clears instead
+            layer.train()
+        elif how == "deepcopy, edit the copy":
+            layer = copy.deepcopy(layer)
+            layer.randlora_lambda.copy_(torch.randn_like(layer.randlora_lambda))
+    return layer
+
+
+@pytest.mark.parametrize("how", ["copy_", "bases copy_", "replaced .data", "load_adapter", "merge, unmerge",
+                                 "eval, edit through .data, train", "deepcopy, edit the copy"])
+def test_kept_dw_is_never_stale(how, tmp_path):
+    """A dW kept across calls is rebuilt whenever anything it was built from changed."""
+    layer = randlora_layer((24, 24), r=3)
+    layer.use_merged_path = forced("merged")
+    layer_step(layer, [torch.randn(3, 24)])
+    assert list(layer.delta_cache), "the square layer keeps W + dW"
+    layer = _mutate(layer, how, tmp_path)
+    for _, p in layer.adapter_parameters():
+        p.grad = None
+    x = [torch.randn(3, 24)]
+    want_y, want_g = reference_step(layer, x)
+    got_y, got_g = layer_step(layer, x)
+    assert_all_close(got_y, want_y, 1e-5, f"{how}: outputs")
+    assert_all_close(got_g, want_g, 1e-5, f"{how}: gradients")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("shape", "hp"), [((20, 20), {"r": 4}), ((12, 30), {"r": 5}), ((30, 12), {"r": 5}),
+                                           ((30, 12), {"r": 3, "sparse": True})])
+def test_randlora_float64_gradients_exact_over_accumulated_micro_batches(path, shape, hp):
+    """In float64 every path, kept or rebuilt, gives the reference outputs and accumulated gradients to
+    rounding (1e-10), across two optimizer steps of two micro-batches each."""
+    layer = randlora_layer(shape, dtype=torch.float64, **hp)
+    force(layer, path)
+    opt = torch.optim.AdamW([p for _, p in layer.adapter_parameters()], lr=0.05, fused=True)
+    for step in range(2):
+        xs = [torch.randn(2, 7, shape[0], dtype=torch.float64) for _ in range(2)]
+        want_y, want_g = reference_step(layer, xs)
+        got_y, got_g = layer_step(layer, xs)
+        assert_all_close(got_y, want_y, 1e-10, f"step {step} outputs")
+        assert_all_close(got_g, want_g, 1e-10, f"step {step} gradients")
+        opt.step()
+        opt.zero_grad()
+
+
+def test_keep_decision_follows_peft_memory_on_vit_b_shapes():
+    """ViT-B at a LoRA-8 budget (r=34, n r = 782): W + dW of a square layer (768^2) fits in the n r x 768
+    that PEFT's form keeps, an MLP layer's (768 x 3072) does not; under autocast PEFT also keeps a bf16
+    copy of B (3072 x n r), so every layer keeps its bf16 dW. Eval never keeps."""
+    with torch.device("meta"):
+        square = methods.wrap_linear("randlora", nn.Linear(768, 768), r=34)
+        mlp = methods.wrap_linear("randlora", nn.Linear(768, 3072), r=34)
+    assert square.keeps_delta() and not mlp.keeps_delta()
+    assert square.keeps_delta(torch.bfloat16) and mlp.keeps_delta(torch.bfloat16)
+    nr, io = 23 * 34, 768 * 3072
+    assert mlp.path_macs(3152, True)[1] == 3152 * io + 3 * nr * io   # build, G, projection, rebuild
+    assert square.path_macs(3152, True)[1] == 3152 * 768**2 + 2 * nr * 768**2   # build, G, projection
+    assert not square.eval().keeps_delta()

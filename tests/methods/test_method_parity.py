@@ -153,3 +153,97 @@ def test_initialisation_matches_peft_semantics():
         assert layer.delta_weight().abs().max() == 0
     layer = methods.wrap_linear("randlora", nn.Linear(40, 24), r=4)
     assert torch.all(layer.randlora_gamma == 1 / 24) and torch.all(layer.randlora_lambda == 0)
+
+
+# ----------------------------------------------------------------------------- RandLoRA's training paths
+RANDLORA_SHAPES = [(24, 24), (24, 40), (40, 24)]   # square (keeps dW), out > in, out < in (x B saved)
+
+
+def randlora_pair(dtype: torch.dtype, r: int = 3) -> tuple[nn.Module, nn.Module, list[str]]:
+    """Ours and PEFT's RandLoRA on the same Linears with the same (random) trainable tensors."""
+    net = Net(RANDLORA_SHAPES).to(dtype)
+    names = [f"lin{k}" for k in range(len(RANDLORA_SHAPES))]
+    ours = copy.deepcopy(net)
+    methods.inject(ours, "randlora", names, r=r, alpha=4.0)
+    theirs = peft.get_peft_model(copy.deepcopy(net), peft_config("randlora", names, r=r)).to(dtype)
+    copy_peft_into_ours(theirs, ours, seed=5)
+    return ours, theirs, names
+
+
+def force_path(model: nn.Module, path: str) -> None:
+    for layer in methods.adapter_layers(model).values():
+        if path != "auto":
+            layer.use_merged_path = lambda tokens, grad, _p=path, **route: _p.startswith("merged")
+        if path in ("merged-kept", "merged-rebuilt"):
+            layer.keeps_delta = lambda half=None, _p=path: _p == "merged-kept"
+
+
+def weighted_sum(ys: list[torch.Tensor]) -> torch.Tensor:
+    return sum((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() for y in ys)
+
+
+@pytest.mark.parametrize("path", ["factored", "merged-kept", "merged-rebuilt", "auto"])
+def test_randlora_gradients_match_peft_in_float64_over_accumulation_and_steps(path):
+    """Input and parameter gradients equal PEFT's to float64 rounding on every path, accumulated over two
+    micro-batches, across fused-AdamW steps (which do not bump parameter versions: a kept dW must still
+    be rebuilt after each step)."""
+    ours, theirs, _ = randlora_pair(torch.float64)
+    force_path(ours, path)
+    peft_params = dict(theirs.named_parameters())
+    pairs = [(p, peft_params[f"base_model.model.{n}.default"]) for n, p in ours.named_parameters()
+             if p.requires_grad]
+    opts = [torch.optim.AdamW([p for p, _ in pairs], lr=0.05, fused=True),
+            torch.optim.AdamW([q for _, q in pairs], lr=0.05, fused=True)]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(2):
+        for _ in range(2):
+            xs = [torch.randn(2, 9, i, generator=gen, dtype=torch.float64).requires_grad_()
+                  for i, _ in RANDLORA_SHAPES]
+            xt = [x.detach().clone().requires_grad_() for x in xs]
+            weighted_sum(ours(xs)).backward()
+            weighted_sum(theirs(xt)).backward()
+            for a, b in zip(xs, xt):
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10 * b.grad.abs().max().item())
+        for p, q in pairs:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-10 * q.grad.abs().max().item(),
+                                       msg=f"step {step} {path}")
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+
+
+def saved_bytes(model: nn.Module, xs: list[torch.Tensor], bf16: bool) -> int:
+    """What autograd keeps for backward (unique storages, parameters and buffers excluded) plus what our
+    layers keep across micro-batches -- as the bench counts it."""
+    static = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in static:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ys = model(xs)
+    for layer in methods.adapter_layers(model).values():
+        for t in layer.delta_cache:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    weighted_sum([y.float() for y in ys]).backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_randlora_saved_memory_at_or_below_peft_while_keeping_dw(bf16):
+    """The merged path with dW kept where the cost model allows (the square layer in fp32, every layer
+    under autocast) saves no more for backward than PEFT's RandLoRA."""
+    ours, theirs, _ = randlora_pair(torch.float32)
+    layers = methods.adapter_layers(ours).values()
+    keeps = [layer.keeps_delta(torch.bfloat16 if bf16 else None) for layer in layers]
+    assert keeps == ([True] * 3 if bf16 else [True, False, False])
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 64, i, generator=gen).requires_grad_() for i, _ in RANDLORA_SHAPES]
+    assert all(layer.use_merged_path(256, True) for layer in methods.adapter_layers(ours).values())
+    ours_bytes, theirs_bytes = saved_bytes(ours, xs, bf16), saved_bytes(theirs, xs, bf16)
+    assert any(list(layer.delta_cache) for layer in methods.adapter_layers(ours).values())
+    assert ours_bytes <= theirs_bytes, (ours_bytes, theirs_bytes)

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import methods
 from runners import bench
 
 TINY = ["--model", "vit-stack", "--blocks", "1", "--batch", "2", "--tokens", "8", "--repeats", "2",
@@ -18,12 +19,12 @@ def test_bench_prints_table_with_ratios_and_merged_check(tmp_path, capsys):
     results = bench.main([*TINY, "--methods", "lora", "loha", "--no-peak-memory", "--json", str(out),
                           "--profile", "ours:loha"])
     printed = capsys.readouterr().out
-    assert "| floor |" in printed and "| ours:loha |" in printed and "| peft:loha |" in printed
+    assert all(f"| {c} |" in printed for c in ("floor", "full", "ours:loha", "peft:loha"))
     assert "profile of ours:loha" in printed and "aten::" in printed
     assert "merged inference" in printed
     (res,) = results
     rows = {r["config"]: r for r in res["rows"]}
-    assert set(rows) == {"floor", "ours:lora", "peft:lora", "ours:loha", "peft:loha"}
+    assert set(rows) == {"floor", "full", "ours:lora", "peft:lora", "ours:loha", "peft:loha"}
     assert rows["ours:loha"]["trainable"] == rows["peft:loha"]["trainable"] == rows["ours:lora"]["trainable"]
     assert rows["ours:lora"]["x_our_lora"] == 1.0 and rows["floor"]["x_floor"] == 1.0
     assert all(len(r["rep_medians_s"]) == 2 and r["saved_bytes"] > 0 for r in rows.values())
@@ -35,6 +36,10 @@ def test_bench_prints_table_with_ratios_and_merged_check(tmp_path, capsys):
     expected = sum(3 * 8 * (i + o) for i, o in shapes) / sum(2 * i * o for i, o in shapes)
     assert rows["ours:lora"]["adapter_macs"] == pytest.approx(expected)
     assert rows["floor"]["adapter_macs"] == 0.0 and rows["peft:lora"]["adapter_macs"] is None
+    # full fine-tuning of the targets: every weight and bias of the block's linears, one more dense GEMM
+    assert rows["full"]["trainable"] == sum(i * o + o for i, o in shapes)
+    assert rows["full"]["x_full"] == 1.0 and rows["full"]["adapter_macs"] == 0.5
+    assert res["full_rank_floor"] == pytest.approx(1 + 2 * 768 / (3 * 16)) and "full-rank floor" in printed
 
 
 def test_memory_child_reports_peak_in_fresh_process():
@@ -58,3 +63,40 @@ def test_bench_bf16_autocast_runs_ours_and_peft(capsys):
     rows = {r["config"]: r for r in res["rows"]}
     assert rows["ours:randlora"]["trainable"] == rows["peft:randlora"]["trainable"] > 0
     assert all(r["median_s"] > 0 and r["saved_bytes"] > 0 for r in rows.values())
+
+
+SMALL = ["--model", "vit-stack", "--blocks", "1", "--width", "64", "--batch", "2", "--tokens", "64",
+         "--budget", "lora8"]
+
+
+def test_width_option_builds_a_narrower_stack():
+    work = bench.build_workload("vit-stack", 2, 4, 1, torch.device("cpu"), width=64)
+    assert work.model.blocks[0].fc1.out_features == 256 and work.model.blocks[0].heads == 1
+    assert "64/256 linears" in work.description
+
+
+def test_saved_bytes_count_the_dw_randlora_keeps_across_micro_batches():
+    """Under autocast the kept dW (bf16, for the next micro-batch) is not a saved tensor of the graph;
+    the bench still counts it, so keeping dW is never free in the table."""
+    args = bench.parse_args([*SMALL, "--bf16"])
+    device = torch.device("cpu")
+    work = bench.build_workload("vit-stack", 2, 64, 1, device, width=64)
+    bench.prepare(work, device, bf16=True)
+    (cfg,) = [c for c in bench.make_configs(work, args.budget[0], ["randlora"], False) if c.impl == "ours"]
+    trainer = bench.Trainer(work, cfg, device)
+    layers = list(methods.adapter_layers(trainer.model).values())
+    assert all(layer.keeps_delta(torch.bfloat16) for layer in layers)
+    kept = bench.saved_tensor_bytes(trainer)
+    for layer in layers:
+        layer.keeps_delta = lambda half=None: False
+    rebuilt = bench.saved_tensor_bytes(trainer)
+    assert kept - rebuilt == sum(2 * layer.in_features * layer.out_features for layer in layers)
+
+
+def test_bench_randlora_saves_no_more_than_peft_and_runs_full_fine_tuning():
+    pytest.importorskip("peft")
+    (res,) = bench.main([*SMALL, "--methods", "randlora", "--repeats", "1", "--steps", "1", "--warmup", "0",
+                         "--no-peak-memory", "--no-merged-check"])
+    rows = {r["config"]: r for r in res["rows"]}
+    assert rows["ours:randlora"]["saved_bytes"] <= rows["peft:randlora"]["saved_bytes"]
+    assert rows["full"]["median_s"] > 0 and rows["ours:randlora"]["x_full"] > 0
