@@ -27,6 +27,8 @@ def register(name: str) -> Callable[[type[AdapterLayer]], type[AdapterLayer]]:
     def decorate(cls: type[AdapterLayer]) -> type[AdapterLayer]:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__name__}")
+        if not cls.label:
+            raise ValueError(f"{cls.__name__} needs a `label` (the name figures show) to be registered")
         cls.method = name
         _REGISTRY[name] = cls
         return cls
@@ -94,6 +96,8 @@ class AdapterLayer(nn.Module):
     """
 
     method: ClassVar[str] = ""
+    #: the name figures and tables show (the method's own paper spelling)
+    label: ClassVar[str] = ""
     #: hyper-parameters the budget solver searches (values passed for them are overridden).
     budget_knobs: ClassVar[tuple[str, ...]] = ("r",)
     #: hyper-parameter name -> (default, validator); `r`, `alpha` and `dropout` are common to all methods.

@@ -20,6 +20,8 @@ from .base import AdapterLayer, Validator, common_hp, register
 class LoHa(AdapterLayer):
     """W1a, W1b, W2a kaiming-uniform and W2b zero, so dW == 0 at init."""
 
+    label: ClassVar[str] = "LoHa"
+
     hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = common_hp(alpha=8.0)
 
     @classmethod

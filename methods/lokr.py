@@ -65,6 +65,8 @@ def kron_shapes(in_features: int, out_features: int, hp: dict[str, Any]
 class LoKr(AdapterLayer):
     """W1 (or W1a) zero, everything else kaiming-uniform, so dW == 0 at init."""
 
+    label: ClassVar[str] = "LoKr"
+
     hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = {
         **common_hp(alpha=8.0), "factor": (-1, lokr_factor), "decompose_both": (False, boolean)}
     budget_knobs: ClassVar[tuple[str, ...]] = ("factor", "r")

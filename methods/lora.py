@@ -15,6 +15,8 @@ from .base import AdapterLayer, Validator, common_hp, register
 class LoRA(AdapterLayer):
     """A (r x in) kaiming-uniform, B (out x r) zero, so training starts from the base model."""
 
+    label: ClassVar[str] = "LoRA"
+
     hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = common_hp(alpha=8.0)
 
     @classmethod

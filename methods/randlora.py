@@ -86,6 +86,8 @@ def ternary_bases(r: int, small: int, big: int, n: int, gen: torch.Generator) ->
 class RandLoRA(AdapterLayer):
     """Trainable lambda (r x n) and gamma (n x min(in, out)); n = ceil(min / r) grows as r shrinks."""
 
+    label: ClassVar[str] = "RandLoRA"
+
     hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = {
         **common_hp(alpha=640.0), "seed": (0, integer), "sparse": (False, boolean)}
 

@@ -53,8 +53,20 @@ def _train_none(model: nn.Module, targets: Any, hp: dict) -> list[str]:
 REFERENCES: dict[str, Callable[[nn.Module, Any, dict], list[str]]] = {"full": _train_all, "none": _train_none}
 
 
+#: What figures and tables call the references (adapters carry their own `label` in the registry).
+REFERENCE_LABELS = {"full": "Full FT", "none": "Head-only"}
+
+
 def method_names() -> list[str]:
     return sorted(methods.available()) + sorted(REFERENCES)
+
+
+def method_info(name: str) -> dict[str, str]:
+    """What analysis needs to know about a method without importing `methods` (torch): whether it is an
+    adapter or a reference point, and the name figures show. Recorded in every results.json."""
+    if name in REFERENCES:
+        return {"kind": "reference", "label": REFERENCE_LABELS[name]}
+    return {"kind": "adapter", "label": methods.get_method(name).label}
 
 
 def adapt(model: nn.Module, method_cfg: DictConfig, target_modules: Any, head_prefixes: list[str],
