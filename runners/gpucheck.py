@@ -1,0 +1,345 @@
+"""The GPU check: every method on real-width models, in the three precisions GPU runs use, against PEFT.
+
+    python -m runners.gpucheck                      # on a GPU machine: < 8 minutes on one H100-class GPU
+    python -m runners.gpucheck --out gpucheck.json  # the same, plus the table as JSON
+    python -m runners.gpucheck --device cpu --shapes small --steps 3   # what the CPU test runs
+
+For each model (a CLIP ViT-B/32-shaped model and a ~1.1B Llama-shaped model, both randomly initialised:
+the check is about arithmetic, memory and speed, not accuracy) and each precision mode
+
+* `fp32`:       fp32 weights, no autocast;
+* `bf16-amp`:   fp32 weights under bf16 autocast (how `trainer.bf16=true` trains on CUDA);
+* `bf16-base`:  the frozen base stored in bf16, gradient checkpointing on (how large models are tuned),
+
+every registered method is injected at the `lora8` budget (`methods.solve_budget`) and trained for a few
+AdamW steps on random batches, once as ours and once as PEFT's same configuration, interleaved in one
+process. Checks, each a failure line when violated: the loss is finite at every step, every adapter
+parameter has a non-zero gradient after the first backward (B = 0 at init makes A's first gradient zero
+for LoRA-style methods, so the check runs after the second), and the update's rank stays within the
+structure's bound where it has one (LoRA r, LoHa r^2; measured in fp32 on `delta_weight()`).
+With two or more GPUs it also runs a tiny DDP job through `torchrun` and checks its results.json.
+
+Exit status 1 when any check failed. Times are medians over the timed steps with `torch.cuda.synchronize`;
+memory is the allocator's peak growth over the state before the first step (CUDA only).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import methods
+from runners.metrics import matrix_ranks
+from tasks.common import enable_memory_savers
+
+log = logging.getLogger(__name__)
+
+MODES = ("fp32", "bf16-amp", "bf16-base")
+
+# Linear names in transformers' modeling files (5.x): CLIPAttention q/k/v/out_proj and CLIPMLP fc1/fc2
+# (models/clip/modeling_clip.py); LlamaAttention q/k/v/o_proj and LlamaMLP gate/up/down_proj
+# (models/llama/modeling_llama.py).
+CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A model to check: how to build it, what adapters wrap, and one random batch's size."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    targets: list[str]
+    batch: int
+    tokens: int
+
+
+def clip_b32(small: bool) -> nn.Module:
+    """CLIP ViT-B/32's widths (huggingface.co/openai/clip-vit-base-patch32, config.json: vision 768 wide,
+    12 layers, 12 heads, MLP 3072, patch 32, image 224; text 512 wide, 12 layers, 8 heads, MLP 2048,
+    vocabulary 49408, 77 positions; projection 512), random weights."""
+    from transformers import CLIPConfig, CLIPModel
+
+    vision = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+              "patch_size": 32, "image_size": 224}
+    text = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8,
+            "vocab_size": 49408, "max_position_embeddings": 77}
+    # The text tower pools at the end-of-text token, the last id of the vocabulary (49407 in the real
+    # tokenizer); pooling elsewhere (e.g. token 0, which attends only to itself) zeroes q/k gradients.
+    if small:
+        vision.update(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=64)
+        text.update(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                    vocab_size=1000)
+    text["eos_token_id"] = text["vocab_size"] - 1
+    return CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=512 if not small else 64))
+
+
+def llama_1b(small: bool) -> nn.Module:
+    """A Llama of TinyLlama-1.1B's shape (huggingface.co/TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T,
+    config.json: hidden 2048, MLP 5632, 22 layers, 32 heads, 4 key-value heads, vocabulary 32000), random."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dims = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+            "num_key_value_heads": 4, "vocab_size": 32000}
+    if small:
+        dims.update(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=1000)
+    return LlamaForCausalLM(LlamaConfig(**dims))
+
+
+def shapes(small: bool) -> list[Shape]:
+    return [Shape("clip-vit-b32", lambda: clip_b32(small), CLIP_TARGETS, 8 if small else 64, 16 if small else 77),
+            Shape("llama-1.1b", lambda: llama_1b(small), LLAMA_TARGETS, 2 if small else 4, 32 if small else 512)]
+
+
+def make_batch(model: nn.Module, shape: Shape, device: torch.device, gen: torch.Generator) -> dict[str, Any]:
+    """A random batch the model's own loss accepts: CLIP's contrastive loss, Llama's next-token loss."""
+    cfg = model.config
+    if shape.name.startswith("clip"):
+        v, t = cfg.vision_config, cfg.text_config
+        pixels = torch.randn(shape.batch, 3, v.image_size, v.image_size, generator=gen)
+        ids = torch.randint(0, t.vocab_size - 1, (shape.batch, min(shape.tokens, t.max_position_embeddings)), generator=gen)
+        ids[:, -1] = t.vocab_size - 1  # the end token, where CLIP pools the text (see `clip_b32`)
+        return {"pixel_values": pixels.to(device), "input_ids": ids.to(device), "return_loss": True}
+    ids = torch.randint(0, cfg.vocab_size, (shape.batch, shape.tokens), generator=gen).to(device)
+    return {"input_ids": ids, "labels": ids}
+
+
+# ----------------------------------------------------------------------------- one configuration
+@dataclass
+class Row:
+    """One (model, mode, method, implementation) result."""
+
+    model: str
+    mode: str
+    method: str
+    impl: str                   # "ours" | "peft"
+    hp: dict[str, Any]
+    trainable: int
+    step_times_s: list[float] = field(default_factory=list)
+    peak_growth_bytes: int | None = None
+    rank: dict[str, float] | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def step_time_s(self) -> float | None:
+        return statistics.median(self.step_times_s) if self.step_times_s else None
+
+
+def prepare_base(shape: Shape, mode: str, device: torch.device) -> nn.Module:
+    """The frozen base model of a mode: fp32, or bf16 weights with gradient checkpointing."""
+    torch.manual_seed(0)
+    model = shape.build()
+    model.requires_grad_(False)
+    if mode == "bf16-base":
+        model.to(torch.bfloat16)
+        enable_memory_savers(model, {"gradient_checkpointing": True})  # the runner's own switch
+    return model.to(device)
+
+
+def wrap(base: nn.Module, shape: Shape, method: str, impl: str, hp: dict[str, Any]) -> nn.Module:
+    """A copy of `base` with the method injected, ours or PEFT's (same solved hyper-parameters)."""
+    model = copy.deepcopy(base)
+    if impl == "ours":
+        methods.inject(model, method, shape.targets, **hp)
+        return model
+    import peft
+
+    from runners.bench import peft_config
+
+    return peft.get_peft_model(model, peft_config(method, shape.targets, hp))
+
+
+def autocast(mode: str, device: torch.device):
+    """bf16 autocast for `bf16-amp` (CPU autocast too, so the CPU test covers the same code)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16-amp")
+
+
+def train_row(row: Row, model: nn.Module, shape: Shape, device: torch.device, steps: int, warmup: int) -> None:
+    """Train a few steps, timing each; record failures of the finite-loss and gradient checks."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    row.trainable = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start_bytes = torch.cuda.memory_allocated(device)
+    for step in range(warmup + steps):
+        batch = make_batch(model, shape, device, gen)
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with autocast(row.mode, device):
+            loss = model(**batch).loss
+        loss.backward()
+        if step == 1:
+            row.failures += gradient_failures(model, row.impl)
+        opt.step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        if step >= warmup:
+            row.step_times_s.append(time.perf_counter() - t0)
+        if not math.isfinite(float(loss)):
+            row.failures.append(f"loss is {float(loss)} at step {step + 1}")
+            break
+    if cuda:
+        row.peak_growth_bytes = torch.cuda.max_memory_allocated(device) - start_bytes
+
+
+def gradient_failures(model: nn.Module, impl: str) -> list[str]:
+    """Trainable parameters whose gradient is missing or all zero (checked on our adapters only; PEFT's
+    names are PEFT's business)."""
+    if impl != "ours":
+        return []
+    bad = [n for n, p in model.named_parameters()
+           if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))]
+    return [f"zero or missing gradient: {', '.join(bad[:3])}" + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            ] if bad else []
+
+
+def rank_bound(method: str, hp: dict[str, Any]) -> int | None:
+    """The structural bound of rank(dW) where the method has one that is below full rank."""
+    r = int(hp.get("r", 0))
+    return {"lora": r, "loha": r * r}.get(method)
+
+
+def check_rank(row: Row, model: nn.Module) -> None:
+    """rank(dW) of the first adapted layer, in fp32, against the structure's bound."""
+    layer = next(iter(methods.adapter_layers(model).values()))
+    row.rank = matrix_ranks(layer.delta_weight().detach().float())
+    bound = rank_bound(row.method, row.hp)
+    if bound is not None and row.rank["rank"] > bound:
+        row.failures.append(f"rank(dW) = {row.rank['rank']} above the structure's bound {bound}")
+
+
+# ----------------------------------------------------------------------------- the check
+def run_shape(shape: Shape, modes: list[str], names: list[str], device: torch.device, steps: int, warmup: int,
+              with_peft: bool) -> list[Row]:
+    """Every method in every mode on one model, ours and PEFT's interleaved per method."""
+    rows = []
+    for mode in modes:
+        base = prepare_base(shape, mode, device)
+        for method in names:
+            hp = methods.solve_budget(base, method, shape.targets, "lora8")
+            hp = {**methods.get_method(method).resolve_hp({}), **hp}
+            for impl in ("ours", "peft") if with_peft else ("ours",):
+                row = Row(shape.name, mode, method, impl, hp, 0)
+                try:
+                    model = wrap(base, shape, method, impl, hp)
+                    train_row(row, model, shape, device, steps, warmup)
+                    if impl == "ours":
+                        check_rank(row, model)
+                except Exception as err:  # noqa: BLE001 (one failing configuration must not hide the others)
+                    row.failures.append(f"{type(err).__name__}: {err}")
+                rows.append(row)
+                log.info("%s", describe(row))
+                model = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        del base
+    return rows
+
+
+def ddp_check(device_count: int) -> list[str]:
+    """With >= 2 GPUs: a tiny DDP run through torchrun must finish with one results.json, world size 2."""
+    if device_count < 2:
+        return []
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "run.py",
+               "method=lora", "task=clip", "trainer.max_steps=20", "logger=none", "device=cuda", f"out_dir={out}"]
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
+        record = Path(out, "results.json")
+        if done.returncode != 0 or not record.is_file():
+            return [f"DDP run failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"]
+        run = json.loads(record.read_text())["run"]
+        return [] if run.get("world_size") == 2 else [f"DDP run recorded world_size {run.get('world_size')}"]
+
+
+def describe(row: Row) -> str:
+    t = row.step_time_s
+    return (f"{row.model} {row.mode} {row.impl}:{row.method} {t * 1e3:.1f} ms" if t else
+            f"{row.model} {row.mode} {row.impl}:{row.method} no time") + (f" FAILED {row.failures}" if row.failures else "")
+
+
+def table(rows: list[Row]) -> str:
+    """Markdown: one line per (model, mode, method), ours next to PEFT's with the ratios."""
+    peft = {(r.model, r.mode, r.method): r for r in rows if r.impl == "peft"}
+    lines = ["| model | mode | method | hp | trainable | ours ms | PEFT ms | ours/PEFT | ours MiB | PEFT MiB | rank(dW) | checks |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r.impl == "ours"):
+        p = peft.get((r.model, r.mode, r.method))
+        ratio = r.step_time_s / p.step_time_s if p and p.step_time_s and r.step_time_s else None
+        lines.append("| " + " | ".join([
+            r.model, r.mode, r.method, f"r={r.hp.get('r')}", f"{r.trainable:,}", _ms(r.step_time_s),
+            _ms(p.step_time_s if p else None), f"{ratio:.2f}" if ratio else "-", _mib(r.peak_growth_bytes),
+            _mib(p.peak_growth_bytes if p else None), str(r.rank["rank"]) if r.rank else "-",
+            "ok" if not (r.failures or (p and p.failures)) else "; ".join(r.failures + (p.failures if p else []))]) + " |")
+    return "\n".join(lines)
+
+
+def _ms(t: float | None) -> str:
+    return f"{t * 1e3:.1f}" if t else "-"
+
+
+def _mib(b: int | None) -> str:
+    return f"{b / 2**20:.0f}" if b is not None else "-"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m runners.gpucheck", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (the CPU test)")
+    p.add_argument("--shapes", choices=("real", "small"), default="real", help="real widths, or small for CPU tests")
+    p.add_argument("--models", nargs="+", default=None, help="subset of: clip-vit-b32 llama-1.1b")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 2: the gradient check runs at step 2)")
+    p.add_argument("--no-peft", action="store_true", help="skip PEFT's rows")
+    p.add_argument("--out", default=None, help="also write the rows as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log.error("no CUDA device here; run on a GPU machine, or --device cpu --shapes small for the CPU check")
+        return 2
+    names = args.methods or methods.available()
+    chosen = [s for s in shapes(args.shapes == "small") if not args.models or s.name in args.models]
+    rows: list[Row] = []
+    for shape in chosen:
+        rows += run_shape(shape, args.modes, names, device, args.steps, max(2, args.warmup), not args.no_peft)
+    failures = [f"{r.model} {r.mode} {r.impl}:{r.method}: {f}" for r in rows for f in r.failures]
+    failures += ddp_check(torch.cuda.device_count() if device.type == "cuda" else 0)
+    sys.stdout.write(table(rows) + "\n")  # the table is the output; progress goes to the log (stderr)
+    if args.out:
+        Path(args.out).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    for f in failures:
+        log.error("FAILED %s", f)
+    log.info("%d configurations, %d failures", len(rows), len(failures))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

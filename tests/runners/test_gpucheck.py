@@ -1,0 +1,47 @@
+"""runners.gpucheck on CPU: the same code that runs on a GPU machine, at small widths (no CUDA touched)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from runners import gpucheck
+
+
+def test_small_check_passes_and_writes_every_configuration(tmp_path, capsys) -> None:
+    out = tmp_path / "rows.json"
+    code = gpucheck.main(["--device", "cpu", "--shapes", "small", "--models", "llama-1.1b", "--steps", "1",
+                          "--methods", "lora", "randlora", "--modes", "fp32", "bf16-base", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert code == 0, capsys.readouterr().err
+    assert {(r["mode"], r["method"], r["impl"]) for r in rows} == {
+        (m, n, i) for m in ("fp32", "bf16-base") for n in ("lora", "randlora") for i in ("ours", "peft")}
+    ours = [r for r in rows if r["impl"] == "ours"]
+    assert all(r["step_times_s"] and not r["failures"] for r in rows)
+    assert all(r["rank"]["rank"] <= r["hp"]["r"] for r in ours if r["method"] == "lora")
+    assert "| llama-1.1b | bf16-base | randlora |" in capsys.readouterr().out
+
+
+def test_a_violated_rank_bound_fails_the_check(monkeypatch) -> None:
+    monkeypatch.setattr(gpucheck, "rank_bound", lambda method, hp: 0)
+    code = gpucheck.main(["--device", "cpu", "--shapes", "small", "--models", "clip-vit-b32", "--steps", "1",
+                          "--methods", "lora", "--modes", "fp32", "--no-peft"])
+    assert code == 1
+
+
+def test_zero_gradients_are_named() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    model(torch.ones(1, 3)).sum().backward()
+    assert gpucheck.gradient_failures(model, "ours") == []
+    model[0].weight.grad.zero_()
+    assert gpucheck.gradient_failures(model, "ours") == ["zero or missing gradient: 0.weight"]
+    assert gpucheck.gradient_failures(model, "peft") == []
+
+
+def test_cuda_requested_without_cuda_is_one_line(caplog) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert gpucheck.main(["--device", "cuda"]) == 2
+    assert "no CUDA device here" in caplog.text
