@@ -1,4 +1,4 @@
-"""Pure statistics on the tidy frame of `analysis.load`: seed aggregation, Pareto fronts, LoRA ratios.
+"""Pure statistics on the tidy frame of `analysis.load`: seed aggregation, Pareto fronts, baseline ratios.
 
 Every function takes a DataFrame and returns a new one (never mutates), so the same numbers feed the
 figures, the markdown tables and the tests.
@@ -19,10 +19,14 @@ log = logging.getLogger(__name__)
 
 Direction = Literal["min", "max"]
 
-#: Display order: the four budgeted structures, then the two references.
-METHOD_ORDER = ["lora", "loha", "lokr", "randlora", "full", "none"]
-ADAPTERS = METHOD_ORDER[:4]
-REFERENCES = ["full", "none"]
+#: Method kinds, as results record them (`run.method_kind`, from runners.adapt.method_info): analysis never
+#: lists method names; which methods exist, what they are called and whether they are adapters comes from
+#: the `method_kind` / `method_label` columns of `analysis.load.load_results`.
+ADAPTER, REFERENCE = "adapter", "reference"
+#: The baseline every cost is shown relative to, and that budgets are named after ("lora8"): the one place
+#: analysis names a method.
+BASELINE = "lora"
+METHOD_COLUMNS = ("method_kind", "method_label")
 
 # Two-sided 95% Student-t quantiles for 1..30 degrees of freedom; beyond that the normal value.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
@@ -42,9 +46,29 @@ def successful(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] == "success"]
 
 
-def method_rank(method: str) -> int:
-    """Sort key putting methods in `METHOD_ORDER`, unknown methods last."""
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+def method_info(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per method of the frame (index `method`): its `method_kind` and `method_label` (the name
+    itself where a label is missing)."""
+    missing = [c for c in ("method", *METHOD_COLUMNS) if c not in df.columns]
+    if missing:
+        raise ValueError(f"results frame has no {', '.join(missing)} column(s): load results with "
+                         "analysis.load.load_results, which reads them from each record's run section")
+    info = df.drop_duplicates("method").set_index("method")[list(METHOD_COLUMNS)]
+    return info.assign(method_label=info["method_label"].fillna(pd.Series(info.index, index=info.index)))
+
+
+def is_adapter(df: pd.DataFrame) -> pd.Series:
+    """Rows of adapter methods (the budgeted structures), as opposed to reference points."""
+    method_info(df)
+    return df["method_kind"] == ADAPTER
+
+
+def method_order(df: pd.DataFrame) -> list[str]:
+    """Methods of the frame in display order: adapters (the baseline first, then by label), then the
+    reference points (by label). Stable whatever order the runs were loaded in."""
+    info = method_info(df)
+    return sorted(info.index, key=lambda m: (info.at[m, "method_kind"] != ADAPTER, m != BASELINE,
+                                             str(info.at[m, "method_label"]), m))
 
 
 def per_run(df: pd.DataFrame) -> pd.DataFrame:
@@ -72,7 +96,7 @@ def aggregate_seeds(df: pd.DataFrame, metrics: Sequence[str], keys: Sequence[str
         stats[f"{m}_ci95"] = [t_critical(int(n)) * s / math.sqrt(n) if n > 1 else math.nan
                               for n, s in zip(stats[f"{m}_count"], stats[f"{m}_std"])]
         out = out.join(stats)
-    out = out.reset_index()
+    out = _with_method_info(out.reset_index(), df)
     return _sorted(out)
 
 
@@ -101,13 +125,13 @@ def pareto_front(df: pd.DataFrame, x: str, y: str, x_dir: Direction = "min", y_d
 
 
 def normalise_to_lora(df: pd.DataFrame, metrics: Sequence[str], keys: Sequence[str] | None = None,
-                      reference: str = "lora") -> pd.DataFrame:
+                      reference: str = BASELINE) -> pd.DataFrame:
     """Add `<metric>_rel` = value / mean of the `reference` method's value at the same budget.
 
     Keys default to the panel plus `budget_target`, and `device_type` where the frame has it (a cost is
-    only ever divided by LoRA's on the same kind of device); rows with no LoRA run at their budget (full,
-    none, an un-matched budget, another device) get NaN. Applied to per-run rows, then aggregated, it
-    gives a CI on the ratio.
+    only ever divided by the baseline's on the same kind of device); rows with no baseline run at their
+    budget (references, an un-matched budget, another device) get NaN. Applied to per-run rows, then
+    aggregated, it gives a CI on the ratio.
     """
     if keys is None:
         keys = [*PANEL_KEYS, "budget_target", *(["device_type"] if "device_type" in df.columns else [])]
@@ -136,7 +160,8 @@ def memory_column(df: pd.DataFrame) -> str | None:
 
 
 def per_dataset_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Seed-mean accuracy as a (method, budget_target) x dataset table, with a `mean` column."""
+    """Seed-mean accuracy as a (method, budget_target) x dataset table, with a `mean` column;
+    `table.attrs["adapters"]` lists its adapter methods (for `best_adapter_mask`)."""
     agg = aggregate_seeds(df, ["accuracy"], [*_method_keys(df), "dataset"])
     if agg.empty:
         return pd.DataFrame()
@@ -145,18 +170,23 @@ def per_dataset_table(df: pd.DataFrame) -> pd.DataFrame:
     table = table.dropna(how="all")
     table = table[sorted(table.columns)]
     table["mean"] = table.mean(axis=1)
-    order = sorted(table.index, key=lambda ix: (method_rank(ix[0]), _budget_sort(ix[1])))
-    return table.loc[order]
+    ranks = {m: i for i, m in enumerate(method_order(df))}
+    table = table.loc[sorted(table.index, key=lambda ix: (ranks[ix[0]], _budget_sort(ix[1])))]
+    table.attrs["adapters"] = [m for m in ranks if method_info(df).at[m, "method_kind"] == ADAPTER]
+    return table
 
 
 def best_adapter_mask(table: pd.DataFrame) -> np.ndarray:
     """Boolean mask over `per_dataset_table`: the best adapter(s) of each column, ties all marked.
 
-    References (full, none) are excluded: full fine-tuning usually wins, which would hide the comparison.
+    Reference points are excluded: full fine-tuning usually wins, which would hide the comparison.
     """
     values = table.to_numpy(dtype=float)
-    is_adapter = np.array([m in ADAPTERS for m, _ in table.index], dtype=bool)[:, None]
-    masked = np.where(is_adapter & ~np.isnan(values), values, -np.inf)
+    adapters = table.attrs.get("adapters")
+    if adapters is None:
+        raise ValueError("best_adapter_mask needs a table from per_dataset_table (it lists the adapters)")
+    adapter_rows = np.array([m in adapters for m, _ in table.index], dtype=bool)[:, None]
+    masked = np.where(adapter_rows & ~np.isnan(values), values, -np.inf)
     best = masked.max(axis=0, initial=-np.inf)
     return np.isfinite(masked) & np.isclose(masked, best[None, :])
 
@@ -183,10 +213,18 @@ def _budget_sort(budget: object) -> float:
     return math.inf if budget is None or pd.isna(budget) else float(budget)
 
 
-def _sorted(agg: pd.DataFrame) -> pd.DataFrame:
-    if "method" not in agg.columns:
+def _with_method_info(agg: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
+    """The aggregate with each method's kind and label (constant per method) joined back on."""
+    if "method" not in agg.columns or any(c not in df.columns for c in METHOD_COLUMNS):
         return agg
-    order = agg["method"].map(method_rank)
+    return agg.drop(columns=[c for c in METHOD_COLUMNS if c in agg.columns]).join(method_info(df), on="method")
+
+
+def _sorted(agg: pd.DataFrame) -> pd.DataFrame:
+    if "method" not in agg.columns or "method_kind" not in agg.columns:
+        return agg
+    ranks = {m: i for i, m in enumerate(method_order(agg))}
+    order = agg["method"].map(ranks)
     budget = agg["budget_target"].map(_budget_sort) if "budget_target" in agg.columns else 0
     return (agg.assign(_m=order, _b=budget).sort_values(["_m", "_b"], kind="stable")
             .drop(columns=["_m", "_b"]).reset_index(drop=True))

@@ -13,7 +13,7 @@ import math
 
 import pandas as pd
 
-from analysis.aggregate import ADAPTERS, method_rank, successful, t_critical
+from analysis.aggregate import is_adapter, method_order, successful, t_critical
 from analysis.load import PANEL_KEYS
 
 PAIRED_COLUMNS = [*PANEL_KEYS, "dataset", "budget", "method_a", "method_b", "mean_diff", "ci_low", "ci_high", "n"]
@@ -26,7 +26,7 @@ def paired_differences(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for key, part in values.groupby([*PANEL_KEYS, "dataset", "budget_target"], dropna=False, sort=True):
         wide = part.pivot_table(index="seed", columns="method", values="value", aggfunc="mean")
-        methods = sorted(wide.columns, key=method_rank)
+        methods = [m for m in method_order(df) if m in wide.columns]
         for a, b in itertools.combinations(methods, 2):
             diff = (wide[a] - wide[b]).dropna()
             rows.append([*key, a, b, *_interval(diff.tolist())])
@@ -61,7 +61,7 @@ def noise_floor(df: pd.DataFrame) -> pd.DataFrame:
 def _per_seed_values(df: pd.DataFrame) -> pd.DataFrame:
     """Adapter runs with a budget: accuracy per (panel, dataset, budget, method, seed), plus the suite mean."""
     ok = successful(df)
-    ok = ok[ok["method"].isin(ADAPTERS) & ok["budget_target"].notna() & ok["seed"].notna()]
+    ok = ok[is_adapter(ok) & ok["budget_target"].notna() & ok["seed"].notna()]
     keys = [*PANEL_KEYS, "budget_target", "method", "seed"]
     per_dataset = ok[[*keys, "dataset", "accuracy"]].rename(columns={"accuracy": "value"})
     suite = ok.drop_duplicates("source")[[*keys, "mean_accuracy"]].rename(columns={"mean_accuracy": "value"})

@@ -1,6 +1,9 @@
 """Paper figures: pure functions from the tidy frame of one comparison panel to a matplotlib Figure.
 
-One palette (`METHOD_COLORS`) and one marker set colour every method identically in every figure.
+Methods come from the data (`method_kind`, `method_label` columns), never from a list here: `method_styles`
+gives each method of a panel its label, colour, marker and line style from fixed cycles in display order
+(`analysis.aggregate.method_order`), so every figure of a panel draws a method identically and a new
+method appears in every figure with no edit.
 Figures are sized for a paper column (3.5 in) with 7-8 pt text, built on `matplotlib.figure.Figure`
 directly with an Agg canvas (no pyplot global state, nothing to close), so callers save or discard them freely.
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import matplotlib
 import numpy as np
@@ -19,12 +23,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from analysis.aggregate import (
-    ADAPTERS,
+    ADAPTER,
+    BASELINE,
     SETTING_KEYS,
     aggregate_seeds,
     best_adapter_mask,
+    is_adapter,
     memory_column,
-    method_rank,
+    method_info,
+    method_order,
     normalise_to_lora,
     pareto_mask,
     per_dataset_table,
@@ -35,12 +42,13 @@ from analysis.load import PANEL_KEYS
 log = logging.getLogger(__name__)
 
 COLUMN_WIDTH_IN = 3.5
-#: Okabe-Ito colour-blind-safe palette; the single source of method colours for every figure.
-METHOD_COLORS = {"lora": "#0072b2", "loha": "#e69f00", "lokr": "#009e73", "randlora": "#d55e00",
-                 "full": "#333333", "none": "#999999"}
-METHOD_MARKERS = {"lora": "o", "loha": "s", "lokr": "^", "randlora": "D", "full": "*", "none": "X"}
-METHOD_LABELS = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "randlora": "RandLoRA", "full": "Full FT",
-                 "none": "Head-only"}
+#: Okabe-Ito colour-blind-safe palette (black left out), assigned to adapters in display order.
+ADAPTER_COLORS = ["#0072b2", "#e69f00", "#009e73", "#d55e00", "#cc79a7", "#56b4e9", "#f0e442"]
+ADAPTER_MARKERS = ["o", "s", "^", "D", "v", "P", "h"]
+#: Reference points (full fine-tuning, head only, ...): greys, drawn as lines where they have no budget.
+REFERENCE_COLORS = ["#333333", "#999999", "#666666"]
+REFERENCE_MARKERS = ["*", "X", "P"]
+REFERENCE_LINES = ["--", ":", "-."]
 STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
          "xtick.labelsize": 7, "ytick.labelsize": 7, "lines.linewidth": 1.3, "lines.markersize": 4.5,
          "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
@@ -51,16 +59,40 @@ _MEMORY_LABELS = {"peak_mem_bytes": "peak GPU memory", "peak_rss_bytes": "peak R
 # ------------------------------------------------------------------------------------ styling
 
 
-def color(method: str) -> str:
-    """The method's colour in every figure (grey-ish fallback for an unknown method)."""
-    return METHOD_COLORS.get(method, "#7f7f7f")
+@dataclass(frozen=True)
+class MethodStyle:
+    """How every figure draws one method."""
+
+    label: str
+    kind: str
+    color: str
+    marker: str
+    linestyle: str
+
+    def mark(self) -> dict[str, str]:
+        """matplotlib keywords for a point or line of this method (colour, marker, legend label)."""
+        return {"color": self.color, "marker": self.marker, "label": self.label}
 
 
-def label(method: str, task: str | None = None) -> str:
-    """Display name; `none` is a zero-shot model for CLIP and a head-only linear probe elsewhere."""
-    if method == "none" and task == "clip":
-        return "Zero-shot"
-    return METHOD_LABELS.get(method, method)
+def method_styles(df: pd.DataFrame) -> dict[str, MethodStyle]:
+    """Method -> style for the methods of `df`: adapters and references each take the next entry of
+    their cycles in display order (LoRA, the baseline, first: the same colours as before for the four
+    original adapters)."""
+    info, styles, counts = method_info(df), {}, {True: 0, False: 0}
+    for method in method_order(df):
+        adapter = info.at[method, "method_kind"] == ADAPTER
+        i = counts[adapter]
+        counts[adapter] += 1
+        colors, markers = (ADAPTER_COLORS, ADAPTER_MARKERS) if adapter else (REFERENCE_COLORS, REFERENCE_MARKERS)
+        styles[method] = MethodStyle(str(info.at[method, "method_label"]), str(info.at[method, "method_kind"]),
+                                     colors[i % len(colors)], markers[i % len(markers)],
+                                     "-" if adapter else REFERENCE_LINES[i % len(REFERENCE_LINES)])
+    return styles
+
+
+def label(df: pd.DataFrame, method: str) -> str:
+    """What figures and tables call `method` (its recorded `method_label`)."""
+    return str(method_info(df).at[method, "method_label"])
 
 
 def panel_title(df: pd.DataFrame) -> str:
@@ -114,7 +146,7 @@ def _errs(values: pd.Series) -> np.ndarray | None:
 
 
 def fig_accuracy_vs_params(df: pd.DataFrame) -> Figure:
-    """Accuracy vs trainable parameters: one line per adapter, `full`/`none` as reference lines.
+    """Accuracy vs trainable parameters: one line per adapter, reference points as horizontal lines.
 
     Accuracy is the run's mean over its datasets; error bars are 95% CIs over seeds.
     """
@@ -122,16 +154,15 @@ def fig_accuracy_vs_params(df: pd.DataFrame) -> Figure:
         fig = _figure(height=2.9)
         ax = fig.add_subplot()
         agg = _run_agg(df, ["mean_accuracy", "trainable_params"])
-        if not agg["method"].isin(ADAPTERS).any():
+        if not is_adapter(agg).any():
             raise ValueError("no successful adapter runs to plot against parameters")
-        task = str(agg["task"].iloc[0]) if len(agg) else None
-        for method, part in _by_method(agg[agg["method"].isin(ADAPTERS)]):
+        styles = method_styles(agg)
+        for method, part in _by_method(agg[is_adapter(agg)]):
             part = _best_per_budget(part, "mean_accuracy_mean").sort_values("trainable_params_mean")
             ax.errorbar(part["trainable_params_mean"], 100 * part["mean_accuracy_mean"],
-                        yerr=_pct(_errs(part["mean_accuracy_ci95"])), color=color(method),
-                        marker=METHOD_MARKERS.get(method, "o"), label=label(method))
-        for method, style in (("full", "--"), ("none", ":")):
-            _reference_line(ax, agg[agg["method"] == method], "mean_accuracy", style, task)
+                        yerr=_pct(_errs(part["mean_accuracy_ci95"])), **styles[method].mark())
+        for method, part in _by_method(agg[~is_adapter(agg)]):
+            _reference_line(ax, part, "mean_accuracy", styles[method])
         _log_params_axis(ax)
         _clip_to_means(ax, 100 * agg["mean_accuracy_mean"])
         ax.set_ylabel(_accuracy_label(df))
@@ -148,17 +179,14 @@ def _clip_to_means(ax: Axes, means_pct: pd.Series) -> None:
     ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
 
 
-def _reference_line(ax: Axes, ref: pd.DataFrame, metric: str, linestyle: str, task: str | None) -> None:
-    if ref.empty:
-        return
+def _reference_line(ax: Axes, ref: pd.DataFrame, metric: str, style: MethodStyle) -> None:
     row = ref.iloc[0]
     mean, ci = 100 * row[f"{metric}_mean"], 100 * row[f"{metric}_ci95"]
-    method = row["method"]
     params = row.get("trainable_params_mean")
     extra = f" ({human(params)} params)" if params is not None and pd.notna(params) else ""
-    ax.axhline(mean, color=color(method), linestyle=linestyle, linewidth=1.1, label=label(method, task) + extra)
+    ax.axhline(mean, color=style.color, linestyle=style.linestyle, linewidth=1.1, label=style.label + extra)
     if pd.notna(ci):
-        ax.axhspan(mean - ci, mean + ci, color=color(method), alpha=0.12, linewidth=0)
+        ax.axhspan(mean - ci, mean + ci, color=style.color, alpha=0.12, linewidth=0)
 
 
 # --------------------------------------------------------------------------------- figure 2
@@ -176,13 +204,11 @@ def fig_memory_pareto(df: pd.DataFrame) -> Figure:
         scale, unit = _byte_unit(agg[f"{mem}_mean"].max())
         agg = agg.assign(_x=agg[f"{mem}_mean"] / scale, _xe=agg[f"{mem}_ci95"] / scale,
                          _y=100 * agg["mean_accuracy_mean"], _ye=100 * agg["mean_accuracy_ci95"])
-        task = str(agg["task"].iloc[0]) if len(agg) else None
-        sizes = _budget_marker_sizes(agg)
+        sizes, styles = _budget_marker_sizes(agg), method_styles(agg)
         for method, part in _by_method(agg):
             ax.errorbar(part["_x"], part["_y"], xerr=_errs(part["_xe"]), yerr=_errs(part["_ye"]),
-                        color=color(method), linestyle="none", elinewidth=0.7)
-            ax.scatter(part["_x"], part["_y"], s=sizes[part.index], color=color(method), zorder=2,
-                       marker=METHOD_MARKERS.get(method, "o"), label=label(method, task))
+                        color=styles[method].color, linestyle="none", elinewidth=0.7)
+            ax.scatter(part["_x"], part["_y"], s=sizes[part.index], zorder=2, **styles[method].mark())
         if agg["budget_target"].nunique() > 1:
             ax.text(0.99, 0.02, "marker size ∝ budget", transform=ax.transAxes, ha="right", va="bottom",
                     fontsize=6.5, color="0.35")
@@ -216,49 +242,52 @@ def _byte_unit(max_bytes: float) -> tuple[float, str]:
 
 
 def fig_cost_vs_lora(df: pd.DataFrame) -> Figure:
-    """Step time and peak memory of each adapter relative to LoRA at the same budget (bars, 95% CI)."""
+    """Step time and peak memory of each adapter relative to the baseline (`BASELINE`, LoRA) at the same
+    budget (bars, 95% CI)."""
     mem = memory_column(df)
     metrics = [m for m in ("step_time_s", mem) if m is not None]
     runs = per_run(df)
-    runs = runs[runs["method"].isin(ADAPTERS) & runs["budget_target"].notna()]
-    if not (runs["method"] == "lora").any() or runs["method"].nunique() < 2:
-        raise ValueError("needs LoRA and at least one other adapter at a budget")
+    runs = runs[is_adapter(runs) & runs["budget_target"].notna()]
+    if not (runs["method"] == BASELINE).any() or runs["method"].nunique() < 2:
+        raise ValueError(f"needs the baseline ({BASELINE}) and at least one other adapter at a budget")
     rel = normalise_to_lora(runs, metrics)
     agg = aggregate_seeds(rel, [f"{m}_rel" for m in metrics], keys=SETTING_KEYS)
     budgets = sorted(agg["budget_target"].dropna().unique())
-    methods = sorted(agg["method"].unique(), key=method_rank)
+    styles = method_styles(agg)
+    base = styles[BASELINE]
     with matplotlib.rc_context(STYLE):
         fig = _figure(height=1.45 * len(metrics) + 1.0)
         axes = fig.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0]
         for ax, metric in zip(axes, metrics):
-            _relative_bars(ax, agg, f"{metric}_rel", budgets, methods)
+            _relative_bars(ax, agg, f"{metric}_rel", budgets, styles)
             name = "step time" if metric == "step_time_s" else _MEMORY_LABELS.get(metric, metric)
-            ax.set_ylabel(f"{name}\n/ LoRA (×)")
-        axes[-1].set_xticks(range(len(budgets)), [_budget_label(b, runs) for b in budgets])
+            ax.set_ylabel(f"{name}\n/ {base.label} (×)")
+        axes[-1].set_xticks(range(len(budgets)), [_budget_label(b, runs, base.label) for b in budgets])
         axes[-1].set_xlabel("adapter budget (trainable parameters)")
-        axes[0].set_title(f"Cost relative to LoRA at equal budget\n{panel_title(df)}")
+        axes[0].set_title(f"Cost relative to {base.label} at equal budget\n{panel_title(df)}")
         _legend_below(fig, axes[0], ncol=4)
     return fig
 
 
-def _relative_bars(ax: Axes, agg: pd.DataFrame, col: str, budgets: Sequence, methods: Sequence[str]) -> None:
-    width = 0.8 / max(len(methods), 1)
-    for i, method in enumerate(methods):
+def _relative_bars(ax: Axes, agg: pd.DataFrame, col: str, budgets: Sequence, styles: dict[str, MethodStyle]
+                   ) -> None:
+    width = 0.8 / max(len(styles), 1)
+    for i, (method, style) in enumerate(styles.items()):
         part = agg[agg["method"] == method].set_index("budget_target").reindex(budgets)
-        xs = np.arange(len(budgets)) + (i - (len(methods) - 1) / 2) * width
-        ax.bar(xs, part[f"{col}_mean"], width=width * 0.92, color=color(method), label=label(method),
+        xs = np.arange(len(budgets)) + (i - (len(styles) - 1) / 2) * width
+        ax.bar(xs, part[f"{col}_mean"], width=width * 0.92, color=style.color, label=style.label,
                yerr=_errs(part[f"{col}_ci95"]), error_kw={"elinewidth": 0.7, "capsize": 1.5})
-    ax.axhline(1.0, color=color("lora"), linewidth=0.8, linestyle="--", zorder=0)
+    ax.axhline(1.0, color=styles[BASELINE].color, linewidth=0.8, linestyle="--", zorder=0)
     ax.grid(axis="x", visible=False)
     top = np.nanmax(agg[f"{col}_mean"] + agg[f"{col}_ci95"].fillna(0)) if len(agg) else 1.0
     ax.set_ylim(0, max(1.2, float(top) * 1.08))
 
 
-def _budget_label(budget: float, runs: pd.DataFrame) -> str:
-    """'37k\\n(LoRA r=8)': budgets are conventionally named by the LoRA rank that produces them."""
-    lora = runs[(runs["method"] == "lora") & (runs["budget_target"] == budget)]
-    rank = _lora_rank(lora["hp"].iloc[0]) if len(lora) else None
-    return human(float(budget)) + (f"\n(LoRA r={rank})" if rank is not None else "")
+def _budget_label(budget: float, runs: pd.DataFrame, base_label: str) -> str:
+    """'37k\\n(LoRA r=8)': budgets are conventionally named by the baseline's (LoRA's) rank that produces them."""
+    base = runs[(runs["method"] == BASELINE) & (runs["budget_target"] == budget)]
+    rank = _lora_rank(base["hp"].iloc[0]) if len(base) else None
+    return human(float(budget)) + (f"\n({base_label} r={rank})" if rank is not None else "")
 
 
 def _lora_rank(hp_json: str) -> int | None:
@@ -282,9 +311,9 @@ def fig_per_dataset(df: pd.DataFrame, max_columns: int = 12) -> Figure:
         raise ValueError("no successful runs to tabulate")
     values, bold = 100 * table.to_numpy(dtype=float), best_adapter_mask(table)
     shade = _column_minmax(values)
-    task = str(df["task"].iloc[0])
+    styles = method_styles(df)
     methods = [m for m, _ in table.index]
-    row_labels = [_row_label(m, b, task) for m, b in table.index]
+    row_labels = [_row_label(styles[m].label, b) for m, b in table.index]
     datasets = [str(c) for c in table.columns]
     transpose = len(datasets) > max_columns
     if transpose:
@@ -302,7 +331,7 @@ def fig_per_dataset(df: pd.DataFrame, max_columns: int = 12) -> Figure:
         method_axis = ax.xaxis if transpose else ax.yaxis
         _heatmap_ticks(ax, row_labels, datasets, transpose)
         for tick, method in zip(method_axis.get_ticklabels(), methods):
-            tick.set_color(color(method))
+            tick.set_color(styles[method].color)
         if datasets[-1] == "mean" and len(datasets) > 1:
             (ax.axhline if transpose else ax.axvline)(len(datasets) - 1.5, color="white", linewidth=3)
         ax.grid(False)
@@ -325,10 +354,10 @@ def _column_minmax(values: np.ndarray) -> np.ndarray:
     return (values - lo) / span
 
 
-def _row_label(method: str, budget: object, task: str | None) -> str:
+def _row_label(name: str, budget: object) -> str:
     if budget is None or pd.isna(budget):
-        return label(method, task)
-    return f"{label(method)} @ {human(float(budget))}"
+        return name
+    return f"{name} @ {human(float(budget))}"
 
 
 # --------------------------------------------------------------------------------- figure 5
@@ -337,19 +366,20 @@ def _row_label(method: str, budget: object, task: str | None) -> str:
 def fig_delta_rank(df: pd.DataFrame) -> Figure:
     """Rank of dW as a fraction of the layer's maximum rank, per method and budget.
 
-    Numerical rank (left) and effective rank (right): LoRA is capped at r, RandLoRA aims at full rank.
+    Numerical rank (left) and effective rank (right): LoRA is capped at r, RandLoRA aims at full rank;
+    reference points with a measurement (full fine-tuning) are horizontal lines.
     """
     runs = per_run(df).dropna(subset=["dw_rank_frac"])
-    if not runs["method"].isin(ADAPTERS).any():
+    if not is_adapter(runs).any():
         raise ValueError("no delta_rank measurements of adapter runs")
     agg = aggregate_seeds(runs, ["dw_rank_frac", "dw_effective_rank_frac", "trainable_params"], keys=SETTING_KEYS)
-    task = str(agg["task"].iloc[0])
+    styles = method_styles(agg)
     with matplotlib.rc_context(STYLE):
         fig = _figure(height=2.7)
         axes = fig.subplots(1, 2, sharey=True)
         for ax, metric, name in zip(axes, ("dw_rank_frac", "dw_effective_rank_frac"),
                                     ("numerical rank", "effective rank")):
-            _rank_panel(ax, agg, metric, task)
+            _rank_panel(ax, agg, metric, styles)
             ax.set_title(name)
             _log_params_axis(ax)
             ax.set_xlabel("trainable params")
@@ -360,16 +390,14 @@ def fig_delta_rank(df: pd.DataFrame) -> Figure:
     return fig
 
 
-def _rank_panel(ax: Axes, agg: pd.DataFrame, metric: str, task: str) -> None:
-    for method, part in _by_method(agg[agg["method"].isin(ADAPTERS)]):
+def _rank_panel(ax: Axes, agg: pd.DataFrame, metric: str, styles: dict[str, MethodStyle]) -> None:
+    for method, part in _by_method(agg[is_adapter(agg)]):
         part = part.sort_values("trainable_params_mean")
         ax.errorbar(part["trainable_params_mean"], 100 * part[f"{metric}_mean"],
-                    yerr=_pct(_errs(part[f"{metric}_ci95"])), color=color(method),
-                    marker=METHOD_MARKERS.get(method, "o"), label=label(method))
-    full = agg[agg["method"] == "full"]
-    if len(full):  # drawn on top: RandLoRA often sits exactly on it
-        ax.axhline(100 * full[f"{metric}_mean"].iloc[0], color=color("full"), linestyle=(0, (3, 2)),
-                   linewidth=0.9, label=label("full", task), zorder=4)
+                    yerr=_pct(_errs(part[f"{metric}_ci95"])), **styles[method].mark())
+    for method, part in _by_method(agg[~is_adapter(agg)]):  # drawn on top: RandLoRA often sits exactly on it
+        ax.axhline(100 * part[f"{metric}_mean"].iloc[0], color=styles[method].color, linestyle=(0, (3, 2)),
+                   linewidth=0.9, label=styles[method].label, zorder=4)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -389,7 +417,11 @@ def _run_agg(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 
 def _by_method(agg: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    return sorted(agg.groupby("method", sort=False), key=lambda kv: method_rank(kv[0]))
+    """(method, its rows) in display order; none for an empty frame."""
+    if agg.empty:
+        return []
+    parts = dict(tuple(agg.groupby("method", sort=False)))
+    return [(m, parts[m]) for m in method_order(agg)]
 
 
 def _best_per_budget(part: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -407,3 +439,4 @@ def _pct(err: np.ndarray | None) -> np.ndarray | None:
 def _accuracy_label(df: pd.DataFrame) -> str:
     n = df.loc[df["status"] == "success", "dataset"].nunique()
     return f"mean accuracy over {n} datasets (%)" if n > 1 else "accuracy (%)"
+

@@ -21,12 +21,12 @@ from matplotlib.figure import Figure
 
 from analysis import plots
 from analysis.aggregate import (
-    ADAPTERS,
     SETTING_KEYS,
     aggregate_seeds,
     best_adapter_mask,
+    is_adapter,
     memory_column,
-    method_rank,
+    method_order,
     normalise_to_lora,
     panels,
     per_dataset_table,
@@ -178,7 +178,7 @@ def _summary_table(part: pd.DataFrame) -> Block:
     rows = []
     for i, r in agg.iterrows():
         gain = 100 * (r["mean_accuracy_mean"] - r["mean_accuracy_before_mean"])
-        row = [Cell(plots.label(r["method"], r["task"])), Cell(_budget_text(r["budget_target"])),
+        row = [Cell(r["method_label"]), Cell(_budget_text(r["budget_target"])),
                Cell(plots.human(r["trainable_params_mean"])),
                Cell(_pm(100 * r["mean_accuracy_mean"], 100 * r["mean_accuracy_ci95"]), bold=i in best),
                Cell(_num(gain, "+.1f")), Cell(str(int(r["n_runs"]))),
@@ -192,7 +192,7 @@ def _summary_table(part: pd.DataFrame) -> Block:
 
 
 def _best_per_budget(agg: pd.DataFrame) -> set[int]:
-    adapters = agg[agg["method"].isin(ADAPTERS) & agg["budget_target"].notna()]
+    adapters = agg[is_adapter(agg) & agg["budget_target"].notna()]
     if adapters.empty:
         return set()
     return set(adapters.groupby("budget_target")["mean_accuracy_mean"].idxmax().dropna().astype(int))
@@ -200,9 +200,8 @@ def _best_per_budget(agg: pd.DataFrame) -> set[int]:
 
 def _per_dataset_block(part: pd.DataFrame) -> Block:
     table = per_dataset_table(part)
-    task = str(part["task"].iloc[0])
     values, bold = table.to_numpy(dtype=float), best_adapter_mask(table)
-    rows = [[Cell(plots.label(m, task)), Cell(_budget_text(b))]
+    rows = [[Cell(plots.label(part, m)), Cell(_budget_text(b))]
             + [Cell(_num(100 * v, ".1f"), bold=bool(bold[i, j])) for j, v in enumerate(values[i])]
             for i, (m, b) in enumerate(table.index)]
     caption = "Per-dataset accuracy (%), seed means; best adapter per column in bold (references excluded)."
@@ -282,7 +281,7 @@ def _provenance_section(df: pd.DataFrame, command: str) -> list[Block]:
     commits = runs.groupby(runs["git_commit"].fillna("unknown"))["source"].count()
     dirty = runs.groupby(runs["git_commit"].fillna("unknown"))["git_dirty"].agg(lambda s: bool(s.fillna(False).any()))
     commit_rows = [[Cell(c), Cell("yes" if dirty[c] else "no"), Cell(str(n))] for c, n in commits.items()]
-    ordered = runs.assign(_m=runs["method"].map(method_rank)).sort_values(["task", "_m", "budget_target", "seed"])
+    ordered = runs.assign(_m=runs["method"].map(method_order(runs).index)).sort_values(["task", "_m", "budget_target", "seed"])
     listing = [f"{r['command']}    # {r['source']}" for _, r in ordered.iterrows()]
     return [
         Block("h2", "Provenance"),

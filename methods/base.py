@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fastpath import DeltaCache, autocast_dtype, merged_linear
+from .peft_spec import PeftSpec
 
 Validator = Callable[[str, Any], Any]
 
@@ -98,6 +99,8 @@ class AdapterLayer(nn.Module):
     method: ClassVar[str] = ""
     #: the name figures and tables show (the method's own paper spelling)
     label: ClassVar[str] = ""
+    #: the method's Hugging Face PEFT counterpart (export, bench and parity tests read it; methods/peft_spec.py)
+    peft: ClassVar[PeftSpec]
     #: hyper-parameters the budget solver searches (values passed for them are overridden).
     budget_knobs: ClassVar[tuple[str, ...]] = ("r",)
     #: hyper-parameter name -> (default, validator); `r`, `alpha` and `dropout` are common to all methods.

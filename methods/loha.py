@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AdapterLayer, Validator, common_hp, register
+from .peft_spec import NO_EXTRA_MODULES, PeftSpec, number
 
 
 @register("loha")
@@ -21,6 +22,16 @@ class LoHa(AdapterLayer):
     """W1a, W1b, W2a kaiming-uniform and W2b zero, so dW == 0 at init."""
 
     label: ClassVar[str] = "LoHa"
+
+    # Our `dropout` drops the adapter's input, PEFT's rank_/module_dropout differ; both act in training
+    # only, so eval outputs are equal and the export writes PEFT's 0.0.
+    peft: ClassVar[PeftSpec] = PeftSpec(
+        "LOHA", "LoHaConfig",
+        {"loha_w1a": "hada_w1_a", "loha_w1b": "hada_w1_b", "loha_w2a": "hada_w2_a", "loha_w2b": "hada_w2_b"},
+        lambda hp: {"r": hp["r"], "alpha": number(hp["alpha"]), "rank_dropout": 0.0, "module_dropout": 0.0,
+                    "use_effective_conv2d": False, "init_weights": True, "rank_pattern": {}, "alpha_pattern": {}},
+        lambda c: {"r": c.get("r", 8), "alpha": c.get("alpha", 8)},
+        NO_EXTRA_MODULES)
 
     hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = common_hp(alpha=8.0)
 

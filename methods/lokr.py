@@ -18,6 +18,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .base import AdapterLayer, Validator, autocast_dtype, boolean, common_hp, integer, register
+from .peft_spec import NO_EXTRA_MODULES, PeftSpec, number, same
 
 #: factors the budget solver tries besides -1; 1 is excluded because kron(1x1, W2) is plain LoRA.
 SOLVER_FACTORS = (-1, *range(2, 65))
@@ -66,6 +67,17 @@ class LoKr(AdapterLayer):
     """W1 (or W1a) zero, everything else kaiming-uniform, so dW == 0 at init."""
 
     label: ClassVar[str] = "LoKr"
+
+    # dropout: as for LoHa (PEFT's rank_/module_dropout act in training only; the export writes 0.0)
+    peft: ClassVar[PeftSpec] = PeftSpec(
+        "LOKR", "LoKrConfig", same(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")),
+        lambda hp: {"r": hp["r"], "alpha": number(hp["alpha"]), "decompose_factor": hp["factor"],
+                    "decompose_both": hp["decompose_both"], "rank_dropout": 0.0, "module_dropout": 0.0,
+                    "rank_dropout_scale": False, "use_effective_conv2d": False, "init_weights": True,
+                    "rank_pattern": {}, "alpha_pattern": {}},
+        lambda c: {"r": c.get("r", 8), "alpha": c.get("alpha", 8), "factor": c.get("decompose_factor", -1),
+                   "decompose_both": c.get("decompose_both", False)},
+        NO_EXTRA_MODULES)
 
     hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = {
         **common_hp(alpha=8.0), "factor": (-1, lokr_factor), "decompose_both": (False, boolean)}

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AdapterLayer, Validator, common_hp, register
+from .peft_spec import NO_EXTRA_MODULES, PeftSpec, number
 
 
 @register("lora")
@@ -16,6 +17,17 @@ class LoRA(AdapterLayer):
     """A (r x in) kaiming-uniform, B (out x r) zero, so training starts from the base model."""
 
     label: ClassVar[str] = "LoRA"
+
+    peft: ClassVar[PeftSpec] = PeftSpec(
+        "LORA", "LoraConfig", {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
+        lambda hp: {"r": hp["r"], "lora_alpha": number(hp["alpha"]), "lora_dropout": hp["dropout"],
+                    "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+                    "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}},
+        lambda c: {"r": c.get("r", 8), "alpha": c.get("lora_alpha", 8), "dropout": c.get("lora_dropout", 0.0)},
+        {**NO_EXTRA_MODULES, "use_rslora": False, "use_dora": False, "bias": "none", "lora_bias": False,
+         "fan_in_fan_out": False, "layer_replication": None, "target_parameters": None,
+         "trainable_token_indices": None, "alora_invocation_tokens": None, "use_bdlora": None,
+         "arrow_config": None, "kasa_config": None})
 
     hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = common_hp(alpha=8.0)
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AdapterLayer, Validator, adapter_dtype_for, boolean, common_hp, integer, register
+from .peft_spec import NO_EXTRA_MODULES, PeftSpec, number, same
 
 
 def num_bases(min_dim: int, r: int) -> int:
@@ -87,6 +88,18 @@ class RandLoRA(AdapterLayer):
     """Trainable lambda (r x n) and gamma (n x min(in, out)); n = ceil(min / r) grows as r shrinks."""
 
     label: ClassVar[str] = "RandLoRA"
+
+    # bases are not written (PEFT's save_projection=False): PEFT regenerates them from projection_prng_key
+    peft: ClassVar[PeftSpec] = PeftSpec(
+        "RANDLORA", "RandLoraConfig", same(("randlora_lambda", "randlora_gamma")),
+        lambda hp: {"r": hp["r"], "randlora_alpha": number(hp["alpha"]), "randlora_dropout": hp["dropout"],
+                    "projection_prng_key": hp["seed"], "sparse": hp["sparse"], "very_sparse": False,
+                    "save_projection": False, "bias": "none", "fan_in_fan_out": False, "init_weights": True},
+        lambda c: {"r": c.get("r", 32), "alpha": c.get("randlora_alpha", 640),
+                   "dropout": c.get("randlora_dropout", 0.0), "seed": c.get("projection_prng_key", 0),
+                   "sparse": c.get("sparse", False)},
+        {**NO_EXTRA_MODULES, "very_sparse": False, "bias": "none", "fan_in_fan_out": False},
+        random=("randlora_A", "randlora_B"))
 
     hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = {
         **common_hp(alpha=640.0), "seed": (0, integer), "sparse": (False, boolean)}

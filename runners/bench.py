@@ -61,7 +61,7 @@ from runners.train import adamw
 log = logging.getLogger("rankbench.bench")
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CLIP = ROOT / "tasks" / "assets" / "tiny-clip"
-METHODS = ("lora", "loha", "lokr", "randlora")
+METHODS = tuple(methods.available())   # every registered adapter; its PEFT twin from its `peft` spec
 
 
 # ----------------------------------------------------------------------------- backbones
@@ -195,20 +195,8 @@ class Config:
 
 
 def peft_config(method: str, targets: list[str], hp: dict[str, Any]):
-    """Our resolved hyper-parameters spelled as PEFT's config of the same method."""
-    import peft
-    common = {"r": hp["r"], "target_modules": targets}
-    if method == "lora":
-        return peft.LoraConfig(lora_alpha=hp["alpha"], lora_dropout=hp["dropout"], **common)
-    if method == "loha":
-        return peft.LoHaConfig(alpha=hp["alpha"], **common)
-    if method == "lokr":
-        return peft.LoKrConfig(alpha=hp["alpha"], decompose_factor=hp["factor"],
-                               decompose_both=hp["decompose_both"], **common)
-    if method == "randlora":
-        return peft.RandLoraConfig(randlora_alpha=hp["alpha"], projection_prng_key=hp["seed"],
-                                   sparse=hp["sparse"], randlora_dropout=hp["dropout"], **common)
-    raise ValueError(f"no PEFT mapping for {method!r}")
+    """Our resolved hyper-parameters spelled as PEFT's config of the same method (the class's `peft` spec)."""
+    return methods.get_method(method).peft.config(hp, targets)
 
 
 def make_configs(work: Workload, budget: str, method_names: list[str], with_peft: bool) -> list[Config]:

@@ -15,8 +15,8 @@ parameter names, e.g. `heads.<dataset>.weight`), when the run saved one (see `sa
 `import_peft_adapter(model, DIR)` is the way back: it loads a PEFT folder of a supported method into a
 rankbench model, so `python run.py ... +init_adapter=DIR trainer.max_steps=0` evaluates it like our runs.
 
-Field names below are those of PEFT 0.21.2's config dataclasses (peft/tuners/*/config.py) and state dicts
-(`PeftModel.save_pretrained` keys `base_model.model.<module>.<tensor>`), checked by tests/runners/test_export.py.
+Each method class carries its PEFT counterpart (`methods.get_method(name).peft`, methods/peft_spec.py: config
+type and fields, tensor names, refused fields, random bases), so a new method exports with no edit here.
 """
 from __future__ import annotations
 
@@ -26,8 +26,7 @@ import logging
 import re
 import shutil
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from torch import nn
 import methods
 import tasks
 from methods.inject import CONFIG_FILE, WEIGHTS_FILE
+from methods.peft_spec import PeftSpec
 from runners.adapt import REFERENCES, is_head
 from runners.results import FILENAME as RESULTS
 from runners.results import read_results
@@ -54,78 +54,19 @@ PEFT_PREFIX = "base_model.model."
 BACKBONE = "backbone."          # tasks.common.HeadedModel keeps the Hugging Face model as `.backbone`
 
 
-# ----------------------------------------------------------------------------- the method <-> PEFT table
-@dataclass(frozen=True)
-class PeftFormat:
-    """How one rankbench method is spelled by PEFT: its config type and fields, its tensor names."""
-
-    peft_type: str
-    tensors: dict[str, str]                             # our parameter name -> PEFT's state-dict leaf
-    to_peft: Callable[[dict[str, Any]], dict[str, Any]]  # our hp -> PEFT config fields
-    from_peft: Callable[[dict[str, Any]], dict[str, Any]]  # PEFT config -> our hp (PEFT defaults if absent)
-    refuse: dict[str, Any] = field(default_factory=dict)  # fields changing outputs in ways we cannot follow
-    random: tuple[str, ...] = ()                        # frozen random bases, regenerated from the seed
+# ----------------------------------------------------------------------------- the method <-> PEFT spec
+def exportable() -> list[str]:
+    """Methods with a PEFT counterpart: every registered adapter (each class carries its `peft` spec)."""
+    return [m for m in methods.available() if getattr(methods.get_method(m), "peft", None) is not None]
 
 
-def _num(x: float) -> float | int:
-    """16.0 -> 16 in the config file (PEFT declares alphas as int; any number works)."""
-    return int(x) if float(x).is_integer() else float(x)
-
-
-def _same(names: tuple[str, ...]) -> dict[str, str]:
-    return {n: n for n in names}
-
-
-_NO_EXTRA = {"modules_to_save": None}  # task heads travel in head.safetensors, not as PEFT modules
-
-PEFT_FORMATS: dict[str, PeftFormat] = {
-    "lora": PeftFormat(
-        "LORA", {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
-        lambda hp: {"r": hp["r"], "lora_alpha": _num(hp["alpha"]), "lora_dropout": hp["dropout"],
-                    "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
-                    "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}},
-        lambda c: {"r": c.get("r", 8), "alpha": c.get("lora_alpha", 8), "dropout": c.get("lora_dropout", 0.0)},
-        {**_NO_EXTRA, "use_rslora": False, "use_dora": False, "bias": "none", "lora_bias": False,
-         "fan_in_fan_out": False, "layer_replication": None, "target_parameters": None,
-         "trainable_token_indices": None, "alora_invocation_tokens": None, "use_bdlora": None,
-         "arrow_config": None, "kasa_config": None}),
-    # LoHa/LoKr: our `dropout` drops the adapter's input, PEFT's rank_/module_dropout differ; both act in
-    # training only, so eval outputs are equal and the export writes PEFT's 0.0.
-    "loha": PeftFormat(
-        "LOHA", {"loha_w1a": "hada_w1_a", "loha_w1b": "hada_w1_b", "loha_w2a": "hada_w2_a", "loha_w2b": "hada_w2_b"},
-        lambda hp: {"r": hp["r"], "alpha": _num(hp["alpha"]), "rank_dropout": 0.0, "module_dropout": 0.0,
-                    "use_effective_conv2d": False, "init_weights": True, "rank_pattern": {}, "alpha_pattern": {}},
-        lambda c: {"r": c.get("r", 8), "alpha": c.get("alpha", 8)},
-        _NO_EXTRA),
-    "lokr": PeftFormat(
-        "LOKR", _same(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")),
-        lambda hp: {"r": hp["r"], "alpha": _num(hp["alpha"]), "decompose_factor": hp["factor"],
-                    "decompose_both": hp["decompose_both"], "rank_dropout": 0.0, "module_dropout": 0.0,
-                    "rank_dropout_scale": False, "use_effective_conv2d": False, "init_weights": True,
-                    "rank_pattern": {}, "alpha_pattern": {}},
-        lambda c: {"r": c.get("r", 8), "alpha": c.get("alpha", 8), "factor": c.get("decompose_factor", -1),
-                   "decompose_both": c.get("decompose_both", False)},
-        _NO_EXTRA),
-    "randlora": PeftFormat(
-        "RANDLORA", _same(("randlora_lambda", "randlora_gamma")),
-        lambda hp: {"r": hp["r"], "randlora_alpha": _num(hp["alpha"]), "randlora_dropout": hp["dropout"],
-                    "projection_prng_key": hp["seed"], "sparse": hp["sparse"], "very_sparse": False,
-                    "save_projection": False, "bias": "none", "fan_in_fan_out": False, "init_weights": True},
-        lambda c: {"r": c.get("r", 32), "alpha": c.get("randlora_alpha", 640),
-                   "dropout": c.get("randlora_dropout", 0.0), "seed": c.get("projection_prng_key", 0),
-                   "sparse": c.get("sparse", False)},
-        {**_NO_EXTRA, "very_sparse": False, "bias": "none", "fan_in_fan_out": False},
-        random=("randlora_A", "randlora_B")),
-}
-
-
-def _format(method: str) -> PeftFormat:
+def _format(method: str) -> PeftSpec:
     if method in REFERENCES:
         raise ValueError(f"method={method} trains no adapter, so there is nothing to export; "
-                         f"exportable methods: {', '.join(PEFT_FORMATS)}")
-    if method not in PEFT_FORMATS:
-        raise ValueError(f"method {method!r} has no PEFT export; exportable methods: {', '.join(PEFT_FORMATS)}")
-    return PEFT_FORMATS[method]
+                         f"exportable methods: {', '.join(exportable())}")
+    if method not in exportable():
+        raise ValueError(f"method {method!r} has no PEFT export; exportable methods: {', '.join(exportable())}")
+    return methods.get_method(method).peft
 
 
 # ----------------------------------------------------------------------------- reading a run
@@ -281,12 +222,12 @@ def read_peft_config(path: str | Path) -> tuple[str, dict[str, Any], dict[str, A
     if not (path / PEFT_CONFIG).is_file():
         raise ValueError(f"{path} is not a PEFT adapter folder: it has no {PEFT_CONFIG}")
     config = json.loads((path / PEFT_CONFIG).read_text())
-    by_type = {fmt.peft_type: name for name, fmt in PEFT_FORMATS.items()}
+    by_type = {methods.get_method(name).peft.peft_type: name for name in exportable()}
     method = by_type.get(config.get("peft_type"))
     if method is None:
         raise ValueError(f"{path}: PEFT type {config.get('peft_type')!r} is not supported; valid: "
                          f"{', '.join(f'{t} ({m})' for t, m in by_type.items())}")
-    fmt = PEFT_FORMATS[method]
+    fmt = methods.get_method(method).peft
     bad = {k: config[k] for k, ok in fmt.refuse.items() if config.get(k) not in (None, [], {}, ok)}
     if bad:
         raise ValueError(f"{path}: {fmt.peft_type} settings rankbench's {method} cannot evaluate: {bad} "
@@ -309,7 +250,7 @@ def import_peft_adapter(model: nn.Module, path: str | Path) -> list[str]:
     overrides make it match. Returns the adapted module names."""
     path = Path(path)
     method, hp, _ = read_peft_config(path)
-    fmt = PEFT_FORMATS[method]
+    fmt = methods.get_method(method).peft
     weights, bases = _split_peft_tensors(fmt, load_file(str(path / PEFT_WEIGHTS)), path)
     names = _module_names(model, {m for m, _ in weights})
     if not methods.adapter_layers(model):
@@ -325,7 +266,7 @@ def import_peft_adapter(model: nn.Module, path: str | Path) -> list[str]:
     return list(layers)
 
 
-def _split_peft_tensors(fmt: PeftFormat, tensors: dict[str, torch.Tensor], path: Path
+def _split_peft_tensors(fmt: PeftSpec, tensors: dict[str, torch.Tensor], path: Path
                         ) -> tuple[dict[tuple[str, str], torch.Tensor], dict[str, list[torch.Tensor]]]:
     """({(module, our param): tensor}, {random basis name: its saved copies}) from PEFT's state-dict keys."""
     leaves = {theirs: ours for ours, theirs in fmt.tensors.items()}

@@ -102,7 +102,7 @@ def validate(spec: Mapping[str, Any], adapters: Iterable[str], references: Itera
     for key, valid in (("methods", adapters), ("references", references)):
         values = spec.get(key) or []
         if isinstance(values, str) or not isinstance(values, Sequence):
-            raise SweepError(f"sweep.{key} must be a list, e.g. sweep.{key}=[{','.join(valid[:2])}]; "
+            raise SweepError(f"sweep.{key} must be a list or {ALL}, e.g. sweep.{key}=[{','.join(valid[:2])}]; "
                              f"got {values!r}")
         for name in values:
             if name not in valid:
@@ -112,6 +112,7 @@ def validate(spec: Mapping[str, Any], adapters: Iterable[str], references: Itera
     for name in (spec.get("hp") or {}):
         if name not in adapters and name not in references:
             raise SweepError(f"unknown method {name!r} in sweep.hp; valid: {', '.join(adapters + references)}")
+    validate_factors(spec)
     if not expand(spec):
         raise SweepError("the sweep is empty: sweep.methods and sweep.references are both empty")
 
@@ -122,6 +123,48 @@ def registered_methods() -> tuple[list[str], list[str]]:
     from runners.adapt import REFERENCES
 
     return sorted(methods.available()), sorted(REFERENCES)
+
+
+ALL = "all"  # sweep.methods / sweep.references: every registered adapter / every reference point
+
+
+def resolve_methods(spec: Mapping[str, Any], adapters: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """The spec with `all` in sweep.methods / sweep.references replaced by every registered name, so a
+    new method joins every sweep by registering itself."""
+    out = dict(spec)
+    for key, names in (("methods", adapters), ("references", references)):
+        if out.get(key) == ALL:
+            out[key] = sorted(names)
+    return out
+
+
+def factor_axes(spec: Mapping[str, Any], defaults: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """sweep.hp with `sweep.hp_factors` ({hp: [factors]}) turned into each method's own axis: the factors
+    times the method's default of that hp (`defaults`: method -> {hp: default}; an int default gives int
+    values, at least 1). Methods without that hp get no axis; an explicit sweep.hp.<method>.<hp> wins."""
+    hp = {m: dict(axes) for m, axes in (spec.get("hp") or {}).items()}
+    for key, factors in (spec.get("hp_factors") or {}).items():
+        for method, own in defaults.items():
+            if own.get(key) is not None and key not in hp.get(method, {}):
+                hp.setdefault(method, {})[key] = _scaled(own[key], factors)
+    return hp
+
+
+def _scaled(default: float, factors: Sequence[float]) -> list[float | int]:
+    if isinstance(default, int) and not isinstance(default, bool):
+        return sorted({max(1, round(default * f)) for f in factors})
+    return sorted({float(f"{float(default) * float(f):.6g}") for f in factors})   # 6 digits: clean run names
+
+
+def validate_factors(spec: Mapping[str, Any]) -> None:
+    """sweep.hp_factors must map hyper-parameter names to non-empty lists of positive numbers."""
+    factors = spec.get("hp_factors") or {}
+    for key, values in (factors.items() if isinstance(factors, Mapping) else [("?", factors)]):
+        ok = isinstance(values, Sequence) and not isinstance(values, str) and values and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
+        if not ok:
+            raise SweepError(f"sweep.hp_factors.{key} must be a list of positive numbers (multiples of each "
+                             f"method's default {key}), e.g. [0.5,1,2]; got {values!r}")
 
 
 # --- what already ran --------------------------------------------------------------------------------
@@ -210,9 +253,25 @@ class RankbenchSweeper(BasicSweeper):
         return self.split_arguments(overrides, None)[0]
 
     def _validate(self, spec: dict[str, Any]) -> None:
+        """Resolve `all` and sweep.hp_factors into the spec, in place (every later step reads it), and check
+        it against the registry and conf/method/."""
         configs = self.hydra_context.config_loader.get_group_options("method")
         adapters, references = registered_methods()
+        spec.update(resolve_methods(spec, adapters, references))
         validate(spec, adapters, references, configs)
+        if spec.get("hp_factors"):
+            spec["hp"] = factor_axes(spec, self._method_defaults(spec))
+
+    def _method_defaults(self, spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Each swept method's default of every sweep.hp_factors key on this task: `lr` as the runner resolves
+        it (runners.train.method_lr), other keys from its composed method config (absent: None, no axis)."""
+        from runners.train import method_lr
+
+        loader, out = self.hydra_context.config_loader, {}
+        for method in [*(spec.get("methods") or []), *(spec.get("references") or [])]:
+            cfg = loader.load_sweep_config(self.config, [f"method={method}"])
+            out[method] = {key: method_lr(cfg) if key == "lr" else cfg.method.get(key) for key in spec["hp_factors"]}
+        return out
 
     def _pending(self, jobs: list[Job]) -> list[tuple[Job, Path]]:
         """(job, run dir) to launch: compose each (catching composition errors early), drop finished ones."""

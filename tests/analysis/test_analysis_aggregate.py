@@ -8,8 +8,11 @@ import pandas as pd
 import pytest
 
 from analysis.aggregate import (
+    BASELINE,
     aggregate_seeds,
     best_adapter_mask,
+    is_adapter,
+    method_order,
     normalise_to_lora,
     pareto_front,
     pareto_mask,
@@ -19,6 +22,11 @@ from analysis.aggregate import (
 )
 from analysis.load import PANEL_KEYS
 
+#: kind and label as records carry them (run.method_kind / run.method_label); analysis has no such list
+KINDS = {"lora": ("adapter", "LoRA"), "loha": ("adapter", "LoHa"), "lokr": ("adapter", "LoKr"),
+         "randlora": ("adapter", "RandLoRA"), "newmethod": ("adapter", "NewMethod"),
+         "full": ("reference", "Full FT"), "none": ("reference", "Head-only")}
+
 
 def _runs(rows: list[dict]) -> pd.DataFrame:
     base = {"task": "vision", "size": "tiny", "model": "m", "regime": "full data", "lr": 1e-3,
@@ -26,7 +34,9 @@ def _runs(rows: list[dict]) -> pd.DataFrame:
     out = []
     for i, r in enumerate(rows):
         budget = r.get("budget_target")
-        out.append(base | {"source": f"run{i}", "setting": f"budget={budget}"} | r)
+        kind, label = KINDS[r["method"]]
+        out.append(base | {"source": f"run{i}", "setting": f"budget={budget}", "method_kind": kind,
+                           "method_label": label} | r)
     return pd.DataFrame(out)
 
 
@@ -59,6 +69,19 @@ def test_groups_separate_methods_budgets_and_refs_with_null_budget():
     assert list(zip(agg.method, agg.budget_target.fillna(-1))) == [
         ("lora", 10), ("lora", 20), ("randlora", 10), ("full", -1)]
     assert (agg.n_runs == 2).all()
+    assert agg.method_kind.tolist() == ["adapter"] * 3 + ["reference"]   # carried through for figures
+    assert agg.method_label.tolist() == ["LoRA", "LoRA", "RandLoRA", "Full FT"]
+
+
+def test_method_order_comes_from_the_data_baseline_first_references_last():
+    df = _runs([{"method": m, "budget_target": None if KINDS[m][0] == "reference" else 10, "seed": 0}
+                for m in ("none", "randlora", "newmethod", "full", "loha", "lora")])
+    assert BASELINE == "lora"
+    assert method_order(df) == ["lora", "loha", "newmethod", "randlora", "full", "none"]
+    assert method_order(df.iloc[::-1]) == method_order(df)   # not the load order
+    assert is_adapter(df).tolist() == [False, True, True, False, True, True]
+    with pytest.raises(ValueError, match="no method_kind, method_label column"):
+        method_order(df.drop(columns=["method_kind", "method_label"]))
 
 
 def test_t_critical():
@@ -114,6 +137,7 @@ def test_per_run_and_per_dataset_table(sweep_df):
     assert runs.source.is_unique and "dataset" not in runs.columns
     table = per_dataset_table(clip)
     assert table.index[0] == ("lora", 18432) and table.index[-1][0] == "none"
+    assert table.attrs["adapters"] == ["lora", "loha", "lokr", "randlora"]
     assert "mean" in table.columns and len(table.columns) == 7
     # the failed seed is excluded: LoRA@36864 mean over the 2 successful seeds
     ok = clip[(clip.method == "lora") & (clip.budget_target == 36864) & (clip.status == "success")]
@@ -121,8 +145,11 @@ def test_per_run_and_per_dataset_table(sweep_df):
 
 
 def test_best_adapter_mask_ignores_references_and_marks_ties():
-    idx = pd.MultiIndex.from_tuples([("lora", 10), ("randlora", 10), ("full", None)], names=["method", "b"])
+    idx = pd.MultiIndex.from_tuples([("lora", 10), ("newmethod", 10), ("full", None)], names=["method", "b"])
     table = pd.DataFrame({"a": [0.5, 0.6, 0.9], "b": [0.7, np.nan, 0.9], "c": [np.nan, np.nan, 0.9],
                           "d": [0.8, 0.8, 0.1]}, index=idx)
+    table.attrs["adapters"] = ["lora", "newmethod"]
     assert best_adapter_mask(table).tolist() == [[False, True, False, True], [True, False, False, True],
                                                  [False, False, False, False]]
+    with pytest.raises(ValueError, match="needs a table from per_dataset_table"):
+        best_adapter_mask(pd.DataFrame(table.to_numpy(), index=table.index))   # no attrs: not from the table

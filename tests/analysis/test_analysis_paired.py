@@ -10,7 +10,8 @@ PANEL = {"task": "clip", "size": "tiny", "model": "tiny-clip", "regime": "full"}
 
 
 def _rows(method: str, accs: dict[int, dict[str, float]], budget: int = 100) -> list[dict]:
-    return [{**PANEL, "method": method, "budget_target": budget, "seed": seed, "dataset": d, "accuracy": a,
+    return [{**PANEL, "method": method, "method_kind": "adapter", "method_label": method.upper(),
+             "budget_target": budget, "seed": seed, "dataset": d, "accuracy": a,
              "mean_accuracy": sum(per.values()) / len(per), "status": "success", "source": f"{method}-{budget}-{seed}"}
             for seed, per in accs.items() for d, a in per.items()]
 

@@ -46,14 +46,23 @@ def _line_colors(fig: Figure) -> dict[str, str]:
     return out
 
 
+def test_styles_come_from_the_data_in_display_order(clip_panel):
+    styles = plots.method_styles(clip_panel)
+    assert list(styles) == ["lora", "loha", "lokr", "randlora", "full", "none"]
+    assert [s.color for s in styles.values()][:4] == plots.ADAPTER_COLORS[:4]   # the colours figures always had
+    assert [s.label for s in styles.values()] == ["LoRA", "LoHa", "LoKr", "RandLoRA", "Full FT", "Head-only"]
+    assert {s.kind for s in styles.values()} == {"adapter", "reference"}
+    assert len({(s.color, s.marker) for s in styles.values()}) == len(styles)   # every method distinct
+
+
 def test_accuracy_figure_lines_colours_log_x(clip_panel):
     fig = plots.fig_accuracy_vs_params(clip_panel)
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and "parameters" in ax.get_xlabel() and "%" in ax.get_ylabel()
-    colors = _line_colors(fig)
+    colors, styles = _line_colors(fig), plots.method_styles(clip_panel)
     for method in ("lora", "loha", "lokr", "randlora"):
-        assert colors[plots.label(method)] == plots.METHOD_COLORS[method]
-    assert any(k.startswith("Full FT") for k in colors) and any(k.startswith("Zero-shot") for k in colors)
+        assert colors[styles[method].label] == styles[method].color
+    assert any(k.startswith("Full FT") for k in colors) and any(k.startswith("Head-only") for k in colors)
     assert fig.legends, "legend missing"
     assert ax.containers and all(c.has_yerr for c in ax.containers)  # 3 seeds -> error bars
 
@@ -71,12 +80,13 @@ def test_memory_figure_labels_which_memory(sweep_df):
 
 
 def test_same_colour_for_a_method_in_every_figure(clip_panel):
+    styles = plots.method_styles(clip_panel)
     seen = [_line_colors(fn(clip_panel)) for fn in FIGS if fn is not plots.fig_per_dataset]
     for method in ("lora", "loha", "lokr", "randlora"):
-        assert {c[plots.label(method)] for c in seen} == {plots.METHOD_COLORS[method]}
+        assert {c[styles[method].label] for c in seen} == {styles[method].color}
     ticks = plots.fig_per_dataset(clip_panel).axes[0].get_yticklabels()
     assert {mcolors.to_hex(t.get_color()) for t in ticks if t.get_text().startswith("RandLoRA")} == {
-        plots.METHOD_COLORS["randlora"]}
+        styles["randlora"].color}
 
 
 def test_figures_refuse_several_panels(sweep_df):

@@ -127,19 +127,24 @@ def test_save_load_round_trip(method, tiny_net, randomize_params, tmp_path):
     torch.testing.assert_close(injected(x), model(x), rtol=0, atol=0)
 
 
-def test_randlora_bases_shared_regenerated_not_saved(tiny_net, tmp_path):
+@pytest.mark.parametrize("method", [m for m in METHODS if methods.get_method(m).peft.random])
+def test_random_bases_shared_regenerated_not_saved(method, tiny_net, tmp_path):
+    """Frozen random bases (RandLoRA, VeRA): one pair for all layers, rebuilt from the seed, never saved."""
+    random = methods.get_method(method).peft.random
     model = tiny_net()
-    methods.inject(model, "randlora", TINY_TARGETS, r=4, seed=3)
+    methods.inject(model, method, TINY_TARGETS, r=4, seed=3)
     bases = {id(layer.bases) for layer in methods.adapter_layers(model).values()}
     assert len(bases) == 1
-    assert not any("randlora_A" in k or "randlora_B" in k for k in model.state_dict())
+    assert not any(name in k for k in model.state_dict() for name in random)
     methods.save_adapter(model, tmp_path)
     other = tiny_net()
     methods.load_adapter(other, tmp_path)
     a, b = (next(iter(methods.adapter_layers(m).values())).bases for m in (model, other))
-    assert torch.equal(a.randlora_A, b.randlora_A) and torch.equal(a.randlora_B, b.randlora_B)
+    assert all(torch.equal(getattr(a, name), getattr(b, name)) for name in random)
     reseeded = tiny_net()
-    methods.inject(reseeded, "randlora", TINY_TARGETS, r=4, seed=4)
+    methods.inject(reseeded, method, TINY_TARGETS, r=4, seed=4)
+    assert not torch.equal(getattr(next(iter(methods.adapter_layers(reseeded).values())).bases, random[0]),
+                           getattr(a, random[0]))
     with pytest.raises(ValueError, match="does not match"):
         methods.load_adapter(reseeded, tmp_path)
 
@@ -159,8 +164,9 @@ def test_rank_of_delta_reaches_structural_bound(method, shape, r, randomize_para
 
 # ----------------------------------------------------------------------------- bad input
 def test_unknown_method_lists_valid_ones():
-    with pytest.raises(ValueError, match="unknown method 'dora'.*lora.*loha.*lokr.*randlora"):
+    with pytest.raises(ValueError, match="unknown method 'dora'; valid methods: ") as err:
         methods.num_params("dora", 8, 8)
+    assert str(err.value).endswith(", ".join(METHODS))
     with pytest.raises(ValueError, match="valid methods"):
         methods.wrap_linear("LoRA", nn.Linear(4, 4))
 
@@ -210,7 +216,7 @@ def test_budget_below_smallest_says_smallest(method, tiny_net):
 
 @pytest.mark.parametrize("budget", [0, -5, "lora", "lora-2", "big", 1.5, None])
 def test_bad_budget_value(budget, tiny_net):
-    with pytest.raises(ValueError, match="budget must be a positive parameter count or 'loraN'"):
+    with pytest.raises(ValueError, match="budget must be a positive parameter count"):
         methods.resolve_budget(tiny_net(), TINY_TARGETS, budget)
 
 

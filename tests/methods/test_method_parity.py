@@ -17,43 +17,32 @@ from methods.lokr import factorization
 peft = pytest.importorskip("peft")
 from peft.tuners.lokr.layer import factorization as peft_factorization
 
-RENAME = {"hada_w1_a": "loha_w1a", "hada_w1_b": "loha_w1b", "hada_w2_a": "loha_w2a", "hada_w2_b": "loha_w2b"}
+METHODS = methods.available()
 
 
-def peft_config(method: str, targets: list[str], r: int, alpha: float = 4.0, factor: int = -1,
-                decompose_both: bool = False, seed: int = 0, sparse: bool = False):
-    """Our hyper-parameters spelled as PEFT's config of the same method."""
-    if method == "lora":
-        return peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets)
-    if method == "loha":
-        return peft.LoHaConfig(r=r, alpha=alpha, target_modules=targets)
-    if method == "lokr":
-        return peft.LoKrConfig(r=r, alpha=alpha, target_modules=targets, decompose_factor=factor,
-                               decompose_both=decompose_both)
-    return peft.RandLoraConfig(r=r, randlora_alpha=alpha, target_modules=targets,
-                               projection_prng_key=seed, sparse=sparse)
-
-
-def our_name(peft_name: str) -> str:
-    name = peft_name.replace(".default", "").removesuffix(".weight")
-    return RENAME.get(name, name)
+def peft_config(method: str, targets: list[str], **hp):
+    """Our hyper-parameters spelled as PEFT's config of the same method (the class's `peft` spec)."""
+    cls = methods.get_method(method)
+    return cls.peft.config(cls.resolve_hp(hp), targets)
 
 
 @torch.no_grad()
 def copy_peft_into_ours(peft_model: nn.Module, ours: nn.Module, seed: int) -> None:
-    """Randomise PEFT's trainable tensors, then copy each into our tensor of the same role."""
+    """Randomise PEFT's trainable tensors, then copy each into our tensor of the same role (the method's
+    `peft.tensors` names them); frozen random bases are copied too (bit-identical anyway, tested below)."""
     gen = torch.Generator().manual_seed(seed)
     targets = dict(ours.named_parameters())
+    layers = methods.adapter_layers(ours)
+    spec = type(next(iter(layers.values()))).peft
     for name, p in peft_model.named_parameters():
         if p.requires_grad:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
             module, _, leaf = name.removeprefix("base_model.model.").partition(".")
-            targets[f"{module}.{our_name(leaf)}"].copy_(p)
-    for name, layer in methods.adapter_layers(ours).items():
-        if hasattr(layer, "bases"):  # RandLoRA: frozen bases (bit-identical anyway, see test below)
-            ref = getattr(peft_model.base_model.model, name)
-            layer.bases.randlora_A.copy_(ref.randlora_A["default"])
-            layer.bases.randlora_B.copy_(ref.randlora_B["default"])
+            targets[f"{module}.{spec.our_tensor(leaf.replace('.default', ''))}"].copy_(p)
+    for name, layer in layers.items():
+        ref = getattr(peft_model.base_model.model, name)
+        for basis in spec.random:
+            getattr(layer.bases, basis).copy_(getattr(ref, basis)["default"])
 
 
 class Net(nn.Module):
@@ -71,11 +60,11 @@ def assert_parity(method: str, shapes: list[tuple[int, int]], **hp) -> None:
     net = Net(shapes)
     names = [f"lin{k}" for k in range(len(shapes))]
     ours = copy.deepcopy(net)
-    methods.inject(ours, method, names, alpha=4.0, **hp)
+    methods.inject(ours, method, names, **hp)
     theirs = peft.get_peft_model(copy.deepcopy(net), peft_config(method, names, **hp))
     n_theirs = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
     assert methods.count_trainable(ours) == n_theirs
-    assert sum(methods.num_params(method, i, o, alpha=4.0, **hp) for i, o in shapes) == n_theirs
+    assert sum(methods.num_params(method, i, o, **hp) for i, o in shapes) == n_theirs
     copy_peft_into_ours(theirs, ours, seed=sum(sum(s) for s in shapes) + hp["r"])
     xs = [torch.randn(3, i) for i, _ in shapes]
     ref = theirs.base_model.model
@@ -88,35 +77,57 @@ def assert_parity(method: str, shapes: list[tuple[int, int]], **hp) -> None:
         torch.testing.assert_close(y_ours, y_theirs, rtol=1e-5, atol=1e-5 * y_theirs.abs().max().item())
 
 
-# (in, out) shapes: in > out, out > in, square, awkward widths (100 = 4 * 25, 36, prime 37)
-CASES = {
-    "lora": [((64, 32), {"r": 1}), ((32, 64), {"r": 8}), ((48, 48), {"r": 32}), ((100, 37), {"r": 4}),
-             ((36, 100), {"r": 16})],
-    "loha": [((64, 32), {"r": 1}), ((32, 64), {"r": 4}), ((37, 37), {"r": 8}), ((100, 36), {"r": 32})],
-    "lokr": [((64, 32), {"r": 1}), ((32, 64), {"r": 8, "factor": 2}), ((48, 48), {"r": 4, "factor": 4}),
+# (in, out) shapes: in > out, out > in, square, awkward widths (100 = 4 * 25, 36, prime 37). Every
+# registered method runs the generic cases (its default alpha, ranks 1..32); settings beyond r that a
+# method has (its own knobs, a non-default alpha) are added per method, as in test_method_contract.py.
+GENERIC = [((64, 32), {"r": 1}), ((32, 64), {"r": 8}), ((48, 48), {"r": 32}), ((100, 37), {"r": 4}),
+           ((36, 100), {"r": 16})]
+EXTRA_CASES = {
+    "lora": [((37, 37), {"r": 8, "alpha": 4.0})],
+    "loha": [((37, 37), {"r": 8, "alpha": 4.0}), ((100, 36), {"r": 32, "alpha": 4.0})],
+    "lokr": [((32, 64), {"r": 8, "factor": 2}), ((48, 48), {"r": 4, "factor": 4, "alpha": 4.0}),
              ((100, 36), {"r": 2, "decompose_both": True}), ((37, 100), {"r": 8, "factor": 4}),
              ((64, 64), {"r": 1, "factor": 2, "decompose_both": True}),
              ((36, 100), {"r": 32, "decompose_both": True}),
              ((96, 48), {"r": 2, "factor": 4, "decompose_both": True}),
-             ((128, 96), {"r": 3, "factor": 16, "decompose_both": True})],
-    "randlora": [((64, 32), {"r": 1}), ((32, 64), {"r": 8, "sparse": True}), ((48, 48), {"r": 32}),
-                 ((100, 37), {"r": 4, "sparse": True}), ((37, 100), {"r": 16, "seed": 7}),
-                 ((36, 100), {"r": 32})],
+             ((128, 96), {"r": 3, "factor": 16, "decompose_both": True, "alpha": 4.0})],
+    "randlora": [((32, 64), {"r": 8, "sparse": True}), ((100, 37), {"r": 4, "sparse": True, "alpha": 4.0}),
+                 ((37, 100), {"r": 16, "seed": 7})],
 }
+CASES = [(m, s, hp) for m in METHODS for s, hp in GENERIC + EXTRA_CASES.get(m, [])]
 
 
-def test_cases_cover_every_registered_method():
-    assert set(CASES) == set(methods.available())
+def test_extra_cases_name_registered_methods():
+    assert set(EXTRA_CASES) <= set(METHODS)
 
 
 def case_id(value) -> str:
     return "-".join(f"{k}{x}" for k, x in value.items()) if isinstance(value, dict) else str(value)
 
 
-@pytest.mark.parametrize("method,shape,hp", [(m, s, hp) for m, cases in CASES.items() for s, hp in cases],
-                         ids=case_id)
+@pytest.mark.parametrize("method,shape,hp", CASES, ids=case_id)
 def test_single_layer_parity(method, shape, hp):
     assert_parity(method, [shape], **hp)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_multi_layer_parity(method):
+    """Several layers of different shapes; for methods with shared random bases, one pair sized by the
+    element-wise max of (out, in) and sliced per layer, as PEFT does."""
+    assert_parity(method, [(48, 20), (20, 64), (30, 30)], r=3)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if methods.get_method(m).peft.random])
+def test_random_bases_regenerated_bit_identical_to_peft(method):
+    """The same seed generates bit-identical shared bases to PEFT's (export relies on it)."""
+    shapes, names = [(48, 20), (20, 64), (30, 30)], ["lin0", "lin1", "lin2"]
+    net = Net(shapes)
+    ours = copy.deepcopy(net)
+    methods.inject(ours, method, names, r=6, seed=3)
+    theirs = peft.get_peft_model(net, peft_config(method, names, r=6, seed=3))
+    bases = next(iter(methods.adapter_layers(ours).values())).bases
+    for name in methods.get_method(method).peft.random:
+        assert torch.equal(getattr(bases, name), getattr(theirs.base_model.model.lin0, name)["default"]), name
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -133,11 +144,6 @@ def test_randlora_shared_bases_parity_across_layers(sparse):
     bases = next(iter(methods.adapter_layers(ours).values())).bases
     assert torch.equal(bases.randlora_A, theirs.base_model.model.lin0.randlora_A["default"])
     assert torch.equal(bases.randlora_B, theirs.base_model.model.lin0.randlora_B["default"])
-
-
-@pytest.mark.parametrize("method", ["lora", "loha", "lokr"])
-def test_multi_layer_parity(method):
-    assert_parity(method, [(48, 20), (20, 64), (30, 30)], r=3)
 
 
 def test_lokr_factorization_matches_peft():
@@ -159,15 +165,52 @@ def test_initialisation_matches_peft_semantics():
 RANDLORA_SHAPES = [(24, 24), (24, 40), (40, 24)]   # square (keeps dW), out > in, out < in (x B saved)
 
 
-def randlora_pair(dtype: torch.dtype, r: int = 3) -> tuple[nn.Module, nn.Module, list[str]]:
-    """Ours and PEFT's RandLoRA on the same Linears with the same (random) trainable tensors."""
-    net = Net(RANDLORA_SHAPES).to(dtype)
-    names = [f"lin{k}" for k in range(len(RANDLORA_SHAPES))]
+def peft_pair(method: str, shapes: list[tuple[int, int]], dtype: torch.dtype, **hp
+              ) -> tuple[nn.Module, nn.Module, list[str]]:
+    """Ours and PEFT's `method` on the same Linears with the same (random) trainable tensors."""
+    net = Net(shapes).to(dtype)
+    names = [f"lin{k}" for k in range(len(shapes))]
     ours = copy.deepcopy(net)
-    methods.inject(ours, "randlora", names, r=r, alpha=4.0)
-    theirs = peft.get_peft_model(copy.deepcopy(net), peft_config("randlora", names, r=r)).to(dtype)
+    methods.inject(ours, method, names, **hp)
+    theirs = peft.get_peft_model(copy.deepcopy(net), peft_config(method, names, **hp)).to(dtype)
     copy_peft_into_ours(theirs, ours, seed=5)
     return ours, theirs, names
+
+
+def randlora_pair(dtype: torch.dtype, r: int = 3) -> tuple[nn.Module, nn.Module, list[str]]:
+    return peft_pair("randlora", RANDLORA_SHAPES, dtype, r=r, alpha=4.0)
+
+
+def peft_twins(ours: nn.Module, theirs: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(our trainable tensor, PEFT's of the same role), through the method's `peft.tensors` names."""
+    layers = methods.adapter_layers(ours)
+    spec = type(next(iter(layers.values()))).peft
+    peft_params = dict(theirs.named_parameters())
+    pairs = []
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            module, _, leaf = name.rpartition(".")
+            head, _, rest = spec.tensors[leaf].partition(".")   # lora_A.weight -> lora_A.default.weight
+            theirs_leaf = ".".join([head, "default", *([rest] if rest else [])])
+            pairs.append((p, peft_params[f"base_model.model.{module}.{theirs_leaf}"]))
+    return pairs
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_match_peft_in_float64(method):
+    """Input and parameter gradients of every method equal PEFT's to float64 rounding (out > in, out < in).
+    r = 4 keeps alpha / r exact: PEFT's LoHa rounds its scale to a float32 tensor (peft/tuners/loha/layer.py:193)."""
+    ours, theirs, _ = peft_pair(method, [(24, 40), (40, 24)], torch.float64, r=4)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 9, i, generator=gen, dtype=torch.float64).requires_grad_() for i in (24, 40)]
+    xt = [x.detach().clone().requires_grad_() for x in xs]
+    weighted_sum(ours(xs)).backward()
+    weighted_sum(theirs(xt)).backward()
+    for a, b in zip(xs, xt):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10 * b.grad.abs().max().item())
+    for p, q in peft_twins(ours, theirs):
+        assert q.grad.abs().max() > 0
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-10 * q.grad.abs().max().item())
 
 
 def force_path(model: nn.Module, path: str) -> None:
@@ -189,9 +232,7 @@ def test_randlora_gradients_match_peft_in_float64_over_accumulation_and_steps(pa
     be rebuilt after each step)."""
     ours, theirs, _ = randlora_pair(torch.float64)
     force_path(ours, path)
-    peft_params = dict(theirs.named_parameters())
-    pairs = [(p, peft_params[f"base_model.model.{n}.default"]) for n, p in ours.named_parameters()
-             if p.requires_grad]
+    pairs = peft_twins(ours, theirs)
     opts = [torch.optim.AdamW([p for p, _ in pairs], lr=0.05, fused=True),
             torch.optim.AdamW([q for _, q in pairs], lr=0.05, fused=True)]
     gen = torch.Generator().manual_seed(0)

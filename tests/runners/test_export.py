@@ -25,7 +25,8 @@ from runners.train import run
 
 peft = pytest.importorskip("peft")
 
-EXPORTED = sorted(export.PEFT_FORMATS)
+EXPORTED = export.exportable()   # every registered adapter: each class carries its PEFT spec
+RANDOM_BASES = [m for m in EXPORTED if methods.get_method(m).peft.random]   # RandLoRA, VeRA, ...
 TOL = 1e-5   # relative difference, fp32
 
 
@@ -75,7 +76,9 @@ def ours(run_dir: Path) -> torch.nn.Module:
 
 
 def test_every_registered_method_has_a_peft_format():
-    assert set(export.PEFT_FORMATS) == set(methods.available())
+    assert set(EXPORTED) == set(methods.available())
+    for method in EXPORTED:
+        assert hasattr(peft, methods.get_method(method).peft.config_class), method
 
 
 @pytest.mark.parametrize("method", EXPORTED)
@@ -98,33 +101,34 @@ def test_round_trip_through_peft(method, runs, tmp_path):
     assert sorted(export.import_peft_adapter(back, out)) == sorted(methods.adapter_layers(reference))
     assert rel(clip_out(back, inputs), want) < TOL
 
-    if method == "randlora":  # regenerated from the seed, bit-identical to PEFT's
+    for name in methods.get_method(method).peft.random:  # regenerated from the seed, bit-identical to PEFT's
         bases = next(iter(methods.adapter_layers(reference).values())).bases
         layer = theirs.base_model.model.get_submodule(next(iter(methods.adapter_layers(reference))))
-        assert torch.equal(layer.randlora_A["default"], bases.randlora_A)
-        assert torch.equal(layer.randlora_B["default"], bases.randlora_B)
+        assert torch.equal(getattr(layer, name)["default"], getattr(bases, name)), name
 
 
-def test_peft_default_export_with_saved_bases_imports(runs, tmp_path):
+@pytest.mark.parametrize("method", RANDOM_BASES)
+def test_peft_default_export_with_saved_bases_imports(method, runs, tmp_path):
     """PEFT's own save (save_projection=True: bases in the file) imports; the bases are checked."""
-    out = export.export_peft(runs["randlora"], tmp_path / "ours")
+    out = export.export_peft(runs[method], tmp_path / "ours")
     config = peft.PeftConfig.from_pretrained(out)
     config.save_projection = True
-    theirs = peft.get_peft_model(export.build_base(record(runs["randlora"])), config)
+    theirs = peft.get_peft_model(export.build_base(record(runs[method])), config)
     peft.set_peft_model_state_dict(theirs, load_file(str(out / "adapter_model.safetensors")))
     theirs.save_pretrained(tmp_path / "theirs")
     assert (tmp_path / "theirs/adapter_model.safetensors").stat().st_size > 2 * (
         out / "adapter_model.safetensors").stat().st_size
-    back, reference = export.build_base(record(runs["randlora"])), ours(runs["randlora"])
+    back, reference = export.build_base(record(runs[method])), ours(runs[method])
     export.import_peft_adapter(back, tmp_path / "theirs")
     inputs = clip_inputs(back)
     assert rel(clip_out(back, inputs), clip_out(reference, inputs)) < TOL
 
     saved = load_file(str(tmp_path / "theirs/adapter_model.safetensors"))
-    saved["base_model.randlora_A"] = -saved["base_model.randlora_A"]
+    basis = methods.get_method(method).peft.random[0]
+    saved[f"base_model.{basis}"] = -saved[f"base_model.{basis}"]
     save_file(saved, str(tmp_path / "theirs/adapter_model.safetensors"))
-    with pytest.raises(ValueError, match=r"the saved randlora_A differs from the one seed=0 regenerates"):
-        export.import_peft_adapter(export.build_base(record(runs["randlora"])), tmp_path / "theirs")
+    with pytest.raises(ValueError, match=rf"the saved {basis} differs from the one seed=0 regenerates"):
+        export.import_peft_adapter(export.build_base(record(runs[method])), tmp_path / "theirs")
 
 
 @pytest.mark.parametrize("method", EXPORTED)
@@ -211,7 +215,7 @@ def test_bad_peft_folders_fail_with_one_line(runs, tmp_path):
     key = next(k for k in weights if k.endswith("lora_A.weight"))
     cases = {
         broken("dora", {"use_dora": True}): r"LORA settings rankbench's lora cannot evaluate: \{'use_dora': True\}",
-        broken("ia3", {"peft_type": "IA3"}): r"PEFT type 'IA3' is not supported; valid: LORA \(lora\)",
+        broken("ia3", {"peft_type": "IA3"}): r"PEFT type 'IA3' is not supported; valid: .*LORA \(lora\)",
         broken("pattern", {"rank_pattern": {"fc1": 4}}): r"per-layer rank_pattern .* is not supported",
         broken("shape", tensors={**weights, key: weights[key][:, :-1].contiguous()}): r"has shape .*, the base",
         broken("module", tensors={k.replace("text_model", "txt"): v for k, v in weights.items()}):

@@ -8,6 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import methods
 from runners.sweeper import (
     Job,
     SweepError,
@@ -15,12 +16,15 @@ from runners.sweeper import (
     already_done,
     config_diff,
     expand,
+    factor_axes,
     registered_methods,
+    resolve_methods,
     validate,
 )
+from runners.train import method_lr
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-ADAPTERS, REFERENCES = ["loha", "lokr", "lora", "randlora"], ["full", "none"]
+ADAPTERS, REFERENCES = registered_methods()   # the registry, never a list here
 
 
 def sweep_config(name: str, *overrides: str):
@@ -29,12 +33,34 @@ def sweep_config(name: str, *overrides: str):
 
 
 def spec(name: str, *overrides: str) -> dict:
-    return OmegaConf.to_container(sweep_config(name, *overrides).sweep, resolve=True)
+    """The sweep node as the sweeper resolves it: `all` -> the registry, hp_factors -> per-method axes
+    from each method's composed config (what RankbenchSweeper._validate does)."""
+    out = resolve_methods(OmegaConf.to_container(sweep_config(name, *overrides).sweep, resolve=True),
+                          ADAPTERS, REFERENCES)
+    defaults = {m: method_defaults(m, list(out.get("hp_factors") or {}), *overrides)
+                for m in out["methods"] + out["references"]}
+    return {**out, "hp": factor_axes(out, defaults)}
+
+
+def method_defaults(method: str, keys: list[str], *overrides: str) -> dict:
+    cfg = sweep_config("budget", *overrides, f"method={method}")
+    return {k: method_lr(cfg) if k == "lr" else cfg.method.get(k) for k in keys}
+
+
+def test_sweeps_default_to_every_registered_adapter():
+    for name in ("budget", "lr", "ranks"):
+        raw = OmegaConf.to_container(sweep_config(name).sweep, resolve=True)
+        assert raw["methods"] == "all" and spec(name)["methods"] == sorted(methods.available())
+    made_up = resolve_methods({"methods": "all", "references": ["full"]}, ["lora", "newmethod"], REFERENCES)
+    assert made_up["methods"] == ["lora", "newmethod"] and made_up["references"] == ["full"]
+    assert resolve_methods({"methods": ["lora"], "references": "all"}, ADAPTERS, REFERENCES) == {
+        "methods": ["lora"], "references": REFERENCES}
 
 
 def test_budget_sweep_is_methods_x_budgets_x_seeds_plus_references_once_per_seed():
-    jobs = expand(spec("budget"))
-    assert len(jobs) == 3 * (4 * 4 + 2)
+    budget = spec("budget")
+    jobs = expand(budget)
+    assert len(jobs) == 3 * (len(ADAPTERS) * len(budget["budgets"]) + 2) and "lora16" in budget["budgets"]
     names = [j.name for j in jobs]
     assert len(set(names)) == len(names)
     assert "lokr-lora16-s2" in names and "full-s0" in names and "none-s1" in names
@@ -65,20 +91,39 @@ def test_command_line_narrows_every_axis():
 
 
 def test_ranks_sweep_uses_each_methods_own_knob_without_budget():
-    jobs = expand(spec("ranks", "sweep.seeds=[0]", "sweep.hp.lora.r=[4,8]"))
+    jobs = expand(spec("ranks", "sweep.seeds=[0]", "++sweep.hp.lora.r=[4,8]"))
     lora = [j for j in jobs if j.name.startswith("lora-")]
-    assert [j.name for j in lora] == ["lora-r4-s0", "lora-r8-s0"]
+    assert [j.name for j in lora] == ["lora-r4-s0", "lora-r8-s0"]   # an explicit axis wins
     assert lora[0].overrides == ("method=lora", "budget=null", "seed=0", "++method.r=4")
     assert {j.name.split("-")[0] for j in jobs} == set(ADAPTERS + REFERENCES)
+    for method in ADAPTERS:   # every other method: multiples of its own configured r
+        if method != "lora":
+            r = method_defaults(method, ["r"])["r"]
+            expected = sorted({max(1, round(r * f)) for f in (0.125, 0.25, 0.5, 1, 2)})
+            assert [j.name for j in jobs if j.name.split("-")[0] == method] == [
+                f"{method}-r{x}-s0" for x in expected]
+    assert [j.name for j in jobs if j.name.startswith("full-")] == ["full-s0"]   # no r: one run
 
 
 def test_lr_sweep_gives_each_method_its_own_learning_rates():
-    jobs = expand(spec("lr"))
+    jobs = expand(spec("lr", "task=clip"))
+    for method in [*ADAPTERS, "full"]:
+        default = method_defaults(method, ["lr"], "task=clip")["lr"]
+        grid = sorted({float(f"{default * f:.6g}") for f in (0.25, 0.5, 1.0, 2.0, 4.0)})
+        runs = [j for j in jobs if j.name.split("-")[0] == method]
+        assert [next(o for o in j.overrides if o.startswith("++method.lr=")) for j in runs] == [
+            f"++method.lr={lr}" for lr in grid]
+    assert len({method_defaults(m, ["lr"], "task=clip")["lr"] for m in ("lora", "randlora")}) == 2
     randlora = [j for j in jobs if j.name.startswith("randlora-")]
-    full = [j for j in jobs if j.name.startswith("full-")]
-    assert len(randlora) == 4 and len(full) == 3
-    assert "++method.lr=0.01" in randlora[2].overrides and randlora[2].name == "randlora-lora8-lr0.01-s0"
-    assert all("budget=null" in j.overrides for j in full)
+    assert randlora[2].name == f"randlora-lora8-lr{method_defaults('randlora', ['lr'], 'task=clip')['lr']}-s0"
+    assert all("budget=null" in j.overrides for j in jobs if j.name.startswith("full-"))
+
+
+def test_hp_factors_scale_each_methods_default_and_skip_methods_without_it():
+    hp = factor_axes({"hp": {"lora": {"r": [3]}}, "hp_factors": {"r": [0.5, 1, 2], "lr": [1, 10]}},
+                     {"lora": {"r": 8, "lr": 1e-3}, "newmethod": {"r": 1, "lr": 0.02}, "full": {"r": None, "lr": 1e-4}})
+    assert hp == {"lora": {"r": [3], "lr": [0.001, 0.01]}, "newmethod": {"r": [1, 2], "lr": [0.02, 0.2]},
+                  "full": {"lr": [0.0001, 0.001]}}
 
 
 @pytest.mark.parametrize("sweep", ["budget", "ranks", "lr"])
@@ -87,7 +132,8 @@ def test_sweep_configs_select_the_sweeper_and_a_deterministic_dir(sweep):
     assert cfg.hydra.sweeper._target_ == "hydra_plugins.rankbench_sweeper.RankbenchSweeper"
     assert cfg.hydra.sweep.dir == f"multirun/{sweep}/clip-tiny"
     assert cfg.logger.group == f"{sweep}-clip-tiny"
-    validate(OmegaConf.to_container(cfg.sweep, resolve=True), ADAPTERS, REFERENCES, ADAPTERS + REFERENCES)
+    raw = resolve_methods(OmegaConf.to_container(cfg.sweep, resolve=True), ADAPTERS, REFERENCES)
+    validate(raw, ADAPTERS, REFERENCES, ADAPTERS + REFERENCES)
 
 
 def test_slurm_launcher_config_has_the_cluster_keys():
@@ -109,7 +155,9 @@ def test_the_registry_is_what_validation_checks_against():
 
 @pytest.mark.parametrize("bad, message", [
     ({"methods": ["lora", "lroa"]}, "unknown method 'lroa' in sweep.methods; valid: loha, lokr, lora, randlora"),
-    ({"methods": "lora"}, "sweep.methods must be a list"),
+    ({"methods": "lora"}, "sweep.methods must be a list or all"),
+    ({"hp_factors": {"lr": [0, 1]}}, "sweep.hp_factors.lr must be a list of positive numbers"),
+    ({"hp_factors": {"r": "2"}}, "sweep.hp_factors.r must be a list of positive numbers"),
     ({"references": ["ful"]}, "unknown method 'ful' in sweep.references; valid: full, none"),
     ({"methods": ["lora"], "hp": {"lroa": {"r": [1]}}}, "unknown method 'lroa' in sweep.hp"),
     ({"methods": [], "references": []}, "the sweep is empty"),

@@ -1,0 +1,49 @@
+"""How a method is spelled by Hugging Face PEFT: the counterpart every method class carries as `peft`.
+
+Export (runners/export.py), the bench (runners/bench.py) and the parity tests read a method's PEFT config
+type, its field mapping and its tensor names from here, so a new method brings its own counterpart and
+no list elsewhere names it. PEFT is a test/bench dependency only: it is imported inside `config`.
+Field names are those of PEFT 0.21.2's config dataclasses (peft/tuners/*/config.py) and state dicts
+(`PeftModel.save_pretrained` keys `base_model.model.<module>.<tensor>`), checked by tests/runners/test_export.py.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+#: task heads travel in head.safetensors (runners/export.py), not as PEFT `modules_to_save`
+NO_EXTRA_MODULES: dict[str, Any] = {"modules_to_save": None}
+
+
+@dataclass(frozen=True)
+class PeftSpec:
+    """One method's PEFT counterpart: config class and fields both ways, tensor names, random bases."""
+
+    peft_type: str                                       # PeftConfig.peft_type, e.g. "LORA"
+    config_class: str                                    # the class in the `peft` namespace, e.g. "LoraConfig"
+    tensors: dict[str, str]                              # our parameter name -> PEFT's state-dict leaf
+    to_peft: Callable[[dict[str, Any]], dict[str, Any]]  # our resolved hp -> PEFT config fields
+    from_peft: Callable[[dict[str, Any]], dict[str, Any]]  # PEFT config -> our hp (PEFT defaults if absent)
+    refuse: dict[str, Any] = field(default_factory=dict)  # fields changing outputs in ways we cannot follow
+    random: tuple[str, ...] = ()                         # frozen random bases, regenerated from the seed
+
+    def config(self, hp: dict[str, Any], target_modules: list[str] | str, **extra: Any) -> Any:
+        """The `peft.<config_class>` for our resolved hp on `target_modules` (imports peft: tests/bench only)."""
+        import peft
+
+        return getattr(peft, self.config_class)(target_modules=target_modules, **self.to_peft(hp), **extra)
+
+    def our_tensor(self, peft_leaf: str) -> str | None:
+        """Our parameter name for PEFT's state-dict leaf (`lora_A.weight` -> `lora_A`); None if unknown."""
+        return {theirs: ours for ours, theirs in self.tensors.items()}.get(peft_leaf)
+
+
+def number(x: float) -> float | int:
+    """16.0 -> 16 in the config file (PEFT declares alphas as int; any number works)."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def same(names: tuple[str, ...]) -> dict[str, str]:
+    """Tensor names PEFT spells as we do."""
+    return {n: n for n in names}
