@@ -215,12 +215,21 @@ def _left(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return z.view(t, k, w.shape[0]).transpose(1, 2).contiguous()
 
 
+def _swap(m: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(rows * cols, k) with rows (p, q) -> contiguous (cols, rows, k): the axis swap that lets every
+    product of the Kronecker path be one 2-D GEMM (a copy of this small intermediate, never of x or y)."""
+    return m.view(rows, cols, -1).transpose(0, 1).contiguous()
+
+
 class _KronLinear(torch.autograd.Function):
     """y = x W^T + b + x kron(w1, L R)^T with the d axis contracted first, in one function.
 
     x is viewed as (T, c, d). Forward: z1[j] = x[:, j, :] R^T  (c, T, k), z2 = w1 z1  (a, T, k), and
     y[:, i, :] += z2[i] L^T (L = None: W2 is full and R is W2, so y[:, i, :] += z2[i]). Every product is
-    one GEMM on strided views of x and y: no transposed copies, no (T x out) adapter output. Saved for
+    one 2-D GEMM over all tokens, the last accumulating into the base output in place: no Python loop over
+    c or a (c + a small GEMMs per layer and step, 128 at 4096 wide, would leave a GPU launch-bound), no
+    (T x out) adapter output, and only the thin intermediates (T c k, T a k numbers) are transposed by
+    copy (`_swap`), never x or y. Saved for
     backward: x (which the adapter's gradient needs in any form), the weights and z1 (T c k numbers;
     PEFT keeps the out x in dW instead); z2 = w1 z1 is recomputed (a c T k multiply-adds).
     w1 arrives scaled and already built (W1 or W1a W1b), so autograd handles those small steps.
@@ -245,16 +254,12 @@ class _KronLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         tokens, d = x2.shape[0], x2.shape[1] // c
         out = F.linear(x2, weight, bias)
-        x3, y3 = x2.view(tokens, c, d), out.view(tokens, a, -1)
-        z1 = x2.new_empty(c, tokens, k)
-        for j in range(c):
-            torch.mm(x3[:, j, :], right.T, out=z1[j])
-        z2 = (w1 @ z1.view(c, -1)).view(a, tokens, k)
-        for i in range(a):
-            if left is None:
-                y3[:, i, :].add_(z2[i])
-            else:
-                y3[:, i, :].addmm_(z2[i], left.T)
+        z1 = _swap(x2.reshape(tokens * c, d) @ right.T, tokens, c)   # (c, T, k)
+        z2 = _swap((w1 @ z1.view(c, -1)).view(a * tokens, k), a, tokens)  # (T, a, k)
+        if left is None:
+            out.view(tokens, a, -1).add_(z2)
+        else:
+            out.view(tokens * a, -1).addmm_(z2.view(tokens * a, k), left.T)
         ctx.save_for_backward(x, weight, w1, right, left, z1)
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -266,32 +271,20 @@ class _KronLinear(torch.autograd.Function):
         (a, c), (k, d) = w1.shape, right.shape
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         tokens = g2.shape[0]
-        g3, x3 = g2.view(tokens, a, -1), x.reshape(tokens, c, d)
+        x2, ga = x.reshape(tokens * c, d), g2.reshape(tokens * a, -1)  # rows (t, j) / (t, i), row-major
         grad_x = grad_w = grad_b = grad_w1 = grad_r = grad_l = None
-        if left is None:                                   # y3[:, i, :] += z2[i]: dL/dz2 is g itself
-            gz2 = g3.transpose(0, 1).contiguous()
-        else:
-            gz2 = g2.new_empty(a, tokens, k)
-            for i in range(a):
-                torch.mm(g3[:, i, :], left, out=gz2[i])
-            if need_l:
-                z2 = (w1 @ z1.view(c, -1)).view(a, tokens, k)
-                grad_l = torch.zeros_like(left)
-                for i in range(a):
-                    grad_l.addmm_(g3[:, i, :].T, z2[i])
+        gz2 = ga if left is None else ga @ left            # dL/dz2 as (T a, k); W2 full: g itself
+        if left is not None and need_l:
+            z2 = _swap((w1 @ z1.view(c, -1)).view(a * tokens, k), a, tokens)
+            grad_l = ga.T @ z2.view(tokens * a, k)
+        gz2 = _swap(gz2, tokens, a)                        # (a, T, k)
         if need_w1:
             grad_w1 = gz2.view(a, -1) @ z1.view(c, -1).T
-        gz1 = (w1.T @ gz2.view(a, -1)).view(c, tokens, k)
+        gz1 = _swap((w1.T @ gz2.view(a, -1)).view(c * tokens, k), c, tokens).view(tokens * c, k)
         if need_r:
-            grad_r = torch.zeros_like(right)
-            for j in range(c):
-                grad_r.addmm_(gz1[j].T, x3[:, j, :])
+            grad_r = gz1.T @ x2
         if need_x:
-            grad_x = g2 @ weight
-            gx3 = grad_x.view(tokens, c, d)
-            for j in range(c):
-                gx3[:, j, :].addmm_(gz1[j], right)
-            grad_x = grad_x.view(x.shape)
+            grad_x = (g2 @ weight).view(tokens * c, d).addmm_(gz1, right).view(x.shape)
         if need_w:
             grad_w = g2.T @ x.reshape(tokens, -1)
         if need_b:
