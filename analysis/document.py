@@ -1,4 +1,6 @@
-"""A tiny document model rendered twice: `summary.md` and a self-contained `index.html`.
+"""A tiny document model rendered twice: `summary.md` and a self-contained `summary.html`.
+
+(The leaderboard, `report/index.html`, is analysis/leaderboard.py.)
 
 Building the report once as a list of blocks keeps the markdown and the HTML page identical in content;
 images are relative links in markdown and embedded as base64 in HTML, so the page opens from disk.

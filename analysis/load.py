@@ -1,7 +1,9 @@
 """Read `results.json` files (or a W&B project) into one tidy DataFrame: one row per run and dataset.
 
-Everything downstream (aggregation, plots, report) reads only this frame, so local files and W&B
-exports are interchangeable. Corrupt or partial files are skipped with a warning naming the file
+Every record is read through `runners.schema.Record` (schema-1 files are upgraded there, explicitly),
+so a column is a field the runner wrote, never a guess from candidate keys. Everything downstream
+(aggregation, plots, report) reads only this frame, so local files and W&B exports are
+interchangeable. Corrupt or partial files are skipped with a warning naming the file and the reason
 (a crashed sweep must still produce a report); failed runs are kept with `status == "failed"` so the
 report can list them, and the aggregation functions leave them out.
 """
@@ -11,38 +13,42 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import fields, replace
 from pathlib import Path
 from statistics import fmean as mean
 from typing import Any
 
 import pandas as pd
 
+from runners.schema import Cost, Metrics, Params, Record, Run, cost_figures, suite_cost, suite_forgetting
+
 log = logging.getLogger(__name__)
 
 RESULTS_FILENAME = "results.json"
 
-#: results.json `cost` figures (runners.metrics): GPU allocator figures on CUDA, RSS growth on CPU, and
+#: results.json `cost` figures (runners.schema.Cost): GPU allocator figures on CUDA, RSS growth on CPU,
 #: the device-independent activation and state bytes on every device.
-COST_COLUMNS = ["step_time_s", "step_time_p90_s", "samples_per_s", "peak_mem_growth_bytes", "peak_mem_bytes",
-                "peak_reserved_bytes", "peak_rss_bytes", "activation_bytes", "state_bytes", "train_time_s"]
+COST_COLUMNS = [f.name for f in fields(Cost)]
 #: Columns that identify one comparison panel (one figure): same task, backbone and data regime.
 PANEL_KEYS = ["task", "size", "model", "regime"]
 #: Columns that identify one configuration; rows that differ only in `seed` are repetitions.
 SETTING_KEYS = [*PANEL_KEYS, "method", "budget_target", "setting", "lr"]
 
 _RUN_COLUMNS = [
-    "run_id", "method", "task", "run_dataset", "size", "model", "regime", "seed", "budget_target",
-    "setting", "lr", "hp", "status", "error", "device", "device_type", "git_commit", "git_dirty", "versions",
-    "command", "started_at", "finished_at", "source", "protocol",
-    "trainable_params", "total_params", "budget_error", "adapter_file_bytes", *COST_COLUMNS,
-    "mean_accuracy", "mean_accuracy_before",
+    "run_id", "method", "method_kind", "method_label", "task", "run_dataset", "size", "model", "regime", "seed",
+    "budget_target", "setting", "lr", "hp", "status", "error", "device", "device_type", "world_size",
+    "git_commit", "git_dirty", "versions", "command", "started_at", "finished_at", "source", "protocol",
+    "model_revision", "dataset_revisions",
+    "trainable_params", "head_trainable_params", "total_params", "budget_error", "adapter_file_bytes",
+    *COST_COLUMNS, "mean_accuracy", "mean_accuracy_before", "eval_split", "forgetting",
     "dw_rank", "dw_effective_rank", "dw_max_rank", "dw_rank_frac", "dw_effective_rank_frac", "delta_rank",
 ]
-COLUMNS = [*_RUN_COLUMNS[:4], "dataset", "accuracy", "accuracy_before", *_RUN_COLUMNS[4:]]
-
-_MODEL_KEYS = ("name_or_path", "pretrained", "pretrained_model_name_or_path", "name", "id", "path")
-_SHOT_KEYS = ("shots", "k_shot", "kshot", "num_shots", "n_shot")
-_FRACTION_KEYS = ("fraction", "train_fraction", "data_fraction", "subset_fraction")
+#: Per-dataset columns: the dataset's primary metric before/after and all its metrics (GLUE's own
+#: metrics, e.g. Matthews correlation for CoLA) as JSON.
+_DATASET_COLUMNS = ["dataset", "accuracy", "accuracy_before", "dataset_metrics"]
+COLUMNS = [*_RUN_COLUMNS[:6], *_DATASET_COLUMNS, *_RUN_COLUMNS[6:]]
+#: How the report names the runner's data regimes (tasks.regimes.regime_name: "16shot", "frac0.5", "full").
+_REGIME_LABELS = {"full": "full data"}
 
 
 class ResultsError(ValueError):
@@ -76,49 +82,68 @@ def load_results(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """Tidy frame of every result file under `paths`; `df.attrs["skipped"]` lists unusable files."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    records: list[tuple[str, dict[str, Any]]] = []
+    records: list[tuple[str, Record]] = []
     files = find_result_files(paths)
     for path in files:
         try:
-            record = _read_json(path)
-            _sections(record)
+            record = read_record(path)
         except _Corrupt as exc:
             log.warning("skipping %s: %s", path, exc)
             skipped.append({"file": str(path), "reason": str(exc)})
             continue
         if not _parts_loaded(record, path, files):
             records.append((str(path), record))
-    for source, record in combine_suites(records):
-        rows.extend(record_to_rows(record, source=source))
+    rows = [row for source, record in combine_suites(records) for row in record_to_rows(record, source=source)]
     if not rows:
         raise ResultsError(f"no readable result files ({len(skipped)} skipped: {_first_reason(skipped)})")
     return _frame(rows, skipped)
 
 
-def _parts_loaded(record: dict[str, Any], path: Path, files: list[Path]) -> bool:
+def read_record(path: Path) -> Record:
+    """One results.json through the schema; `_Corrupt` (one line) when it is not a usable record."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise _Corrupt(f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _Corrupt(f"unreadable ({exc})") from None
+    return _checked(data)
+
+
+def _checked(data: Any) -> Record:
+    """A schema record that is complete: a success without metrics is a partial write, not a result."""
+    try:
+        record = data if isinstance(data, Record) else Record.from_dict(data)
+    except ValueError as exc:
+        raise _Corrupt(str(exc)) from None
+    m = record.metrics
+    if record.run.status == "success" and m.accuracy is None and not m.per_dataset:
+        raise _Corrupt("status is success but metrics.accuracy is missing (partial file?)")
+    return record
+
+
+def _parts_loaded(record: Record, path: Path, files: list[Path]) -> bool:
     """A suite summary (`run.parts`) whose per-dataset files are loaded too: read those, not it."""
-    parts = record.get("run", {}).get("parts") or {}
+    parts = record.run.parts or {}
     return bool(parts) and all((path.parent / p).resolve() in files for p in parts.values())
 
 
-def _suite_key(record: dict[str, Any]) -> str | None:
+def _suite_key(record: Record) -> str | None:
     """Identity of the suite run a per-dataset run belongs to: its config without the dataset."""
-    run = record.get("run") or {}
-    if not run.get("dataset") or not isinstance(run.get("config"), dict):
+    if not record.run.dataset or not record.run.config:
         return None
-    config = {k: v for k, v in run["config"].items() if k not in ("dataset", "out_dir", "logger", "sweep")}
+    config = {k: v for k, v in record.run.config.items() if k not in ("dataset", "out_dir", "logger", "sweep")}
     if isinstance(config.get("task"), dict):
         config["task"] = {k: v for k, v in config["task"].items() if k != "dataset"}
     return json.dumps(config, sort_keys=True, default=str)
 
 
-def combine_suites(records: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+def combine_suites(records: list[tuple[str, Record]]) -> list[tuple[str, Record]]:
     """Per-dataset runs of one suite configuration (same config but `dataset`, e.g. the jobs of a sweep
     over a suite) -> one record per suite run: each dataset's metrics plus their mean, so the report
     compares suites as the papers do. Failed parts make the suite record failed; others pass through."""
-    groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    groups: dict[str, list[tuple[str, Record]]] = {}
     out = []
     for source, record in records:
         key = _suite_key(record)
@@ -131,27 +156,26 @@ def combine_suites(records: list[tuple[str, dict[str, Any]]]) -> list[tuple[str,
     return out
 
 
-def _combined(members: list[tuple[str, dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
-    records = [r for _, r in sorted(members, key=lambda m: m[1]["run"]["dataset"])]
-    first = records[0]
-    failed = [r for r in records if r["run"].get("status", "success") != "success"]
-    run = {**first["run"], "dataset": None, "parts": {r["run"]["dataset"]: s for s, r in members}}
+def _combined(members: list[tuple[str, Record]]) -> tuple[str, Record]:
+    """The suite record of per-dataset runs, by the rules of the runner's own suite summary
+    (runners.suite.summary_record): metrics per dataset and their mean, costs by `suite_cost`."""
+    records = [r for _, r in sorted(members, key=lambda m: m[1].run.dataset)]
+    first = records[0].run
+    failed = [r.run for r in records if r.run.status != "success"]
+    run = replace(first, dataset=None, parts={r.run.dataset: s for s, r in members},
+                  dataset_revisions={r.run.dataset: (r.run.dataset_revisions or {}).get(r.run.dataset)
+                                     for r in records})
     if failed:
-        run.update(status="failed", error="; ".join(f"{r['run']['dataset']}: {r['run'].get('error')}" for r in failed))
-    metrics: dict[str, Any] = {}
-    for key in ("per_dataset", "per_dataset_before"):
-        metrics[key] = {d: v for r in records for d, v in (r.get("metrics") or {}).get(key, {}).items()}
-        if metrics[key]:
-            metrics["accuracy" if key == "per_dataset" else "accuracy_before"] = mean(metrics[key].values())
-    metrics["delta_rank"] = {f"{r['run']['dataset']}/{k}": v for r in records
-                             for k, v in ((r.get("metrics") or {}).get("delta_rank") or {}).items()}
-    costs = [r.get("cost") or {} for r in records]
-    cost = {k: mean(c[k] for c in costs if isinstance(c.get(k), (int, float)))
-            for k in {k for c in costs for k in c} if any(isinstance(c.get(k), (int, float)) for c in costs)}
-    if "train_time_s" in cost:
-        cost["train_time_s"] = sum(c.get("train_time_s") or 0.0 for c in costs)
+        run = replace(run, status="failed", error="; ".join(f"{r.dataset}: {r.error}" for r in failed))
+    merged = {key: {d: v for r in records for d, v in getattr(r.metrics, key).items()}
+              for key in ("per_dataset", "per_dataset_before", "per_dataset_metrics", "per_dataset_metrics_before")}
+    metrics = Metrics(**merged, eval_split=records[0].metrics.eval_split,
+                      **suite_forgetting({r.run.dataset: r.metrics for r in records}),
+                      accuracy=mean(merged["per_dataset"].values()) if merged["per_dataset"] else None,
+                      accuracy_before=mean(merged["per_dataset_before"].values()) if merged["per_dataset_before"] else None,
+                      delta_rank={f"{r.run.dataset}/{k}": v for r in records for k, v in r.metrics.delta_rank.items()})
     source = "suite:" + ",".join(s for s, _ in sorted(members))
-    return source, {**first, "run": run, "metrics": metrics, "cost": cost}
+    return source, replace(records[0], run=run, metrics=metrics, cost=suite_cost([r.cost for r in records]))
 
 
 def load_wandb(path: str, api: Any | None = None) -> pd.DataFrame:
@@ -177,19 +201,18 @@ def load_wandb(path: str, api: Any | None = None) -> pd.DataFrame:
     return _frame(rows, skipped)
 
 
-def record_to_rows(record: Any, source: str = "") -> list[dict[str, Any]]:
-    """One results.json record -> one row per evaluated dataset (one row for a failed run)."""
-    run, params, cost, metrics = _sections(record)
-    base = _run_fields(run, source)
-    base.update(_param_fields(params))
-    base.update(_cost_fields(cost))
-    base.update(_metric_fields(metrics, base["status"]))
-    base.update(_rank_fields(metrics.get("delta_rank")))
-    return [{**base, **ds} for ds in _dataset_rows(metrics, base["run_dataset"], base["task"])]
+def record_to_rows(record: Record | dict[str, Any], source: str = "") -> list[dict[str, Any]]:
+    """One record (a Record or a parsed results.json) -> one row per evaluated dataset (one row for a
+    failed run)."""
+    record = _checked(record)
+    base = {**_run_fields(record.run, source), **_param_fields(record.params), **cost_figures(record.cost),
+            **_metric_fields(record.metrics), **_rank_fields(record.metrics.delta_rank)}
+    return [{**base, **ds} for ds in _dataset_rows(record.metrics, record.run)]
 
 
 def wandb_run_to_record(run: Any) -> dict[str, Any]:
-    """Map a W&B run (config = resolved Hydra config, summary = params/cost/metrics) to a record."""
+    """Map a W&B run (config = resolved Hydra config, summary = params/cost/metrics) to a schema-1
+    record (`Record.from_dict` upgrades it: lr, regime and model from the config)."""
     config = _plain(getattr(run, "config", {}) or {})
     summary = _unflatten(_plain(getattr(run, "summary", {}) or {}))
     method_cfg = config.get("method") if isinstance(config.get("method"), dict) else {}
@@ -208,7 +231,8 @@ def wandb_run_to_record(run: Any) -> dict[str, Any]:
     info.setdefault("error", None if state == "finished" else f"W&B run state: {state}")
     info.setdefault("started_at", getattr(run, "created_at", None))
     for key in ("git_commit", "versions", "device", "gpu"):
-        info.setdefault(key, summary.get(key) or config.get(key))
+        if (value := summary.get(key) or config.get(key)) is not None:
+            info.setdefault(key, value)
     return {"schema": 1, "run": info, "params": summary.get("params") or {},
             "cost": summary.get("cost") or {}, "metrics": summary.get("metrics") or {}}
 
@@ -216,93 +240,52 @@ def wandb_run_to_record(run: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ sections
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise _Corrupt(f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _Corrupt(f"unreadable ({exc})") from None
-
-
-def _sections(record: Any) -> tuple[dict, dict, dict, dict]:
-    """Validate the top level; a success without metrics is a partial write, not a result."""
-    if not isinstance(record, dict):
-        raise _Corrupt(f"top level is {type(record).__name__}, expected an object")
-    if record.get("schema", 1) != 1:
-        log.warning("unknown result schema %r; reading it as schema 1", record.get("schema"))
-    run = record.get("run")
-    if not isinstance(run, dict) or not run.get("method"):
-        raise _Corrupt("missing run section or run.method")
-    sections = [record.get(k) or {} for k in ("params", "cost", "metrics")]
-    if not all(isinstance(s, dict) for s in sections):
-        raise _Corrupt("params/cost/metrics must be objects")
-    status = run.get("status", "success")
-    metrics = sections[2]
-    if status == "success" and metrics.get("accuracy") is None and not metrics.get("per_dataset"):
-        raise _Corrupt("status is success but metrics.accuracy is missing (partial file?)")
-    return run, *sections
-
-
-def _run_fields(run: dict, source: str) -> dict[str, Any]:
-    config = run.get("config") if isinstance(run.get("config"), dict) else {}
-    task_cfg = config.get("task") if isinstance(config.get("task"), dict) else {}
-    hp = run.get("hp") or {}
-    budget = _as_int(run.get("budget_target"))
+def _run_fields(run: Run, source: str) -> dict[str, Any]:
     return {
-        "run_id": run.get("id"), "method": run.get("method"), "task": run.get("task") or "?",
-        "run_dataset": run.get("dataset"), "size": run.get("size") or _cfg_name(config.get("size")) or "?",
-        "model": _model_name(task_cfg), "regime": _regime(task_cfg), "seed": _as_int(run.get("seed")),
-        "budget_target": budget, "setting": _setting(budget, hp), "lr": run.get("lr") or _learning_rate(config, hp),  # run.lr: as used
-        "hp": json.dumps(hp, sort_keys=True, default=str), "status": run.get("status", "success"),
-        "error": run.get("error"), "device": run.get("device"), "device_type": _device_type(run),
-        "git_commit": run.get("git_commit"),
-        "git_dirty": run.get("git_dirty"), "versions": json.dumps(run.get("versions") or {}, sort_keys=True),
-        "command": _command(run, config), "started_at": run.get("started_at"),
-        "finished_at": run.get("finished_at"), "source": source,
-        "protocol": json.dumps(run.get("protocol") or {}, sort_keys=True),
+        "run_id": run.id, "method": run.method, "method_kind": run.method_kind, "method_label": run.method_label,
+        "task": run.task or "?", "run_dataset": run.dataset, "size": run.size or "?", "model": _model_name(run.model),
+        "regime": _regime_label(run.regime), "seed": run.seed, "budget_target": run.budget_target,
+        "setting": _setting(run.budget_target, run.hp), "lr": run.lr,
+        "hp": json.dumps(run.hp, sort_keys=True, default=str), "status": run.status, "error": run.error,
+        "device": run.device, "device_type": _device_type(run), "world_size": run.world_size,
+        "git_commit": run.git_commit, "git_dirty": run.git_dirty, "versions": json.dumps(run.versions, sort_keys=True),
+        "command": run.command or _rebuilt_command(run), "started_at": run.started_at,
+        "finished_at": run.finished_at, "source": source,
+        "protocol": json.dumps(run.protocol or {}, sort_keys=True),
+        "model_revision": run.model_revision,
+        "dataset_revisions": json.dumps(run.dataset_revisions, sort_keys=True) if run.dataset_revisions else None,
     }
 
 
-def _param_fields(params: dict) -> dict[str, Any]:
-    return {"trainable_params": params.get("trainable"), "total_params": params.get("total"),
-            "budget_error": params.get("budget_error"), "adapter_file_bytes": params.get("adapter_file_bytes")}
+def _param_fields(params: Params) -> dict[str, Any]:
+    return {"trainable_params": params.trainable, "head_trainable_params": params.head_trainable,
+            "total_params": params.total, "budget_error": params.budget_error,
+            "adapter_file_bytes": params.adapter_file_bytes}
 
 
-def _cost_fields(cost: dict) -> dict[str, Any]:
-    return {k: cost.get(k) for k in COST_COLUMNS}
-
-
-def _device_type(run: dict) -> str | None:
+def _device_type(run: Run) -> str | None:
     """"cpu" or the GPU model (`run.gpu.name`; older files: the name in `run.device`, "cuda:<name>"):
     step time and memory are comparable only between runs on the same kind of device."""
-    gpu = run.get("gpu")
-    if isinstance(gpu, dict) and gpu.get("name"):
-        return str(gpu["name"])
-    kind, _, name = str(run.get("device") or "").partition(":")
+    if run.gpu and run.gpu.get("name"):
+        return str(run.gpu["name"])
+    kind, _, name = str(run.device or "").partition(":")
     if kind == "cuda":
         return name or "cuda"
     return kind or None
 
 
-def _metric_fields(metrics: dict, status: str) -> dict[str, Any]:
-    per = metrics.get("per_dataset") or {}
-    before = metrics.get("per_dataset_before") or {}
-    acc = metrics.get("accuracy")
-    if acc is None and per:
-        acc = sum(per.values()) / len(per)
-    acc_before = metrics.get("accuracy_before")
-    if acc_before is None and before:
-        acc_before = sum(before.values()) / len(before)
-    return {"mean_accuracy": acc, "mean_accuracy_before": acc_before}
+def _metric_fields(metrics: Metrics) -> dict[str, Any]:
+    forgetting = metrics.forgetting if isinstance(metrics.forgetting, (int, float)) else None
+    return {"mean_accuracy": metrics.accuracy, "mean_accuracy_before": metrics.accuracy_before,
+            "eval_split": metrics.eval_split, "forgetting": forgetting}
 
 
-def _rank_fields(delta_rank: Any) -> dict[str, Any]:
+def _rank_fields(delta_rank: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Mean over the sampled layers; rank fractions make layers of different shapes comparable."""
     out = dict.fromkeys(["dw_rank", "dw_effective_rank", "dw_max_rank", "dw_rank_frac",
                          "dw_effective_rank_frac"], math.nan)
     out["delta_rank"] = None
-    layers = [v for v in (delta_rank or {}).values() if isinstance(v, dict) and v.get("max_rank")]
+    layers = [v for v in delta_rank.values() if isinstance(v, dict) and v.get("max_rank")]
     if not layers:
         return out
     out.update(
@@ -316,15 +299,14 @@ def _rank_fields(delta_rank: Any) -> dict[str, Any]:
     return out
 
 
-def _dataset_rows(metrics: dict, run_dataset: str | None, task: str) -> list[dict[str, Any]]:
-    per = metrics.get("per_dataset") or {}
-    before = metrics.get("per_dataset_before") or {}
-    if per:
-        return [{"dataset": name, "accuracy": acc,
-                 "accuracy_before": before.get(name, metrics.get("accuracy_before") if len(per) == 1 else None)}
-                for name, acc in per.items()]
-    return [{"dataset": run_dataset or task, "accuracy": metrics.get("accuracy"),
-             "accuracy_before": metrics.get("accuracy_before")}]
+def _dataset_rows(metrics: Metrics, run: Run) -> list[dict[str, Any]]:
+    """One row per dataset of `metrics.per_dataset`; a run without them (failed) gets one row."""
+    if not metrics.per_dataset:
+        return [{"dataset": run.dataset or run.task or "?", "accuracy": metrics.accuracy,
+                 "accuracy_before": metrics.accuracy_before, "dataset_metrics": None}]
+    return [{"dataset": name, "accuracy": acc, "accuracy_before": metrics.per_dataset_before.get(name),
+             "dataset_metrics": _json_or_none(metrics.per_dataset_metrics.get(name))}
+            for name, acc in metrics.per_dataset.items()]
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -332,10 +314,10 @@ def _dataset_rows(metrics: dict, run_dataset: str | None, task: str) -> list[dic
 
 def _frame(rows: list[dict[str, Any]], skipped: list[dict[str, str]]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=COLUMNS)
-    for col in ("budget_target", "seed", "trainable_params", "total_params"):
+    for col in ("budget_target", "seed", "trainable_params", "head_trainable_params", "total_params", "world_size"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
     numeric = ["accuracy", "accuracy_before", "mean_accuracy", "mean_accuracy_before", "lr", "budget_error",
-               "adapter_file_bytes", *COST_COLUMNS]
+               "adapter_file_bytes", "forgetting", *COST_COLUMNS]
     df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")
     df.attrs["skipped"] = skipped
     n_failed = df.loc[df.status != "success", "source"].nunique()
@@ -345,6 +327,10 @@ def _frame(rows: list[dict[str, Any]], skipped: list[dict[str, str]]) -> pd.Data
 
 def _first_reason(skipped: list[dict[str, str]]) -> str:
     return f"{skipped[0]['file']}: {skipped[0]['reason']}" if skipped else "none"
+
+
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, sort_keys=True)
 
 
 def _as_int(value: Any) -> int | None:
@@ -360,30 +346,20 @@ def _cfg_name(node: Any) -> str | None:
     return node if isinstance(node, str) else None
 
 
-def _model_name(task_cfg: dict) -> str:
-    """The backbone's name from the task config (`model.name`, `model.pretrained`, ...), else '?'."""
-    model = task_cfg.get("model", task_cfg.get("backbone"))
-    if isinstance(model, str):
-        return model.rstrip("/").split("/")[-1]
-    if isinstance(model, dict):
-        for key in _MODEL_KEYS:
-            if isinstance(model.get(key), str) and model[key]:
-                return model[key].rstrip("/").split("/")[-1]
-    return "?"
+def _model_name(model: str | None) -> str:
+    """What panels call the backbone: the last part of `run.model` (hub id or folder), '?' if unrecorded."""
+    return model.rstrip("/").split("/")[-1] if model else "?"
 
 
-def _regime(task_cfg: dict) -> str:
-    """Data regime from the task config: 'k-shot', 'NN% data' or 'full data'."""
-    data = task_cfg.get("data") if isinstance(task_cfg.get("data"), dict) else {}
-    for node in (task_cfg, data):
-        for key in _SHOT_KEYS:
-            if node.get(key):
-                return f"{int(node[key])}-shot"
-        for key in _FRACTION_KEYS:
-            frac = node.get(key)
-            if frac is not None and float(frac) < 1:
-                return f"{float(frac) * 100:g}% data"
-    return "full data"
+def _regime_label(regime: str | None) -> str:
+    """`run.regime` as the report names it: '16-shot', '50% data', 'full data'; '?' if unrecorded."""
+    if regime is None:
+        return "?"
+    if regime.endswith("shot") and regime[:-4].isdigit():
+        return f"{regime[:-4]}-shot"
+    if regime.startswith("frac"):
+        return f"{float(regime[4:]) * 100:g}% data"
+    return _REGIME_LABELS.get(regime, regime)
 
 
 def _setting(budget: int | None, hp: dict) -> str:
@@ -393,33 +369,13 @@ def _setting(budget: int | None, hp: dict) -> str:
     return json.dumps({k: v for k, v in hp.items() if k != "seed"}, sort_keys=True, default=str)
 
 
-def _learning_rate(config: dict, hp: dict) -> float | None:
-    method = config.get("method") if isinstance(config.get("method"), dict) else {}
-    trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
-    for value in (hp.get("lr"), method.get("lr"), trainer.get("lr")):
-        try:
-            if value is not None:
-                return float(value)
-        except (TypeError, ValueError):
-            continue
-    return None
-
-
-def _command(run: dict, config: dict) -> str:
-    """The command line that produced the run: recorded if present, else rebuilt from the config."""
-    for key in ("command", "argv"):
-        value = run.get(key) or config.get(key)
-        if value:
-            return value if isinstance(value, str) else " ".join(map(str, value))
-    overrides = run.get("overrides") or config.get("overrides")
-    if overrides:
-        return "python run.py " + " ".join(map(str, overrides))
-    parts = [f"method={run.get('method')}", f"task={run.get('task')}", f"size={run.get('size')}",
-             f"seed={run.get('seed')}"]
-    if run.get("budget_target") is not None:
-        parts.append(f"budget={run['budget_target']}")
-    if run.get("dataset"):
-        parts.append(f"dataset={run['dataset']}")
+def _rebuilt_command(run: Run) -> str:
+    """The command line of a run that did not record one (outside Hydra, older files), from its fields."""
+    parts = [f"method={run.method}", f"task={run.task}", f"size={run.size}", f"seed={run.seed}"]
+    if run.budget_target is not None:
+        parts.append(f"budget={run.budget_target}")
+    if run.dataset:
+        parts.append(f"dataset={run.dataset}")
     return "python run.py " + " ".join(parts)
 
 

@@ -440,3 +440,46 @@ def _accuracy_label(df: pd.DataFrame) -> str:
     n = df.loc[df["status"] == "success", "dataset"].nunique()
     return f"mean accuracy over {n} datasets (%)" if n > 1 else "accuracy (%)"
 
+
+# --------------------------------------------------------------------------------- forgetting
+
+#: How `forgetting` reads per task (tasks/forgetting.py): CLIP's is zero-shot accuracy lost on the suite's
+#: other datasets (a fraction, drawn in points); every other task's is a loss increase on held-out text.
+_FORGETTING_AXES = {"clip": ("zero-shot accuracy lost on the other datasets (points)", 100.0)}
+_LOSS_AXIS = ("loss increase on held-out generic text (nats)", 1.0)
+
+
+def fig_forgetting(df: pd.DataFrame) -> Figure:
+    """Accuracy gained (accuracy - accuracy before training) against forgetting, one point per method and
+    budget: seed means with 95% CI error bars both ways. Up and left is better: gain without forgetting."""
+    runs = per_run(df)
+    if "forgetting" not in runs.columns or runs["forgetting"].isna().all():
+        raise ValueError("no forgetting measurements (metrics.forgetting) in these runs")
+    runs = runs.assign(accuracy_gain=_accuracy_gain(runs)).dropna(subset=["forgetting", "accuracy_gain"])
+    _single_panel(df)
+    agg = aggregate_seeds(runs, ["forgetting", "accuracy_gain"], keys=SETTING_KEYS)
+    task, styles = str(agg["task"].iloc[0]), method_styles(agg)
+    xlabel, xscale = _FORGETTING_AXES.get(task, _LOSS_AXIS)
+    with matplotlib.rc_context(STYLE):
+        fig = _figure(height=2.9)
+        ax = fig.add_subplot()
+        ax.axvline(0.0, color="#999999", linewidth=0.7)
+        ax.axhline(0.0, color="#999999", linewidth=0.7)
+        for method, part in _by_method(agg):
+            part = _best_per_budget(part, "accuracy_gain_mean")
+            xerr, yerr = _errs(part["forgetting_ci95"]), _pct(_errs(part["accuracy_gain_ci95"]))
+            ax.errorbar(xscale * part["forgetting_mean"], 100 * part["accuracy_gain_mean"],
+                        xerr=None if xerr is None else xscale * xerr, yerr=yerr, linestyle="none",
+                        **styles[method].mark())
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy gained by training (points)")
+        ax.set_title(f"Accuracy gained vs forgetting\n{panel_title(df)}")
+        _legend_below(fig, ax)
+    return fig
+
+
+def _accuracy_gain(runs: pd.DataFrame) -> pd.Series:
+    """`accuracy_gain` where the frame has it, else mean accuracy after minus before training."""
+    if "accuracy_gain" in runs.columns:
+        return runs["accuracy_gain"]
+    return runs["mean_accuracy"] - runs["mean_accuracy_before"]

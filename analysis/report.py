@@ -34,7 +34,8 @@ from analysis.aggregate import (
     successful,
 )
 from analysis.document import Block, Cell, Table, to_html, to_markdown
-from analysis.load import ResultsError, load_results
+from analysis.leaderboard import write_leaderboard
+from analysis.load import COST_COLUMNS, ResultsError, load_results
 from analysis.paired import noise_floor, paired_differences, win_tie_loss
 
 log = logging.getLogger("analysis.report")
@@ -53,6 +54,10 @@ FIGURES: list[tuple[str, Callable[[pd.DataFrame], Figure], str]] = [
      "Per-dataset accuracy (%), seed means; best adapter per column in bold; shading is per column."),
     ("delta_rank", plots.fig_delta_rank,
      "Rank of the learned update dW as a fraction of the layer's maximum rank (mean over sampled layers)."),
+    ("forgetting", plots.fig_forgetting,
+     ("Accuracy gained by training against forgetting (CLIP: zero-shot accuracy lost on the suite's other "
+      "datasets; language: loss increase on held-out generic text), one point per method and budget; error "
+      "bars: 95% CI over seeds. Up and left is better.")),
 ]
 
 
@@ -93,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def build_report(df: pd.DataFrame, out: Path, command: str = "", dpi: int = 200) -> Path:
-    """Write figures (PNG+SVG), summary.md and index.html into `out`; returns the index.html path."""
+    """Write figures (PNG+SVG), summary.md/.html, the CSVs and the index.html leaderboard; returns its path."""
     ok = successful(df)
     if ok.empty:
         n = df["source"].nunique()
@@ -108,9 +113,19 @@ def build_report(df: pd.DataFrame, out: Path, command: str = "", dpi: int = 200)
     blocks += _paired_section(df, paired)
     blocks += _failures_section(df) + _protocol_section(df) + _provenance_section(df, command)
     (out / "summary.md").write_text(to_markdown(blocks))
-    index = out / "index.html"
-    index.write_text(to_html(blocks, "rankbench report", out))
-    return index
+    (out / "summary.html").write_text(to_html(blocks, "rankbench report", out))
+    captions = _figure_captions(blocks)
+    return write_leaderboard(leaderboard_runs(df), out, [out / name for name in captions], captions)
+
+
+def _figure_captions(blocks: list[Block]) -> dict[str, str]:
+    """Image file -> "panel: first sentence of its caption", in report order, for the leaderboard page."""
+    captions, panel = {}, ""
+    for b in blocks:
+        panel = b.text if b.kind == "h2" else panel
+        if b.kind == "image":
+            captions[b.path] = f"{panel}: {re.split(r'[.;] ', b.text)[0]}"
+    return captions
 
 
 def _header(df: pd.DataFrame, command: str) -> list[Block]:
@@ -122,6 +137,9 @@ def _header(df: pd.DataFrame, command: str) -> list[Block]:
         Block("p", f"Generated {stamp} by `{command}` from {len(runs)} runs ({n_failed} failed, "
                    f"{len(df.attrs.get('skipped', []))} unreadable result files skipped). Accuracy is top-1 on the "
                    "evaluation split, mean over seeds ± 95% CI (Student t); failed runs are never averaged in."),
+        Block("p", "`index.html` beside this file is a leaderboard of every configuration that opens from disk: "
+                   "sort and filter the table, plot any two metrics with their Pareto front, export CSV. "
+                   "`summary.html` is this report as one page."),
     ]
 
 
@@ -208,17 +226,42 @@ def _per_dataset_block(part: pd.DataFrame) -> Block:
     return Block("table", table=Table(["method", "budget", *map(str, table.columns)], rows, caption))
 
 
-RUN_COLUMNS = ["run_id", "method", "task", "size", "model", "regime", "run_dataset", "budget_target", "seed", "lr",
-               "status", "mean_accuracy", "mean_accuracy_before", "trainable_params", "budget_error", "device",
-               "step_time_s", "step_time_p90_s", "samples_per_s", "peak_mem_bytes", "peak_rss_bytes",
-               "train_time_s", "adapter_file_bytes", "source"]
+#: report/runs.csv: frame column -> CSV name, in CSV order; every figure as the run's results.json has it
+#: (read through runners.schema by analysis.load, nothing recomputed), costs all of runners.schema.Cost.
+RUN_COLUMNS = {
+    "run_id": "run_id", "method": "method", "method_kind": "method_kind", "method_label": "method_label",
+    "task": "task", "size": "size", "model": "model", "regime": "regime", "run_dataset": "run_dataset",
+    "budget_target": "budget", "seed": "seed", "lr": "lr", "status": "status", "mean_accuracy": "accuracy",
+    "mean_accuracy_before": "accuracy_before", "eval_split": "eval_split", "trainable_params": "trainable",
+    "head_trainable_params": "head_trainable", "total_params": "total", "budget_error": "budget_error",
+    "adapter_file_bytes": "adapter_file_bytes", "device": "device", "device_type": "device_type",
+    **{c: c for c in COST_COLUMNS}, "model_revision": "model_revision", "dataset_revisions": "dataset_revisions",
+    "source": "source",
+}
 
 
 def runs_table(df: pd.DataFrame) -> pd.DataFrame:
-    """report/runs.csv: one row per run (a suite's datasets combined), its own lr and every figure."""
-    runs = per_run(df)
-    extra = [c for c in runs.columns if c.endswith("_bytes") and c not in RUN_COLUMNS]
-    return runs[[c for c in [*RUN_COLUMNS, *extra] if c in runs.columns]].rename(columns={"budget_target": "budget"})
+    """report/runs.csv: one row per run (a suite's datasets combined), its own lr (`run.lr`, as used),
+    its accuracy and every cost figure of its record."""
+    return per_run(df)[list(RUN_COLUMNS)].rename(columns=RUN_COLUMNS)
+
+
+def leaderboard_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """runs.csv with a `dataset` column for the leaderboard's select: the run's dataset, or "mean of N datasets"
+    for a suite run (its accuracy is the suite mean)."""
+    runs = runs_table(df)
+    if "dataset" in runs.columns or "run_id" not in runs.columns:
+        return runs
+    names = df.groupby("run_id", sort=False)["dataset"].agg(_dataset_label)
+    at = runs.columns.get_loc("run_dataset") if "run_dataset" in runs.columns else len(runs.columns)
+    runs = runs.drop(columns=["run_dataset"], errors="ignore")
+    runs.insert(at, "dataset", runs["run_id"].map(names))
+    return runs
+
+
+def _dataset_label(datasets: pd.Series) -> str:
+    names = list(dict.fromkeys(map(str, datasets.dropna())))
+    return names[0] if len(names) == 1 else f"mean of {len(names)} datasets"
 
 
 def _paired_section(df: pd.DataFrame, paired: pd.DataFrame) -> list[Block]:

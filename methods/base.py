@@ -2,6 +2,9 @@
 
 Every method is one subclass of `AdapterLayer` that wraps a frozen `nn.Linear`. Shared code (injection,
 counting, budgets, saving) only talks to this interface, so adding a method never adds a branch there.
+This module is the contract a method fulfils; how fast a call runs is elsewhere and optional: which path
+a call takes (factored or merged, by multiply-adds) in methods/costmodel.py, the merged path itself (one
+autograd function, dW kept across calls) in methods/fastpath.py.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fastpath import DeltaCache, autocast_dtype, merged_linear
+from .costmodel import CostModel
+from .fastpath import DeltaCache, autocast_dtype  # noqa: F401  (autocast_dtype: re-exported)
 from .peft_spec import PeftSpec
 
 Validator = Callable[[str, Any], Any]
@@ -88,7 +92,7 @@ def adapter_dtype_for(base_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(CostModel, nn.Module):
     """A frozen `nn.Linear` plus a trainable update: `layer(x) == F.linear(x, W + dW, bias)`.
 
     Subclasses declare `hp_spec` (defaults and validators), `num_params` (closed form, so counting and
@@ -183,84 +187,6 @@ class AdapterLayer(nn.Module):
         the adapter sees the base layer's own input. None: no such form (the default)."""
         return None
 
-    # -- the merged path (methods/fastpath.py): what a method may define --------------------------------
-    def delta_split(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(P, Q) with dW = P Q and Q frozen, computed with autograd's graph by the merged path's backward
-        when the method has no closed-form `delta_param_grads`; default (dW, None)."""
-        return self.delta_weight(), self.delta_right()
-
-    def delta_right(self) -> torch.Tensor | None:
-        """Q of `delta_split` alone (cheap, no dW built): the merged path saves x Q^T for backward instead
-        of x. None: the identity."""
-        return None
-
-    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """W + dW, in one operation where the method has one (RandLoRA: one addmm)."""
-        return weight + self.delta_weight()
-
-    def delta_param_grads(self, grad_left: torch.Tensor) -> list[torch.Tensor] | None:
-        """Gradients of all `adapter_parameters()` from the gradient of P (`delta_split`), without
-        rebuilding dW; None (the default): autograd through a rebuilt P."""
-        return None
-
-    def delta_keep_allowance(self, half: torch.dtype | None) -> int:
-        """Elements (of the dtype a kept dW has: `half` under autocast, else the adapter's) that the
-        factored form saves for backward beyond what the merged path saves: the memory within which
-        keeping dW costs no more than PEFT. 0 (the default): never keep."""
-        return 0
-
-    def keeps_delta(self, half: torch.dtype | None = None) -> bool:
-        """Keep dW (W + dW when joined) from forward to backward, and across the micro-batches of one
-        optimizer step, instead of rebuilding it: in training, wherever its out x in elements fit in
-        `delta_keep_allowance`, so that saved memory stays at or below the factored form's (PEFT's)."""
-        return self.training and self.out_features * self.in_features <= self.delta_keep_allowance(half)
-
-    # -- cost model (multiply-adds), used to pick the cheaper of the factored and the merged path --------
-    def factored_macs(self, tokens: int) -> int | None:
-        """Multiply-adds of one `adapter_forward` over `tokens` rows; None if it has no factored form."""
-        return None
-
-    def delta_macs(self) -> int:
-        """Multiply-adds of one `delta_weight()` (building dW)."""
-        return self.out_features * self.in_features
-
-    def merged_backward_macs(self, tokens: int, keep: bool) -> int:
-        """Multiply-adds of the merged path's backward beyond the input gradient: by default the weight
-        gradient G = g^T x, rebuilding dW with autograd's graph (D) and backpropagating G into the
-        factors (~2D), whose dW the input gradient reuses."""
-        return tokens * self.out_features * self.in_features + 3 * self.delta_macs()
-
-    def path_macs(self, tokens: int, grad: bool, joins_base: bool = True, shares_input: bool = True,
-                  half: torch.dtype | None = None) -> tuple[float, int]:
-        """Multiply-adds the adapter adds to one call over `tokens` rows: (factored path, merged path).
-
-        Factored: the adapter's own forward F per call, ~3F with its backward (input and parameter grads);
-        infinite for a method without one. Merged: the base matmul absorbs dW, so a forward costs only
-        building dW (D); training adds `merged_backward_macs` (which counts a rebuild of dW unless
-        `keeps_delta`). When dW cannot join the base matmul, x dW^T is one more tokens * out * in, and
-        its input gradient another unless the adapter shares the base's input (autocast: the input
-        gradient uses W + dW; adapter dropout: it cannot).
-        """
-        factored = self.factored_macs(tokens)
-        factored = math.inf if factored is None else factored * (3 if grad else 1)
-        build, dense = self.delta_macs(), tokens * self.out_features * self.in_features
-        merged = build + (self.merged_backward_macs(tokens, self.keeps_delta(half)) if grad else 0)
-        if not joins_base:
-            merged += 2 * dense if grad and not shares_input else dense
-        return factored, merged
-
-    def route(self, x: torch.Tensor) -> dict[str, Any]:
-        """How the update meets the base layer for input x: the keywords of `path_macs`."""
-        half = autocast_dtype(x)
-        shares = self.shares_input(x)
-        return {"joins_base": shares and half is None, "shares_input": shares, "half": half}
-
-    def use_merged_path(self, tokens: int, grad: bool, joins_base: bool = True, shares_input: bool = True,
-                        half: torch.dtype | None = None) -> bool:
-        """Whether materialising dW beats the factored form for this call (see `path_macs`)."""
-        factored, merged = self.path_macs(tokens, grad, joins_base, shares_input, half)
-        return merged < factored
-
     # -- shared behaviour -----------------------------------------------------------------------------
     @classmethod
     def resolve_hp(cls, hp: dict[str, Any]) -> dict[str, Any]:
@@ -299,42 +225,7 @@ class AdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        tokens = x.numel() // max(1, x.shape[-1])
-        grad = torch.is_grad_enabled() and any(p.requires_grad for _, p in self.adapter_parameters())
-        route = self.route(x)
-        half, shares = route["half"], route["shares_input"]
-        if self.use_merged_path(tokens, grad, **route):
-            if shares:   # fp32: dW rides in the base matmul; autocast: beside it (see methods/fastpath.py)
-                return merged_linear(self, x)
-            out = self.base_layer(x)                       # adapter dropout: x' dW^T on its own
-            xa = self.adapter_dropout(x.to(self.adapter_dtype))
-            return out + merged_linear(self, xa, alone=True).to(out.dtype)
-        if shares:
-            fused = self.fused_forward(x)
-            if fused is not None:
-                return fused
-        # in-place accumulation needs one dtype throughout; under autocast (with explicit casts) it was a
-        # few % faster but kept two more activations than PEFT on MiniLM, so the sum below is used there
-        if x.dtype == self.base_layer.weight.dtype == self.adapter_dtype and half is None:
-            x2 = x.reshape(-1, x.shape[-1])
-            factors = self.adapter_factors(self.adapter_dropout(x2))
-            if factors is not None:   # base GEMM, then h R^T accumulated in place into its fresh output
-                out = self.base_layer(x2)
-                return out.addmm_(*factors[:1], factors[1].T).view(*x.shape[:-1], out.shape[-1])
-        out = self.base_layer(x)
-        return out + self.adapter_forward(self.adapter_dropout(x.to(self.adapter_dtype))).to(out.dtype)
-
-    def shares_input(self, x: torch.Tensor) -> bool:
-        """The adapter sees the base layer's own input: no active dropout, and one dtype throughout or
-        autocast (which runs both in its dtype). Required by `fused_forward`."""
-        no_dropout = isinstance(self.adapter_dropout, nn.Identity) or not self.training
-        same_dtype = x.dtype == self.base_layer.weight.dtype == self.adapter_dtype
-        return no_dropout and (same_dtype or torch.is_autocast_enabled(x.device.type))
-
-    def joins_base(self, x: torch.Tensor) -> bool:
-        """dW can join the base matmul: the same input, and no autocast (in bf16, W + dW would round a
-        small update away)."""
-        return self.shares_input(x) and autocast_dtype(x) is None
+        return self.routed_forward(x)   # the factored or the merged path, see methods/costmodel.py
 
     def train(self, mode: bool = True) -> AdapterLayer:
         """Switching between training and evaluation drops a kept dW (see `keeps_delta`)."""

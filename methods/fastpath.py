@@ -7,7 +7,11 @@ fine-tuning computes too. What it costs beyond that is decided here:
 * the parameter gradient: a method with a closed form (`AdapterLayer.delta_param_grads`, RandLoRA's one
   projection B^T G) skips the autograd rebuild of dW's graph that every other method gets;
 * the input gradient g (W + dW): from dW kept since the forward when the layer's cost model allows it
-  (`AdapterLayer.keeps_delta`: no more memory than the factored form, PEFT's, saves), else rebuilt;
+  (`AdapterLayer.keeps_delta`: no more memory than the factored form, PEFT's, saves). Where it is not
+  kept, dW is still built once per call where the update has a frozen factor: with dW = L P (L frozen,
+  RandLoRA's out >= in) backward uses g L for both gradients, g W + (g L) P and (g L)^T x; with dW = P Q
+  (Q frozen, out < in) the forward applies u P^T to the u = x Q^T that backward keeps, and only backward
+  builds dW (`factored_backward`, `factored_forward`: whichever costs fewer multiply-adds);
 * gradient accumulation: a kept dW lives in the layer's `DeltaCache` until the parameters change, so the
   micro-batches of one optimizer step build it once.
 
@@ -105,11 +109,13 @@ def kept_delta(layer: AdapterLayer, kind: tuple, build: Callable[[], torch.Tenso
 class _MergedLinear(torch.autograd.Function):
     """y = x (W + dW)^T + b (W None: y = x dW^T, next to the base matmul).
 
-    With dW = P R, R frozen (`layer.delta_right()`, None: the identity), the forward saves u = x R^T --
-    x itself by default -- and the kept weight of the input gradient if `layer.keeps_delta`; nothing
-    weight-shaped otherwise. Backward: grad_x = g (W + dW); the gradient of P is g^T u (G when R is the
-    identity); the parameters' gradients follow from it by the method's closed form, else by autograd
-    through a rebuilt P. Backward re-enters the forward's autocast, so its matmuls see the same dtypes.
+    With dW = L P Q, L and Q frozen (`layer.delta_left()`, `layer.delta_right()`; None: the identity),
+    the forward saves u = x Q^T -- x itself by default -- and the kept weight of the input gradient if
+    `layer.keeps_delta`; nothing weight-shaped otherwise. Backward: grad_x = g (W + dW); the gradient of
+    P is L^T g^T u (G when L and Q are the identity); the parameters' gradients follow from it by the
+    method's closed form, else by autograd through a rebuilt P. Where dW is not kept, one of the two
+    passes runs factored (`factored_forward`, `factored_backward`), so a call builds dW once. Backward
+    re-enters the forward's autocast, so its matmuls see the same dtypes.
     """
 
     @staticmethod
@@ -122,8 +128,12 @@ class _MergedLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         if half is not None:   # backward's g^T u runs in the autocast dtype anyway: keep u in it
             x2 = x2.to(half)
-        u = x2 if right is None else x2 @ right.T.to(x2.dtype)
-        out, grad_weight = _merged_forward(layer, x2, weight, bias, half, keep, ctx.needs_input_grad[0])
+        u = x2 if right is None else mm(x2, right.T.to(x2.dtype))
+        if weight is not None and half is None and not keep and right is not None and factored_forward(x2):
+            # dW is not kept, so backward builds it anyway: here x dW^T = u P^T, with no build
+            out, grad_weight = F.linear(x2, weight, bias).addmm_(u, layer.delta_split()[0].T), None
+        else:
+            out, grad_weight = _merged_forward(layer, x2, weight, bias, half, keep, ctx.needs_input_grad[0])
         x_for_w = x2 if ctx.needs_input_grad[1] and right is not None else None   # base unfrozen
         ctx.save_for_backward(u, weight, grad_weight, x_for_w)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -138,24 +148,51 @@ class _MergedLinear(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        u, weight, grad_weight, x2 = ctx.saved_tensors
+        u, weight, kept, x2 = ctx.saved_tensors
         layer: AdapterLayer = ctx.layer
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        needs_p = ctx.needs_input_grad[4:]
         g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(u.dtype)
         grad_x = grad_w = grad_b = rebuilt = None
         if need_w:                                         # G (out x in): the gradient of W
             grad_w = (g2.T @ (u if ctx.identity_right else x2)).to(weight.dtype)
-        param_grads = [None] * len(ctx.needs_input_grad[4:])
-        if any(ctx.needs_input_grad[4:]):                  # g^T u: the gradient of P (G if R = identity)
-            grad_left = grad_w if grad_w is not None and ctx.identity_right else g2.T @ u
-            param_grads, rebuilt = _param_grads(layer, grad_left, ctx.needs_input_grad[4:])
+        left = layer.delta_left()                          # dW = L P Q with L frozen (None: identity)
+        left = None if left is None else left.to(g2.dtype)
+        # dW not kept: g L serves both gradients, so dW is not built a second time (where that is cheaper)
+        gl = mm(g2, left) if (need_x and kept is None and left is not None and ctx.identity_right
+                              and factored_backward(g2.shape[0], *left.shape, u.shape[1])) else None
+        param_grads = [None] * len(needs_p)
+        if any(needs_p):
+            grad_p = _grad_of_p(g2, u, left, gl, grad_w if ctx.identity_right else None)
+            param_grads, rebuilt = _param_grads(layer, grad_p, needs_p)
         if need_x:
-            if grad_weight is None:                        # not kept: rebuilt (reusing autograd's dW)
-                grad_weight = _rebuild(layer, weight, rebuilt if ctx.identity_right else None)
-            grad_x = (g2 @ grad_weight.to(g2.dtype)).to(ctx.x_dtype).view(ctx.x_shape)
+            reuse = rebuilt if ctx.identity_right and left is None else None   # autograd's P is dW
+            grad_x = _input_grad(layer, g2, weight, kept, gl, reuse).to(ctx.x_dtype).view(ctx.x_shape)
         if need_b:
             grad_b = g2.sum(0).to(weight.dtype)
         return (grad_x, grad_w, grad_b, None, *param_grads)
+
+
+def _grad_of_p(g2: torch.Tensor, u: torch.Tensor, left: torch.Tensor | None, gl: torch.Tensor | None,
+               grad_w: torch.Tensor | None) -> torch.Tensor:
+    """The gradient of P in dW = L P Q: L^T g^T u, as (g L)^T u where backward has g L, else from
+    g^T u -- the base weight's gradient G when it was computed (Q the identity)."""
+    if gl is not None:
+        return mm(gl.T, u)
+    grad = grad_w if grad_w is not None else mm(g2.T, u)
+    return grad if left is None else mm(left.T, grad.to(left.dtype))
+
+
+def _input_grad(layer: AdapterLayer, g2: torch.Tensor, weight: torch.Tensor | None, kept: torch.Tensor | None,
+                gl: torch.Tensor | None, rebuilt: torch.Tensor | None) -> torch.Tensor:
+    """g (W + dW) (W None: g dW): g W + (g L) P where backward has g L, else from the W + dW kept since
+    the forward, else from a rebuilt one (reusing autograd's dW if `_param_grads` built it)."""
+    if gl is not None:
+        p = layer.delta_split()[0].to(g2.dtype)
+        return gl @ p if weight is None else (g2 @ weight.to(g2.dtype)).addmm_(gl, p)
+    if kept is None:
+        kept = _rebuild(layer, weight, rebuilt)
+    return g2 @ kept.to(g2.dtype)
 
 
 def _merged_forward(layer: AdapterLayer, x2: torch.Tensor, weight: torch.Tensor | None,
@@ -174,6 +211,28 @@ def _merged_forward(layer: AdapterLayer, x2: torch.Tensor, weight: torch.Tensor 
     out = F.linear(x2, weight.to(half), None if bias is None else bias.to(half)).addmm_(x2, delta.T)
     # bf16(W + dW) replaces the bf16 copy of W that autocast's own matmul would keep for backward
     return out, ((weight + delta).to(half) if need_x else None)
+
+
+def factored_forward(x2: torch.Tensor) -> bool:
+    """With a frozen right factor (dW = P Q) and dW not kept: x dW^T = u P^T from the u = x Q^T that
+    backward needs anyway (tokens * out * k) beats building dW (out * k * in) when tokens < in."""
+    return x2.shape[0] < x2.shape[1]
+
+
+def factored_backward(tokens: int, out: int, k: int, inp: int) -> bool:
+    """With a frozen left factor (dW = L P, L: out x k) and dW not kept: g L, shared by the gradient of P
+    ((g L)^T x) and the input gradient (g W + (g L) P), beats G = g^T x, L^T G and rebuilding dW."""
+    return tokens * k * (out + 2 * inp) < tokens * out * inp + 2 * k * out * inp
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b; computed as (b^T a^T)^T, a column-major result, when b's column count is not a multiple of
+    16 but a's row count is: MKL on the 2-core AVX2 dev machine ran x (1024 x 1536) @ B (1536 x 391) at
+    37 GMAC/s and the transposed product at 43 (with 384 columns: 45 either way). RandLoRA's n r is
+    rarely a round number."""
+    if b.shape[1] % 16 and not a.shape[0] % 16:
+        return (b.T @ a.T).T
+    return a @ b
 
 
 def _param_grads(layer: AdapterLayer, grad_left: torch.Tensor, needs: tuple[bool, ...]

@@ -97,6 +97,69 @@ def _check_rank(name: str, hp: dict[str, Any], shapes: dict[str, tuple[int, int]
                          f"no rank); valid: 1..{limit}")
 
 
+# ----------------------------------------------------------------------------- per-layer ranks
+#: hp that give some layers their own value (exact module name -> value), overriding the global one. The
+#: precedent is PEFT's LoraConfig.rank_pattern / alpha_pattern (peft 0.21.2 peft/tuners/lora/config.py:
+#: 524-529, 737-754), here with exact module names only. As there, a layer with its own r keeps the
+#: global alpha (scaling alpha / r_layer) unless alpha_pattern gives it its own. The budget solver uses
+#: rank_pattern to land on a budget between two global ranks.
+RANK_PATTERN = "rank_pattern"
+PATTERNS = {RANK_PATTERN: "r", "alpha_pattern": "alpha"}
+
+Overrides = dict[str, dict[str, Any]]  # module name -> {hp name: its own value}
+
+
+def split_pattern(hp: dict[str, Any]) -> tuple[dict[str, Any], Overrides]:
+    """(hp without the patterns, per-layer overrides {module: {"r": 9, "alpha": 18.0}}); none is {}."""
+    rest = {k: v for k, v in hp.items() if k not in PATTERNS}
+    overrides: Overrides = {}
+    for key, knob in PATTERNS.items():
+        pattern = hp.get(key)  # optional: most runs give every layer the same hp
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) for k in pattern):
+            raise ValueError(f"{key} must map module names to {knob} values, e.g. "
+                             f"{{'encoder.layers.0.fc1': 9}}; got {pattern!r}")
+        for module, value in pattern.items():
+            overrides.setdefault(module, {})[knob] = value
+    return rest, overrides
+
+
+def join_pattern(hp: dict[str, Any], per_layer: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`hp` plus the patterns of the layers whose r or alpha differ from it (inverse of `layer_hps`)."""
+    out = dict(hp)
+    for key, knob in PATTERNS.items():
+        pattern = {n: h[knob] for n, h in per_layer.items() if h[knob] != hp[knob]}
+        if pattern:
+            out[key] = pattern
+    return out
+
+
+def layer_hps(name: str, hp: dict[str, Any], overrides: Overrides,
+              layers: dict[str, nn.Linear]) -> dict[str, dict[str, Any]]:
+    """Each target's resolved hp (the resolved global `hp` with its overrides), every r checked against
+    its own layer before anything is allocated."""
+    unknown = sorted(set(overrides) - set(layers))
+    if unknown:
+        raise ValueError(f"{RANK_PATTERN}/alpha_pattern name modules that are not targets: {unknown[:3]}; "
+                         f"valid: exact names of targeted layers, e.g. {list(layers)[:2]}")
+    cls = get_method(name)
+    out = {n: cls.resolve_hp({**hp, **overrides[n]}) if n in overrides else hp for n in layers}
+    for r in sorted({h["r"] for h in out.values()}):  # per rank, the tightest layer is named
+        _check_rank(name, {"r": r}, {n: (m.in_features, m.out_features) for n, m in layers.items()
+                                     if out[n]["r"] == r})
+    return out
+
+
+def shared_hp(hp: dict[str, Any], per_layer: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The hp `make_shared` sizes shared state with: `r` is the largest layer rank and `r_min` the
+    smallest (random bases with the most rows, RandLoRA's with the most bases); the global hp when uniform."""
+    ranks = {h["r"] for h in per_layer.values()}
+    if ranks == {hp["r"]}:
+        return hp
+    return {**hp, "r": max(ranks), "r_min": min(ranks)}
+
+
 # ----------------------------------------------------------------------------- counting
 def num_params(name: str, in_features: int, out_features: int, **hp: Any) -> int:
     """Closed-form trainable parameters of `name` on Linear(in_features, out_features); allocates nothing."""
@@ -113,12 +176,14 @@ def num_params_model(model: nn.Module, name: str, target_modules: Targets, **hp:
     """Closed-form adapter parameters for a whole model; needs only shapes, so meta-device models work.
 
     Refuses what `inject` refuses (an `r` too large for a target), so the runner's check that the wrapped
-    count equals this closed form never compares against a count no model could be given."""
+    count equals this closed form never compares against a count no model could be given. A
+    `rank_pattern` hp (see `PATTERNS`) is counted layer by layer."""
     cls = get_method(name)
+    hp, pattern = split_pattern(hp)
     hp = cls.resolve_hp(hp)
     targets = find_targets(model, target_modules)
-    check_rank(name, hp, targets)
-    return sum(cls.num_params(m.in_features, m.out_features, **hp) for m in targets.values())
+    per_layer = layer_hps(name, hp, pattern, targets)
+    return sum(cls.num_params(m.in_features, m.out_features, **per_layer[n]) for n, m in targets.items())
 
 
 def count_trainable(model: nn.Module) -> int:
@@ -150,20 +215,25 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
 def inject(model: nn.Module, name: str, target_modules: Targets, **hp: Any) -> list[str]:
     """Wrap the matched Linear layers in place and freeze everything else; returns the wrapped names.
 
-    Only adapter parameters require grad afterwards; a task head must be unfrozen by the caller.
+    Only adapter parameters require grad afterwards; a task head must be unfrozen by the caller. A
+    `rank_pattern` ({module name: r}) / `alpha_pattern` give those layers their own r / alpha (`PATTERNS`).
     """
     cls = get_method(name)
+    hp, pattern = split_pattern(hp)
     hp = cls.resolve_hp(hp)
     if adapter_layers(model):
         raise ValueError("the model already has adapters; inject into a fresh copy of the base model")
     targets = find_targets(model, target_modules)
-    check_rank(name, hp, targets)
+    per_layer = layer_hps(name, hp, pattern, targets)
     model.requires_grad_(False)
-    shared = cls.make_shared(list(targets.values()), hp)
+    shared = cls.make_shared(list(targets.values()), shared_hp(hp, per_layer))
     for module_name, linear in targets.items():
-        _set_submodule(model, module_name, cls(linear, shared=shared, **hp))
-    log.info("%s: wrapped %d Linear layers (%s), %d adapter parameters",
-             name, len(targets), ", ".join(f"{k}={v}" for k, v in hp.items()), count_trainable(model))
+        layer = cls(linear, shared=shared, **per_layer[module_name])
+        layer.global_hp = hp  # what save_adapter records (with the layers whose r differs)
+        _set_submodule(model, module_name, layer)
+    log.info("%s: wrapped %d Linear layers (%s%s), %d adapter parameters", name, len(targets),
+             ", ".join(f"{k}={v}" for k, v in hp.items()),
+             f"; {len(pattern)} layers with their own r/alpha" if pattern else "", count_trainable(model))
     return list(targets)
 
 
@@ -181,20 +251,25 @@ def unmerge(model: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- saving and loading
 def _single_config(layers: dict[str, AdapterLayer]) -> tuple[str, dict[str, Any]]:
+    """(method, hp with the patterns of the layers whose r/alpha differ): what `inject` rebuilds them
+    from. Layers wrapped one by one (wrap_linear) carry no injection hp: their own hp is the global one."""
     if not layers:
         raise ValueError("the model has no adapter layers; call methods.inject first")
-    configs = {(layer.method, json.dumps(layer.hp, sort_keys=True)) for layer in layers.values()}
+    configs = {(layer.method, json.dumps(getattr(layer, "global_hp", layer.hp), sort_keys=True))
+               for layer in layers.values()}
     if len(configs) > 1:
         raise ValueError(f"adapter layers disagree on method/hyper-parameters: {sorted(configs)}")
     first = next(iter(layers.values()))
-    return first.method, dict(first.hp)
+    hp = dict(getattr(first, "global_hp", first.hp))
+    return first.method, join_pattern(hp, {n: layer.hp for n, layer in layers.items()})
 
 
 def save_adapter(model: nn.Module, path: str | Path) -> Path:
     """Write `path/adapter_model.safetensors` (trainable tensors only) and `path/adapter_config.json`.
 
     Frozen state (base weights, RandLoRA's bases) is never written: it is rebuilt from the base model
-    and the seed, so the file holds ~4 bytes per fp32 trainable parameter. Returns the weights path.
+    and the seed, so the file holds ~4 bytes per fp32 trainable parameter. The config's `hp` holds the
+    `rank_pattern` / `alpha_pattern` of layers with their own r / alpha. Returns the weights path.
     """
     layers = adapter_layers(model)
     method, hp = _single_config(layers)
@@ -210,7 +285,8 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
-    """Load an adapter saved by `save_adapter`, injecting it first if `model` is a plain base model."""
+    """Load an adapter saved by `save_adapter`, injecting it first if `model` is a plain base model.
+    (Files from before per-layer ranks have no patterns in `hp`: every layer has the global hp.)"""
     path = Path(path)
     config = json.loads((path / CONFIG_FILE).read_text())
     method, hp, modules = config["method"], config["hp"], config["modules"]
@@ -220,7 +296,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
         inject(model, method, exact, **hp)
         layers = adapter_layers(model)
     have_method, have_hp = _single_config(layers)
-    if (have_method, have_hp, sorted(layers)) != (method, get_method(method).resolve_hp(hp), sorted(modules)):
+    plain, overrides = split_pattern(hp)
+    plain = get_method(method).resolve_hp(plain)
+    want = join_pattern(plain, {n: {**plain, **o} for n, o in overrides.items()})
+    if (have_method, have_hp, sorted(layers)) != (method, want, sorted(modules)):
         raise ValueError(f"adapter at {path} ({method}, {hp}, {len(modules)} layers) does not match the "
                          f"model's adapters ({have_method}, {have_hp}, {len(layers)} layers)")
     if any(layer.merged for layer in layers.values()):

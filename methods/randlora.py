@@ -34,13 +34,18 @@ def num_bases(min_dim: int, r: int) -> int:
 
 
 class RandomBases(nn.Module):
-    """The shared frozen bases A (r, 1, d_max) and B (D_max, n_max, r), as non-persistent buffers."""
+    """The shared frozen bases A (r, 1, d_max) and B (D_max, n_max, r), as non-persistent buffers.
+
+    With per-layer ranks (`r_min` < `r`), n_max = ceil(d_max / r_min): each layer slices r_layer rows of A,
+    and n_layer bases of r_layer columns of B (methods/inject.py `rank_pattern`).
+    """
 
     def __init__(self, out_features: int, in_features: int, r: int, seed: int, sparse: bool,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 r_min: int | None = None) -> None:
         super().__init__()
         big, small = max(out_features, in_features), min(out_features, in_features)
-        n = num_bases(small, r)
+        n = num_bases(small, r if r_min is None else r_min)
         if torch.device(device).type == "meta":
             a, b = torch.empty(r, 1, small, device="meta"), torch.empty(big, n, r, device="meta")
         else:
@@ -111,12 +116,13 @@ class RandLoRA(AdapterLayer):
 
     @classmethod
     def make_shared(cls, linears: list[nn.Linear], hp: dict[str, Any]) -> nn.Module:
-        """One pair of bases for all targets, sized by the element-wise max of their (out, in)."""
+        """One pair of bases for all targets, sized by the element-wise max of their (out, in); with
+        per-layer ranks `hp` carries the largest (`r`) and the smallest (`r_min`, see inject.shared_hp)."""
         out_max = max(lin.out_features for lin in linears)
         in_max = max(lin.in_features for lin in linears)
         w = linears[0].weight
         return RandomBases(out_max, in_max, hp["r"], hp["seed"], hp["sparse"], w.device,
-                           adapter_dtype_for(w.dtype))
+                           adapter_dtype_for(w.dtype), r_min=hp.get("r_min"))  # absent: one r for all
 
     @classmethod
     def budget_candidates(cls, shapes: list[tuple[int, int]], fixed: dict[str, Any]) -> list[dict]:
@@ -140,12 +146,12 @@ class RandLoRA(AdapterLayer):
 
     def basis_a(self) -> torch.Tensor:
         """This layer's slice of the shared A: (r, 1, d)."""
-        return self.bases.randlora_A[:, :, : min(self.in_features, self.out_features)]
+        return self.bases.randlora_A[: self.hp["r"], :, : min(self.in_features, self.out_features)]
 
     def basis_b(self) -> torch.Tensor:
         """This layer's slice of the shared B, flattened: (D, n r)."""
         big = max(self.in_features, self.out_features)
-        return self.bases.randlora_B[:big, : self.n_bases, :].flatten(1)
+        return self.bases.randlora_B[:big, : self.n_bases, : self.hp["r"]].flatten(1)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B_flat (D x n r), S (r n x d)) with dW on the (D x d) side = B_flat @ S (unscaled)."""
@@ -169,10 +175,14 @@ class RandLoRA(AdapterLayer):
     def delta_split(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         # out < in: dW = (s S^T) B^T with B frozen, so the merged path saves x B (tokens x n r, about
         # tokens x out) instead of x (tokens x in) -- the activation memory PEFT's RandLoRA has.
-        if self.out_features >= self.in_features:
-            return super().delta_split()
+        # out >= in: dW = B (s S), B the frozen left factor (`delta_left`).
         b, s = self.factors()
+        if self.out_features >= self.in_features:
+            return s * self.scaling, None
         return s.T * self.scaling, b.T
+
+    def delta_left(self) -> torch.Tensor | None:
+        return self.basis_b() if self.out_features >= self.in_features else None
 
     def delta_right(self) -> torch.Tensor | None:
         return None if self.out_features >= self.in_features else self.basis_b().T
@@ -184,14 +194,11 @@ class RandLoRA(AdapterLayer):
         return torch.addmm(weight, s.T, b.T, alpha=self.scaling)
 
     def delta_param_grads(self, grad_left: torch.Tensor) -> list[torch.Tensor]:
-        """One projection H = s B^T G (r n x d) -- for out < in the merged path's g^T u is H^T already --
-        then element-wise, since S[k, j] = lambda[k, j] A[k] gamma[j]:
-        d lambda[k, j] = sum_i H[k, j, i] A[k, i] gamma[j, i],
-        d gamma[j, i] = sum_k H[k, j, i] lambda[k, j] A[k, i]."""
-        if self.out_features >= self.in_features:
-            h = self.basis_b().T @ grad_left        # grad_left = G (out x in)
-        else:
-            h = grad_left.T                         # grad_left = g^T (x B) = G B (out x n r)
+        """From H = B^T G (r n x d), the gradient of s S that the merged path projects once (out >= in:
+        B^T G or (g B)^T x; out < in: g^T (x B) = H^T), element-wise, as S[k, j] = lambda[k, j] A[k] gamma[j]:
+        d lambda[k, j] = s sum_i H[k, j, i] A[k, i] gamma[j, i],
+        d gamma[j, i] = s sum_k H[k, j, i] lambda[k, j] A[k, i]."""
+        h = grad_left if self.out_features >= self.in_features else grad_left.T
         lam, gamma = self.randlora_lambda, self.randlora_gamma
         h = h.to(lam.dtype).reshape(*lam.shape, -1) * (self.basis_a() * self.scaling)   # H * A: (r, n, d)
         return [(h * gamma).sum(-1), (h * lam[:, :, None]).sum(0)]
@@ -203,11 +210,21 @@ class RandLoRA(AdapterLayer):
         return nr * small + (nr * max(self.in_features, self.out_features) if half is not None else 0)
 
     def merged_backward_macs(self, tokens: int, keep: bool) -> int:
-        # out >= in: G = g^T x and H = B^T G; out < in: x B in the forward and g^T (x B). Plus a rebuild of
-        # W + dW for the input gradient unless it was kept.
+        # out >= in: G = g^T x and H = B^T G, plus a rebuild of W + dW for the input gradient unless kept --
+        # or, not kept, g B, H = (g B)^T x and g W + (g B)(s S) (methods/fastpath.py `factored_backward`).
+        # out < in: x B in the forward and g^T (x B), plus the rebuild unless kept.
         nr, i, o = self.n_bases * self.hp["r"], self.in_features, self.out_features
-        grads = tokens * i * o + nr * i * o if o >= i else tokens * nr * (i + o)
-        return grads + (0 if keep else self.delta_macs())
+        if o < i:
+            return tokens * nr * (i + o) + (0 if keep else self.delta_macs())
+        dense = tokens * i * o + nr * i * o + (0 if keep else self.delta_macs())
+        return dense if keep else min(dense, tokens * nr * (o + 2 * i))
+
+    def merged_forward_macs(self, tokens: int, backward_builds: bool) -> int:
+        # out < in: (x B)(s S)^T from the x B that backward keeps (methods/fastpath.py `factored_forward`)
+        build = self.delta_macs()
+        if backward_builds and self.out_features < self.in_features:
+            return min(build, tokens * build // self.in_features)
+        return build
 
     def factored_macs(self, tokens: int) -> int:
         nr = self.n_bases * self.hp["r"]

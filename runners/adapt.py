@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -31,6 +32,12 @@ class Adaptation:
     head_trainable: int
     wrapped: list[str] = field(default_factory=list)
     rank_layers: list[str] = field(default_factory=list)  # targeted Linear layers, to measure rank(dW)
+    #: the count is within methods.budget.TOLERANCE of the budget (None: no budget, e.g. the references)
+    budget_reached: bool | None = None
+    #: {layer: {knob: value}} for the layers whose solved knob differs from the global hp (None: uniform)
+    per_layer: dict[str, dict[str, Any]] | None = None
+    #: adapter tensor shapes per layer shape ("in x out"): e.g. the Kronecker factorization LoKr got
+    structure: dict[str, dict[str, list[int]]] | None = None
 
     @property
     def budget_error(self) -> float | None:
@@ -40,6 +47,14 @@ class Adaptation:
 
 
 def _train_all(model: nn.Module, targets: Any, hp: dict) -> list[str]:
+    """Full fine-tuning trains the weights themselves, so they are kept in float32 (the master weights):
+    on a bfloat16 base, AdamW steps at lr 1e-5 fall below bf16's resolution (8 bits of mantissa) and most
+    weights never move. GPU runs still compute under bf16 autocast (`trainer.bf16`)."""
+    half = [p for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)]
+    for param in half:
+        param.data = param.data.float()
+    if half:
+        log.info("full fine-tuning: %d half-precision weight tensors kept as float32 master weights", len(half))
     model.requires_grad_(True)
     return []
 
@@ -79,7 +94,7 @@ def adapt(model: nn.Module, method_cfg: DictConfig, target_modules: Any, head_pr
     if name not in REFERENCES and name not in methods.available():
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(method_names())}")
 
-    budget_target = None
+    budget_target, solution = None, None
     rank_layers = list(methods.find_targets(model, target_modules))
     if name in REFERENCES:
         if budget is not None:
@@ -88,9 +103,9 @@ def adapt(model: nn.Module, method_cfg: DictConfig, target_modules: Any, head_pr
         expected = None
     else:
         if budget is not None:
-            budget_target = methods.resolve_budget(model, target_modules, budget)
-            hp.update(_keep_scaling(hp, methods.solve_budget(model, name, target_modules, budget, **hp),
-                                    keep_ratio=budget_alpha == "ratio"))
+            solution = _solve(model, name, target_modules, budget, hp)
+            budget_target = solution.target
+            hp.update(_keep_scaling(hp, solution.hp, keep_ratio=budget_alpha == "ratio"))
         expected = methods.num_params_model(model, name, target_modules, **hp)
         wrapped = methods.inject(model, name, target_modules, **hp)
 
@@ -98,14 +113,39 @@ def adapt(model: nn.Module, method_cfg: DictConfig, target_modules: Any, head_pr
     backbone = methods.count_trainable(model) - head
     if expected is not None and backbone != expected:
         raise AssertionError(f"{name}: {backbone} trainable adapter parameters, closed form says {expected}")
-    return Adaptation(name, hp, budget_target, backbone, head, wrapped, rank_layers)
+    if solution is None:
+        return Adaptation(name, hp, budget_target, backbone, head, wrapped, rank_layers)
+    return Adaptation(name, hp, budget_target, backbone, head, wrapped, rank_layers,
+                      budget_reached=solution.reached, per_layer=solution.per_layer or None,
+                      structure=solution.structure)
+
+
+def _solve(model: nn.Module, name: str, targets: Any, budget: int | str, hp: dict[str, Any]
+           ) -> methods.BudgetSolution:
+    """The budget's plan (see methods.budget); one log line, a warning when it is more than the
+    tolerance off (the run goes on, recorded as `budget_reached: false`). Outside the range the knobs
+    reach, methods refuses it (a ValueError: the run fails in one line before training)."""
+    solution = methods.solve_budget_report(model, name, targets, budget, **hp)
+    if solution.reached:
+        log.info("budget %s: %s", budget, solution.describe())
+    else:
+        log.warning("budget %s not reached within %.0f%%: %s parameters, %+.2f%% off (%s)", budget,
+                    100 * methods.budget.TOLERANCE, solution.achieved, 100 * solution.rel_error,
+                    solution.describe())
+    return solution
 
 
 def _keep_scaling(hp: dict[str, Any], solved: dict[str, Any], keep_ratio: bool) -> dict[str, Any]:
     """With `budget_alpha=ratio`, a solved rank keeps the configured scaling alpha/r (alpha = 2r for LoRA,
-    20r for RandLoRA as PEFT recommends); a fixed alpha would make RandLoRA's scaling 320 at r=2."""
+    20r for RandLoRA as PEFT recommends); a fixed alpha would make RandLoRA's scaling 320 at r=2. Layers
+    the solver gave their own r keep it too (an `alpha_pattern`); with `fixed`, every layer keeps alpha."""
     if keep_ratio and "r" in solved and "r" in hp and "alpha" in hp and "alpha" not in solved:
-        return {**solved, "alpha": hp["alpha"] * solved["r"] / hp["r"]}
+        own = solved.get("rank_pattern") or {}  # present only when some layers have their own r
+        def alpha(r: int) -> float:
+            return hp["alpha"] * r / hp["r"]
+
+        return {**solved, "alpha": alpha(solved["r"]),
+                **({"alpha_pattern": {n: alpha(r) for n, r in own.items()}} if own else {})}
     return solved
 
 

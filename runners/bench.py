@@ -16,7 +16,8 @@ Timing: all configurations live in one process and are interleaved (rep 1: all c
 configs in another order, ...), each rep with its own warm-up; medians and p90 pool the timed steps of all
 reps, and every ratio is the median over reps of the ratio inside one rep (robust to load changing
 between reps). Step time noise between processes reached 25% on the 2-core dev machine, so only the ratios inside
-one table are meaningful.
+one table are meaningful. On a machine other jobs share, `--clock cpu --threads 1` times the process's CPU
+time instead of wall time, which time spent waiting for a core does not inflate.
 
 Memory, two figures per configuration:
 * `saved_MiB`: bytes of tensors autograd keeps for backward in one step (saved-tensor hooks, deduplicated
@@ -46,6 +47,7 @@ import math
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -202,7 +204,9 @@ def peft_config(method: str, targets: list[str], hp: dict[str, Any]):
 def make_configs(work: Workload, budget: str, method_names: list[str], with_peft: bool) -> list[Config]:
     configs = [Config("floor", None, {}), Config("full", None, {})]
     for name in method_names:
-        solved = methods.solve_budget(work.model, name, work.targets, budget)
+        # one r for all layers: PEFT's configs of RandLoRA/VeRA have no rank_pattern, and both sides run
+        # the same solved values
+        solved = methods.solve_budget(work.model, name, work.targets, budget, per_layer=False)
         hp = methods.get_method(name).resolve_hp(solved)
         configs.append(Config(f"ours:{name}", name, hp))
         if with_peft:
@@ -227,13 +231,13 @@ def instantiate(work: Workload, cfg: Config) -> nn.Module:
 class Trainer:
     """One configuration's model and optimizer; `step()` is a full optimizer step."""
 
-    def __init__(self, work: Workload, cfg: Config, device: torch.device) -> None:
+    def __init__(self, work: Workload, cfg: Config, device: torch.device, clock: str = "wall") -> None:
         self.work, self.cfg = work, cfg
         self.model = instantiate(work, cfg)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
         self.opt = adamw(params, lr=1e-4) if params else None   # the runner's optimizer
-        self.timer = StepTimer(device, warmup=0)
+        self.timer = (CpuTimer if clock == "cpu" else StepTimer)(device, warmup=0)
 
     def step(self) -> None:
         if self.opt is not None:
@@ -246,6 +250,19 @@ class Trainer:
         self.timer.start()
         self.step()
         return self.timer.stop()
+
+
+class CpuTimer(StepTimer):
+    """The process's CPU time per step instead of wall time (`--clock cpu`): on a machine shared with
+    other jobs, time spent waiting for a core is not counted. Meaningful with `--threads 1` on the CPU."""
+
+    def start(self) -> None:
+        self._t0 = time.process_time()
+
+    def stop(self) -> float:
+        dt = time.process_time() - self._t0
+        self.times.append(dt)
+        return dt
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -489,7 +506,7 @@ def bench_one(args: argparse.Namespace, model_name: str, budget: str, device: to
     prepare(work, device, args.bf16)
     floor_vs_full = full_rank_floor(work)
     configs = make_configs(work, budget, args.methods, with_peft=not args.no_peft)
-    trainers = [Trainer(work, cfg, device) for cfg in configs]
+    trainers = [Trainer(work, cfg, device, args.clock) for cfg in configs]
     saved = {t.cfg.label: saved_tensor_bytes(t) for t in trainers}
     work_ratio = {t.cfg.label: adapter_work(t) for t in trainers}
     args.current_model = model_name
@@ -504,12 +521,13 @@ def bench_one(args: argparse.Namespace, model_name: str, budget: str, device: to
               if args.merged_check else [])
     return {"model": model_name, "budget": budget, "description": work.description, "rows": rows,
             "merged": merged, "profiles": profiles, "full_rank_floor": floor_vs_full,
-            "device": str(device) + (", bf16 autocast" if args.bf16 else ""), "threads": torch.get_num_threads()}
+            "device": str(device) + (", bf16 autocast" if args.bf16 else ""), "threads": torch.get_num_threads(),
+            "clock": args.clock}
 
 
 def print_result(res: dict[str, Any], memory_key: str) -> None:
     print(f"\n## {res['description']} — budget {res['budget']} ({res['device']}, "
-          f"{res['threads']} threads)\n")
+          f"{res['threads']} threads, {res['clock']} clock)\n")
     print(format_table(res["rows"], memory_key))
     print(f"\nfull-rank floor (RandLoRA x full: 1 + 2 min / (3 T) over the targets): "
           f"{res['full_rank_floor']:.3f}")
@@ -543,6 +561,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's); 1 keeps ratios stable when another job shares "
                         "the cores (a multi-threaded GEMM stalls whenever one of its threads is preempted)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="step time as wall time (default) or as this process's CPU time (cpu: with --threads "
+                        "1 on the CPU, robust to other jobs sharing the machine)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions")
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration per repetition")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each repetition")
@@ -555,7 +576,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="print torch.profiler's operator table for these configurations, e.g. ours:randlora")
     p.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.clock == "cpu" and torch.device(args.device).type != "cpu":
+        p.error(f"--clock cpu times CPU work only; on --device {args.device} use --clock wall")
+    return args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

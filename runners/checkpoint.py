@@ -1,8 +1,10 @@
 """Resumable training state, so a preempted or requeued job continues where it stopped.
 
 Only trainable tensors are saved (the frozen backbone is reloaded from its pretrained files), together
-with optimizer, scheduler, step, RNG states and the history collected so far. A resumed run reproduces
-the uninterrupted run's metrics exactly on CPU.
+with optimizer, scheduler, step, RNG states, the history collected so far and the training data stream's
+state (`data`: the sampler's position, runners/data.py), so a resumed run fetches its next batch and no
+earlier one. A resumed run reproduces the uninterrupted run's metrics exactly on CPU. In a data-parallel
+run rank 0 alone writes the file (every rank holds the same trainable state) and every rank reads it.
 """
 from __future__ import annotations
 

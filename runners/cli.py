@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -71,10 +71,22 @@ def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or check(v)
 
 
+def _budget(v: Any) -> bool:
+    """A budget methods.resolve_budget understands: a parameter count, "loraN" or "native"."""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    text = v.strip().lower() if isinstance(v, str) else None
+    if text is not None and (text.isdigit() or re.fullmatch(r"lora\d+", text)):
+        return int(text.removeprefix("lora")) > 0
+    return text == "native" or _positive_int(v)
+
+
 #: (key, check, what is valid). Only values that need no model: whether a budget is reachable or a rank
 #: fits a layer depends on the model's shapes, and `methods` refuses those before allocating anything.
 VALUE_CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("seed", _is_int, "use an integer, e.g. seed=0"),
+    ("budget", _optional(_budget), ("use a parameter count, loraN (LoRA rank N's count, e.g. lora8), native "
+                                    "(each method's configured hyper-parameters, unsolved) or null")),
     ("device", lambda v: v in ("auto", "cpu", "cuda"), "use auto, cpu or cuda"),
     ("threads", _optional(_positive_int), "use an integer >= 1, or null for one per core"),
     ("trainer.lr", _positive, "use a number > 0, e.g. trainer.lr=1e-3"),
@@ -92,6 +104,16 @@ VALUE_CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.timing_warmup", _count, "use an integer >= 0"),
     ("trainer.log_every", _positive_int, "use an integer >= 1"),
     ("trainer.checkpoint_every", _optional(_count), "use an integer >= 0 (0: never)"),
+    ("task.model.dtype", lambda v: v in (None, "float32", "bfloat16"),
+     "use float32, bfloat16 or null (float16 weights need loss scaling, which the training loop does not do)"),
+    ("task.data.eval_split", lambda v: v in ("test", "validation"),
+     "use test (the reported split) or validation (the split hyper-parameters are chosen on)"),
+    ("task.data.val_fraction", lambda v: _is_number(v) and 0 <= v < 1,
+     "use a number in [0, 1): the share of train held out for validation (0: none)"),
+    ("task.data.val_max", _positive_int, "use an integer >= 1: the most examples held out for validation"),
+    ("task.data.val_seed", _is_int, "use an integer, e.g. task.data.val_seed=0"),
+    ("sweep.lr_factors", lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0 and all(_positive(x) for x in v),
+     "use a non-empty list of numbers > 0, e.g. sweep.lr_factors=[0.25,0.5,1,2,4]"),
 ]
 
 _ABSENT = object()

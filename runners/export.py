@@ -52,6 +52,7 @@ HEAD_FILE = "head.safetensors"
 OURS = "adapter"                # the run's rankbench adapter folder (methods.save_adapter)
 PEFT_PREFIX = "base_model.model."
 BACKBONE = "backbone."          # tasks.common.HeadedModel keeps the Hugging Face model as `.backbone`
+PER_LAYER = ("rank_pattern", "alpha_pattern")   # methods.inject's per-layer hp (budget solver)
 
 
 # ----------------------------------------------------------------------------- the method <-> PEFT spec
@@ -117,6 +118,11 @@ def _hf_name(module: str, strip: bool) -> str:
 def peft_config(run: TrainedRun) -> dict[str, Any]:
     """adapter_config.json: the method's PEFT fields plus what PeftModel needs to find the modules."""
     fmt, modules = _format(run.method), run.adapter["modules"]
+    per_layer = sorted(k for k in PER_LAYER if run.adapter["hp"].get(k))   # optional: most runs have none
+    if per_layer:
+        raise ValueError(f"{run.run_dir}: the adapter gives some layers their own r or alpha ({', '.join(per_layer)}: "
+                         f"a budget between two global ranks), which the PEFT export does not write yet; "
+                         f"export a run with one r for every layer")
     strip = all(m.startswith(BACKBONE) for m in modules)
     base = resolve_model_path(run.record["run"]["config"]["task"]["model"]["path"])
     return {"peft_type": fmt.peft_type, "task_type": None, "base_model_name_or_path": base,

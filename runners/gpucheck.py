@@ -11,7 +11,8 @@ the check is about arithmetic, memory and speed, not accuracy) and each precisio
 * `bf16-amp`:   fp32 weights under bf16 autocast (how `trainer.bf16=true` trains on CUDA);
 * `bf16-base`:  the frozen base stored in bf16, gradient checkpointing on (how large models are tuned),
 
-every registered method is injected at the `lora8` budget (`methods.solve_budget`) and trained for a few
+every registered method is injected at the `lora8` budget (`methods.solve_budget`, one rank for every
+layer, as PEFT's configs of RandLoRA and VeRA can express) and trained for a few
 AdamW steps on random batches, once as ours and once as PEFT's same configuration, interleaved in one
 process. Checks, each a failure line when violated: the loss is finite at every step, every adapter
 parameter has a non-zero gradient after the first backward (B = 0 at init makes A's first gradient zero
@@ -239,7 +240,8 @@ def run_shape(shape: Shape, modes: list[str], names: list[str], device: torch.de
     for mode in modes:
         base = prepare_base(shape, mode, device)
         for method in names:
-            hp = methods.solve_budget(base, method, shape.targets, "lora8")
+            # one setting for every layer: PEFT's RandLoRA and VeRA configs have no per-layer rank pattern
+            hp = methods.solve_budget(base, method, shape.targets, "lora8", per_layer=False)
             hp = {**methods.get_method(method).resolve_hp({}), **hp}
             for impl in ("ours", "peft") if with_peft else ("ours",):
                 row = Row(shape.name, mode, method, impl, hp, 0)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 log = logging.getLogger("rankbench.preflight")
 
-DEFAULT_BUDGETS = ["lora4", "lora8", "lora16", "lora32"]  # conf/sweep/budget.yaml's axis
+DEFAULT_BUDGETS = ["lora1", "lora2", "lora4", "lora8", "lora16", "lora32", "native"]  # conf/sweep/budget.yaml's axis
 PROMPTS_SHOWN = 3
 
 
@@ -231,15 +231,26 @@ def _skeleton(path: str, task_cfg: DictConfig) -> Any:
 
 
 def _solve(model: Any, method: str, targets: Any, budget: str) -> dict[str, Any]:
+    """The solver's plan as a run makes it (with the method config's hp): the knobs, how many layers
+    have their own r, the exact count, its error and whether it is within the solver's tolerance."""
     import methods
 
     try:
-        target = methods.resolve_budget(model, targets, budget)
-        hp = methods.solve_budget(model, method, targets, budget)
-        achieved = methods.num_params_model(model, method, targets, **hp)
+        sol = methods.solve_budget_report(model, method, targets, budget, **_method_hp(method))
     except ValueError as err:
         return {"problem": _first_line(err)}
-    return {"hp": hp, "target": target, "achieved": achieved, "error": (achieved - target) / target}
+    return {"hp": sol.hp, "own_r": len(sol.rank_pattern),
+            "target": sol.target, "achieved": sol.achieved, "error": sol.rel_error, "reached": sol.reached}
+
+
+def _method_hp(method: str) -> dict[str, Any]:
+    """conf/method/<method>.yaml's hyper-parameters (what `budget=native` means); {} without one."""
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parent.parent / "conf" / "method" / f"{method}.yaml"
+    if not path.exists():
+        return {}
+    return {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k not in ("name", "lr")}
 
 
 # --- the whole suite ---------------------------------------------------------------------------------
@@ -284,10 +295,18 @@ def model_table(model: dict[str, Any]) -> str:
     lines = ["; ".join(model["problems"]) if model["problems"] else
              f"model {model['path']}: {model.get('target_layers', 0)} target layers ({', '.join(model['targets'])})"]
     for method, per_budget in model.get("counts", {}).items():
-        cells = [f"{b}: {v['achieved']:,} ({v['error']:+.1%}) {v['hp']}" if "achieved" in v else f"{b}: {v['problem']}"
-                 for b, v in per_budget.items()]
+        cells = [_count_cell(b, v) for b, v in per_budget.items()]
         lines.append(f"  {method:<9} " + " | ".join(cells))
     return "\n".join(lines)
+
+
+def _count_cell(budget: str, v: dict[str, Any]) -> str:
+    if "achieved" not in v:
+        return f"{budget}: {v['problem']}"
+    knobs = {k: x for k, x in v["hp"].items() if k != "rank_pattern"}
+    own = f" +{v['own_r']} layers own r" if v["own_r"] else ""
+    return (f"{budget}: {v['achieved']:,} ({v['error']:+.2%}{'' if v['reached'] else ', NOT REACHED'}) "
+            f"{knobs}{own}")
 
 
 def main(argv: list[str]) -> int:

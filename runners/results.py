@@ -1,4 +1,6 @@
-"""The result file: one `results.json` per run, written atomically so a crash never leaves half a file."""
+"""The result file: one `results.json` per run, written atomically so a crash never leaves half a file.
+
+What goes in it is typed in `runners.schema` (the record's dataclasses and the schema version)."""
 from __future__ import annotations
 
 import json
@@ -7,12 +9,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-SCHEMA = 1
+from runners.schema import SCHEMA_VERSION, Record
+
+SCHEMA = SCHEMA_VERSION
 FILENAME = "results.json"
 
 
-def write_results(run_dir: str | Path, record: dict[str, Any]) -> Path:
+def write_results(run_dir: str | Path, record: dict[str, Any] | Record) -> Path:
     """Write `record` to run_dir/results.json via a temp file + rename (atomic on POSIX)."""
+    if isinstance(record, Record):
+        record = record.to_dict()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / FILENAME

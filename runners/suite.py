@@ -11,8 +11,8 @@ dataset), so this module is only the single-command path.
 from __future__ import annotations
 
 import logging
-import statistics
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from omegaconf import DictConfig, open_dict
 
 import tasks
 from runners.results import FILENAME
+from runners.schema import Metrics, Record, suite_cost, suite_forgetting
 
 log = logging.getLogger(__name__)
 
@@ -67,35 +68,30 @@ def run_suite(cfg: DictConfig, names: list[str], run_dir: Path, record: dict[str
 def summary_record(record: dict[str, Any], names: list[str], records: dict[str, dict[str, Any]],
                    errors: dict[str, str]) -> dict[str, Any]:
     """The suite's record: each dataset's metrics and their mean; parameters of the (identical)
-    per-dataset adapters; cost figures as the mean over datasets (train time summed, memory the max)."""
-    first = next(iter(records.values()), None)
+    per-dataset adapters; cost figures as the mean over datasets (train time summed, memory the max).
+    Each part is read through runners.schema (a part finished by an older rankbench is upgraded)."""
+    parts = {n: Record.from_dict(r) for n, r in records.items()}
+    first = next(iter(parts.values()), None)
+    run = record["run"]
     if first:
-        for key in ("hp", "budget_target", "device", "gpu", "max_steps", "regime", "memory_savers"):
-            record["run"][key] = first["run"].get(key)
-        record["run"]["max_steps"] = {n: r["run"].get("max_steps") for n, r in records.items()}
-        record["params"] = dict(first["params"])
-    record["run"]["parts"] = {n: f"{n}/{FILENAME}" for n in names}
-    metrics = {key: {n: r["metrics"][key][n] for n, r in records.items() if n in r["metrics"].get(key, {})}
-               for key in ("per_dataset", "per_dataset_before", "per_dataset_metrics",
-                           "per_dataset_metrics_before")}
-    metrics["delta_rank"] = {f"{n}/{layer}": v for n, r in records.items()
-                             for layer, v in (r["metrics"].get("delta_rank") or {}).items()}
-    record.update(metrics=metrics, cost=_suite_cost(records), history=[])
-    record["run"]["suite_errors"] = errors
+        for key in ("hp", "budget_target", "device", "gpu", "regime", "memory_savers", "model_revision",
+                    "world_size"):
+            run[key] = getattr(first.run, key)
+        run["max_steps"] = {n: p.run.max_steps for n, p in parts.items()}
+        run["dataset_revisions"] = {n: (p.run.dataset_revisions or {}).get(n) for n, p in parts.items()}
+        record["params"] = asdict(first.params)
+    run["parts"] = {n: f"{n}/{FILENAME}" for n in names}
+    metrics = Metrics(per_dataset=_each(parts, "per_dataset"), per_dataset_before=_each(parts, "per_dataset_before"),
+                      per_dataset_metrics=_each(parts, "per_dataset_metrics"),
+                      per_dataset_metrics_before=_each(parts, "per_dataset_metrics_before"),
+                      delta_rank={f"{n}/{layer}": v for n, p in parts.items() for layer, v in p.metrics.delta_rank.items()},
+                      eval_split=first.metrics.eval_split if first else None,
+                      **suite_forgetting({n: p.metrics for n, p in parts.items()}))
+    record.update(metrics=asdict(metrics), cost=suite_cost([p.cost for p in parts.values()]).to_dict(), history=[])
+    run["suite_errors"] = errors
     return record
 
 
-def _suite_cost(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    costs = [r["cost"] for r in records.values()]
-    out: dict[str, Any] = {}
-    for key in sorted({k for c in costs for k in c}):
-        values = [c[key] for c in costs if isinstance(c.get(key), (int, float))]
-        if not values:
-            out[key] = None
-        elif key == "train_time_s":
-            out[key] = sum(values)
-        elif key.startswith("peak") or key.endswith("_bytes"):
-            out[key] = max(values)
-        else:
-            out[key] = statistics.fmean(values)
-    return out
+def _each(parts: dict[str, Record], key: str) -> dict[str, Any]:
+    """Each part's own dataset's entry of `metrics.<key>`."""
+    return {n: getattr(p.metrics, key)[n] for n, p in parts.items() if n in getattr(p.metrics, key)}

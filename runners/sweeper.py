@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 import types
@@ -167,6 +168,84 @@ def validate_factors(spec: Mapping[str, Any]) -> None:
                              f"method's default {key}), e.g. [0.5,1,2]; got {values!r}")
 
 
+# --- +sweep=tuned (pure) -----------------------------------------------------------------------------
+
+TUNING_FILE = "tuning.json"  # read by runners.train.read_tuning (kept equal to runners.train.TUNING_FILE)
+TUNED_METRIC = "accuracy"    # results' metrics.accuracy: each dataset's primary metric (CoLA: Matthews corr.)
+
+
+@dataclass(frozen=True)
+class TuneGroup:
+    """One (dataset, method, budget) of a tuned sweep and its stage-1 runs: (lr, job) per candidate
+    (empty for sweep.untuned methods, which run at their default lr)."""
+
+    method: str
+    budget: Any
+    dataset: str | None
+    candidates: tuple[tuple[float, Job], ...]
+
+    @property
+    def label(self) -> str:
+        return "/".join(str(x) for x in (self.dataset, self.method, self.budget) if x is not None)
+
+
+def candidate_lrs(default: float, factors: Sequence[float]) -> list[float]:
+    """sweep.lr_factors x the method's default lr, rounded to 6 significant digits (clean run names), sorted."""
+    return sorted({float(f"{float(default) * float(f):.6g}") for f in factors})
+
+
+def tuned_groups(spec: Mapping[str, Any], default_lrs: Mapping[str, float]) -> list[TuneGroup]:
+    """Stage 1 of +sweep=tuned: per dataset x (methods x budgets + references), a validation run at the
+    first seed per lr candidate, named `[<dataset>/]<method>[-<budget>]-lr<lr>-s<seed>-val`."""
+    seed = (spec.get("seeds") or [0])[0]
+    untuned = set(spec.get("untuned") or [])
+    axes = [(m, b) for m in spec.get("methods") or [] for b in spec.get("budgets") or [None]]
+    axes += [(r, None) for r in spec.get("references") or []]
+    groups = []
+    for dataset in spec.get("datasets") or [None]:
+        for method, budget in axes:
+            lrs = [] if method in untuned else candidate_lrs(default_lrs[method], spec["lr_factors"])
+            jobs = tuple((lr, _validation_job(method, budget, seed, lr, dataset)) for lr in lrs)
+            groups.append(TuneGroup(method, budget, dataset, jobs))
+    return groups
+
+
+def _validation_job(method: str, budget: Any, seed: int, lr: float, dataset: str | None) -> Job:
+    job = _job(method, budget, seed, (("lr", lr),), dataset)
+    return Job(f"{job.name}-val", job.overrides + ("task.data.eval_split=validation",))
+
+
+def final_jobs(group: TuneGroup, seeds: Sequence[int], lr: float | None) -> list[Job]:
+    """Stage 2: the group at every seed, at `lr` (None: the default), scored on test; named like
+    +sweep=budget's runs, `[<dataset>/]<method>[-<budget>]-s<seed>`."""
+    extra = (f"++method.lr={lr}",) if lr is not None else ()
+    jobs = [_job(group.method, group.budget, seed, (), group.dataset) for seed in seeds]
+    return [Job(job.name, job.overrides + extra + ("task.data.eval_split=test",)) for job in jobs]
+
+
+def candidate_score(run_dir: Path) -> float | None:
+    """A stage-1 run's validation score (metrics.accuracy); None when it failed, is missing, is not finite
+    or was scored on another split than validation (a test score never chooses anything)."""
+    record = read_results(run_dir) or {}
+    metrics = record.get("metrics") or {}
+    value = metrics.get(TUNED_METRIC)
+    ok = record.get("run", {}).get("status") == "success" and metrics.get("eval_split") == "validation"
+    return float(value) if ok and isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def choose_lr(scores: Sequence[tuple[float, float | None]]) -> float | None:
+    """The winning lr: highest validation score, a tie going to the smaller lr; a failed candidate
+    (score None) never wins; None when all failed."""
+    done = [(lr, score) for lr, score in scores if score is not None]
+    return min(done, key=lambda pair: (-pair[1], pair[0]))[0] if done else None
+
+
+def tuning_record(chosen: float, candidates: Sequence[tuple[float, float | None, str]]) -> dict[str, Any]:
+    """What a final records as run.tuning: the metric and split it was chosen on, the lr, every candidate."""
+    return {"metric": TUNED_METRIC, "split": "validation", "chosen_lr": chosen,
+            "candidates": [{"lr": lr, "score": score, "run_dir": run_dir} for lr, score, run_dir in candidates]}
+
+
 # --- what already ran --------------------------------------------------------------------------------
 
 def config_diff(stored: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -229,6 +308,8 @@ class RankbenchSweeper(BasicSweeper):
         base_jobs = [[o for o in base if _key(o) != "dataset"] for base in self._base_jobs(arguments)]
         _check_axes_not_overridden(base_jobs[0], spec.get("name", "?"))
         self._validate(spec)
+        if spec.get("lr_factors"):  # +sweep=tuned: lr chosen on validation, then the winner on test
+            return self._sweep_tuned(spec, base_jobs)
         jobs = [Job(_with_suffix(job.name, base, base_jobs), tuple(base) + job.overrides)
                 for base in base_jobs for job in expand(spec)]
         todo = self._pending(jobs)
@@ -245,6 +326,86 @@ class RankbenchSweeper(BasicSweeper):
         log.info("sweep %s: %d runs, %d finished, launching %d", spec.get("name"), len(jobs),
                  len(jobs) - len(todo), len(todo))
         return self._launch([list(job.overrides) + [f"hydra.sweep.subdir={job.name}"] for job, _ in todo])
+
+    # --- +sweep=tuned: two stages ---------------------------------------------------------------------
+
+    def _sweep_tuned(self, spec: dict[str, Any], base_jobs: list[list[str]]) -> Any:
+        """Stage 1: every lr candidate at the first seed, scored on validation; stage 2 (after stage 1's
+        jobs returned): each group's winner at every seed, scored on test. Finished runs are skipped in both."""
+        units = [(base, group) for base in base_jobs for group in tuned_groups(spec, self._default_lrs(spec, base))]
+        stage1 = [self._based(job, base, base_jobs) for base, group in units for _, job in group.candidates]
+        todo = self._pending(stage1)
+        if spec.get("dry_run"):
+            return self._dry_run_tuned(spec, units, base_jobs, todo, len(stage1))
+        self._preflight(spec)
+        self._save_multirun_yaml()
+        log.info("sweep %s, stage 1 (lr on validation): %d runs, %d finished, launching %d", spec.get("name"),
+                 len(stage1), len(stage1) - len(todo), len(todo))
+        if todo:
+            self._launch([list(job.overrides) + [f"hydra.sweep.subdir={job.name}"] for job, _ in todo])
+        finals = [job for base, group in units for job in self._finals(spec, base, group, base_jobs)]
+        todo = self._pending([job for job, _ in finals])
+        tuning = dict(finals)
+        for job, run_dir in todo:  # the runner copies it into results.json as run.tuning
+            if tuning[job] is not None:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / TUNING_FILE).write_text(json.dumps(tuning[job], indent=2) + "\n")
+        log.info("sweep %s, stage 2 (winners on test): %d runs, %d finished, launching %d", spec.get("name"),
+                 len(finals), len(finals) - len(todo), len(todo))
+        if not todo:
+            return []
+        return self._launch([list(job.overrides) + [f"hydra.sweep.subdir={job.name}"] for job, _ in todo])
+
+    def _finals(self, spec: dict[str, Any], base: list[str], group: TuneGroup, base_jobs: list[list[str]]
+                ) -> list[tuple[Job, dict[str, Any] | None]]:
+        """(final job, its tuning record) at every seed, at the group's validation winner; none (and one
+        log line) when every candidate failed."""
+        seeds = list(spec.get("seeds") or [0])
+        if not group.candidates:  # sweep.untuned: run at the default lr, no tuning record
+            return [(self._based(job, base, base_jobs), None) for job in final_jobs(group, seeds, None)]
+        scored = [(lr, self._run_dir(self._based(job, base, base_jobs))) for lr, job in group.candidates]
+        scores = [(lr, candidate_score(run_dir)) for lr, run_dir in scored]
+        chosen = choose_lr(scores)
+        if chosen is None:
+            log.error("sweep %s: no final for %s: all %d lr candidates failed (see %s)", spec.get("name"),
+                      group.label, len(scores), scored[0][1].parent)
+            return []
+        record = tuning_record(chosen, [(lr, score, str(run_dir)) for (lr, score), (_, run_dir) in zip(scores, scored)])
+        log.info("sweep %s: %s lr %g chosen on validation (%s)", spec.get("name"), group.label, chosen,
+                 ", ".join(f"{lr:g}: {'failed' if s is None else f'{s:.4f}'}" for lr, s in scores))
+        return [(self._based(job, base, base_jobs), record) for job in final_jobs(group, seeds, chosen)]
+
+    def _dry_run_tuned(self, spec: dict[str, Any], units: list[tuple[list[str], TuneGroup]],
+                       base_jobs: list[list[str]], todo: list[tuple[Job, Path]], n_stage1: int) -> list[Any]:
+        """List stage 1's pending runs, then every final (its lr is known only once stage 1 has run)."""
+        for job, run_dir in todo:
+            log.info("would launch (stage 1, validation) %s -> %s", job.name, run_dir)
+        finals = [self._based(job, base, base_jobs) for base, group in units
+                  for job in final_jobs(group, list(spec.get("seeds") or [0]), None)]
+        for job in finals:
+            log.info("would launch (stage 2, test, at the validation winner's lr, or the default for "
+                     "sweep.untuned) %s -> %s", job.name, self._run_dir(job))
+        log.info("sweep %s: dry run, stage 1: %d of %d runs would launch; stage 2: up to %d finals",
+                 spec.get("name"), len(todo), n_stage1, len(finals))
+        return []
+
+    def _default_lrs(self, spec: dict[str, Any], base: list[str]) -> dict[str, float]:
+        """Each swept method's default lr on this task (runners.train.method_lr of its composed config)."""
+        from runners.train import method_lr
+
+        loader, out = self.hydra_context.config_loader, {}
+        for method in [*(spec.get("methods") or []), *(spec.get("references") or [])]:
+            out[method] = method_lr(loader.load_sweep_config(self.config, [*base, f"method={method}"]))
+        return out
+
+    @staticmethod
+    def _based(job: Job, base: list[str], base_jobs: list[list[str]]) -> Job:
+        return Job(_with_suffix(job.name, base, base_jobs), tuple(base) + job.overrides)
+
+    def _run_dir(self, job: Job) -> Path:
+        cfg = self.hydra_context.config_loader.load_sweep_config(
+            self.config, [*job.overrides, f"hydra.sweep.subdir={job.name}"])
+        return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
 
     def _base_jobs(self, arguments: list[str]) -> list[list[str]]:
         """Cartesian product of the command line's own sweeps (one empty-suffix job when there are none)."""

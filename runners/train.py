@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,16 +23,20 @@ from tqdm import tqdm
 
 import methods
 import tasks
-from runners import env
-from runners.adapt import Adaptation, adapt, is_head
+from runners import distributed, env
+from runners.adapt import Adaptation, adapt, is_head, method_info, method_names
 from runners.checkpoint import FILENAME as CHECKPOINT
 from runners.checkpoint import PreemptionGuard, load_checkpoint, save_checkpoint
 from runners.cli import check_values
+from runners.data import batch_split_problem, make_loader, wait_summary
 from runners.export import import_peft_adapter, save_head
 from runners.logger import make_logger
 from runners.metrics import PeakMemory, SavedActivations, StepTimer, matrix_ranks, state_bytes
 from runners.results import SCHEMA, is_complete, read_results, write_results
+from runners.schema import Params, Record, Run
 from runners.suite import run_suite, suite_datasets
+from tasks.common import hub_revision, resolve_model_path
+from tasks.forgetting import forgetting_metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +52,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Execute one run described by a composed rankbench config and return its result record."""
     if (problem := _refusal(cfg)) is not None:
         raise RunFailed(problem)  # refused before anything is built; nothing is written
-    run_dir = output_dir(cfg)
+    if (problem := batch_split_problem(cfg.trainer.batch_size, distributed.planned().size)) is not None:
+        raise RunFailed(problem)  # a data-parallel run splits each batch evenly over its processes
+    distributed.setup(env.resolve_device(cfg.device, _size(cfg)))  # DDP (torchrun / SLURM tasks): join the group
+    run_dir = distributed.agree(output_dir(cfg))  # rank 0's: Hydra's timestamped dirs may differ by rank
     if is_complete(run_dir):
         log.info("skipping %s: results.json there already records a successful run", run_dir)
         return read_results(run_dir)
     record = _new_record(cfg)
+    record["run"]["tuning"] = read_tuning(run_dir)  # how +sweep=tuned chose this run's lr (None otherwise)
     names = _suite_or_error(cfg, run_dir, record)
     if names:
         return _run_suite(cfg, names, run_dir, record)
     logger = None
     try:
-        device = env.resolve_device(cfg.device, _size(cfg))
+        world, device = distributed.setup(env.resolve_device(cfg.device, _size(cfg)))  # cuda:<local rank>
         env.set_threads(cfg.get("threads"))
-        record["run"].update(device=env.device_description(device), gpu=env.gpu_info(device))
+        record["run"].update(device=env.device_description(device), gpu=env.gpu_info(device),
+                             world_size=world.size)
         generator = env.seed_everything(cfg.seed)
         task = tasks.build(cfg.task)
         model = task.build_model()
@@ -68,18 +77,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                            cfg.get("budget_alpha", "ratio"))
         _record_adaptation(record, adaptation, model)
         model.to(device)
-        logger = make_logger(cfg.logger, run_dir, record["run"]["id"], record["run"]["config"],
+        logger = make_logger(cfg.logger if world.main else OmegaConf.create({"name": "none"}),  # W&B: rank 0
+                             run_dir, record["run"]["id"], record["run"]["config"],
                              _group(cfg), [cfg.method.name, cfg.task.name, _size(cfg)])
+        record["run"].update(model_revision=hub_revision(resolve_model_path(cfg.task.model.path)),
+                             dataset_revisions=getattr(task, "dataset_revisions", None))  # None: no hook yet
         record["run"].update(max_steps=total_steps(task, cfg.trainer), regime=task.regime,
                              memory_savers=_memory_savers(task, cfg.trainer, device))
         _evaluate(task, model, cfg, device, record["metrics"], suffix="_before")
+        probe_before = _probe(task, model, cfg, device)  # forgetting: the pretrained model on held-out data
         before = _sample_weights(model, adaptation)
         if cfg.get("init_adapter"):  # a PEFT adapter folder (runners.export): evaluated like our runs
             import_peft_adapter(model, cfg.init_adapter)
         record["cost"], record["history"] = train(model, task, cfg, device, generator, run_dir, logger,
                                                   record["run"]["config_hash"], record["run"]["max_steps"])
         _evaluate(task, model, cfg, device, record["metrics"], suffix="")
+        record["metrics"].update(forgetting_metrics(probe_before, _probe(task, model, cfg, device),
+                                                    task.forgetting_metric))
         record["metrics"]["delta_rank"] = _delta_ranks(model, before)
+        if not world.main:  # rank 0 alone writes; every rank returns the same record
+            _finish(record, "success", None)
+            return record
         record["params"]["adapter_file_bytes"] = _save_trained(model, adaptation, task.head_prefixes, run_dir)
         _finish(record, "success", None)
         logger.summary({k: record[k] for k in ("params", "cost", "metrics")})
@@ -89,7 +107,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return record
     except Exception as err:
         _finish(record, "failed", f"{type(err).__name__}: {err}")
-        write_results(run_dir, record)
+        if distributed.is_main():
+            write_results(run_dir, record)
         raise RunFailed(f"run failed ({record['run']['error']}); see {run_dir / 'results.json'}") from err
     finally:
         if logger is not None:
@@ -114,17 +133,20 @@ def _suite_or_error(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> l
         return suite_datasets(cfg)
     except ValueError as err:
         _finish(record, "failed", f"{type(err).__name__}: {err}")
-        write_results(run_dir, record)
+        if distributed.is_main():
+            write_results(run_dir, record)
         raise RunFailed(f"run failed ({record['run']['error']}); see {run_dir / 'results.json'}") from err
 
 
 def _run_suite(cfg: DictConfig, names: list[str], run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
     """One fresh run per dataset of the suite (the papers' protocol), then the suite's summary record."""
     record = run_suite(cfg, names, run_dir, record, run, RunFailed)
+    record["metrics"]["eval_split"] = str(cfg.task.data.eval_split)  # every part scored this split
     errors = record["run"].pop("suite_errors")
     _finish(record, "failed" if errors else "success",
             "; ".join(f"{n}: {e}" for n, e in errors.items()) or None)
-    write_results(run_dir, record)
+    if distributed.is_main():
+        write_results(run_dir, record)
     if errors:
         first, error = next(iter(errors.items()))
         raise RunFailed(f"run failed on {len(errors)} of {len(names)} datasets of the suite ({first}: {error}); "
@@ -142,7 +164,7 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
     memory = PeakMemory(device)
     cost: dict[str, Any] = {"step_time_s": None, "step_time_p90_s": None, "samples_per_s": None,
                             **dict.fromkeys(memory.keys), "activation_bytes": None, "state_bytes": None,
-                            "train_time_s": 0.0}
+                            "data_wait_s": None, "data_wait_p90_s": None, "train_time_s": 0.0}
     if not params:  # zero-shot CLIP: nothing to train
         return cost, []
     lr = method_lr(cfg)
@@ -153,25 +175,32 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
     state = load_checkpoint(run_dir, model, optimizer, scheduler, config_hash) or {}
     start, history = state.get("step", 0), state.get("history", [])
     timer.times, train_time = state.get("step_times", []), state.get("train_time_s", 0.0)
-    batches = _skip(task.train_batches(t.batch_size, generator), start * t.grad_accum)
+    world, data = distributed.current(), task.train_data()
+    seed = int(torch.randint(0, 2**62, (), generator=generator))  # the data order's seed, same on every rank
+    loader = make_loader(data, t.batch_size, seed, t.num_workers, device, state.get("data"), world.rank, world.size)
+    step_module = distributed.wrap(model, task, device, find_unused=len(data.sizes) > 1)
 
     def checkpoint(done: int) -> None:
-        save_checkpoint(run_dir, model, optimizer, scheduler,
-                        {"step": done, "history": history, "step_times": timer.times,
-                         "train_time_s": train_time, "config_hash": config_hash})
+        if world.main:
+            save_checkpoint(run_dir, model, optimizer, scheduler,
+                            {"step": done, "history": history, "step_times": timer.times, "data": loader.state_dict(),
+                             "train_time_s": train_time, "config_hash": config_hash})
 
     model.train()
     activations = SavedActivations(model)  # recorded in this process's first step (see _optimizer_step)
     memory.start()
-    bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc="train", mininterval=2)
-    with PreemptionGuard() as preemption:
+    bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc="train", mininterval=2,
+               disable=not world.main)
+    with PreemptionGuard() as preemption, contextlib.closing(loader):
         for step in bar:
+            micro_batches = loader.take(t.grad_accum)  # data wait timed apart: step time is compute only
             timer.start()
-            loss = _optimizer_step(model, task, batches, optimizer, params, t, device,
+            loss = _optimizer_step(step_module, micro_batches, optimizer, params, t, device,
                                    activations if step == start else None)
             scheduler.step()
             dt = timer.stop()
             train_time += dt
+            loss, stop = distributed.mean_and_any(loss, preemption.requested, device)  # same on every rank
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower trainer.lr={lr}?")
             done = step + 1
@@ -182,12 +211,13 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}", s=f"{dt:.3f}",
                             refresh=False)
             periodic = t.checkpoint_every and done % t.checkpoint_every == 0 and done < max_steps
-            if periodic or preemption.requested:
+            if periodic or stop:
                 checkpoint(done)
-            if preemption.requested:
+            if stop:
                 preemption.hand_over()  # submitit requeues the job; the requeued run resumes at `done`
     model.eval()
     cost.update(timer.summary(t.batch_size * t.grad_accum))
+    cost.update(wait_summary(loader.waits, t.timing_warmup))
     cost.update(memory.figures())
     if start < max_steps:
         cost.update(activation_bytes=activations.bytes, state_bytes=state_bytes(params, optimizer))
@@ -220,22 +250,25 @@ def param_groups(model: nn.Module, head_prefixes: list[str], backbone_lr: float,
     return [g for g in ({"params": backbone, "lr": backbone_lr}, {"params": head, "lr": head_lr}) if g["params"]]
 
 
-def _optimizer_step(model: nn.Module, task: tasks.Task, batches: Iterator, optimizer: torch.optim.Optimizer,
+def _optimizer_step(step_module: nn.Module, micro_batches: list[Any], optimizer: torch.optim.Optimizer,
                     params: list[nn.Parameter], t: DictConfig, device: torch.device,
                     activations: SavedActivations | None = None) -> float:
-    """One optimizer step over `grad_accum` micro-batches; returns the mean loss.
+    """One optimizer step over already fetched micro-batches; returns their mean loss (this process's).
 
-    With `activations`, what autograd saves in the first micro-batch's forward is recorded (micro-batch
-    graphs never coexist: each is freed by its backward). The hooks' small Python cost lands in one
-    step, which the step-time median absorbs."""
+    `step_module(batch)` is the task's loss (runners.distributed.wrap: inside DDP when several processes
+    train, whose gradients are averaged in the last micro-batch's backward only). With `activations`,
+    what autograd saves in the first micro-batch's forward is recorded (micro-batch graphs never
+    coexist: each is freed by its backward). The hooks' small Python cost lands in one step, which the
+    step-time median absorbs."""
     optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    for micro in range(t.grad_accum):
-        batch = _to_device(next(batches), device)
+    total, last = 0.0, len(micro_batches) - 1
+    for micro, batch in enumerate(micro_batches):
+        batch = _to_device(batch, device)
         record = activations is not None and micro == 0
-        with autocast(device, t.bf16), activations.recording() if record else contextlib.nullcontext():
-            loss = task.loss(model, batch) / t.grad_accum
-        loss.backward()
+        with distributed.accumulating(step_module, last=micro == last):
+            with autocast(device, t.bf16), activations.recording() if record else contextlib.nullcontext():
+                loss = step_module(batch) / len(micro_batches)
+            loss.backward()
         total += float(loss.detach())
     if t.grad_clip:
         torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
@@ -301,7 +334,7 @@ def output_dir(cfg: DictConfig) -> Path:
 def summary_table(record: dict[str, Any]) -> str:
     """A short human-readable table of the run's headline numbers."""
     r, m, p, c = record["run"], record["metrics"], record["params"], record["cost"]
-    mem_key = "peak_mem_growth_bytes" if "peak_mem_growth_bytes" in c else "peak_rss_bytes"
+    mem_key = "peak_mem_growth_bytes" if c.get("peak_mem_growth_bytes") is not None else "peak_rss_bytes"
     rows = [("dataset", "before", "after")]
     rows += [(d, f"{m['per_dataset_before'][d]:.3f}", f"{acc:.3f}") for d, acc in m["per_dataset"].items()]
     rows.append(("mean", f"{m['accuracy_before']:.3f}", f"{m['accuracy']:.3f}"))
@@ -343,13 +376,24 @@ def _evaluate(task: tasks.Task, model: nn.Module, cfg: DictConfig, device: torch
         full = task.evaluate_metrics(model, cfg.trainer.eval_batch_size)
     metrics["per_dataset" + suffix] = {d: float(m[task.primary_metric(d)]) for d, m in full.items()}
     metrics["per_dataset_metrics" + suffix] = {d: {k: float(v) for k, v in m.items()} for d, m in full.items()}
+    metrics["eval_split"] = task.eval_split  # test (reported) or validation (hyper-parameter selection)
 
 
-def _skip(batches: Iterator, n: int) -> Iterator:
-    """Fast-forward the data stream of a resumed run to where the interrupted one stopped."""
-    for _ in range(n):
-        next(batches)
-    return batches
+def _probe(task: tasks.Task, model: nn.Module, cfg: DictConfig, device: torch.device) -> dict[str, float] | None:
+    """The task's forgetting probe (tasks/forgetting.py), under the same precision as `_evaluate`."""
+    model.eval()
+    with torch.no_grad(), autocast(device, cfg.trainer.bf16):
+        return task.forgetting_probe(model, cfg.trainer.eval_batch_size)
+
+
+TUNING_FILE = "tuning.json"  # written into a final run's directory by +sweep=tuned (runners/sweeper.py)
+
+
+def read_tuning(run_dir: Path) -> dict[str, Any] | None:
+    """The lr selection behind this run ({metric, split, chosen_lr, candidates}) when a tuned sweep
+    launched it, copied into results.json as run.tuning; None for any other run."""
+    path = Path(run_dir) / TUNING_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -423,35 +467,48 @@ def _group(cfg: DictConfig) -> str | None:
 
 
 def _new_record(cfg: DictConfig) -> dict[str, Any]:
+    """The record of a run about to start, built from runners.schema; the run fills it as it goes and
+    `_finish` checks it against the schema before it is written."""
     config = _config_dict(cfg)
     config_hash = _config_hash(config)
     commit, dirty = env.git_state()
     budget = cfg.budget if cfg.budget is not None else "nobudget"
-    run = {"id": f"{cfg.task.name}-{cfg.method.name}-{_size(cfg)}-{budget}-s{cfg.seed}-{config_hash[:8]}",
-           "method": cfg.method.name, "task": cfg.task.name, "dataset": cfg.get("dataset"),
-           "size": _size(cfg), "seed": cfg.seed, "lr": method_lr(cfg), "budget": cfg.budget,
-           "budget_target": None, "hp": {},
-           "protocol": protocol_of(config), "command": _command(), "config": config, "config_hash": config_hash, "git_commit": commit,
-           "git_dirty": dirty,
-           "versions": env.package_versions(), "device": None, "gpu": None, "started_at": _now(),
-           "finished_at": None, "status": "running", "error": None}
-    return {"schema": SCHEMA, "run": run, "params": {}, "cost": {}, "metrics": {}, "history": []}
+    # an unknown method gets no kind: adapt() refuses it with the valid names, and the run fails there
+    info = method_info(cfg.method.name) if cfg.method.name in method_names() else {"kind": None, "label": None}
+    run = Run(id=f"{cfg.task.name}-{cfg.method.name}-{_size(cfg)}-{budget}-s{cfg.seed}-{config_hash[:8]}",
+              method=cfg.method.name, method_kind=info["kind"], method_label=info["label"], task=cfg.task.name,
+              dataset=cfg.get("dataset"), size=_size(cfg), model=str(cfg.task.model.path), seed=cfg.seed,
+              lr=method_lr(cfg), budget=cfg.budget, protocol=protocol_of(config), command=_command(),
+              config=config, config_hash=config_hash, git_commit=commit, git_dirty=dirty,
+              versions=env.package_versions(), started_at=_now(), status="running")
+    return Record(run=run).to_dict()
 
 
 def _record_adaptation(record: dict[str, Any], a: Adaptation, model: nn.Module) -> None:
     record["run"].update(hp=a.hp, budget_target=a.budget_target)
-    record["params"] = {"trainable": a.backbone_trainable, "head_trainable": a.head_trainable,
-                        "total": sum(p.numel() for p in model.parameters()),
-                        "budget_target": a.budget_target, "budget_error": a.budget_error,
-                        "adapter_file_bytes": None}
+    record["params"].update(asdict(Params(
+        trainable=a.backbone_trainable, head_trainable=a.head_trainable,
+        total=sum(p.numel() for p in model.parameters()), budget_target=a.budget_target,
+        budget_error=a.budget_error, budget_reached=a.budget_reached, per_layer=a.per_layer)))
 
 
 def _finish(record: dict[str, Any], status: str, error: str | None) -> None:
+    """Close the record and check it against runners.schema (filling what the run did not reach)."""
     record["run"].update(status=status, error=error, finished_at=_now())
     m = record["metrics"]
     for key, src in (("accuracy", "per_dataset"), ("accuracy_before", "per_dataset_before")):
         if m.get(src):
             m[key] = sum(m[src].values()) / len(m[src])
+    try:
+        checked = Record.from_dict(record).to_dict()
+    except ValueError as err:
+        if status == "success":
+            raise
+        log.error("the record of this failed run does not fit results schema %d (%s); written as it is",
+                  SCHEMA, err)
+        return
+    record.clear()
+    record.update(checked)
 
 
 def protocol_of(config: dict[str, Any]) -> dict[str, Any]:

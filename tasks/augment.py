@@ -27,17 +27,27 @@ class Augment:
     scale: tuple[float, float] = (0.5, 1.0)
     flip: float = 0.5
 
-    def __call__(self, images: Sequence[Image.Image], rng: np.random.Generator) -> list[Image.Image]:
+    def __call__(self, images: Sequence[Image.Image],
+                 rng: np.random.Generator | Sequence[np.random.Generator]) -> list[Image.Image]:
+        """Augment `images` with one generator for all, or one per image (`example_rngs`)."""
+        rngs = rng if isinstance(rng, Sequence) else [rng] * len(images)
         out = []
-        for img in images:
-            img = random_resized_crop(img.convert("RGB"), self.size, self.scale, rng)
-            out.append(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < self.flip else img)
+        for img, r in zip(images, rngs, strict=True):
+            img = random_resized_crop(img.convert("RGB"), self.size, self.scale, r)
+            out.append(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if r.random() < self.flip else img)
         return out
 
 
+def example_rngs(seed: int, epoch: int, indices: Sequence[int]) -> list[np.random.Generator]:
+    """One generator per example, fixed by (seed, epoch, example index): an image's crop depends on
+    nothing else, neither on which batch, worker process or DDP rank it lands in, nor on a resume, and
+    it changes from epoch to epoch. No state needs checkpointing."""
+    return [np.random.default_rng([seed % 2**63, epoch, int(i)]) for i in indices]
+
+
 def batch_rng(seed: int, indices: Sequence[int]) -> np.random.Generator:
-    """A generator fixed by the run seed and the batch's example indices: the same batch gets the
-    same crops in a resumed run, and no state needs checkpointing."""
+    """A generator fixed by the run seed and the batch's example indices (one generator for a batch;
+    training uses `example_rngs`, which does not depend on how examples are grouped)."""
     return np.random.default_rng([seed, zlib.crc32(np.asarray(indices, dtype=np.int64).tobytes())])
 
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 Batch = dict[str, Any]
+EVAL_SPLITS = ("test", "validation")  # task.data.eval_split: test is reported, validation selects hyper-parameters
 
 
 class Task(ABC):
@@ -26,7 +27,8 @@ class Task(ABC):
       * `head_prefixes` are parameter-name prefixes trained for every method (the task head); an empty
         list for CLIP, whose "head" is the text tower's class prompts.
       * `train_batches(batch_size, generator)` yields batches forever, deterministically from the generator.
-      * `loss(model, batch)` returns a scalar loss; `evaluate(model)` returns top-1 accuracy per dataset.
+      * `loss(model, batch)` returns a scalar loss; `evaluate(model)` returns top-1 accuracy per dataset
+        on the split `eval_split` names (test, or the validation split hyper-parameters are chosen on).
     """
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -61,7 +63,7 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
-        """Top-1 accuracy per dataset on its evaluation split (model in eval mode, no grad)."""
+        """Top-1 accuracy per dataset on `eval_split` (model in eval mode, no grad)."""
 
     # --- optional: paper-scale runs (defaults keep the tiny suite as it is) -------------------------
 
@@ -70,9 +72,29 @@ class Task(ABC):
         e.g. Matthews correlation for CoLA). Default: accuracy only."""
         return {name: {"accuracy": acc} for name, acc in self.evaluate(model, batch_size).items()}
 
+    @property
+    def eval_split(self) -> str:
+        """The split `evaluate` / `evaluate_metrics` score (`task.data.eval_split`): `test`, the only one
+        ever reported, or `validation`, on which sweeps choose hyper-parameters (recorded as
+        metrics.eval_split)."""
+        split = str(self.cfg.data.eval_split)
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"task.data.eval_split={split!r} is not a split; valid: {', '.join(EVAL_SPLITS)}")
+        return split
+
     def primary_metric(self, dataset: str) -> str:
         """The metric `accuracy` / per_dataset report for `dataset` (a regression task has no accuracy)."""
         return "accuracy"
+
+    #: How `forgetting_probe`'s numbers read: "accuracy" (higher = knowledge kept; forgetting = before -
+    #: after) or "loss" (lower = kept; forgetting = after - before). See tasks/forgetting.py.
+    forgetting_metric: str = "accuracy"
+
+    def forgetting_probe(self, model: nn.Module, batch_size: int = 256) -> dict[str, float] | None:
+        """The probe of what training costs elsewhere, per probe set, on data the run never trains on; the
+        runner calls it before and after training (model in eval mode, no grad) and records
+        `metrics.forgetting`. Default None: no probe defined for this task (e.g. vision's linear heads)."""
+        return None
 
     #: Train one fresh adapter per dataset of a suite (the image suites and GLUE, as in the papers).
     #: False where one training set serves every evaluation set (commonsense: one adapter, 8 benchmarks).

@@ -22,17 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks import register
+from tasks import forgetting, register
 from tasks.base import Batch
 from tasks.common import (
+    TrainData,
+    batches,
     enable_memory_savers,
     eval_mode,
     load_kwargs,
     load_pretrained,
     model_device,
-    round_robin,
 )
-from tasks.data import ImageSuiteTask, prepare_images
+from tasks.data import ImageSuiteTask, prepare_images, train_pixels
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class Prepared:
     classes: list[str]
     train_x: torch.Tensor  # or tasks.data.LazyPixels (indexes the same way)
     train_y: torch.Tensor
-    test_x: torch.Tensor
+    test_x: torch.Tensor  # the scored split: task.data.eval_split (test, or validation when tuning)
     test_y: torch.Tensor
     prompts: dict[str, torch.Tensor]       # training prompts, row t * C + c = template t, class c
     eval_prompts: dict[str, torch.Tensor]  # evaluation prompts, same layout
@@ -109,7 +110,8 @@ class ClipTask(ImageSuiteTask):
         for name, pair in self.suite.items():
             train, test = (self._tokenize(templates_for(objective.prompts[k], pair), pair.classes)
                            for k in ("train", "eval"))
-            images = prepare_images(pair, self.processor, self.lazy, self.augment, int(self.cfg.get("seed", 0)))
+            images = prepare_images(pair, self.processor, self.lazy, self.augment, int(self.cfg.get("seed", 0)),
+                                    self.eval_split)
             out[name] = Prepared(pair.classes, *images, prompts=train, eval_prompts=test)
         log.info("clip prompts: train %r, eval %r (e.g. %r)", objective.prompts.train, objective.prompts.eval,
                  next(iter(out.values())).classes[:1])
@@ -120,11 +122,17 @@ class ClipTask(ImageSuiteTask):
         tok = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
 
+    def train_data(self) -> TrainData:
+        """Map-style training data (runners/data.py feeds it to a DataLoader); lazy pixels decode in workers."""
+        return TrainData({k: len(d.train_y) for k, d in self.data.items()}, self.train_batch, in_memory=not self.lazy)
+
+    def train_batch(self, name: str, rows: list[int], epoch: int) -> Batch:
+        d = self.data[name]
+        return {"dataset": name, "pixel_values": train_pixels(d.train_x, rows, epoch), "labels": d.train_y[rows],
+                **d.prompts}
+
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
-        data = self.data
-        for name, idx in round_robin({k: len(d.train_y) for k, d in data.items()}, batch_size, generator):
-            d = data[name]
-            yield {"dataset": name, "pixel_values": d.train_x[idx], "labels": d.train_y[idx], **d.prompts}
+        return batches(self.train_data(), batch_size, generator)
 
     def temperature(self, model: nn.Module) -> torch.Tensor:
         """The factor on cosine similarities: exp(logit_scale) (CLIP) or the raw parameter (official code)."""
@@ -160,3 +168,14 @@ class ClipTask(ImageSuiteTask):
                     correct += (img @ txt.T).argmax(-1).cpu().eq(d.test_y[i : i + batch_size]).sum().item()
                 acc[name] = correct / len(d.test_y)
         return acc
+
+    @cached_property
+    def _forgetting_task(self) -> ClipTask | None:
+        """The same task over the suite's other datasets (loaded, never trained on); None without any."""
+        sub = forgetting.other_datasets_config(self.cfg)
+        return None if sub is None else ClipTask(sub)
+
+    def forgetting_probe(self, model: nn.Module, batch_size: int = 256) -> dict[str, float] | None:
+        """Zero-shot accuracy on each other dataset of the suite, by this task's own evaluation code."""
+        probe = self._forgetting_task
+        return None if probe is None else probe.evaluate(model, batch_size)

@@ -17,6 +17,9 @@ Per benchmark, from the log-likelihood of continuations after "<evaluation promp
     the option's length in characters, and in UTF-8 bytes (lm_eval/api/task.py:1494-1512, v0.4.13).
   * `val_loss`: the training loss on the validation hold-out (the same number in every benchmark's entry:
     one adapter serves all eight).
+With task.data.eval_split=validation the eight benchmarks are not scored: the hold-out is, as one entry
+(`commonsense_validation`) with its answer-keyword `accuracy` (the primary metric, on which `+sweep=tuned`
+chooses the lr) and `val_loss`.
 """
 from __future__ import annotations
 
@@ -31,15 +34,25 @@ import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
 
-from tasks import register
+from tasks import forgetting, register
 from tasks.base import Batch, Task
-from tasks.common import enable_memory_savers, eval_mode, load_kwargs, load_pretrained, model_device, selected
+from tasks.common import (
+    TrainData,
+    batches,
+    enable_memory_savers,
+    eval_mode,
+    load_kwargs,
+    load_pretrained,
+    model_device,
+    selected,
+)
 from tasks.data import cap, open_source
 from tasks.regimes import steps_for_epochs
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens the loss skips (padding; the prompt when train_on_inputs is false)
 TRAIN = "commonsense_train"
+VALIDATION = "commonsense_validation"  # the per_dataset key of the hold-out when eval_split=validation
 
 Row = tuple[list[int], list[int]]  # (input ids, labels) of one sequence
 Pair = tuple[list[int], list[int]]  # (context ids, continuation ids) of one scoring request
@@ -122,6 +135,15 @@ def option_texts(instruction: str, label: str) -> dict[int, str]:
     lab = re.escape(label)
     pattern = rf"{lab}(\d+):\s*(.*?)\s*(?={lab}\d+:|Answer format:|\Z)"
     return {int(k): v for k, v in re.findall(pattern, instruction, flags=re.DOTALL)}
+
+
+def answer_keywords(instruction: str) -> list[str]:
+    """The answer keywords an LLM-Adapters instruction offers, from its closing "Answer format: k1/k2/..."
+    (every commonsense_170k row ends so; the benchmarks' own regexes accept exactly these words)."""
+    found = re.search(r"Answer format:\s*(\S+)", instruction)
+    if not found:
+        raise ValueError(f"validation example without 'Answer format: k1/k2' in its instruction: {instruction[:200]!r}")
+    return found.group(1).split("/")
 
 
 def hold_out(ds: Dataset, size: int, seed: int) -> tuple[Dataset, Dataset | None]:
@@ -244,17 +266,19 @@ class CommonsenseTask(Task):
             out[name] = cap(ds, self.cfg.data.get("test_size"))
         return out
 
-    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
-        """Shuffled every epoch by `generator`; the last, smaller batch of an epoch is kept (as the
-        official DataLoader does)."""
-        ds, pad = self.train_set, self.tokenizer.pad_token_id
-        if len(ds) == 0:
+    def train_data(self) -> TrainData:
+        """Map-style training data, tokenised per batch (in worker processes); the last, smaller batch of
+        an epoch is kept (as the official DataLoader does)."""
+        if len(self.train_set) == 0:
             raise ValueError("the commonsense training set is empty (after the validation hold-out)")
-        while True:
-            perm = torch.randperm(len(ds), generator=generator).tolist()
-            for i in range(0, len(ds), batch_size):
-                rows = [self.encode_train(r) for r in ds.select(perm[i : i + batch_size])]
-                yield {"dataset": TRAIN, **pad_batch(rows, pad)}
+        return TrainData({TRAIN: len(self.train_set)}, self.train_batch, in_memory=False, keep_last=True)
+
+    def train_batch(self, name: str, rows: list[int], epoch: int) -> Batch:
+        encoded = [self.encode_train(r) for r in self.train_set.select(rows)]
+        return {"dataset": TRAIN, **pad_batch(encoded, self.tokenizer.pad_token_id)}
+
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        return batches(self.train_data(), batch_size, generator)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         total, count = token_nll(model, batch)
@@ -273,8 +297,11 @@ class CommonsenseTask(Task):
         return {name: m["accuracy"] for name, m in self.evaluate_metrics(model, batch_size).items()}
 
     def evaluate_metrics(self, model: nn.Module, batch_size: int = 256) -> dict[str, dict[str, float]]:
-        """accuracy, acc, acc_norm, acc_bytes per benchmark, and the validation loss in each entry."""
+        """accuracy, acc, acc_norm, acc_bytes per benchmark, and the validation loss in each entry; with
+        task.data.eval_split=validation, the hold-out's answer accuracy and loss instead (see `validation_metrics`)."""
         batch_size = min(batch_size, int(self.cfg.data.get("score_batch_size") or batch_size))
+        if self.eval_split == "validation":
+            return {VALIDATION: self.validation_metrics(model, batch_size)}
         with eval_mode(model):
             val = self.validation_loss(model, batch_size)
             out = {name: self._benchmark(model, name, ds, batch_size) for name, ds in self.test_sets.items()}
@@ -296,6 +323,26 @@ class CommonsenseTask(Task):
                 nll, n = token_nll(model, pad_batch(rows, self.tokenizer.pad_token_id))
                 total, count = total + float(nll), count + int(n)
         return total / max(1, count)
+
+    def validation_metrics(self, model: nn.Module, batch_size: int) -> dict[str, float]:
+        """The validation hold-out (120 examples of the training file) scored as the benchmarks are: `accuracy`
+        = the answer keyword the model finds likeliest among those its instruction lists ("Answer format:
+        true/false"), the primary metric hyper-parameters are chosen on (higher is better); `val_loss` beside it."""
+        if self.val_set is None:
+            raise ValueError("task.data.eval_split=validation needs the validation hold-out; set "
+                             "task.data.val_set_size > 0")
+        d, tok = self.cfg.data, self.tokenizer
+        rows = list(self.val_set)
+        keywords = [answer_keywords(row[d.instruction_column]) for row in rows]
+        pairs = [encode_pair(tok, self.eval_context(row), k) for row, ks in zip(rows, keywords) for k in ks]
+        with eval_mode(model):
+            lls = iter(continuation_logprobs(model, pairs, tok.pad_token_id, batch_size))
+            loss = self.validation_loss(model, batch_size)
+        correct = 0
+        for row, ks in zip(rows, keywords):
+            scores = [next(lls) for _ in ks]
+            correct += int(ks[int(np.argmax(scores))] == str(row[d.answer_column]))
+        return {"accuracy": correct / len(rows), "val_loss": float(loss)}
 
     def _benchmark(self, model: nn.Module, name: str, ds: Dataset, batch_size: int) -> dict[str, float]:
         """Keyword accuracy, and the lm-eval option metrics unless task.data.score_options is false."""
@@ -319,3 +366,26 @@ class CommonsenseTask(Task):
                 for key, value in choice_metrics(option_lls, texts, gold).items():
                     totals[key] += value
         return {key: value / max(1, len(ds)) for key, value in totals.items()}
+
+    # --- forgetting --------------------------------------------------------------------------------------
+
+    forgetting_metric = "loss"
+
+    @cached_property
+    def _forgetting_rows(self) -> list[Row]:
+        """Held-out generic text (tasks/forgetting.py), tokenised whole up to task.forgetting.max_length."""
+        tok, limit = self.tokenizer, int(self.cfg.forgetting.max_length)
+        texts = forgetting.generic_texts(self.cfg.forgetting.text)
+        return [(ids, list(ids)) for ids in (tok(t, truncation=True, max_length=limit)["input_ids"] for t in texts)]
+
+    def forgetting_probe(self, model: nn.Module, batch_size: int = 256) -> dict[str, float] | None:
+        """Causal-LM loss per token on held-out generic text, PEFT's forgetting measure (tasks/forgetting.py)."""
+        if not self.cfg.forgetting.enabled:
+            return None
+        rows, size = self._forgetting_rows, min(batch_size, int(self.cfg.forgetting.batch_size))
+        total, count = 0.0, 0
+        with eval_mode(model):
+            for i in range(0, len(rows), size):
+                nll, n = token_nll(model, pad_batch(rows[i : i + size], self.tokenizer.pad_token_id))
+                total, count = total + float(nll), count + int(n)
+        return {forgetting.GENERIC: total / max(1, count)}

@@ -21,9 +21,9 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from omegaconf import DictConfig, OmegaConf
 
 from tasks import images
-from tasks.augment import Augment, batch_rng
-from tasks.base import Task
-from tasks.common import load_pretrained, selected
+from tasks.augment import Augment, batch_rng, example_rngs
+from tasks.base import EVAL_SPLITS, Task
+from tasks.common import hub_revision, load_pretrained, selected
 from tasks.regimes import apply_regime, regime_name, steps_for_epochs
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,23 @@ class SplitPair:
     test: Dataset
     source: DictConfig | None = None  # the `task.data.sources.<name>` entry (None: generated)
     templates: list[str] | None = None  # the dataset's prompt ensemble (None: just `template`)
+    validation: Dataset | None = None  # hyper-parameter selection split, never part of train (see hold_out)
+    revision: str | None = None  # the hub commit the data came from (source_revision); None: local or generated
 
     @property
     def ensemble(self) -> list[str]:
         return list(self.templates or [self.template])
+
+    def scored(self, split: str) -> Dataset:
+        """The split an evaluation scores: `test` (the reported one) or `validation` (for tuning)."""
+        if split == "test":
+            return self.test
+        if split != "validation":
+            raise ValueError(f"task.data.eval_split={split!r} is not a split; valid: {', '.join(EVAL_SPLITS)}")
+        if self.validation is None:
+            raise ValueError(f"dataset {self.name!r} has no validation split (task.data.val_fraction is 0); "
+                             "set task.data.val_fraction > 0 or a source's val_split")
+        return self.validation
 
 
 def load_suite(
@@ -57,13 +70,58 @@ def load_suite(
         if name in sources:
             pair = _from_source(name, sources[name], data_cfg)
         else:
-            train = generate(name, "train", int(data_cfg.train_size), data_seed_of(data_cfg))
-            test = generate(name, "test", int(data_cfg.test_size), data_seed_of(data_cfg))
-            classes = train.features["label"].names
-            pair = SplitPair(name, classes, (templates or {}).get(name, "{}"), train, test)
-        pair.train = apply_regime(name, pair.train, data_cfg)
+            pair = _generated(name, data_cfg, generate, (templates or {}).get(name, "{}"))
+        pair.train = apply_regime(name, pair.train, data_cfg)  # after the hold-out: regimes never see validation
         out[name] = pair
     return out
+
+
+def _generated(name: str, data_cfg: DictConfig, generate: Callable[[str, str, int, int], Dataset],
+               template: str) -> SplitPair:
+    """A generated dataset; its validation split is a hold-out of the generated train split, so the
+    generated test split is exactly what it was before validation splits existed."""
+    train = generate(name, "train", int(data_cfg.train_size), data_seed_of(data_cfg))
+    test = generate(name, "test", int(data_cfg.test_size), data_seed_of(data_cfg))
+    train, validation = hold_out(name, train, {}, data_cfg)
+    return SplitPair(name, train.features["label"].names, template, train, test, validation=validation)
+
+
+def hold_out(name: str, train: Dataset, src: Any, data_cfg: DictConfig) -> tuple[Dataset, Dataset | None]:
+    """(train, validation): a seeded hold-out of train, removed from it for every run (tuning and final runs
+    train on the same examples). Its size is the source's `val_size`, else `val_fraction` (the source's,
+    else task.data's) of train, at most task.data.val_max; drawn by `holdout_indices` at task.data.val_seed."""
+    size = validation_size(len(train), src, data_cfg)
+    if size == 0:
+        return train, None
+    if size >= len(train):
+        raise ValueError(f"dataset {name!r}: a validation hold-out of {size} leaves none of its {len(train)} "
+                         "train examples; lower task.data.val_fraction (or the source's val_size)")
+    keep, held = holdout_indices(len(train), size, int(data_cfg.val_seed))
+    log.info("%s: %d of %d train examples held out for validation (seed %d)", name, size, len(train),
+             int(data_cfg.val_seed))
+    return train.select(keep), train.select(held)
+
+
+def validation_size(n: int, src: Any, data_cfg: DictConfig) -> int:
+    """Examples held out of `n`: the source's `val_size`, else floor(fraction x n) capped at `val_max` (at
+    least 1 when the fraction is positive), as the official split_train_into_train_val sizes it (RandLoRA
+    vision_language/src/datasets/registry.py:58-63, get_dataset val_fraction=0.1, max_val_samples=5000 :170)."""
+    if src.get("val_size") is not None:
+        return int(src.val_size)
+    fraction = float(src.get("val_fraction") if src.get("val_fraction") is not None else data_cfg.val_fraction)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"dataset validation fraction {fraction} is not valid: use a number in [0, 1)")
+    if fraction == 0.0:
+        return 0
+    return max(1, min(int(n * fraction), int(data_cfg.val_max)))
+
+
+def holdout_indices(n: int, size: int, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, held-out) row indices, each sorted: torch's random_split(range(n), [n - size, size]) with a
+    generator seeded `seed` (one randperm, the last `size` held out), as the official code draws "<Dataset>Val"
+    (RandLoRA vision_language/src/datasets/registry.py:65-71, seed 0). Depends on n and seed only."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[: n - size]), sorted(perm[n - size :])
 
 
 def data_seed_of(data_cfg: DictConfig) -> int:
@@ -71,37 +129,56 @@ def data_seed_of(data_cfg: DictConfig) -> int:
     return int(data_cfg.get("seed", 0))
 
 
-def _from_source(name: str, src: DictConfig, data_cfg: DictConfig | None = None) -> SplitPair:
+def _from_source(name: str, src: DictConfig, data_cfg: DictConfig) -> SplitPair:
     """A real dataset: `path` (save_to_disk folder or hub id, optional `config`), `train_split`,
-    `test_split` (null: a seeded `test_fraction` of train), `image_column` / `text_column` /
-    `text_pair_column`, `label_column`, and `classes` or `classes_file` (else the ClassLabel names)."""
+    `test_split` (null: a seeded `test_fraction` of train), `val_split` (the dataset's own validation split;
+    absent: a seeded hold-out of train, see `hold_out`), `image_column` / `text_column` / `text_pair_column`,
+    `label_column`, and `classes` or `classes_file` (else the ClassLabel names)."""
     dd = open_source(name, src)
-    train_split, test_split = src.get("train_split", "train"), src.get("test_split", "test")
-    for split in (train_split, test_split):
-        if split is not None and split not in dd:
-            raise KeyError(f"dataset {name!r} at {src.path!r} has no split {split!r}; it has {', '.join(dd)}. "
-                           f"Set task.data.sources.{name}.train_split / test_split.")
+    train_split, test_split, val_split = src.get("train_split", "train"), src.get("test_split", "test"), src.get("val_split")
+    _check_splits(name, src, dd, train_split, test_split, val_split)
     train = dd[train_split]
     if test_split is None:  # e.g. Caltech101: one split only; a fixed seeded hold-out
         parts = train.train_test_split(test_size=float(src.get("test_fraction", 0.2)), seed=0)
         train, test = parts["train"], parts["test"]
     else:
         test = dd[test_split]
-    renames = [(src.get("label_column"), "label"), (src.get("image_column"), "image"),
-               (src.get("text_column"), "text"), (src.get("text_pair_column"), "text_pair")]
-    for col, std in renames:
-        if col and col != std:
-            train, test = train.rename_column(col, std), test.rename_column(col, std)
-    train, test = cap(train, (data_cfg or {}).get("train_size")), cap(test, (data_cfg or {}).get("test_size"))
+    train, validation = (train, dd[val_split]) if val_split else hold_out(name, train, src, data_cfg)
+    train, test, validation = (standard_columns(ds, src) for ds in (train, test, validation))
+    train, test = cap(train, data_cfg.get("train_size")), cap(test, data_cfg.get("test_size"))
+    validation = cap(validation, data_cfg.get("test_size"))  # an evaluation split: the same cap as test
     feature = train.features.get("label")
     classes = source_classes(name, src, list(feature.names) if hasattr(feature, "names") else None)
     templates = source_templates(name, src)
-    return SplitPair(name, classes, templates[0], train, test, src, templates)
+    return SplitPair(name, classes, templates[0], train, test, src, templates, validation,
+                     revision=source_revision(src))
 
 
-def cap(ds: Dataset, size: int | None) -> Dataset:
+def _check_splits(name: str, src: DictConfig, dd: DatasetDict, train_split: str, test_split: str | None,
+                  val_split: str | None) -> None:
+    """One clear error for a split the copy lacks, or an own validation split that is the test split."""
+    for split in (train_split, test_split, val_split):
+        if split is not None and split not in dd:
+            raise KeyError(f"dataset {name!r} at {src.path!r} has no split {split!r}; it has {', '.join(dd)}. "
+                           f"Set task.data.sources.{name}.train_split / test_split / val_split.")
+    if val_split is not None and val_split in (train_split, test_split):
+        raise ValueError(f"dataset {name!r}: val_split {val_split!r} is also its train or test split; remove "
+                         f"task.data.sources.{name}.val_split to hold out part of train instead")
+
+
+def standard_columns(ds: Dataset | None, src: DictConfig) -> Dataset | None:
+    """The source's label / image / text columns renamed to the names the tasks read."""
+    renames = [(src.get("label_column"), "label"), (src.get("image_column"), "image"),
+               (src.get("text_column"), "text"), (src.get("text_pair_column"), "text_pair")]
+    for col, std in renames:
+        if ds is not None and col and col != std:
+            ds = ds.rename_column(col, std)
+    return ds
+
+
+def cap(ds: Dataset | None, size: int | None) -> Dataset | None:
     """At most `size` examples (a fixed seeded subset: quick runs, smoke tests); null = all."""
-    if size is None or len(ds) <= int(size):
+    if ds is None or size is None or len(ds) <= int(size):
         return ds
     return ds.shuffle(seed=0).select(range(int(size)))
 
@@ -168,7 +245,14 @@ def source_templates(name: str, src: DictConfig) -> list[str]:
 def hub_kwargs(src: DictConfig) -> dict[str, Any]:
     """`load_dataset` kwargs of a hub source: `data_files` (webdataset split folders), else nothing."""
     files = src.get("data_files")
-    return {"data_files": {str(k): str(v) for k, v in files.items()}} if files else {}
+    kwargs = {"data_files": {str(k): str(v) for k, v in files.items()}} if files else {}
+    return {**kwargs, "revision": str(src.revision)} if src.get("revision") else kwargs
+
+
+def source_revision(src: DictConfig) -> str | None:
+    """What results.json records as the source's revision: None for a local folder or file, else the hub
+    commit it resolves to (the pinned `revision`, if the source sets one, or the default branch)."""
+    return hub_revision(str(src.path), "dataset", str(src.revision) if src.get("revision") else None)
 
 
 def is_script_error(err: BaseException) -> bool:
@@ -296,19 +380,37 @@ class LazyPixels:
         return self.processor(images=images, do_resize=False, do_center_crop=False,
                               return_tensors="pt")["pixel_values"]
 
+    def training(self, rows: list[int], epoch: int) -> torch.Tensor:
+        """Pixels of training examples `rows` in `epoch`: each image augmented by its own
+        (seed, epoch, index) generator, so a batch is the same in any worker, rank or resumed run."""
+        if self.augment is None:
+            return self[torch.as_tensor(rows, dtype=torch.long)]
+        images = self.augment(self.ds.select(rows)["image"], example_rngs(self.seed, epoch, rows))
+        return self.processor(images=images, do_resize=False, do_center_crop=False,
+                              return_tensors="pt")["pixel_values"]
+
+
+def train_pixels(x: torch.Tensor | LazyPixels, rows: list[int], epoch: int) -> torch.Tensor:
+    """Training pixels of `rows` from an eager tensor (taken as is) or a `LazyPixels` (processed now)."""
+    if isinstance(x, LazyPixels):
+        return x.training(rows, epoch)
+    return x[torch.as_tensor(rows, dtype=torch.long)]
+
 
 def labels(ds: Dataset) -> torch.Tensor:
     return torch.as_tensor(np.asarray(ds["label"]), dtype=torch.long)
 
 
 def prepare_images(pair: SplitPair, processor: object, lazy: bool = False, augment: Augment | None = None,
-                   seed: int = 0) -> tuple[Any, ...]:
-    """(train_x, train_y, test_x, test_y) of one dataset; x are tensors, or `LazyPixels` when `lazy`
-    (only lazy training splits are augmented: the tiny suite's eager tensors are used as they are)."""
+                   seed: int = 0, eval_split: str = "test") -> tuple[Any, ...]:
+    """(train_x, train_y, eval_x, eval_y) of one dataset, eval_* being `eval_split` (test or validation);
+    x are tensors, or `LazyPixels` when `lazy` (only lazy training splits are augmented: the tiny suite's
+    eager tensors are used as they are)."""
+    scored = pair.scored(eval_split)
     if not lazy:
-        return pixel_values(pair.train, processor), labels(pair.train), pixel_values(pair.test, processor), labels(pair.test)
+        return pixel_values(pair.train, processor), labels(pair.train), pixel_values(scored, processor), labels(scored)
     return (LazyPixels(pair.train, processor, augment, seed), labels(pair.train),
-            LazyPixels(pair.test, processor), labels(pair.test))
+            LazyPixels(scored, processor), labels(scored))
 
 
 class EpochPlanMixin:
@@ -319,6 +421,11 @@ class EpochPlanMixin:
     `task.data.min_steps_per_epoch` steps per epoch (the RandLoRA over-sampling rule)."""
 
     cfg: DictConfig
+
+    @property
+    def dataset_revisions(self) -> dict[str, str | None]:
+        """Each dataset's hub revision (None: local or generated data), recorded in results.json."""
+        return {name: pair.revision for name, pair in self.suite.items()}  # type: ignore[attr-defined]
 
     def train_sizes(self) -> dict[str, int]:
         return {name: len(pair.train) for name, pair in self.suite.items()}  # type: ignore[attr-defined]

@@ -18,16 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks import metrics, register, sentences
+from tasks import forgetting, metrics, register, sentences
 from tasks.base import Batch, Task
 from tasks.common import (
     HeadedModel,
+    TrainData,
+    batches,
     enable_memory_savers,
     eval_mode,
     load_kwargs,
     load_pretrained,
     model_device,
-    round_robin,
     selected,
 )
 from tasks.data import EpochPlanMixin, SplitPair, load_suite
@@ -88,14 +89,20 @@ class LanguageTask(EpochPlanMixin, Task):
 
     @cached_property
     def data(self) -> dict[str, dict[str, tuple[torch.Tensor, ...]]]:
-        return {k: {"train": self._encode(p.train, is_regression(p)), "test": self._encode(p.test, is_regression(p))}
+        return {k: {"train": self._encode(p.train, is_regression(p)),
+                    "eval": self._encode(p.scored(self.eval_split), is_regression(p))}  # test or validation
                 for k, p in self.suite.items()}
 
+    def train_data(self) -> TrainData:
+        """Map-style training data over the pre-tokenised tensors (in memory: no worker processes)."""
+        return TrainData({k: len(d["train"][2]) for k, d in self.data.items()}, self.train_batch, in_memory=True)
+
+    def train_batch(self, name: str, rows: list[int], epoch: int) -> Batch:
+        ids, mask, y = (t[rows] for t in self.data[name]["train"])
+        return {"dataset": name, **trim(ids, mask), "labels": y}
+
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
-        data = self.data
-        for name, idx in round_robin({k: len(d["train"][2]) for k, d in data.items()}, batch_size, generator):
-            ids, mask, y = (t[idx] for t in data[name]["train"])
-            yield {"dataset": name, **trim(ids, mask), "labels": y}
+        return batches(self.train_data(), batch_size, generator)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         device = model_device(model)
@@ -106,8 +113,8 @@ class LanguageTask(EpochPlanMixin, Task):
         return F.cross_entropy(out.float(), y)
 
     def _predict(self, model: nn.Module, name: str, batch_size: int) -> np.ndarray:
-        """Predicted class (or score, for regression) of every test example of one dataset."""
-        device, (ids, mask, _) = model_device(model), self.data[name]["test"]
+        """Predicted class (or score, for regression) of every example of one dataset's eval split."""
+        device, (ids, mask, _) = model_device(model), self.data[name]["eval"]
         preds = []
         for i in range(0, len(ids), batch_size):
             inputs = {k: v.to(device) for k, v in trim(ids[i : i + batch_size], mask[i : i + batch_size]).items()}
@@ -128,7 +135,7 @@ class LanguageTask(EpochPlanMixin, Task):
         out = {}
         with eval_mode(model):
             for name in self.data:
-                y = self.data[name]["test"][2].numpy()
+                y = self.data[name]["eval"][2].numpy()
                 out[name] = metrics.compute(self._metric_names(name)[1], self._predict(model, name, batch_size), y)
         return out
 
@@ -137,3 +144,16 @@ class LanguageTask(EpochPlanMixin, Task):
         correlation, STS-B's mean of Pearson and Spearman)."""
         return {name: values[self._metric_names(name)[0]]
                 for name, values in self.evaluate_metrics(model, batch_size).items()}
+
+    forgetting_metric = "loss"
+
+    @cached_property
+    def _forgetting(self) -> forgetting.EncoderProbe | None:
+        f = self.cfg.forgetting
+        return forgetting.EncoderProbe(f, self.cfg.model.path, self.tokenizer) if f.enabled else None
+
+    def forgetting_probe(self, model: nn.Module, batch_size: int = 256) -> dict[str, float] | None:
+        """The encoder's own pretraining loss on held-out generic text (`task.forgetting.objective`: MLM
+        through the checkpoint's frozen MLM head, or MiniLM's in-batch contrastive loss); tasks/forgetting.py."""
+        probe = self._forgetting
+        return None if probe is None else probe(model, min(batch_size, int(self.cfg.forgetting.batch_size)))

@@ -19,14 +19,15 @@ from tasks import register
 from tasks.base import Batch
 from tasks.common import (
     HeadedModel,
+    TrainData,
+    batches,
     enable_memory_savers,
     eval_mode,
     load_kwargs,
     load_pretrained,
     model_device,
-    round_robin,
 )
-from tasks.data import ImageSuiteTask, prepare_images
+from tasks.data import ImageSuiteTask, prepare_images, train_pixels
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +112,19 @@ class VisionTask(ImageSuiteTask):
     @cached_property
     def data(self) -> dict[str, tuple[torch.Tensor, ...]]:
         seed = int(self.cfg.get("seed", 0))
-        return {name: prepare_images(pair, self.processor, self.lazy, self.augment, seed)
+        return {name: prepare_images(pair, self.processor, self.lazy, self.augment, seed, self.eval_split)
                 for name, pair in self.suite.items()}
 
+    def train_data(self) -> TrainData:
+        """Map-style training data (runners/data.py feeds it to a DataLoader); lazy pixels decode in workers."""
+        return TrainData({k: len(d[1]) for k, d in self.data.items()}, self.train_batch, in_memory=not self.lazy)
+
+    def train_batch(self, name: str, rows: list[int], epoch: int) -> Batch:
+        x, y = self.data[name][:2]
+        return {"dataset": name, "pixel_values": train_pixels(x, rows, epoch), "labels": y[rows]}
+
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
-        data = self.data
-        for name, idx in round_robin({k: len(d[1]) for k, d in data.items()}, batch_size, generator):
-            yield {"dataset": name, "pixel_values": data[name][0][idx], "labels": data[name][1][idx]}
+        return batches(self.train_data(), batch_size, generator)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         device = model_device(model)
@@ -127,7 +134,7 @@ class VisionTask(ImageSuiteTask):
     def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
         device, acc = model_device(model), {}
         with eval_mode(model):
-            for name, (_, _, test_x, test_y) in self.data.items():
+            for name, (_, _, test_x, test_y) in self.data.items():  # test_*: the eval_split's tensors
                 correct = 0
                 for i in range(0, len(test_y), batch_size):
                     logits = model(name, pixel_values=test_x[i : i + batch_size].to(device))

@@ -1,4 +1,7 @@
-"""Synthetic sweep outputs in the exact `results.json` schema of DESIGN.md, for the analysis tests.
+"""Synthetic sweep outputs as schema-1 `results.json` files (DESIGN.md), for the analysis tests.
+
+Schema 1 on purpose: these files have no `run.lr`, `run.regime`, `run.model` or `run.method_kind`, so
+every analysis test also checks that `runners.schema.upgrade_v1` fills them from the run's config.
 
 `write_sweep` lays out `multirun/<date>/<time>/<job>/results.json` for 4 adapters x 3 budgets x 3 seeds
 plus `full` and `none`, for a multi-dataset CLIP task (CPU: `peak_rss_bytes`) and a single-dataset
@@ -50,8 +53,8 @@ def make_record(method: str, task: str, seed: int, budget: int | None, *, status
         "dataset": None if len(datasets) > 1 else datasets[0], "size": "tiny", "seed": seed,
         "budget_target": budget, "hp": hp,
         "config": {"method": {"name": method, **hp}, "seed": seed, "budget": budget,
-                   "task": {"name": task, "kind": task, "shots": spec["shots"],
-                            "model": {"name": spec["model"], "target_modules": ["q_proj", "v_proj"]}},
+                   "task": {"name": task, "kind": task, "data": {"shots": spec["shots"], "fraction": None},
+                            "model": {"path": spec["model"], "target_modules": ["q_proj", "v_proj"]}},
                    "size": {"name": "tiny"}, "trainer": {"lr": 1e-3, "max_steps": 150}},
         "git_commit": "0123456789abcdef0123456789abcdef01234567", "git_dirty": False,
         "versions": {"python": "3.11.9", "torch": "2.13.0", "transformers": "5.23.0"},

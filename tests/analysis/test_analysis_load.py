@@ -125,3 +125,47 @@ def test_unknown_paths_never_crash_on_missing_optional_fields(tmp_path: Path):
     write_record(tmp_path / "minimal", rec)
     df = load_results(tmp_path)
     assert len(df) == 1 and df.iloc[0].model == "?" and df.iloc[0].regime == "full data"
+
+
+# ------------------------------------------------------------- read through runners.schema, never guessed
+
+
+def _v2(method: str = "lora", **metrics) -> dict:
+    from runners.schema import Record, Run
+
+    record = Record(run=Run(method=method, method_kind="adapter", method_label="LoRA", task="language",
+                            size="base", model="FacebookAI/roberta-base", regime="frac0.5", lr=4e-4, seed=0,
+                            model_revision="e2da8e2f811d1448a5b465c236feacd80ffbac7b"))
+    for key, value in metrics.items():
+        setattr(record.metrics, key, value)
+    return record.to_dict()
+
+
+def test_schema_2_fields_become_columns_as_recorded(tmp_path):
+    glue = {"cola": {"accuracy": 0.8, "matthews_correlation": 0.55}, "stsb": {"pearson": 0.9, "spearmanr": 0.88}}
+    write_record(tmp_path / "r", _v2(accuracy=0.85, per_dataset={"cola": 0.55, "stsb": 0.9},
+                                     per_dataset_metrics=glue, eval_split="test"))
+    df = load_results(tmp_path).set_index("dataset")
+    assert set(df.lr) == {4e-4} and set(df.regime) == {"50% data"} and set(df.model) == {"roberta-base"}
+    assert set(df.model_revision) == {"e2da8e2f811d1448a5b465c236feacd80ffbac7b"} and set(df.eval_split) == {"test"}
+    assert json.loads(df.loc["cola", "dataset_metrics"]) == glue["cola"]
+    assert df.loc["stsb", "accuracy"] == 0.9 and df.loc["cola", "mean_accuracy"] == 0.85
+
+
+def test_schema_1_files_get_method_kind_label_lr_from_the_upgrade(sweep_df):
+    kinds = sweep_df.drop_duplicates("method").set_index("method")
+    assert kinds.loc["full", "method_kind"] == "reference" and kinds.loc["none", "method_label"] == "Head-only"
+    assert kinds.loc["randlora", "method_kind"] == "adapter" and kinds.loc["lokr", "method_label"] == "LoKr"
+    assert set(sweep_df.lr) == {1e-3}  # the fixtures' trainer.lr, the lr a schema-1 runner used for them
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"schema": 7, "run": {"method": "lora"}}, "unknown results schema 7"),
+    ({"schema": 2, "run": {"method": "lora", "lr_used": 1e-3}}, "record.run.lr_used is not a field"),
+])
+def test_a_record_the_schema_refuses_is_skipped_with_its_reason(tmp_path, record, reason):
+    write_record(tmp_path / "good", _v2(accuracy=0.5))
+    bad = write_record(tmp_path / "bad", record)
+    df = load_results(tmp_path)
+    assert df.source.nunique() == 1 and [s["file"] for s in df.attrs["skipped"]] == [str(bad)]
+    assert df.attrs["skipped"][0]["reason"].startswith(reason)

@@ -47,13 +47,27 @@ def test_summary_md_tables_images_provenance(report, sweep_dir):
     assert "Unreadable result files (1" in md and "nested/results.json" in md
 
 
-def test_index_html_is_self_contained(report):
-    page = (report / "index.html").read_text()
+def test_summary_html_is_self_contained(report):
+    page = (report / "summary.html").read_text()
     srcs = re.findall(r'src="([^"]+)"', page)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert len(srcs) == len(list(report.glob("*.png")))
     assert "<table>" in page and "<b>" in page
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from a server
+
+
+def test_index_html_is_the_leaderboard_of_every_run_and_figure(report):
+    import json
+
+    import pandas as pd
+
+    page = (report / "index.html").read_text()
+    data = json.loads(re.search(r'id="leaderboard-data">(.*?)</script>', page, re.DOTALL).group(1))
+    assert len(data["rows"]) == len(pd.read_csv(report / "runs.csv"))
+    assert sorted(f["src"] for f in data["figures"]) == sorted(p.name for p in report.glob("*.png"))
+    assert all(" · " in f["caption"] for f in data["figures"])  # captions name their panel
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # no CDN, no network
+    assert "`index.html` beside this file is a leaderboard" in (report / "summary.md").read_text()
 
 
 def _error_line(capsys) -> str:
@@ -107,7 +121,7 @@ def test_report_writes_runs_and_paired_csv(report):
     import pandas as pd
 
     runs = pd.read_csv(report / "runs.csv")
-    assert {"run_id", "method", "budget", "seed", "lr", "mean_accuracy", "step_time_s"} <= set(runs.columns)
+    assert {"run_id", "method", "budget", "seed", "lr", "accuracy", "step_time_s"} <= set(runs.columns)
     assert runs["run_id"].is_unique
     paired = pd.read_csv(report / "paired.csv")
     assert {"method_a", "method_b", "budget", "mean_diff", "ci_low", "ci_high", "n"} <= set(paired.columns)

@@ -131,7 +131,8 @@ def test_randlora_merged_path_saves_the_basis_projection_not_the_input(randomize
 def test_cost_model_picks_factored_for_many_tokens_when_cheaper(method):
     """Sanity of the FLOP model on a ViT-B-sized layer at a LoRA-8 budget: the rank-limited methods stay
     factored for thousands of tokens; RandLoRA (full-rank, n r >= min(in, out)) merges."""
-    hp = {"lora": {"r": 8}, "loha": {"r": 4}, "lokr": {"r": 16, "factor": 2}, "randlora": {"r": 34}}[method]
+    hp = {"lora": {"r": 8}, "loha": {"r": 4}, "lokr": {"r": 16, "factor": 2}, "randlora": {"r": 34},
+          "vera": {"r": 256}}[method]
     with torch.device("meta"):
         layer = methods.wrap_linear(method, nn.Linear(768, 3072), **hp)
     assert layer.use_merged_path(3152, grad=True) == (method == "randlora")
@@ -311,17 +312,32 @@ def randlora_layer(shape: tuple[int, int], r: int, dtype: torch.dtype = torch.fl
     return layer
 
 
-@pytest.mark.parametrize(("shape", "keeps"), [((24, 24), True), ((24, 40), False), ((40, 24), False)])
-def test_randlora_training_call_builds_dw_once_and_projects_once(shape, keeps):
-    """Per training call: one build of W + dW and one closed-form projection (no autograd rebuild of
-    dW's graph); a second build for the input gradient only where dW is not kept (out x in elements above
-    the n r x min(in, out) that PEFT's form keeps)."""
-    layer = randlora_layer(shape, r=3)
+@pytest.mark.parametrize(("shape", "tokens", "keeps", "builds"), [   # builds: (joined, with dropout)
+    ((24, 24), 10, True, (1, 1)),     # kept: the forward's W + dW serves the input gradient
+    ((24, 40), 10, False, (1, 1)),    # out > in: backward's input gradient g W + (g B)(s S), no 2nd build
+    ((24, 40), 400, False, (2, 2)),   # ... unless G, B^T G and a rebuild cost less (many tokens)
+    ((40, 24), 10, False, (1, 2)),    # out < in: the forward applies u (s S) (tokens < in, joined only)
+    ((40, 24), 64, False, (2, 2))])   # tokens >= in: built in the forward too
+@pytest.mark.parametrize("dropout", [False, True])
+def test_randlora_training_call_builds_dw_once_and_projects_once(shape, tokens, keeps, builds, dropout):
+    """Per training call: one closed-form projection (no autograd rebuild of dW's graph) and one build of
+    W + dW (dW alone next to the base with adapter dropout); a second build only where dW is not kept (out
+    x in elements above the n r x min(in, out) that PEFT's form keeps) and the factored pass costs more
+    multiply-adds than building again. A kept dW is built once for two micro-batches. float64: exact."""
+    layer = randlora_layer(shape, r=3, dtype=torch.float64)
     layer.use_merged_path = forced("merged")
+    mask = (torch.rand(shape[0]) > 0.3).double() if dropout else None
+    if dropout:
+        layer.adapter_dropout = FixedMask(mask)
     assert layer.keeps_delta() == keeps
     counts = count_builds(layer)
-    layer_step(layer, [torch.randn(2, 5, shape[0])])
-    assert counts == {"merged_weight": 1 if keeps else 2, "delta_weight": 0, "delta_param_grads": 1}
+    xs = [torch.randn(tokens, shape[0], dtype=torch.float64) for _ in range(2)]
+    want_y, want_g = reference_step(layer, xs, mask)
+    got_y, got_g = layer_step(layer, xs)
+    per_step = {"delta_weight" if dropout else "merged_weight": builds[dropout] * (1 if keeps else 2)}
+    assert counts == {"merged_weight": 0, "delta_weight": 0, **per_step, "delta_param_grads": 2}
+    assert_all_close(got_y, want_y, 1e-10, "outputs")
+    assert_all_close(got_g, want_g, 1e-10, "gradients")
 
 
 OPTIMIZERS = {"fused AdamW": lambda ps: torch.optim.AdamW(ps, lr=0.1, fused=True),
@@ -420,6 +436,23 @@ def test_randlora_float64_gradients_exact_over_accumulated_micro_batches(path, s
         assert_all_close(got_g, want_g, 1e-10, f"step {step} gradients")
         opt.step()
         opt.zero_grad()
+
+
+def test_cost_model_counts_one_build_where_dw_is_not_kept():
+    """ViT-S MLP layers at T = 1024 and a LoRA-8 budget (r = 17, n r = 391) keep no dW (384 x 1536 > n r x
+    384): fc1 (out > in) builds it in the forward and gets both gradients from g B; fc2 (out < in) applies
+    u (s S) in the forward and builds dW in the backward only. With many more tokens than in_features the
+    second build is cheaper again, and the cost model counts it."""
+    with torch.device("meta"):
+        fc1 = methods.wrap_linear("randlora", nn.Linear(384, 1536), r=17)
+        fc2 = methods.wrap_linear("randlora", nn.Linear(1536, 384), r=17)
+    nr, io, t = 391, 384 * 1536, 1024
+    assert not fc1.keeps_delta() and not fc2.keeps_delta()
+    assert fc1.path_macs(t, True)[1] == nr * io + t * nr * (1536 + 2 * 384)     # build; g B, H, (g B)(s S)
+    assert fc2.path_macs(t, True)[1] == t * nr * 384 + t * nr * (1536 + 384) + nr * io  # u S; x B, g^T u; build
+    t = 4096
+    assert fc1.path_macs(t, True)[1] == nr * io + t * io + 2 * nr * io          # build; G, H, rebuild
+    assert fc2.path_macs(t, True)[1] == nr * io + t * nr * (1536 + 384) + nr * io
 
 
 def test_keep_decision_follows_peft_memory_on_vit_b_shapes():

@@ -203,3 +203,55 @@ def test_bf16_base_update_rank_is_the_adapters_rank(tiny_overrides):
                                  *tiny_overrides]))
     ranks = record["metrics"]["delta_rank"]
     assert ranks and all(1 <= v["rank"] <= 4 and v["max_rank"] == 128 for v in ranks.values()), ranks
+
+
+class Killed(BaseException):
+    """A job killed mid-step (not an Exception: the runner records no failure, as for a real kill)."""
+
+
+@pytest.mark.slow
+def test_resumed_run_fetches_only_the_batches_it_still_trains_on(tiny_overrides, tmp_path, monkeypatch):
+    """Resume without replay: killed in step 3 after a checkpoint at step 2, the resumed run asks the task
+    for exactly the batches of steps 3..6 of the uninterrupted run, none before, and ends identical."""
+    import runners.train as train_module
+    from tasks.clip import ClipTask
+
+    args = ["method=lora", "dataset=shapes", "trainer.max_steps=6", "trainer.checkpoint_every=2",
+            "trainer.grad_accum=2", "trainer.log_every=1",
+            *[o for o in tiny_overrides if not o.startswith(("trainer.max_steps", "trainer.checkpoint_every",
+                                                            "trainer.log_every", "out_dir"))]]
+    fetched: list = []
+    real_batch = ClipTask.train_batch
+    monkeypatch.setattr(ClipTask, "train_batch", lambda self, *key: fetched.append(key) or real_batch(self, *key))
+    reference = run(compose_config([*args, f"out_dir={tmp_path / 'reference'}"]))
+    reference_keys, fetched[:] = list(fetched), []
+
+    real_step, calls = train_module._optimizer_step, {"n": 0}
+
+    def dying_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Killed
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train_module, "_optimizer_step", dying_step)
+    with pytest.raises(Killed):
+        run(compose_config([*args, f"out_dir={tmp_path / 'resumed'}"]))
+    monkeypatch.setattr(train_module, "_optimizer_step", real_step)
+    fetched[:] = []
+    resumed = run(compose_config([*args, f"out_dir={tmp_path / 'resumed'}"]))
+    assert len(reference_keys) == 6 * 2 and fetched == reference_keys[2 * 2:]  # steps 3..6, 2 micro-batches each
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in reference["history"]]
+    assert resumed["metrics"]["per_dataset"] == reference["metrics"]["per_dataset"]
+    assert resumed["cost"]["data_wait_s"] is not None and resumed["cost"]["data_wait_s"] >= 0
+
+
+@pytest.mark.slow
+def test_worker_processes_do_not_change_the_numbers(tiny_overrides, tmp_path):
+    """Lazily processed pixels fetched by 2 DataLoader worker processes train exactly as in-process."""
+    args = ["method=lora", "dataset=shapes", "+task.data.preprocess=lazy",
+            *[o for o in tiny_overrides if not o.startswith("out_dir")]]
+    inline = run(compose_config([*args, "trainer.num_workers=0", f"out_dir={tmp_path / 'inline'}"]))
+    workers = run(compose_config([*args, "trainer.num_workers=2", f"out_dir={tmp_path / 'workers'}"]))
+    assert [h["loss"] for h in workers["history"]] == [h["loss"] for h in inline["history"]]
+    assert workers["metrics"]["per_dataset"] == inline["metrics"]["per_dataset"]

@@ -1,0 +1,166 @@
+"""Data-parallel training of one run over several GPUs (or CPU processes) with torch.distributed.
+
+Launched by `torchrun --nproc_per_node=N run.py ...` or by SLURM through submitit with
+`tasks_per_node = gpus_per_node` (conf/hydra/launcher/slurm.yaml): every process runs the same `run(cfg)`,
+trains on its slice of each global batch (`trainer.batch_size` / world size, so the effective batch
+micro-batch x accumulation x world size is the single-process one), and DDP averages the gradients.
+Rank 0 alone writes results.json, checkpoints, the adapter and W&B; every rank evaluates the same
+(unwrapped, identical) model, so no rank waits at a barrier through a long evaluation.
+
+The process group is started once per process (NCCL on CUDA, gloo on the CPU) and reused by every run
+of that process (the datasets of a suite), then destroyed at exit.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+PORT_BASE = 20000  # MASTER_PORT under SLURM / submitit local: PORT_BASE + job id mod PORT_SPAN
+PORT_SPAN = 20000
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes training one run."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes files, logs and W&B."""
+        return self.rank == 0
+
+
+_CURRENT = World()
+
+
+def current() -> World:
+    """The world of this process (a single process until `setup` starts a group)."""
+    return _CURRENT
+
+
+def is_main() -> bool:
+    return _CURRENT.main
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM nodelist: `gpu[07-09,12],cpu1` -> `gpu07` (zero padding kept)."""
+    head = re.match(r"[^,\[]+(\[[^\]]*\])?", nodelist.strip())
+    if head is None or not head.group(0):
+        raise ValueError(f"cannot read a host name from the SLURM nodelist {nodelist!r}")
+    name = head.group(0)
+    if "[" not in name:
+        return name
+    prefix, ranges = name.split("[", 1)
+    return prefix + re.split(r"[-,\]]", ranges, maxsplit=1)[0]
+
+
+def from_env(env: Mapping[str, str]) -> tuple[World, dict[str, str]]:
+    """(world, MASTER_ADDR/MASTER_PORT to set) from the launcher's variables: torchrun's RANK/WORLD_SIZE/
+    LOCAL_RANK (it sets the master itself), the tasks of a SLURM step (SLURM_PROCID, SLURM_STEP_NUM_TASKS,
+    SLURM_LOCALID; master = the step's first node), or submitit's local executor (SUBMITIT_LOCAL_*)."""
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))), {}
+    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:  # srun's tasks (submitit runs them so)
+        world = World(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", 0)))
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        return world, _master(first_host(nodes), env.get("SLURM_JOB_ID", "0"))
+    if "SUBMITIT_LOCAL_NTASKS" in env:
+        world = World(int(env.get("SUBMITIT_LOCAL_GLOBALID", 0)), int(env["SUBMITIT_LOCAL_NTASKS"]),
+                      int(env.get("SUBMITIT_LOCAL_LOCALID", 0)))
+        return world, _master("127.0.0.1", env.get("SUBMITIT_LOCAL_JOB_ID", "0"))
+    return World(), {}
+
+
+def planned() -> World:
+    """The world the launcher asks for, read before any process group is started."""
+    return from_env(os.environ)[0]
+
+
+def _master(host: str, job_id: str) -> dict[str, str]:
+    digits = re.sub(r"\D", "", job_id) or "0"
+    return {"MASTER_ADDR": host, "MASTER_PORT": str(PORT_BASE + int(digits) % PORT_SPAN)}
+
+
+def setup(device: torch.device) -> tuple[World, torch.device]:
+    """Join the run's process group (once per process) and return (world, this process's device:
+    `cuda:<local rank>` on GPUs). A single process is returned as it is, nothing started."""
+    global _CURRENT
+    world, master = from_env(os.environ)
+    if world.size > 1 and not dist.is_initialized():
+        for key, value in master.items():
+            os.environ.setdefault(key, value)
+        if device.type == "cuda":
+            torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank, world_size=world.size)
+        atexit.register(dist.destroy_process_group)
+        log.info("data-parallel run: rank %d of %d (%s)", world.rank, world.size, dist.get_backend())
+        if not world.main:  # one process reports; the others say only what goes wrong
+            logging.getLogger().setLevel(logging.WARNING)
+    _CURRENT = world
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return world, device
+
+
+def agree(value: Any) -> Any:
+    """Rank 0's `value` on every rank (e.g. the run directory: Hydra's timestamped one can differ)."""
+    if _CURRENT.size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class TaskLoss(nn.Module):
+    """`task.loss(model, batch)` as a module's forward: DistributedDataParallel synchronises gradients
+    only of computations run through its own forward, and tasks call submodules of the model."""
+
+    def __init__(self, model: nn.Module, task: Any) -> None:
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.task.loss(self.model, batch)
+
+
+def wrap(model: nn.Module, task: Any, device: torch.device, find_unused: bool) -> nn.Module:
+    """The module a training step calls: `TaskLoss`, inside DDP when several processes train. Only
+    trainable parameters are reduced. `find_unused`: some trainable parameters get no gradient in a
+    step (one head per dataset of a round-robin suite); otherwise DDP would wait for them forever."""
+    loss = TaskLoss(model, task)
+    if _CURRENT.size == 1:
+        return loss
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(loss, device_ids=ids, find_unused_parameters=find_unused)
+
+
+def accumulating(module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """DDP's `no_sync()` for every micro-batch of a step but the last: gradients are averaged once."""
+    if last or not isinstance(module, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return module.no_sync()
+
+
+def mean_and_any(loss: float, flag: bool, device: torch.device) -> tuple[float, bool]:
+    """(loss averaged over ranks, whether any rank raised `flag`): every rank logs the global batch's
+    loss and stops at the same step when one of them was signalled to (SLURM preemption)."""
+    if _CURRENT.size == 1:
+        return loss, flag
+    both = torch.tensor([loss, float(flag)], dtype=torch.float64, device=device)
+    dist.all_reduce(both)
+    return float(both[0]) / _CURRENT.size, bool(both[1] > 0)
