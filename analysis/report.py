@@ -99,12 +99,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def build_report(df: pd.DataFrame, out: Path, command: str = "", dpi: int = 200) -> Path:
     """Write figures (PNG+SVG), summary.md/.html, the CSVs and the index.html leaderboard; returns its path."""
+    df, tuning = split_tuning_runs(df)
+    if df.empty:
+        raise ReportError(f"only the {tuning} tuning runs of a +sweep=tuned (scored on validation) were found; "
+                          "the report compares its final runs, scored on test")
     ok = successful(df)
     if ok.empty:
         n = df["source"].nunique()
         raise ReportError(f"all {n} runs failed; nothing to compare (first error: {_first_error(df)})")
     out.mkdir(parents=True, exist_ok=True)
     blocks = _header(df, command)
+    if tuning:
+        blocks.append(Block("p", f"{tuning} tuning runs of `+sweep=tuned` (scored on the validation split to "
+                                 "choose each method's lr) are left out of every table and figure; each final run "
+                                 "lists its candidates and their validation scores in `run.tuning`."))
     for key, part in panels(df):
         blocks += _panel_section(key, part, out, dpi)
     paired = paired_differences(df)
@@ -116,6 +124,15 @@ def build_report(df: pd.DataFrame, out: Path, command: str = "", dpi: int = 200)
     (out / "summary.html").write_text(to_html(blocks, "rankbench report", out))
     captions = _figure_captions(blocks)
     return write_leaderboard(leaderboard_runs(df), out, [out / name for name in captions], captions)
+
+
+def split_tuning_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """(runs scored on test, how many runs were scored on validation): validation scores choose
+    hyper-parameters (+sweep=tuned) and are never reported beside test scores."""
+    if "eval_split" not in df.columns:
+        return df, 0
+    tuning = df["eval_split"] == "validation"
+    return df[~tuning], int(df.loc[tuning, "source"].nunique())
 
 
 def _figure_captions(blocks: list[Block]) -> dict[str, str]:

@@ -97,7 +97,8 @@ class AdapterLayer(CostModel, nn.Module):
 
     Subclasses declare `hp_spec` (defaults and validators), `num_params` (closed form, so counting and
     budget solving never allocate), create their parameters in `init_adapter`, and define `delta_weight`.
-    They may override `adapter_forward` with a factored form that avoids materialising dW.
+    They may override `adapter_forward` with a factored form that avoids materialising dW, and, for speed
+    only, the cost model and merged-path hooks of the `CostModel` mixin (methods/costmodel.py).
     """
 
     method: ClassVar[str] = ""

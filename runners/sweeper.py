@@ -71,12 +71,18 @@ def expand(spec: Mapping[str, Any]) -> list[Job]:
     jobs = []
     for seed in spec.get("seeds") or [0]:
         for dataset in spec.get("datasets") or [None]:
-            for method in spec.get("methods") or []:
-                for budget in spec.get("budgets") or [None]:
-                    jobs += [_job(method, budget, seed, combo, dataset) for combo in _hp_combos(hp.get(method))]
+            for method, budget in _adapter_axes(spec):
+                jobs += [_job(method, budget, seed, combo, dataset) for combo in _hp_combos(hp.get(method))]
             for reference in spec.get("references") or []:
                 jobs += [_job(reference, None, seed, combo, dataset) for combo in _hp_combos(hp.get(reference))]
     return jobs
+
+
+def _adapter_axes(spec: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """(method, budget) pairs of the sweep, less those in `spec["unreachable"]` (a structure that cannot
+    reach the budget on this model: such a run would only fail with that line, see `unreachable_pairs`)."""
+    skip = {(m, str(b)) for m, b in spec.get("unreachable") or []}
+    return [(m, b) for m in spec.get("methods") or [] for b in spec.get("budgets") or [None] if (m, str(b)) not in skip]
 
 
 def _hp_combos(axes: Mapping[str, Sequence[Any]] | None) -> list[tuple[tuple[str, Any], ...]]:
@@ -199,8 +205,7 @@ def tuned_groups(spec: Mapping[str, Any], default_lrs: Mapping[str, float]) -> l
     first seed per lr candidate, named `[<dataset>/]<method>[-<budget>]-lr<lr>-s<seed>-val`."""
     seed = (spec.get("seeds") or [0])[0]
     untuned = set(spec.get("untuned") or [])
-    axes = [(m, b) for m in spec.get("methods") or [] for b in spec.get("budgets") or [None]]
-    axes += [(r, None) for r in spec.get("references") or []]
+    axes = _adapter_axes(spec) + [(r, None) for r in spec.get("references") or []]
     groups = []
     for dataset in spec.get("datasets") or [None]:
         for method, budget in axes:
@@ -308,6 +313,7 @@ class RankbenchSweeper(BasicSweeper):
         base_jobs = [[o for o in base if _key(o) != "dataset"] for base in self._base_jobs(arguments)]
         _check_axes_not_overridden(base_jobs[0], spec.get("name", "?"))
         self._validate(spec)
+        spec["unreachable"] = unreachable_pairs(self.config, spec)
         if spec.get("lr_factors"):  # +sweep=tuned: lr chosen on validation, then the winner on test
             return self._sweep_tuned(spec, base_jobs)
         jobs = [Job(_with_suffix(job.name, base, base_jobs), tuple(base) + job.overrides)
@@ -473,6 +479,28 @@ class RankbenchSweeper(BasicSweeper):
             start += len(batch)
             returns.append(results)
         return returns
+
+
+def unreachable_pairs(config: DictConfig, spec: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(method, budget) pairs whose structure cannot reach the budget on this task's model (VeRA's r + out
+    per layer stays below lora1; LoKr's largest count on 128-wide layers is below lora32), from the
+    preflight's meta-device count; each gets one log line and is not launched. Empty when the model's
+    shapes cannot be read here (every pair launches; those runs then fail naming the reachable range)."""
+    from runners.preflight import check_model
+
+    budgets = [str(b) for b in spec.get("budgets") or [] if b is not None]
+    if not budgets or not spec.get("methods"):
+        return []
+    model = check_model(config, budgets)
+    if model["problems"]:
+        log.warning("sweep %s: could not check which budgets each method reaches (%s)", spec.get("name"),
+                    model["problems"][0])
+        return []
+    pairs = [(m, b, v["problem"]) for m in spec["methods"] for b, v in model["counts"].get(m, {}).items()
+             if "problem" in v]
+    for method, budget, why in pairs:
+        log.warning("sweep %s: not launching %s at budget %s: %s", spec.get("name"), method, budget, why)
+    return [(m, b) for m, b, _ in pairs]
 
 
 def _key(override: str) -> str:

@@ -127,3 +127,18 @@ def test_report_writes_runs_and_paired_csv(report):
     assert {"method_a", "method_b", "budget", "mean_diff", "ci_low", "ci_high", "n"} <= set(paired.columns)
     assert len(paired) and (paired["ci_low"].isna() | (paired["ci_low"] <= paired["mean_diff"])).all()
     assert "## Paired comparisons" in (report / "summary.md").read_text()
+
+
+def test_tuning_runs_scored_on_validation_are_counted_not_compared(tmp_path, capsys):
+    for seed in (0, 1):
+        write_record(tmp_path / "runs" / f"final{seed}", make_record("lora", "vision", seed, BUDGETS[0]))
+    tuning = make_record("lora", "vision", 0, BUDGETS[1])
+    tuning["metrics"]["eval_split"] = "validation"
+    write_record(tmp_path / "runs" / "val", tuning)
+    out = tmp_path / "report"
+    assert main([str(tmp_path / "runs"), "--out", str(out), "--dpi", "40", "-q"]) == 0
+    runs = (out / "runs.csv").read_text().splitlines()
+    assert len(runs) == 1 + 2 and "validation" not in "".join(runs)
+    assert "1 tuning runs of `+sweep=tuned`" in (out / "summary.md").read_text()
+    assert main([str(tmp_path / "runs" / "val"), "--out", str(tmp_path / "r2"), "-q"]) == 2
+    assert "only the 1 tuning runs" in _error_line(capsys)

@@ -56,6 +56,9 @@ def test_a_suite_is_checked_from_metadata_with_every_problem_listed(copies, monk
     assert next(skeleton.parameters()).is_meta  # shapes only: nothing allocated, nothing downloaded
     for method in methods.available():
         count = model["counts"][method]["lora8"]
+        if "problem" in count:  # a structure that cannot reach lora8 here (VeRA: r + out per layer)
+            assert "above the largest count" in count["problem"]
+            continue
         assert count["achieved"] == methods.num_params_model(skeleton, method, list(cfg.task.model.target_modules),
                                                              **count["hp"])
     assert len(preflight.problems(list(records.values()))) == 3

@@ -205,3 +205,16 @@ def test_config_diff_names_dotted_keys():
 def test_job_is_hashable_and_frozen():
     job = Job("lora-s0", ("method=lora",))
     assert {job: 1}[Job("lora-s0", ("method=lora",))] == 1
+
+
+def test_pairs_a_structure_cannot_reach_are_not_launched():
+    """VeRA (r + out per layer) stays below lora1 and LoKr's largest count on the tiny CLIP's 128-wide
+    layers is below lora32: the sweep drops exactly those pairs (each a log line), nothing else."""
+    from runners.sweeper import unreachable_pairs
+
+    s = spec("budget", "task=clip", "sweep.budgets=[lora1,lora32]")
+    pairs = set(unreachable_pairs(sweep_config("budget", "task=clip"), s))
+    assert ("lokr", "lora32") in pairs and ("vera", "lora1") in pairs and ("lora", "lora1") not in pairs
+    names = {j.name.rsplit("-s", 1)[0] for j in expand({**s, "seeds": [0], "unreachable": sorted(pairs)})}
+    assert "lokr-lora32" not in names and "lokr-lora1" in names and "lora-lora32" in names
+    assert len(names) == 2 * len(s["methods"]) - len(pairs) + len(s["references"])

@@ -106,8 +106,10 @@ def test_a_configured_source_loads_with_load_from_disk(tmp_path) -> None:
                        f"+task.data.sources.shapes={{path: {tmp_path / 'shapes'}, test_split: validation, "
                        "image_column: img, label_column: y}")
     task = tasks.build(cfg.task)
-    assert len(task.suite["shapes"].train) == 24 and task.suite["shapes"].classes == images.SPECS["shapes"].classes
-    assert task.data["shapes"][0].shape == (24, 3, 32, 32)
+    pair = task.suite["shapes"]  # train less the seeded validation hold-out, nothing lost or shared
+    assert len(pair.train) + len(pair.validation) == 24 and len(pair.validation) > 0
+    assert task.suite["shapes"].classes == images.SPECS["shapes"].classes
+    assert task.data["shapes"][0].shape == (len(pair.train), 3, 32, 32)
     bad = compose_task("vision", "dataset=shapes", "+task.data.sources.shapes={path: /nonexistent/x}")
     with pytest.raises(FileNotFoundError, match="/nonexistent/x.*save_to_disk"):
         _ = tasks.build(bad.task).suite
