@@ -104,6 +104,8 @@ VALUE_CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.timing_warmup", _count, "use an integer >= 0"),
     ("trainer.log_every", _positive_int, "use an integer >= 1"),
     ("trainer.checkpoint_every", _optional(_count), "use an integer >= 0 (0: never)"),
+    ("trainer.num_workers", lambda v: v == "auto" or _count(v),
+     "use auto (the job's CPUs less one; 0 for in-memory data) or an integer >= 0"),
     ("task.model.dtype", lambda v: v in (None, "float32", "bfloat16"),
      "use float32, bfloat16 or null (float16 weights need loss scaling, which the training loop does not do)"),
     ("task.data.eval_split", lambda v: v in ("test", "validation"),
@@ -179,6 +181,15 @@ def visible_gpus() -> int:
 
 # `${rankbench.gpus:}` in conf/hydra/launcher/local.yaml; registered wherever run.py or a run is imported.
 OmegaConf.register_new_resolver("rankbench.gpus", visible_gpus, replace=True)
+
+
+def tasks_per_node(gpus: int | None) -> int:
+    """One process per GPU (DDP); one for a CPU-only job (`gpus_per_node: null` or 0)."""
+    return max(1, int(gpus or 0))
+
+
+# `${rankbench.tasks_per_node:${.gpus_per_node}}` in conf/hydra/launcher/slurm.yaml.
+OmegaConf.register_new_resolver("rankbench.tasks_per_node", tasks_per_node, replace=True)
 
 
 def _options(group: str) -> list[str]:

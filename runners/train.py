@@ -81,7 +81,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                              run_dir, record["run"]["id"], record["run"]["config"],
                              _group(cfg), [cfg.method.name, cfg.task.name, _size(cfg)])
         record["run"].update(model_revision=hub_revision(resolve_model_path(cfg.task.model.path)),
-                             dataset_revisions=getattr(task, "dataset_revisions", None))  # None: no hook yet
+                             dataset_revisions=task.dataset_revisions)
         record["run"].update(max_steps=total_steps(task, cfg.trainer), regime=task.regime,
                              memory_savers=_memory_savers(task, cfg.trainer, device))
         _evaluate(task, model, cfg, device, record["metrics"], suffix="_before")

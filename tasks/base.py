@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
+
+if TYPE_CHECKING:
+    from tasks.common import TrainData
 
 Batch = dict[str, Any]
 EVAL_SPLITS = ("test", "validation")  # task.data.eval_split: test is reported, validation selects hyper-parameters
@@ -26,7 +29,9 @@ class Task(ABC):
       * `target_modules` names the Linear layers adapters wrap (suffixes or a regex), from config.
       * `head_prefixes` are parameter-name prefixes trained for every method (the task head); an empty
         list for CLIP, whose "head" is the text tower's class prompts.
-      * `train_batches(batch_size, generator)` yields batches forever, deterministically from the generator.
+      * `train_data()` is the training data, map-style (`tasks.common.TrainData`): the runner's DataLoader
+        (runners/data.py) samples it, so workers decode and a resumed run jumps to its next batch;
+        `train_batches(batch_size, generator)` is the same stream without a DataLoader (tests, tools).
       * `loss(model, batch)` returns a scalar loss; `evaluate(model)` returns top-1 accuracy per dataset
         on the split `eval_split` names (test, or the validation split hyper-parameters are chosen on).
     """
@@ -56,7 +61,15 @@ class Task(ABC):
     def build_model(self) -> nn.Module: ...
 
     @abstractmethod
+    def train_data(self) -> TrainData: ...
+
+    @abstractmethod
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]: ...
+
+    @property
+    def dataset_revisions(self) -> dict[str, str | None]:
+        """Each dataset's hub revision, recorded in results.json; None for local or generated data."""
+        return dict.fromkeys(self.datasets)
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...

@@ -144,6 +144,9 @@ def test_slurm_launcher_config_has_the_cluster_keys():
         assert key in launcher, key
     assert launcher.max_num_timeout > 0 and launcher.timeout_min >= 60
     assert launcher.additional_parameters.requeue is True
+    for gpus, tasks in (("4", 4), ("null", 1), ("0", 1)):  # one DDP process per GPU; one on a CPU job
+        cfg = sweep_config("budget", "hydra/launcher=slurm", f"hydra.launcher.gpus_per_node={gpus}")
+        assert cfg.hydra.launcher.tasks_per_node == tasks
     for name in ("submitit_local", "local"):
         assert sweep_config("budget", f"hydra/launcher={name}").hydra.launcher._target_.endswith("LocalLauncher")
 
