@@ -47,7 +47,9 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     path = Path(run_dir) / FILENAME
     if not path.exists():
         return None
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    # memory-mapped: a full fine-tuning checkpoint of an 8B model (~45 GiB with AdamW state) is paged in
+    # tensor by tensor as it is copied, never read whole into a job's RAM
+    payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     if payload.get("config_hash") != config_hash:
         log.warning("ignoring %s: it was written by a different configuration", path)
         return None
@@ -59,9 +61,19 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     scheduler.load_state_dict(payload["scheduler"])
     torch.set_rng_state(payload["torch_rng"])
     if payload.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(payload["cuda_rng"])
+        for device, rng in cuda_rng_states(payload["cuda_rng"], torch.cuda.device_count()):
+            torch.cuda.set_rng_state(rng, device)
     log.info("resuming from %s at step %d", path, payload["step"])
     return payload
+
+
+def cuda_rng_states(saved: list[torch.Tensor], visible: int) -> list[tuple[int, torch.Tensor]]:
+    """(device, state) to restore: a requeued job may see fewer (or more) GPUs than the one that saved,
+    where `set_rng_state_all` would fail; the devices both have are restored, the difference logged."""
+    if len(saved) != visible:
+        log.warning("checkpoint has CUDA RNG states of %d devices, this job sees %d: restoring %d",
+                    len(saved), visible, min(len(saved), visible))
+    return list(enumerate(saved[:visible]))
 
 
 class PreemptionGuard:

@@ -255,3 +255,27 @@ def test_worker_processes_do_not_change_the_numbers(tiny_overrides, tmp_path):
     workers = run(compose_config([*args, "trainer.num_workers=2", f"out_dir={tmp_path / 'workers'}"]))
     assert [h["loss"] for h in workers["history"]] == [h["loss"] for h in inline["history"]]
     assert workers["metrics"]["per_dataset"] == inline["metrics"]["per_dataset"]
+
+
+def test_requeue_on_fewer_gpus_restores_the_rng_states_it_can(caplog):
+    from runners.checkpoint import cuda_rng_states
+
+    saved = [torch.full((4,), float(i)) for i in range(4)]
+    assert [d for d, _ in cuda_rng_states(saved, 4)] == [0, 1, 2, 3] and not caplog.records
+    restored = cuda_rng_states(saved, 2)
+    assert [d for d, _ in restored] == [0, 1] and torch.equal(restored[1][1], saved[1])
+    assert "4 devices, this job sees 2" in caplog.text
+
+
+def test_checkpoints_load_memory_mapped(tmp_path, monkeypatch):
+    from runners import checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    checkpoint.save_checkpoint(tmp_path, model, opt, sched, {"step": 3, "config_hash": "h"})
+    seen = {}
+    load = torch.load
+    monkeypatch.setattr(checkpoint.torch, "load", lambda *a, **k: seen.update(k) or load(*a, **k))
+    assert checkpoint.load_checkpoint(tmp_path, model, opt, sched, "h")["step"] == 3
+    assert seen.get("mmap") is True
