@@ -158,8 +158,12 @@ def split_rng(seed: int, name: str, split: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode()), zlib.crc32(split.encode())])
 
 
+@functools.lru_cache(maxsize=64)
 def make_split(name: str, split: str, n: int, seed: int = 0) -> Dataset:
-    """Generate split 'train' or 'test' of dataset `name` (n examples; digits: a fixed real split)."""
+    """Generate split 'train' or 'test' of dataset `name` (n examples; digits: a fixed real split).
+
+    Cached in the process: deterministic, and a suite renders every dataset once per run for its own
+    training and again for the forgetting probes of the others (a `Dataset` is never changed in place)."""
     if name not in SPECS:
         raise ValueError(f"unknown image dataset {name!r}; valid: {', '.join(SPECS)}")
     spec = SPECS[name]
