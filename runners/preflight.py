@@ -309,6 +309,13 @@ def _count_cell(budget: str, v: dict[str, Any]) -> str:
             f"{knobs}{own}")
 
 
+def unchecked_facts(cfg: DictConfig) -> list[str]:
+    """The config's facts no public source could confirm (`task.protocol.notes`), as one block of the
+    report, so a launch never rests on them unawares; empty when there are none."""
+    notes = [str(n) for n in (cfg.task.get("protocol") or {}).get("notes") or []]
+    return ["not checked against a public source (task.protocol.notes):\n  " + "\n  ".join(notes)] if notes else []
+
+
 def main(argv: list[str]) -> int:
     from runners.cli import compose_config
 
@@ -317,7 +324,7 @@ def main(argv: list[str]) -> int:
     cfg = compose_config([a for a in argv if not a.startswith("preflight.")])
     records = run_preflight(cfg, budgets)
     found = problems(records)
-    report = [table(records), model_table(records[0].model) if records else "no datasets",
+    report = [table(records), model_table(records[0].model) if records else "no datasets", *unchecked_facts(cfg),
               f"{len(found)} problem(s)" + (":\n  " + "\n  ".join(found) if found else ": ready to launch")]
     sys.stdout.write("\n".join(report) + "\n")  # the report is this command's output, not a log
     if out:

@@ -94,3 +94,12 @@ def test_a_clean_suite_exits_zero(copies):
                            "preflight.budgets=[lora4]"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           check=False)
     assert proc.returncode == 0 and "0 problem(s): ready to launch" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_facts_no_source_confirms_are_printed():
+    """conf/task/commonsense/base.yaml notes that HellaSwag's size and option labels could not be checked
+    against its missing file: the preflight report says so; a task without notes adds nothing."""
+    lines = preflight.unchecked_facts(compose_config(["task=commonsense", "size=base"]))
+    assert len(lines) == 1 and lines[0].startswith("not checked against a public source")
+    assert "hellaswag: dataset/hellaswag/test.json is missing" in lines[0]
+    assert preflight.unchecked_facts(compose_config(["task=clip"])) == []
