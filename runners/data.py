@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from runners.metrics import median_and_p90
 from tasks.common import BatchKey, ResumableSampler, TrainData
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,5 @@ def make_loader(data: TrainData, batch_size: int, seed: int, num_workers: Any, d
 def wait_summary(waits: list[float], warmup: int) -> dict[str, float | None]:
     """`data_wait_s` (median) and `data_wait_p90_s` of the per-step waits for data, the first `warmup`
     steps (worker start-up) excluded as for step times: what the step would cost if data were not ready."""
-    timed = sorted(waits[warmup:] or waits)
-    if not timed:
-        return {"data_wait_s": None, "data_wait_p90_s": None}
-    p90 = timed[min(len(timed) - 1, round(0.9 * (len(timed) - 1)))]
-    return {"data_wait_s": float(np.median(timed)), "data_wait_p90_s": p90}
+    median, p90 = median_and_p90(waits, warmup)
+    return {"data_wait_s": median, "data_wait_p90_s": p90}

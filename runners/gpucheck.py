@@ -161,9 +161,7 @@ def wrap(base: nn.Module, shape: Shape, method: str, impl: str, hp: dict[str, An
         return model
     import peft
 
-    from runners.bench import peft_config
-
-    return peft.get_peft_model(model, peft_config(method, shape.targets, hp))
+    return peft.get_peft_model(model, methods.get_method(method).peft.config(hp, shape.targets))
 
 
 def autocast(mode: str, device: torch.device):

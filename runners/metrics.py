@@ -49,12 +49,18 @@ class StepTimer:
         return dt
 
     def summary(self, samples_per_step: int) -> dict[str, float | None]:
-        timed = self.times[self.warmup:] or self.times
-        if not timed:
-            return {"step_time_s": None, "step_time_p90_s": None, "samples_per_s": None}
-        median = statistics.median(timed)
-        p90 = sorted(timed)[min(len(timed) - 1, round(0.9 * (len(timed) - 1)))]
-        return {"step_time_s": median, "step_time_p90_s": p90, "samples_per_s": samples_per_step / median}
+        median, p90 = median_and_p90(self.times, self.warmup)
+        return {"step_time_s": median, "step_time_p90_s": p90,
+                "samples_per_s": samples_per_step / median if median else None}
+
+
+def median_and_p90(values: list[float], warmup: int) -> tuple[float | None, float | None]:
+    """Median and 90th percentile of per-step figures after the first `warmup` (all of them when there
+    are no more); (None, None) for none. One rule for step times and data waits."""
+    timed = sorted(values[warmup:] or values)
+    if not timed:
+        return None, None
+    return statistics.median(timed), timed[min(len(timed) - 1, round(0.9 * (len(timed) - 1)))]
 
 
 def _vm_kib(field: str) -> int | None:

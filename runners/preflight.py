@@ -180,8 +180,9 @@ def _eval_templates(dataset_templates: list[str], task_cfg: DictConfig) -> list[
 
 # --- the model ---------------------------------------------------------------------------------------
 
-def check_model(cfg: DictConfig, budgets: list[str]) -> dict[str, Any]:
-    """The model's config (no weights), its targets on a meta skeleton and each method's exact count."""
+def check_model(cfg: DictConfig, budgets: list[str], method_names: list[str] | None = None) -> dict[str, Any]:
+    """The model's config (no weights), its targets on a meta skeleton and the exact count of each method
+    (`method_names`; None: every registered one)."""
     import methods
     from tasks.common import resolve_model_path
 
@@ -209,7 +210,7 @@ def check_model(cfg: DictConfig, budgets: list[str]) -> dict[str, Any]:
         return out
     out["targets"] = sorted({n.rsplit(".", 1)[-1] for n in found})
     out["target_layers"] = len(found)
-    for method in methods.available():
+    for method in method_names or methods.available():
         out["counts"][method] = {str(b): _solve(model, method, targets, b) for b in budgets}
     return out
 

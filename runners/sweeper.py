@@ -491,13 +491,12 @@ def unreachable_pairs(config: DictConfig, spec: Mapping[str, Any]) -> list[tuple
     budgets = [str(b) for b in spec.get("budgets") or [] if b is not None]
     if not budgets or not spec.get("methods"):
         return []
-    model = check_model(config, budgets)
+    model = check_model(config, budgets, list(spec["methods"]))
     if model["problems"]:
         log.warning("sweep %s: could not check which budgets each method reaches (%s)", spec.get("name"),
                     model["problems"][0])
         return []
-    pairs = [(m, b, v["problem"]) for m in spec["methods"] for b, v in model["counts"].get(m, {}).items()
-             if "problem" in v]
+    pairs = [(m, b, v["problem"]) for m, per in model["counts"].items() for b, v in per.items() if "problem" in v]
     for method, budget, why in pairs:
         log.warning("sweep %s: not launching %s at budget %s: %s", spec.get("name"), method, budget, why)
     return [(m, b) for m, b, _ in pairs]
