@@ -8,6 +8,7 @@ run rank 0 alone writes the file (every rank holds the same trainable state) and
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 FILENAME = "checkpoint.pt"
+BEFORE = "before.json"  # the "before" evaluation and forgetting probe, kept so a requeue does not redo them
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -65,6 +67,29 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
             torch.cuda.set_rng_state(rng, device)
     log.info("resuming from %s at step %d", path, payload["step"])
     return payload
+
+
+def save_before(run_dir: Path, config_hash: str, metrics: dict[str, Any], probe: dict[str, float] | None) -> None:
+    """Atomically keep the evaluation of the untrained model: on a large suite it takes as long as many
+    training steps, and a requeued job would otherwise repeat it on every requeue."""
+    path = Path(run_dir) / BEFORE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"config_hash": config_hash, "metrics": metrics, "probe": probe}))
+    os.replace(tmp, path)
+
+
+def load_before(run_dir: Path, config_hash: str) -> dict[str, Any] | None:
+    """{metrics, probe} saved by `save_before` for the same config; None when the run must evaluate."""
+    path = Path(run_dir) / BEFORE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("config_hash") != config_hash:
+        log.warning("ignoring %s: it was written by a different configuration", path)
+        return None
+    log.info("untrained model's evaluation read from %s (not repeated)", path)
+    return saved
 
 
 def cuda_rng_states(saved: list[torch.Tensor], visible: int) -> list[tuple[int, torch.Tensor]]:

@@ -25,8 +25,9 @@ import methods
 import tasks
 from runners import distributed, env
 from runners.adapt import Adaptation, adapt, is_head, method_info, method_names
+from runners.checkpoint import BEFORE, load_before, load_checkpoint, save_before, save_checkpoint
 from runners.checkpoint import FILENAME as CHECKPOINT
-from runners.checkpoint import PreemptionGuard, load_checkpoint, save_checkpoint
+from runners.checkpoint import PreemptionGuard
 from runners.cli import check_values
 from runners.data import batch_split_problem, make_loader, wait_summary
 from runners.export import import_peft_adapter, save_head
@@ -84,8 +85,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                              dataset_revisions=task.dataset_revisions)
         record["run"].update(max_steps=total_steps(task, cfg.trainer), regime=task.regime,
                              memory_savers=_memory_savers(task, cfg.trainer, device))
-        _evaluate(task, model, cfg, device, record["metrics"], suffix="_before")
-        probe_before = _probe(task, model, cfg, device)  # forgetting: the pretrained model on held-out data
+        probe_before = _before_training(task, model, cfg, device, run_dir, record)
         before = _sample_weights(model, adaptation)
         if cfg.get("init_adapter"):  # a PEFT adapter folder (runners.export): evaluated like our runs
             import_peft_adapter(model, cfg.init_adapter)
@@ -102,7 +102,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         _finish(record, "success", None)
         logger.summary({k: record[k] for k in ("params", "cost", "metrics")})
         write_results(run_dir, record)
-        (run_dir / CHECKPOINT).unlink(missing_ok=True)
+        for name in (CHECKPOINT, BEFORE):
+            (run_dir / name).unlink(missing_ok=True)
         log.info("%s", summary_table(record))
         return record
     except Exception as err:
@@ -113,6 +114,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finally:
         if logger is not None:
             logger.finish(failed=record["run"]["status"] != "success")
+
+
+def _before_training(task: tasks.Task, model: nn.Module, cfg: DictConfig, device: torch.device, run_dir: Path,
+                     record: dict[str, Any]) -> dict[str, float] | None:
+    """Evaluate the untrained model into `record` and return its forgetting probe (held-out data). A
+    requeued run reads both back from its first attempt (runners.checkpoint.BEFORE) instead."""
+    config_hash = record["run"]["config_hash"]
+    if (saved := load_before(run_dir, config_hash)) is not None:
+        record["metrics"].update(saved["metrics"])
+        return saved["probe"]
+    _evaluate(task, model, cfg, device, record["metrics"], suffix="_before")
+    probe = _probe(task, model, cfg, device)
+    if distributed.is_main() and cfg.trainer.checkpoint_every:
+        save_before(run_dir, config_hash, record["metrics"], probe)
+    return probe
 
 
 def _refusal(cfg: DictConfig) -> str | None:
@@ -173,6 +189,8 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, max_steps))
     timer = StepTimer(device, t.timing_warmup)
     state = load_checkpoint(run_dir, model, optimizer, scheduler, config_hash) or {}
+    if "cost" in state:  # requeued after its last step: training is done, only the evaluation was left
+        return state["cost"], state["history"]
     start, history = state.get("step", 0), state.get("history", [])
     timer.times, train_time = state.get("step_times", []), state.get("train_time_s", 0.0)
     world, data = distributed.current(), task.train_data()
@@ -180,11 +198,11 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
     loader = make_loader(data, t.batch_size, seed, t.num_workers, device, state.get("data"), world.rank, world.size)
     step_module = distributed.wrap(model, task, device, find_unused=len(data.sizes) > 1)
 
-    def checkpoint(done: int) -> None:
+    def checkpoint(done: int, **final: Any) -> None:
         if world.main:
             save_checkpoint(run_dir, model, optimizer, scheduler,
                             {"step": done, "history": history, "step_times": timer.times, "data": loader.state_dict(),
-                             "train_time_s": train_time, "config_hash": config_hash})
+                             "train_time_s": train_time, "config_hash": config_hash, **final})
 
     model.train()
     activations = SavedActivations(model)  # recorded in this process's first step (see _optimizer_step)
@@ -222,6 +240,8 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
     if start < max_steps:
         cost.update(activation_bytes=activations.bytes, state_bytes=state_bytes(params, optimizer))
     cost["train_time_s"] = train_time
+    if t.checkpoint_every and start < max_steps:  # the final evaluation can be preempted too
+        checkpoint(max_steps, cost=cost)
     return cost, history
 
 

@@ -246,6 +246,39 @@ def test_resumed_run_fetches_only_the_batches_it_still_trains_on(tiny_overrides,
     assert resumed["cost"]["data_wait_s"] is not None and resumed["cost"]["data_wait_s"] >= 0
 
 
+def test_requeue_after_the_last_step_only_evaluates(tiny_overrides, tmp_path, monkeypatch):
+    """Killed in the final evaluation, the rerun trains no step and evaluates the untrained model no
+    second time: it reads the checkpoint written after the last step and the kept "before" evaluation."""
+    import runners.train as train_module
+    from tasks.clip import ClipTask
+
+    base = ["method=lora", "dataset=shapes", "trainer.max_steps=3", "trainer.checkpoint_every=50",
+            *[o for o in tiny_overrides if not o.startswith(("trainer.max_steps", "trainer.checkpoint_every", "out_dir"))]]
+    args = [*base, f"out_dir={tmp_path / 'run'}"]
+    calls = {"evaluate": 0, "probe": 0, "batches": 0}
+    for name, key in (("evaluate_metrics", "evaluate"), ("forgetting_probe", "probe"), ("train_batch", "batches")):
+        real = getattr(ClipTask, name)
+        monkeypatch.setattr(ClipTask, name, lambda self, *a, _r=real, _k=key, **k: calls.update({_k: calls[_k] + 1})
+                            or _r(self, *a, **k))
+    real_ranks = train_module._delta_ranks
+    monkeypatch.setattr(train_module, "_delta_ranks", lambda *a: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        run(compose_config(args))
+    assert calls == {"evaluate": 2, "probe": 2, "batches": 3} and (tmp_path / "run" / "checkpoint.pt").exists()
+    first_try = dict(calls)
+    monkeypatch.setattr(train_module, "_delta_ranks", real_ranks)
+    calls.update(dict.fromkeys(calls, 0))
+    requeued = run(compose_config(args))
+    assert calls == {"evaluate": 1, "probe": 1, "batches": 0}, first_try
+    reference = run(compose_config([*base, f"out_dir={tmp_path / 'reference'}"]))
+    for part in ("per_dataset", "per_dataset_before", "forgetting"):
+        assert requeued["metrics"][part] == reference["metrics"][part]
+    assert [h["loss"] for h in requeued["history"]] == [h["loss"] for h in reference["history"]]
+    assert requeued["cost"]["step_time_s"] is not None  # the measured figures of the first attempt, kept
+    assert requeued["cost"]["activation_bytes"] == reference["cost"]["activation_bytes"] > 0
+    assert not {"checkpoint.pt", "before.json"} & {p.name for p in (tmp_path / "run").iterdir()}
+
+
 @pytest.mark.slow
 def test_worker_processes_do_not_change_the_numbers(tiny_overrides, tmp_path):
     """Lazily processed pixels fetched by 2 DataLoader worker processes train exactly as in-process."""
