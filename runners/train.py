@@ -25,9 +25,15 @@ import methods
 import tasks
 from runners import distributed, env
 from runners.adapt import Adaptation, adapt, is_head, method_info, method_names
-from runners.checkpoint import BEFORE, load_before, load_checkpoint, save_before, save_checkpoint
+from runners.checkpoint import (
+    BEFORE,
+    PreemptionGuard,
+    load_before,
+    load_checkpoint,
+    save_before,
+    save_checkpoint,
+)
 from runners.checkpoint import FILENAME as CHECKPOINT
-from runners.checkpoint import PreemptionGuard
 from runners.cli import check_values
 from runners.data import batch_split_problem, make_loader, wait_summary
 from runners.export import import_peft_adapter, save_head

@@ -29,6 +29,7 @@ from tasks.common import (
     batches,
     enable_memory_savers,
     eval_mode,
+    gather_rows,
     load_kwargs,
     load_pretrained,
     model_device,
@@ -154,7 +155,9 @@ class ClipTask(ImageSuiteTask):
             raise ValueError(f"task.objective.loss={kind!r}; valid: classes, in_batch")
         present, inverse = labels.unique(return_inverse=True)
         txt = class_embeddings(model, prompts, num_classes, present)[inverse]  # one prompt per image
-        first = (labels[None, :] == labels[:, None]).int().argmax(1)  # first image of the same class
+        # data-parallel: this process's images against the prompts of the whole global batch (gather_rows)
+        txt, every_label = gather_rows(txt), gather_rows(labels)
+        first = (every_label[None, :] == labels[:, None]).int().argmax(1)  # first image of the same class
         return F.cross_entropy(self.temperature(model) * img @ txt.T, first)
 
     def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:

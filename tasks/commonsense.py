@@ -44,6 +44,7 @@ from tasks.common import (
     load_kwargs,
     load_pretrained,
     model_device,
+    per_process_share,
     selected,
 )
 from tasks.data import cap, open_source
@@ -282,7 +283,7 @@ class CommonsenseTask(Task):
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         total, count = token_nll(model, batch)
-        return total / count.clamp(min=1)
+        return total / per_process_share(count)  # per token of the whole (data-parallel) batch
 
     def planned_steps(self, batch_size: int, grad_accum: int = 1) -> int | None:
         epochs = self.cfg.data.get("epochs")

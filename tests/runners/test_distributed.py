@@ -5,12 +5,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+import torch.distributed as dist
 from rbtest import ROOT, compose_config
 
 from runners.distributed import World, first_host, from_env
 from runners.train import run
+from tasks.common import gather_rows, per_process_share
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 ARGS = ["method=lora", "task=clip", "dataset=shapes", "trainer.max_steps=6", "trainer.batch_size=16",
@@ -93,3 +97,77 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_anythi
                                         r"use a multiple of 2"):
         run(compose_config([*ARGS, "trainer.batch_size=15", f"out_dir={tmp_path / 'run'}"]))
     assert not (tmp_path / "run").exists()
+
+
+def _contrast(mine: torch.Tensor, every: torch.Tensor, labels: torch.Tensor, every_label: torch.Tensor) -> torch.Tensor:
+    """ClipTask's `in_batch` objective on features: each row against every row, target = first same label."""
+    first = (every_label[None, :] == labels[:, None]).int().argmax(1)
+    return torch.nn.functional.cross_entropy(10 * mine @ every.T, first)
+
+
+def _token_mean(nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The commonsense task's per-token mean (tasks/commonsense.py loss) on per-token losses."""
+    return (nll * mask).sum() / per_process_share(mask.sum())
+
+
+LOSSES = {"in_batch": lambda x, labels: _contrast(x, gather_rows(x), labels, gather_rows(labels)),
+          "token_mean": lambda x, mask: _token_mean(x.sum(-1).pow(2), mask)}
+
+
+def _spawned(rank: int, world: int, port: int, loss: str, rows: torch.Tensor, aux: torch.Tensor, queue: Any) -> None:
+    """One process of a gloo group: `loss` on its slice of the rows, the gradient averaged over the
+    processes as DDP averages it; plain values back through the queue (they outlive the process)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    share = slice(rank * len(rows) // world, (rank + 1) * len(rows) // world)
+    mine = rows[share].clone().requires_grad_(True)
+    value = LOSSES[loss](mine, aux[share])
+    value.backward()
+    grads = [torch.empty_like(mine.grad) for _ in range(world)]
+    dist.all_gather(grads, mine.grad / world)
+    queue.put((rank, value.item(), torch.cat(grads).tolist()))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("loss, aux", [
+    ("in_batch", torch.tensor([0, 1, 0, 2, 1, 1, 3, 0])),
+    ("token_mean", torch.tensor([1, 1, 1, 1, 1, 0, 0, 0], dtype=torch.float64)),  # 4 tokens on rank 0, 1 on rank 1
+])
+def test_data_parallel_losses_equal_the_single_process_loss_and_gradient(loss, aux):
+    """CLIP's in-batch contrast sees the whole global batch (gather_rows) and the per-token mean counts the
+    whole batch's tokens (per_process_share): 2 gloo processes with half of the rows each reproduce one
+    process's loss (mean over ranks) and gradient (DDP's average), where per-process losses would not."""
+    import torch.multiprocessing as mp
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.nn.functional.normalize(torch.randn(8, 5, generator=gen, dtype=torch.float64), dim=-1)
+    single = rows.clone().requires_grad_(True)
+    expected = LOSSES[loss](single, aux)
+    expected.backward()
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), 29500 + os.getpid() % 1000
+    procs = [ctx.Process(target=_spawned, args=(r, 2, port, loss, rows, aux, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {r: (value, grad) for r, value, grad in (queue.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+    assert (results[0][0] + results[1][0]) / 2 == pytest.approx(expected.item(), rel=1e-12)
+    assert torch.allclose(torch.tensor(results[0][1], dtype=torch.float64), single.grad, rtol=1e-10, atol=1e-12)
+    halves = [LOSSES[loss](rows[s].clone(), aux[s]).item() for s in (slice(0, 4), slice(4, 8))]  # no group
+    assert sum(halves) / 2 != pytest.approx(expected.item(), rel=1e-3)  # what each process computed before
+
+
+@pytest.mark.slow
+def test_ddp_in_batch_clip_loss_matches_one_process(tmp_path):
+    """The official code's in-batch objective over 2 gloo processes trains as one process on the batch."""
+    args = [*ARGS, "task.objective.loss=in_batch", "trainer.checkpoint_every=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(ROOT / "run.py"), *args,
+                          f"out_dir={tmp_path / 'ddp'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    two = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    one = run(compose_config([*args, f"out_dir={tmp_path / 'single'}"]))
+    assert two["run"]["world_size"] == 2
+    assert [h["loss"] for h in two["history"]] == pytest.approx([h["loss"] for h in one["history"]], rel=1e-5)
