@@ -295,8 +295,10 @@ def already_done(run_dir: Path, config: dict[str, Any] | None) -> bool:
 class RankbenchSweeper(BasicSweeper):
     """BasicSweeper that expands the `sweep` node, names job dirs deterministically and skips finished jobs."""
 
-    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None) -> None:
+    def __init__(self, max_batch_size: int | None = None, mixed_gpu_types: bool = False,
+                 params: dict[str, str] | None = None) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
+        self.mixed_gpu_types = mixed_gpu_types
 
     def sweep(self, arguments: list[str]) -> Any:
         try:
@@ -462,6 +464,8 @@ class RankbenchSweeper(BasicSweeper):
             raise SweepError(f"preflight found {len(problems)} problem(s) before submitting: {problems[0]}"
                              + (f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else "")
                              + "; fix them, or set sweep.preflight=false")
+        if not self.mixed_gpu_types and (problem := mixed_gpu_problem(self.config.hydra.launcher)) is not None:
+            raise SweepError(problem)
 
     def _save_multirun_yaml(self) -> None:
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -547,6 +551,19 @@ def _export_project_path() -> None:
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if root not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+
+
+def mixed_gpu_problem(launcher: DictConfig) -> str | None:
+    """Why this launcher may spread one sweep over GPU types (None when it cannot): a SLURM array with
+    GPUs and no `--constraint` runs wherever a GPU is free, and step times or memory measured on an A100
+    and an H100 do not compare. Opting in (hydra.sweeper.mixed_gpu_types=true) keeps them apart in the
+    report by the recorded device type."""
+    target = str(launcher.get("_target_", ""))
+    if not target.endswith("SlurmLauncher") or not launcher.get("gpus_per_node") or launcher.get("constraint"):
+        return None
+    return ("hydra.launcher.constraint is null, so SLURM may run this sweep's jobs on different GPU types, whose "
+            "step times and memory do not compare; set hydra.launcher.constraint=<your cluster's GPU feature> "
+            "(`sinfo -o '%N %f'` lists them), or accept mixed types with hydra.sweeper.mixed_gpu_types=true")
 
 
 def _is_local(config: DictConfig) -> bool:

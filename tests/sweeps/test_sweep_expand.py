@@ -221,3 +221,18 @@ def test_pairs_a_structure_cannot_reach_are_not_launched():
     names = {j.name.rsplit("-s", 1)[0] for j in expand({**s, "seeds": [0], "unreachable": sorted(pairs)})}
     assert "lokr-lora32" not in names and "lokr-lora1" in names and "lora-lora32" in names
     assert len(names) == 2 * len(s["methods"]) - len(pairs) + len(s["references"])
+
+
+@pytest.mark.parametrize("overrides, mixed", [
+    ([], True),                                            # 1 GPU per job, no constraint: any GPU type
+    (["hydra.launcher.constraint=h100"], False),
+    (["hydra.launcher.gpus_per_node=0"], False),           # CPU jobs
+    (["hydra.launcher.gpus_per_node=null"], False),
+])
+def test_a_slurm_sweep_with_gpus_must_pin_one_gpu_type(overrides, mixed):
+    from runners.sweeper import mixed_gpu_problem
+
+    launcher = sweep_config("budget", "hydra/launcher=slurm", *overrides).hydra.launcher
+    assert (mixed_gpu_problem(launcher) is not None) is mixed
+    assert mixed_gpu_problem(sweep_config("budget", "hydra/launcher=submitit_local").hydra.launcher) is None
+    assert sweep_config("budget").hydra.sweeper.mixed_gpu_types is False  # the default refuses mixing
