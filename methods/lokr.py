@@ -77,7 +77,8 @@ class LoKr(AdapterLayer):
                     "rank_pattern": {}, "alpha_pattern": {}},
         lambda c: {"r": c.get("r", 8), "alpha": c.get("alpha", 8), "factor": c.get("decompose_factor", -1),
                    "decompose_both": c.get("decompose_both", False)},
-        NO_EXTRA_MODULES)
+        NO_EXTRA_MODULES,
+        patterns=True)  # peft 0.21.2 peft/tuners/lycoris_utils.py LycorisConfig.rank_pattern/alpha_pattern
 
     hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = {
         **common_hp(alpha=8.0), "factor": (-1, lokr_factor), "decompose_both": (False, boolean)}

@@ -27,7 +27,8 @@ class LoRA(AdapterLayer):
         {**NO_EXTRA_MODULES, "use_rslora": False, "use_dora": False, "bias": "none", "lora_bias": False,
          "fan_in_fan_out": False, "layer_replication": None, "target_parameters": None,
          "trainable_token_indices": None, "alora_invocation_tokens": None, "use_bdlora": None,
-         "arrow_config": None, "kasa_config": None})
+         "arrow_config": None, "kasa_config": None},
+        patterns=True)  # peft 0.21.2 peft/tuners/lora/config.py LoraConfig.rank_pattern/alpha_pattern
 
     hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = common_hp(alpha=8.0)
 

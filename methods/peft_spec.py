@@ -27,6 +27,7 @@ class PeftSpec:
     from_peft: Callable[[dict[str, Any]], dict[str, Any]]  # PEFT config -> our hp (PEFT defaults if absent)
     refuse: dict[str, Any] = field(default_factory=dict)  # fields changing outputs in ways we cannot follow
     random: tuple[str, ...] = ()                         # frozen random bases, regenerated from the seed
+    patterns: bool = False                               # the config has rank_pattern / alpha_pattern
 
     def config(self, hp: dict[str, Any], target_modules: list[str] | str, **extra: Any) -> Any:
         """The `peft.<config_class>` for our resolved hp on `target_modules` (imports peft: tests/bench only)."""

@@ -37,8 +37,8 @@ from torch import nn
 
 import methods
 import tasks
-from methods.inject import CONFIG_FILE, WEIGHTS_FILE
-from methods.peft_spec import PeftSpec
+from methods.inject import CONFIG_FILE, PATTERNS, WEIGHTS_FILE, split_pattern
+from methods.peft_spec import PeftSpec, number
 from runners.adapt import REFERENCES, is_head
 from runners.results import FILENAME as RESULTS
 from runners.results import read_results
@@ -118,16 +118,24 @@ def _hf_name(module: str, strip: bool) -> str:
 def peft_config(run: TrainedRun) -> dict[str, Any]:
     """adapter_config.json: the method's PEFT fields plus what PeftModel needs to find the modules."""
     fmt, modules = _format(run.method), run.adapter["modules"]
-    per_layer = sorted(k for k in PER_LAYER if run.adapter["hp"].get(k))   # optional: most runs have none
-    if per_layer:
-        raise ValueError(f"{run.run_dir}: the adapter gives some layers their own r or alpha ({', '.join(per_layer)}: "
-                         f"a budget between two global ranks), which the PEFT export does not write yet; "
-                         f"export a run with one r for every layer")
     strip = all(m.startswith(BACKBONE) for m in modules)
     base = resolve_model_path(run.record["run"]["config"]["task"]["model"]["path"])
     return {"peft_type": fmt.peft_type, "task_type": None, "base_model_name_or_path": base,
             "target_modules": [_hf_name(m, strip) for m in modules], "inference_mode": True,
-            "modules_to_save": None, **fmt.to_peft(run.adapter["hp"])}
+            "modules_to_save": None, **fmt.to_peft(run.adapter["hp"]), **_peft_patterns(run, fmt, strip)}
+
+
+def _peft_patterns(run: TrainedRun, fmt: PeftSpec, strip: bool) -> dict[str, dict[str, Any]]:
+    r"""The layers with their own r / alpha (a budget between two global ranks) as PEFT's rank_pattern /
+    alpha_pattern. PEFT reads each key as a regular expression matched against the end of a module name,
+    `re.match(rf"(.*\.)?({key})$", name)` (peft 0.21.2 peft/utils/other.py:1524-1532, get_pattern_key), so
+    every exact module name is escaped and names that one layer only."""
+    own = {k: v for k, v in run.adapter["hp"].items() if k in PER_LAYER and v}   # most runs have none
+    if own and not fmt.patterns:
+        raise ValueError(f"{run.run_dir}: the adapter gives some layers their own r or alpha ({', '.join(sorted(own))}: "
+                         f"a budget between two global ranks), and PEFT's {fmt.config_class} has no rank_pattern; "
+                         f"export a run with one r for every layer (e.g. budget=native or an explicit method.r)")
+    return {k: {re.escape(_hf_name(m, strip)): number(v) for m, v in p.items()} for k, p in own.items()}
 
 
 def peft_tensors(run: TrainedRun) -> dict[str, torch.Tensor]:
@@ -239,13 +247,29 @@ def read_peft_config(path: str | Path) -> tuple[str, dict[str, Any], dict[str, A
         raise ValueError(f"{path}: {fmt.peft_type} settings rankbench's {method} cannot evaluate: {bad} "
                          f"(supported: {fmt.refuse})")
     hp = fmt.from_peft(config)
-    for key in ("rank_pattern", "alpha_pattern"):
-        per_layer = {m: v for m, v in (config.get(key) or {}).items()
-                     if v != hp["r" if key == "rank_pattern" else "alpha"]}
-        if per_layer:
-            raise ValueError(f"{path}: per-layer {key} {dict(list(per_layer.items())[:3])} is not supported: "
-                             f"rankbench's methods use one r and alpha for every layer")
+    for key in PER_LAYER:
+        if config.get(key) and not fmt.patterns:
+            raise ValueError(f"{path}: {key} is not a field of PEFT's {fmt.config_class}, so this file was not "
+                             f"written by PEFT for {fmt.peft_type}; remove it")
     return method, hp, config
+
+
+def our_patterns(config: dict[str, Any], hp: dict[str, Any], names: dict[str, str]) -> dict[str, dict[str, Any]]:
+    r"""PEFT's rank_pattern / alpha_pattern as ours ({our exact module name: value}, layers whose value
+    differs from the global one): each module takes the first key that PEFT's get_pattern_key matches,
+    `re.match(rf"(.*\.)?({key})$", module)` (peft 0.21.2 peft/utils/other.py:1524-1532).
+    `names`: PEFT module name -> ours."""
+    out = {}
+    for key, knob in PATTERNS.items():
+        pattern = config.get(key) or {}
+        own = {}
+        for theirs, ours in names.items():
+            match = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", theirs)), None)
+            if match is not None and pattern[match] != hp[knob]:
+                own[ours] = pattern[match]
+        if own:
+            out[key] = own
+    return out
 
 
 def import_peft_adapter(model: nn.Module, path: str | Path) -> list[str]:
@@ -255,10 +279,11 @@ def import_peft_adapter(model: nn.Module, path: str | Path) -> list[str]:
     after `adapt`) must have the same method, hyper-parameters and layers, else a ValueError says which
     overrides make it match. Returns the adapted module names."""
     path = Path(path)
-    method, hp, _ = read_peft_config(path)
+    method, hp, config = read_peft_config(path)
     fmt = methods.get_method(method).peft
     weights, bases = _split_peft_tensors(fmt, load_file(str(path / PEFT_WEIGHTS)), path)
     names = _module_names(model, {m for m, _ in weights})
+    hp = {**hp, **our_patterns(config, hp, names)}
     if not methods.adapter_layers(model):
         methods.inject(model, method, "|".join(map(re.escape, sorted(set(names.values())))), **hp)
     layers = methods.adapter_layers(model)
@@ -308,10 +333,15 @@ def _check_layers(layers: dict[str, methods.AdapterLayer], method: str, hp: dict
     if first.method != method:
         raise ValueError(f"{path} is a {method} adapter but the model has {first.method} layers: "
                          f"run with method={method}")
-    theirs = {**first.hp, **hp}
-    diff = {k: v for k, v in theirs.items() if k != "dropout" and first.hp[k] != v}
-    if diff:
-        have = {k: first.hp[k] for k in diff}
+    plain, own = split_pattern(hp)
+    for name, layer in layers.items():
+        diff = {k: v for k, v in {**plain, **own.get(name, {})}.items() if k != "dropout" and layer.hp[k] != v}
+        if not diff:
+            continue
+        have = {k: layer.hp[k] for k in diff}
+        if name in own:
+            raise ValueError(f"{path} gives layer {name} its own {diff} but the model's layer has {have}: "
+                             f"run at the budget the adapter was trained at")
         overrides = " ".join(f"method.{k}={v}" for k, v in diff.items())
         raise ValueError(f"{path} has {method} {diff} but the model's layers have {have}: run with {overrides}")
     if set(layers) != wanted:

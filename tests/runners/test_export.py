@@ -30,12 +30,12 @@ RANDOM_BASES = [m for m in EXPORTED if methods.get_method(m).peft.random]   # Ra
 TOL = 1e-5   # relative difference, fp32
 
 
-def tiny_run(out: Path, method: str, task: str = "clip") -> Path:
+def tiny_run(out: Path, method: str, task: str = "clip", extra: tuple[str, ...] | list[str] = ()) -> Path:
     """Three training steps of `method` on one tiny dataset (as tests/conftest.py tiny_overrides)."""
     run(compose_config([f"method={method}", f"task={task}", "dataset=shapes", f"out_dir={out}", "logger=none",
                         "trainer.max_steps=3", "trainer.log_every=3", "trainer.timing_warmup=1",
                         "trainer.checkpoint_every=0", "trainer.batch_size=8", "task.data.train_size=16",
-                        "task.data.test_size=8", "threads=1"]))
+                        "task.data.test_size=8", "threads=1", *extra]))
     return out
 
 
@@ -219,7 +219,7 @@ def test_bad_peft_folders_fail_with_one_line(runs, tmp_path):
     cases = {
         broken("dora", {"use_dora": True}): r"LORA settings rankbench's lora cannot evaluate: \{'use_dora': True\}",
         broken("ia3", {"peft_type": "IA3"}): r"PEFT type 'IA3' is not supported; valid: .*LORA \(lora\)",
-        broken("pattern", {"rank_pattern": {"fc1": 4}}): r"per-layer rank_pattern .* is not supported",
+        broken("pattern", {"rank_pattern": {"fc1": 4}}): r"has shape .*, the",  # fc1 layers built at r=4
         broken("shape", tensors={**weights, key: weights[key][:, :-1].contiguous()}): r"has shape .*, the base",
         broken("module", tensors={k.replace("text_model", "txt"): v for k, v in weights.items()}):
             r"targets modules this base model does not have",
@@ -232,16 +232,40 @@ def test_bad_peft_folders_fail_with_one_line(runs, tmp_path):
     assert not methods.adapter_layers(base)
 
 
-def test_per_layer_ranks_are_refused_not_exported_wrong(runs, tmp_path):
-    """A budget between two global ranks gives some layers their own r (inject's rank_pattern); writing one
-    global r for PEFT would make a folder PEFT cannot load, so the export refuses in one line."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(runs["lora"], run_dir)
-    config_path = run_dir / "adapter" / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config["hp"]["rank_pattern"] = {config["modules"][0]: config["hp"]["r"] + 1}
-    config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"own r or alpha \(rank_pattern: .*does not write yet") as err:
+# budgets between two global settings on the tiny CLIP, so the solver gives some layers their own r
+PER_LAYER_BUDGET = {"lora": 50176, "loha": "lora3", "lokr": "lora3", "randlora": "lora3"}
+
+
+@pytest.mark.parametrize("method", [m for m in EXPORTED if methods.get_method(m).peft.patterns])
+def test_per_layer_ranks_round_trip_through_peft(method, tmp_path):
+    """A budget between two global ranks gives some layers their own r (and, scaling kept, alpha): the
+    export writes them as PEFT's rank_pattern / alpha_pattern, PeftModel builds each layer at its own r
+    and gives our outputs, and the folder imports back with the same per-layer ranks."""
+    run_dir = tiny_run(tmp_path / "run", method, extra=[f"budget={PER_LAYER_BUDGET[method]}"])
+    hp = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["hp"]
+    assert hp.get("rank_pattern") and hp.get("alpha_pattern"), hp  # the budget needs per-layer ranks
+    out = export.export_peft(run_dir, tmp_path / "peft")
+    reference = ours(run_dir)
+    inputs = clip_inputs(reference)
+    want = clip_out(reference, inputs)
+    theirs = peft.PeftModel.from_pretrained(export.build_base(record(run_dir)), out)
+    assert rel(clip_out(theirs, inputs), want) < TOL
+    own = {n: layer.hp["r"] for n, layer in methods.adapter_layers(reference).items()}
+    assert len(set(own.values())) > 1
+    for name, r in own.items():  # PEFT built every layer at its own rank
+        layer = theirs.base_model.model.get_submodule(name)
+        assert layer.r["default"] == r, name
+    back = export.build_base(record(run_dir))
+    export.import_peft_adapter(back, out)
+    assert {n: layer.hp["r"] for n, layer in methods.adapter_layers(back).items()} == own
+    assert rel(clip_out(back, inputs), want) < TOL
+
+
+def test_per_layer_ranks_without_a_peft_pattern_field_are_refused(tmp_path):
+    """PEFT's RandLoraConfig has no rank_pattern: a one-r export would not load, so it refuses in one line."""
+    run_dir = tiny_run(tmp_path / "run", "randlora", extra=[f"budget={PER_LAYER_BUDGET['randlora']}"])
+    with pytest.raises(ValueError, match=r"own r or alpha \(alpha_pattern, rank_pattern: .*RandLoraConfig has "
+                                         r"no rank_pattern") as err:
         export.export_peft(run_dir, tmp_path / "out")
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
 
