@@ -39,8 +39,8 @@ _RUN_COLUMNS = [
     "budget_target", "setting", "lr", "hp", "status", "error", "device", "device_type", "world_size",
     "git_commit", "git_dirty", "versions", "command", "started_at", "finished_at", "source", "protocol",
     "model_revision", "dataset_revisions",
-    "trainable_params", "head_trainable_params", "total_params", "budget_error", "adapter_file_bytes",
-    *COST_COLUMNS, "mean_accuracy", "mean_accuracy_before", "eval_split", "forgetting",
+    "trainable_params", "head_trainable_params", "total_params", "budget_error", "budget_reached",
+    "adapter_file_bytes", *COST_COLUMNS, "mean_accuracy", "mean_accuracy_before", "eval_split", "forgetting",
     "dw_rank", "dw_effective_rank", "dw_max_rank", "dw_rank_frac", "dw_effective_rank_frac", "delta_rank",
 ]
 #: Per-dataset columns: the dataset's primary metric before/after and all its metrics (GLUE's own
@@ -260,7 +260,7 @@ def _run_fields(run: Run, source: str) -> dict[str, Any]:
 def _param_fields(params: Params) -> dict[str, Any]:
     return {"trainable_params": params.trainable, "head_trainable_params": params.head_trainable,
             "total_params": params.total, "budget_error": params.budget_error,
-            "adapter_file_bytes": params.adapter_file_bytes}
+            "budget_reached": params.budget_reached, "adapter_file_bytes": params.adapter_file_bytes}
 
 
 def _device_type(run: Run) -> str | None:

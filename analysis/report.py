@@ -251,7 +251,7 @@ RUN_COLUMNS = {
     "budget_target": "budget", "seed": "seed", "lr": "lr", "status": "status", "mean_accuracy": "accuracy",
     "mean_accuracy_before": "accuracy_before", "eval_split": "eval_split", "trainable_params": "trainable",
     "head_trainable_params": "head_trainable", "total_params": "total", "budget_error": "budget_error",
-    "adapter_file_bytes": "adapter_file_bytes", "device": "device", "device_type": "device_type",
+    "budget_reached": "budget_reached", "adapter_file_bytes": "adapter_file_bytes", "device": "device", "device_type": "device_type",
     **{c: c for c in COST_COLUMNS}, "model_revision": "model_revision", "dataset_revisions": "dataset_revisions",
     "source": "source",
 }

@@ -97,3 +97,20 @@ def test_figures_refuse_several_panels(sweep_df):
 
 def test_human_ticks():
     assert [plots.human(x) for x in (512, 18432, 5.6e6, 2e9)] == ["512", "18.4k", "5.6M", "2G"]
+
+
+def test_points_off_their_budget_are_drawn_hollow_and_named(clip_panel):
+    """A setting whose run missed its budget (params.budget_reached false) is marked, never drawn as equal."""
+    def hollow(fig):
+        return [ln for ln in fig.axes[0].get_lines() if "budget not reached" in str(ln.get_label())]
+
+    assert not hollow(plots.fig_accuracy_vs_params(clip_panel))  # every budget reached (or not recorded)
+    df = clip_panel.copy()
+    budget = df.loc[df.method == "lokr", "budget_target"].dropna().max()
+    df["budget_reached"] = ~((df.method == "lokr") & (df.budget_target == budget))
+    fig = plots.fig_accuracy_vs_params(df)
+    lines = hollow(fig)
+    assert len(lines) == 1 and lines[0].get_label().startswith("LoKr") and lines[0].get_markerfacecolor() == "white"
+    lokr = df[(df.method == "lokr") & (df.budget_target == budget)].drop_duplicates("source")
+    assert list(lines[0].get_xdata()) == pytest.approx([lokr["trainable_params"].mean()])
+    assert any("budget not reached" in t.get_text() for leg in fig.legends for t in leg.get_texts())

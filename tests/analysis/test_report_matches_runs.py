@@ -56,6 +56,7 @@ def test_every_runs_csv_row_equals_its_results_json(sweep):
                     "accuracy_before": metrics["accuracy_before"], "eval_split": metrics["eval_split"],
                     "trainable": params["trainable"], "head_trainable": params["head_trainable"],
                     "total": params["total"], "budget_error": params["budget_error"],
+                    "budget_reached": params["budget_reached"],
                     "adapter_file_bytes": params["adapter_file_bytes"],
                     **{f.name: r["cost"].get(f.name) for f in fields(Cost)}}  # absent: not measured
         wrong = {k: (row[k], v) for k, v in expected.items() if not _same(row[k], v)}
