@@ -246,10 +246,12 @@ class Trainer:
         if self.opt is not None:
             self.opt.step()
 
-    def timed_step(self) -> float:
+    def timed_step(self) -> tuple[float, float]:
+        """(the step's time by the chosen clock, the process's CPU time over the same step)."""
+        cpu = time.process_time()
         self.timer.start()
         self.step()
-        return self.timer.stop()
+        return self.timer.stop(), time.process_time() - cpu
 
 
 class CpuTimer(StepTimer):
@@ -389,17 +391,20 @@ def time_interleaved(trainers: list[Trainer], repeats: int, warmup: int, steps: 
     """Per configuration: all timed steps pooled over reps, plus each rep's median (to show the noise)."""
     times: dict[str, list[float]] = {t.cfg.label: [] for t in trainers}
     rep_medians: dict[str, list[float]] = {t.cfg.label: [] for t in trainers}
+    cpu_medians: dict[str, list[float]] = {t.cfg.label: [] for t in trainers}
     for rep in range(repeats):
         order = trainers[rep % len(trainers):] + trainers[: rep % len(trainers)]   # rotate the order
         for trainer in (order if rep % 2 == 0 else order[::-1]):
             for _ in range(warmup):
                 trainer.step()
-            rep_times = [trainer.timed_step() for _ in range(steps)]
+            rep_times, rep_cpu = zip(*(trainer.timed_step() for _ in range(steps)), strict=True)
             times[trainer.cfg.label] += rep_times
             rep_medians[trainer.cfg.label].append(statistics.median(rep_times))
+            cpu_medians[trainer.cfg.label].append(statistics.median(rep_cpu))
         log.info("rep %d/%d done", rep + 1, repeats)
     return {label: {"median_s": statistics.median(ts), "p90_s": percentile(ts, 0.9),
-                    "rep_medians_s": rep_medians[label]} for label, ts in times.items()}
+                    "rep_medians_s": rep_medians[label], "cpu_rep_medians_s": cpu_medians[label]}
+            for label, ts in times.items()}
 
 
 # ----------------------------------------------------------------------------- merged inference check
@@ -453,13 +458,14 @@ def _outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- table
 def format_table(rows: list[dict[str, Any]], memory_key: str) -> str:
     head = ["config", "trainable", "hp", "median_s", "p90_s", "rep_medians_s", "saved_MiB",
-            f"{memory_key}_MiB", "x_our_lora", "x_peft", "x_floor", "x_full", "adapter_macs"]
+            f"{memory_key}_MiB", "x_our_lora", "x_peft", "x_floor", "x_full", "x_full_cpu", "adapter_macs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["config"], f"{r['trainable']:,}", _hp(r["hp"]), f"{r['median_s']:.3f}", f"{r['p90_s']:.3f}",
                  "/".join(f"{v:.2f}" for v in r["rep_medians_s"]), _mib(r["saved_bytes"]),
                  _mib(r["peak_bytes"]), _ratio(r.get("x_our_lora")), _ratio(r.get("x_peft")),
-                 _ratio(r.get("x_floor")), _ratio(r.get("x_full")), _ratio(r.get("adapter_macs"))]
+                 _ratio(r.get("x_floor")), _ratio(r.get("x_full")), _ratio(r.get("x_full_cpu")),
+                 _ratio(r.get("adapter_macs"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -477,18 +483,22 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.2f}"
 
 
-def _ratio_of(row: dict[str, Any], ref: dict[str, Any]) -> float:
+def _ratio_of(row: dict[str, Any], ref: dict[str, Any], key: str = "rep_medians_s") -> float:
     """Median over repetitions of the within-repetition ratio of medians: the load of a shared machine
     changes between repetitions far more than within one, so ratios are formed before pooling."""
-    return statistics.median(a / b for a, b in zip(row["rep_medians_s"], ref["rep_medians_s"]))
+    return statistics.median(a / b for a, b in zip(row[key], ref[key], strict=True))
 
 
-def add_ratios(rows: list[dict[str, Any]]) -> None:
+def add_ratios(rows: list[dict[str, Any]], cpu_clock: bool = True) -> None:
+    """x_* columns in place; `cpu_clock`: also x_full by CPU time (meaningful on the CPU device only)."""
     by_label = {r["config"]: r for r in rows}
     floor, full, lora = by_label.get("floor"), by_label.get("full"), by_label.get("ours:lora")
     for r in rows:
         r["x_floor"] = _ratio_of(r, floor) if floor else None
         r["x_full"] = _ratio_of(r, full) if full else None
+        # the same steps by the process's CPU time: where it agrees with x_full, nothing but the work
+        # differs; where it does not, the wall clock also timed waiting (another job, a descheduled thread)
+        r["x_full_cpu"] = _ratio_of(r, full, "cpu_rep_medians_s") if full and cpu_clock else None
         if r["config"] in ("floor", "full"):
             continue
         r["x_our_lora"] = _ratio_of(r, lora) if lora else None
@@ -515,7 +525,7 @@ def bench_one(args: argparse.Namespace, model_name: str, budget: str, device: to
     rows = [{"config": t.cfg.label, "trainable": t.trainable, "hp": t.cfg.hp, **timing[t.cfg.label],
              "saved_bytes": saved[t.cfg.label], "peak_bytes": peaks[t.cfg.label],
              "adapter_macs": work_ratio[t.cfg.label]} for t in trainers]
-    add_ratios(rows)
+    add_ratios(rows, cpu_clock=device.type == "cpu")
     profiles = {t.cfg.label: profile_table(t, args.steps) for t in trainers if t.cfg.label in args.profile}
     merged = (merged_inference_check(work, trainers, args.repeats, max(3, args.steps // 2))
               if args.merged_check else [])

@@ -39,6 +39,9 @@ def test_bench_prints_table_with_ratios_and_merged_check(tmp_path, capsys):
     # full fine-tuning of the targets: every weight and bias of the block's linears, one more dense GEMM
     assert rows["full"]["trainable"] == sum(i * o + o for i, o in shapes)
     assert rows["full"]["x_full"] == 1.0 and rows["full"]["adapter_macs"] == 0.5
+    # every step also timed by the process's CPU time, ratios formed the same way (same steps, other clock)
+    assert rows["full"]["x_full_cpu"] == 1.0 and all(len(r["cpu_rep_medians_s"]) == 2 for r in rows.values())
+    assert all(0 < r["x_full_cpu"] < 100 for r in rows.values()) and "x_full_cpu" in printed
     assert res["full_rank_floor"] == pytest.approx(1 + 2 * 768 / (3 * 16)) and "full-rank floor" in printed
 
 
