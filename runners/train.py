@@ -131,7 +131,7 @@ def _before_training(task: tasks.Task, model: nn.Module, cfg: DictConfig, device
         record["metrics"].update(saved["metrics"])
         return saved["probe"]
     _evaluate(task, model, cfg, device, record["metrics"], suffix="_before")
-    probe = _probe(task, model, cfg, device)
+    probe = _probe(task, model, cfg, device, untrained=True)
     if distributed.is_main() and cfg.trainer.checkpoint_every:
         save_before(run_dir, config_hash, record["metrics"], probe)
     return probe
@@ -405,11 +405,12 @@ def _evaluate(task: tasks.Task, model: nn.Module, cfg: DictConfig, device: torch
     metrics["eval_split"] = task.eval_split  # test (reported) or validation (hyper-parameter selection)
 
 
-def _probe(task: tasks.Task, model: nn.Module, cfg: DictConfig, device: torch.device) -> dict[str, float] | None:
+def _probe(task: tasks.Task, model: nn.Module, cfg: DictConfig, device: torch.device, untrained: bool = False
+           ) -> dict[str, float] | None:
     """The task's forgetting probe (tasks/forgetting.py), under the same precision as `_evaluate`."""
     model.eval()
     with torch.no_grad(), autocast(device, cfg.trainer.bf16):
-        return task.forgetting_probe(model, cfg.trainer.eval_batch_size)
+        return task.forgetting_probe(model, cfg.trainer.eval_batch_size, untrained=untrained)
 
 
 TUNING_FILE = "tuning.json"  # written into a final run's directory by +sweep=tuned (runners/sweeper.py)

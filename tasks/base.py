@@ -103,10 +103,13 @@ class Task(ABC):
     #: after) or "loss" (lower = kept; forgetting = after - before). See tasks/forgetting.py.
     forgetting_metric: str = "accuracy"
 
-    def forgetting_probe(self, model: nn.Module, batch_size: int = 256) -> dict[str, float] | None:
+    def forgetting_probe(self, model: nn.Module, batch_size: int = 256, untrained: bool = False
+                         ) -> dict[str, float] | None:
         """The probe of what training costs elsewhere, per probe set, on data the run never trains on; the
-        runner calls it before and after training (model in eval mode, no grad) and records
-        `metrics.forgetting`. Default None: no probe defined for this task (e.g. vision's linear heads)."""
+        runner calls it before (`untrained`: the model as adapt() left it, which computes the pretrained
+        model's function, every adapter starting at dW = 0) and after training (model in eval mode, no
+        grad) and records `metrics.forgetting`. Default None: no probe defined for this task (e.g. vision's
+        linear heads)."""
         return None
 
     #: Train one fresh adapter per dataset of a suite (the image suites and GLUE, as in the papers).

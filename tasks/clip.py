@@ -13,6 +13,7 @@ training, so `accuracy_before` is true zero-shot accuracy. Three switches (`task
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from tasks import forgetting, register
@@ -37,6 +39,13 @@ from tasks.common import (
 from tasks.data import ImageSuiteTask, prepare_images, train_pixels
 
 log = logging.getLogger(__name__)
+
+#: The untrained model's zero-shot accuracy per (setting, dataset), shared by the runs of one process (a
+#: suite's datasets, an in-process sweep): before training every method's model computes the pretrained
+#: model's function (each adapter starts at dW = 0 exactly, tests/methods/test_method_contract.py
+#: test_identity_at_init_and_forward_equals_merged_weight; full and none change nothing before their first
+#: step), so a dataset's "before" forgetting score is the same for every run that probes it: evaluated once.
+UNTRAINED_ACCURACY: dict[tuple[str, str], float] = {}
 
 
 @dataclass
@@ -160,10 +169,12 @@ class ClipTask(ImageSuiteTask):
         first = (every_label[None, :] == labels[:, None]).int().argmax(1)  # first image of the same class
         return F.cross_entropy(self.temperature(model) * img @ txt.T, first)
 
-    def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, batch_size: int = 256, names: list[str] | None = None) -> dict[str, float]:
+        """Zero-shot-style accuracy per dataset (of `names` only, if given)."""
         device, acc = model_device(model), {}
         with eval_mode(model):
-            for name, d in self.data.items():
+            for name in self.datasets if names is None else names:
+                d = self.data[name]
                 txt = class_embeddings(model, d.eval_prompts, len(d.classes))
                 correct = 0
                 for i in range(0, len(d.test_y), batch_size):
@@ -178,7 +189,26 @@ class ClipTask(ImageSuiteTask):
         sub = forgetting.other_datasets_config(self.cfg)
         return None if sub is None else ClipTask(sub)
 
-    def forgetting_probe(self, model: nn.Module, batch_size: int = 256) -> dict[str, float] | None:
-        """Zero-shot accuracy on each other dataset of the suite, by this task's own evaluation code."""
+    def forgetting_probe(self, model: nn.Module, batch_size: int = 256, untrained: bool = False
+                         ) -> dict[str, float] | None:
+        """Zero-shot accuracy on each other dataset of the suite, by this task's own evaluation code. Untrained,
+        each dataset's accuracy is evaluated once per process and setting (`UNTRAINED_ACCURACY`)."""
         probe = self._forgetting_task
-        return None if probe is None else probe.evaluate(model, batch_size)
+        if probe is None or not untrained:
+            return None if probe is None else probe.evaluate(model, batch_size)
+        key = probe.setting_key(model)
+        todo = [d for d in probe.datasets if (key, d) not in UNTRAINED_ACCURACY]
+        if todo:
+            UNTRAINED_ACCURACY.update({(key, d): acc for d, acc in probe.evaluate(model, batch_size, todo).items()})
+        return {d: UNTRAINED_ACCURACY[(key, d)] for d in probe.datasets}
+
+    def setting_key(self, model: nn.Module) -> str:
+        """Everything a dataset's zero-shot accuracy of the untrained model depends on: the task config but
+        the dataset selection and the run seed (training augmentation only), the device, autocast, dtype."""
+        cfg = OmegaConf.to_container(self.cfg, resolve=True)
+        for key in ("dataset", "seed"):
+            cfg.pop(key, None)
+        cfg["data"].pop("datasets", None)
+        device = model_device(model)
+        return json.dumps([cfg, str(device), torch.is_autocast_enabled(device.type),
+                           str(next(model.parameters()).dtype)], sort_keys=True, default=str)

@@ -379,7 +379,8 @@ class CommonsenseTask(Task):
         texts = forgetting.generic_texts(self.cfg.forgetting.text)
         return [(ids, list(ids)) for ids in (tok(t, truncation=True, max_length=limit)["input_ids"] for t in texts)]
 
-    def forgetting_probe(self, model: nn.Module, batch_size: int = 256) -> dict[str, float] | None:
+    def forgetting_probe(self, model: nn.Module, batch_size: int = 256, untrained: bool = False
+                         ) -> dict[str, float] | None:
         """Causal-LM loss per token on held-out generic text, PEFT's forgetting measure (tasks/forgetting.py)."""
         if not self.cfg.forgetting.enabled:
             return None

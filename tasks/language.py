@@ -152,7 +152,8 @@ class LanguageTask(EpochPlanMixin, Task):
         f = self.cfg.forgetting
         return forgetting.EncoderProbe(f, self.cfg.model.path, self.tokenizer) if f.enabled else None
 
-    def forgetting_probe(self, model: nn.Module, batch_size: int = 256) -> dict[str, float] | None:
+    def forgetting_probe(self, model: nn.Module, batch_size: int = 256, untrained: bool = False
+                         ) -> dict[str, float] | None:
         """The encoder's own pretraining loss on held-out generic text (`task.forgetting.objective`: MLM
         through the checkpoint's frozen MLM head, or MiniLM's in-batch contrastive loss); tasks/forgetting.py."""
         probe = self._forgetting

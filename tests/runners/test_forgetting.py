@@ -94,6 +94,27 @@ def test_clip_run_probes_the_other_datasets_as_an_independent_evaluation_does(tm
     assert saved["forgetting"] == record["metrics"]["forgetting"] and saved["forgetting_per_dataset"] == per
 
 
+def test_untrained_zero_shot_scores_are_evaluated_once_per_process(tmp_path: Path, monkeypatch) -> None:
+    """The "before" probe of a second run (another method, another dataset of the suite) evaluates only the
+    dataset the first did not probe, and its scores equal a fresh pretrained model's evaluation."""
+    from tasks import clip
+
+    monkeypatch.setattr(clip, "UNTRAINED_ACCURACY", {})
+    probed, real = [], clip.ClipTask.evaluate
+    monkeypatch.setattr(clip.ClipTask, "evaluate", lambda self, model, batch_size=256, names=None:
+                        (probed.append(list(names)) if names is not None else None) or real(self, model, batch_size, names))
+    _run(tmp_path / "a", "task=clip", "method=lora", "dataset=shapes")
+    second = _run(tmp_path / "b", "task=clip", "method=randlora", "dataset=colors")["metrics"]["forgetting_per_dataset"]
+    assert probed == [CLIP_OTHERS, ["shapes"]]  # the second run's others but shapes came from the first
+    everything = ["shapes", *CLIP_OTHERS]
+    fresh = tasks.build(compose_config([*FAST, "task=clip", f"task.data.datasets=[{','.join(everything)}]"]).task)
+    model = fresh.build_model()
+    torch.set_num_threads(1)
+    scores = real(fresh, model)
+    assert {d: v["before"] for d, v in second.items()} == {d: scores[d] for d in second}
+    assert set(second) == set(everything) - {"colors"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task,dataset", [("clip", "digits"), ("language", "sentiment")])
 def test_zero_training_steps_forget_exactly_nothing(tmp_path: Path, task: str, dataset: str) -> None:
