@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-deps lint clean
+.PHONY: setup demo test test-all test-deps lint clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -18,7 +18,13 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	WANDB_SILENT=true $(PY) run.py method=randlora task=clip
 
+# `make test`: the default run, tests marked slow deselected (under 10 minutes on 2 cores); `make test-all`: every
+# test, slow ones included (what CI runs). MARKERS selects others, e.g. make test MARKERS="not slow and not slurm".
+MARKERS ?= not slow
 test: setup test-deps
+	$(PY) -m pytest -q -m "$(MARKERS)" $(PYTEST_ARGS)
+
+test-all: setup test-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The browser test (report/index.html in headless Chromium) needs Debian's chromium: installed here when it is

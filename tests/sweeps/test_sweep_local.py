@@ -20,9 +20,10 @@ from sweephelpers import (
      "rankbench: unknown method 'lroa' in sweep.methods; valid: loha, lokr, lora, randlora"),
     (["+sweep=budget", "hydra/launcher=ray"], "rankbench: unknown hydra/launcher 'ray'; valid: basic, "),
     (["+sweep=budget", "method=lora"], "rankbench: method= is set per run by +sweep=budget"),
-    (["+sweep=budget", "hydra/launcher=slurm", "sweep.preflight=false", "sweep.methods=[lora]", "sweep.budgets=[lora8]",
-      "sweep.seeds=[0]", "sweep.references=[]", "dataset=shapes"],
-     "rankbench: hydra.launcher.constraint is null, so SLURM may run this sweep's jobs on different GPU types"),
+    pytest.param(["+sweep=budget", "hydra/launcher=slurm", "sweep.preflight=false", "sweep.methods=[lora]",
+                  "sweep.budgets=[lora8]", "sweep.seeds=[0]", "sweep.references=[]", "dataset=shapes"],
+                 "rankbench: hydra.launcher.constraint is null, so SLURM may run this sweep's jobs on different GPU "
+                 "types", marks=pytest.mark.slow),
 ])
 def test_bad_sweep_command_is_one_clear_line(args, line, tmp_path):
     result = run_py(["-m", *args, f"sweep.root={tmp_path}"], cwd=tmp_path, timeout=120)
