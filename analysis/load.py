@@ -130,12 +130,16 @@ def _parts_loaded(record: Record, path: Path, files: list[Path]) -> bool:
 
 
 def _suite_key(record: Record) -> str | None:
-    """Identity of the suite run a per-dataset run belongs to: its config without the dataset."""
+    """Identity of the suite run a per-dataset run belongs to: its config without the dataset, and without
+    the lr where +sweep=tuned chose it on that dataset's validation split (`run.tuning`): choosing each
+    dataset's lr is the protocol, so those runs form one suite run as the others do."""
     if not record.run.dataset or not record.run.config:
         return None
     config = {k: v for k, v in record.run.config.items() if k not in ("dataset", "out_dir", "logger", "sweep")}
     if isinstance(config.get("task"), dict):
         config["task"] = {k: v for k, v in config["task"].items() if k != "dataset"}
+    if record.run.tuning is not None and isinstance(config.get("method"), dict):
+        config["method"] = {k: v for k, v in config["method"].items() if k != "lr"}
     return json.dumps(config, sort_keys=True, default=str)
 
 
@@ -165,6 +169,8 @@ def _combined(members: list[tuple[str, Record]]) -> tuple[str, Record]:
     run = replace(first, dataset=None, parts={r.run.dataset: s for s, r in members},
                   dataset_revisions={r.run.dataset: (r.run.dataset_revisions or {}).get(r.run.dataset)
                                      for r in records})
+    if len({r.run.lr for r in records}) > 1:  # tuned per dataset: no one lr; each part's record has its own
+        run = replace(run, lr=None, tuning=None)
     if failed:
         run = replace(run, status="failed", error="; ".join(f"{r.dataset}: {r.error}" for r in failed))
     merged = {key: {d: v for r in records for d, v in getattr(r.metrics, key).items()}

@@ -73,3 +73,24 @@ def test_the_report_reads_the_lr_the_run_used(tiny_overrides, tmp_path):
     record = run(compose_config(["method=randlora", "dataset=shapes", *tiny_overrides]))
     df = load_results(tmp_path / "run")
     assert record["run"]["lr"] == 1e-3 and df["lr"].iloc[0] == 1e-3
+
+
+def test_tuned_sweep_finals_with_each_datasets_own_lr_form_one_suite(tiny_overrides, tmp_path):
+    """+sweep=tuned chooses the lr per dataset: its finals (run.tuning set) combine into one suite run whose
+    lr is none (each part keeps its own); runs at different lrs that no tuning chose stay apart."""
+    from runners.train import TUNING_FILE
+
+    base = [o for o in tiny_overrides if not o.startswith("out_dir")]
+    for tuned in (True, False):
+        for dataset, lr in (("shapes", 0.002), ("digits", 0.004)):
+            out = tmp_path / str(tuned) / dataset
+            if tuned:
+                out.mkdir(parents=True)
+                (out / TUNING_FILE).write_text(json.dumps({"metric": "accuracy", "split": "validation",
+                                                           "chosen_lr": lr, "candidates": []}))
+            run(compose_config(["method=lora", f"dataset={dataset}", f"++method.lr={lr}", *base, f"out_dir={out}"]))
+    df = load_results(tmp_path / "True")
+    assert df["source"].nunique() == 1 and sorted(df["dataset"]) == ["digits", "shapes"]
+    assert df["lr"].isna().all() and df["mean_accuracy"].iloc[0] == pytest.approx(df["accuracy"].mean())
+    apart = load_results(tmp_path / "False")
+    assert apart["source"].nunique() == 2 and sorted(apart["lr"]) == [0.002, 0.004]
