@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from runners.results import write_json
+
 log = logging.getLogger(__name__)
 
 FILENAME = "checkpoint.pt"
@@ -72,11 +74,7 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
 def save_before(run_dir: Path, config_hash: str, metrics: dict[str, Any], probe: dict[str, float] | None) -> None:
     """Atomically keep the evaluation of the untrained model: on a large suite it takes as long as many
     training steps, and a requeued job would otherwise repeat it on every requeue."""
-    path = Path(run_dir) / BEFORE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"config_hash": config_hash, "metrics": metrics, "probe": probe}))
-    os.replace(tmp, path)
+    write_json(Path(run_dir) / BEFORE, {"config_hash": config_hash, "metrics": metrics, "probe": probe})
 
 
 def load_before(run_dir: Path, config_hash: str) -> dict[str, Any] | None:

@@ -19,13 +19,17 @@ def write_results(run_dir: str | Path, record: dict[str, Any] | Record) -> Path:
     """Write `record` to run_dir/results.json via a temp file + rename (atomic on POSIX)."""
     if isinstance(record, Record):
         record = record.to_dict()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / FILENAME
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".results.", suffix=".tmp")
+    return write_json(Path(run_dir) / FILENAME, record)
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write `obj` as JSON to `path` via a temp file beside it + rename: a crash leaves the old file or
+    the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2, default=_jsonable)
+            json.dump(obj, f, indent=2, default=_jsonable)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
