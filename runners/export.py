@@ -52,7 +52,6 @@ HEAD_FILE = "head.safetensors"
 OURS = "adapter"                # the run's rankbench adapter folder (methods.save_adapter)
 PEFT_PREFIX = "base_model.model."
 BACKBONE = "backbone."          # tasks.common.HeadedModel keeps the Hugging Face model as `.backbone`
-PER_LAYER = ("rank_pattern", "alpha_pattern")   # methods.inject's per-layer hp (budget solver)
 
 
 # ----------------------------------------------------------------------------- the method <-> PEFT spec
@@ -130,7 +129,7 @@ def _peft_patterns(run: TrainedRun, fmt: PeftSpec, strip: bool) -> dict[str, dic
     alpha_pattern. PEFT reads each key as a regular expression matched against the end of a module name,
     `re.match(rf"(.*\.)?({key})$", name)` (peft 0.21.2 peft/utils/other.py:1524-1532, get_pattern_key), so
     every exact module name is escaped and names that one layer only."""
-    own = {k: v for k, v in run.adapter["hp"].items() if k in PER_LAYER and v}   # most runs have none
+    own = {k: v for k, v in run.adapter["hp"].items() if k in PATTERNS and v}   # most runs have none
     if own and not fmt.patterns:
         raise ValueError(f"{run.run_dir}: the adapter gives some layers their own r or alpha ({', '.join(sorted(own))}: "
                          f"a budget between two global ranks), and PEFT's {fmt.config_class} has no rank_pattern; "
@@ -247,7 +246,7 @@ def read_peft_config(path: str | Path) -> tuple[str, dict[str, Any], dict[str, A
         raise ValueError(f"{path}: {fmt.peft_type} settings rankbench's {method} cannot evaluate: {bad} "
                          f"(supported: {fmt.refuse})")
     hp = fmt.from_peft(config)
-    for key in PER_LAYER:
+    for key in PATTERNS:
         if config.get(key) and not fmt.patterns:
             raise ValueError(f"{path}: {key} is not a field of PEFT's {fmt.config_class}, so this file was not "
                              f"written by PEFT for {fmt.peft_type}; remove it")
