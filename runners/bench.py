@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import methods
-from runners.metrics import PeakMemory, StepTimer
+from runners.metrics import PeakMemory, StepTimer, median_and_p90
 from runners.train import adamw
 
 log = logging.getLogger("rankbench.bench")
@@ -382,11 +382,6 @@ def run_memory_child(spec: dict[str, Any]) -> None:
     print(json.dumps({"peak_bytes": peak.peak()}), flush=True)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def time_interleaved(trainers: list[Trainer], repeats: int, warmup: int, steps: int) -> dict[str, dict]:
     """Per configuration: all timed steps pooled over reps, plus each rep's median (to show the noise)."""
     times: dict[str, list[float]] = {t.cfg.label: [] for t in trainers}
@@ -402,9 +397,12 @@ def time_interleaved(trainers: list[Trainer], repeats: int, warmup: int, steps: 
             rep_medians[trainer.cfg.label].append(statistics.median(rep_times))
             cpu_medians[trainer.cfg.label].append(statistics.median(rep_cpu))
         log.info("rep %d/%d done", rep + 1, repeats)
-    return {label: {"median_s": statistics.median(ts), "p90_s": percentile(ts, 0.9),
-                    "rep_medians_s": rep_medians[label], "cpu_rep_medians_s": cpu_medians[label]}
-            for label, ts in times.items()}
+    out = {}
+    for label, ts in times.items():
+        median, p90 = median_and_p90(ts, warmup=0)  # the runner's rule; each rep's warm-up is already untimed
+        out[label] = {"median_s": median, "p90_s": p90, "rep_medians_s": rep_medians[label],
+                      "cpu_rep_medians_s": cpu_medians[label]}
+    return out
 
 
 # ----------------------------------------------------------------------------- merged inference check
