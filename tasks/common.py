@@ -164,15 +164,18 @@ class _GatherRows(torch.autograd.Function):
         return grad[ctx.start : ctx.stop]
 
 
+def _processes() -> int:
+    """How many data-parallel processes train this run (1 when no process group runs)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     """Every data-parallel process's rows of `rows` (equal counts: each takes an equal slice of the global
     batch), differentiable: a loss that contrasts each example with the whole global batch (CLIP's
     in-batch loss) then sees the single-process batch. With DDP's gradient averaging, a loss over this
     process's rows against the gathered ones trains exactly as one process on the global batch.
     The rows themselves when no process group runs."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return rows
-    return _GatherRows.apply(rows)
+    return rows if _processes() == 1 else _GatherRows.apply(rows)
 
 
 def per_process_share(count: torch.Tensor) -> torch.Tensor:
@@ -180,11 +183,11 @@ def per_process_share(count: torch.Tensor) -> torch.Tensor:
     over the number of processes. A process's `total / per_process_share(count)`, averaged by DDP, is the
     global batch's per-token mean, not the mean of per-process means (they differ when processes hold
     different token counts). `count` itself (at least 1) in a single process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _processes() == 1:
         return count.clamp(min=1)
     every = count.detach().to(torch.float64).clone()
     dist.all_reduce(every)
-    return (every.clamp(min=1) / dist.get_world_size()).to(count.dtype if count.is_floating_point() else torch.float32)
+    return (every.clamp(min=1) / _processes()).to(count.dtype if count.is_floating_point() else torch.float32)
 
 
 @dataclass(frozen=True)
