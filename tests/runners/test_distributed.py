@@ -58,9 +58,9 @@ def test_first_host_of_a_slurm_nodelist(nodelist, host):
     assert first_host(nodelist) == host
 
 
-def torchrun(script: Path, out: Path, cwd: Path) -> subprocess.CompletedProcess:
+def torchrun(script: Path, out: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script), *ARGS, f"out_dir={out}",
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script), *ARGS, *extra, f"out_dir={out}",
            f"hydra.run.dir={cwd / 'hydra'}"]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
 
@@ -161,13 +161,10 @@ def test_data_parallel_losses_equal_the_single_process_loss_and_gradient(loss, a
 @pytest.mark.slow
 def test_ddp_in_batch_clip_loss_matches_one_process(tmp_path):
     """The official code's in-batch objective over 2 gloo processes trains as one process on the batch."""
-    args = [*ARGS, "task.objective.loss=in_batch", "trainer.checkpoint_every=0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(ROOT / "run.py"), *args,
-                          f"out_dir={tmp_path / 'ddp'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    extra = ["task.objective.loss=in_batch", "trainer.checkpoint_every=0"]
+    ddp = torchrun(ROOT / "run.py", tmp_path / "ddp", tmp_path, *extra)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     two = json.loads((tmp_path / "ddp" / "results.json").read_text())
-    one = run(compose_config([*args, f"out_dir={tmp_path / 'single'}"]))
+    one = run(compose_config([*ARGS, *extra, f"out_dir={tmp_path / 'single'}"]))
     assert two["run"]["world_size"] == 2
     assert [h["loss"] for h in two["history"]] == pytest.approx([h["loss"] for h in one["history"]], rel=1e-5)
