@@ -44,8 +44,8 @@ _RUN_COLUMNS = [
     "dw_rank", "dw_effective_rank", "dw_max_rank", "dw_rank_frac", "dw_effective_rank_frac", "delta_rank",
 ]
 #: Per-dataset columns: the dataset's primary metric before/after and all its metrics (GLUE's own
-#: metrics, e.g. Matthews correlation for CoLA) as JSON.
-_DATASET_COLUMNS = ["dataset", "accuracy", "accuracy_before", "dataset_metrics"]
+#: metrics, e.g. Matthews correlation for CoLA) as JSON, and how many examples they were scored on.
+_DATASET_COLUMNS = ["dataset", "accuracy", "accuracy_before", "dataset_metrics", "eval_examples"]
 COLUMNS = [*_RUN_COLUMNS[:6], *_DATASET_COLUMNS, *_RUN_COLUMNS[6:]]
 #: How the report names the runner's data regimes (tasks.regimes.regime_name: "16shot", "frac0.5", "full").
 _REGIME_LABELS = {"full": "full data"}
@@ -174,7 +174,8 @@ def _combined(members: list[tuple[str, Record]]) -> tuple[str, Record]:
     if failed:
         run = replace(run, status="failed", error="; ".join(f"{r.dataset}: {r.error}" for r in failed))
     merged = {key: {d: v for r in records for d, v in getattr(r.metrics, key).items()}
-              for key in ("per_dataset", "per_dataset_before", "per_dataset_metrics", "per_dataset_metrics_before")}
+              for key in ("per_dataset", "per_dataset_before", "per_dataset_metrics", "per_dataset_metrics_before",
+                          "eval_examples")}
     metrics = Metrics(**merged, eval_split=records[0].metrics.eval_split,
                       **suite_forgetting({r.run.dataset: r.metrics for r in records}),
                       accuracy=mean(merged["per_dataset"].values()) if merged["per_dataset"] else None,
@@ -309,9 +310,10 @@ def _dataset_rows(metrics: Metrics, run: Run) -> list[dict[str, Any]]:
     """One row per dataset of `metrics.per_dataset`; a run without them (failed) gets one row."""
     if not metrics.per_dataset:
         return [{"dataset": run.dataset or run.task or "?", "accuracy": metrics.accuracy,
-                 "accuracy_before": metrics.accuracy_before, "dataset_metrics": None}]
+                 "accuracy_before": metrics.accuracy_before, "dataset_metrics": None, "eval_examples": None}]
     return [{"dataset": name, "accuracy": acc, "accuracy_before": metrics.per_dataset_before.get(name),
-             "dataset_metrics": _json_or_none(metrics.per_dataset_metrics.get(name))}
+             "dataset_metrics": _json_or_none(metrics.per_dataset_metrics.get(name)),
+             "eval_examples": metrics.eval_examples.get(name)}
             for name, acc in metrics.per_dataset.items()]
 
 

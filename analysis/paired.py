@@ -4,11 +4,13 @@ Runs of two methods at the same seed share their data subset and head initialisa
 comparison is the mean of per-seed differences, not two independent means. For every pair of adapter
 methods at every budget (per dataset, and over a suite's mean) this gives the mean paired difference of
 accuracy with a 95% Student-t interval; an interval containing 0 is a tie. The noise floor beside it is
-the seed-to-seed standard deviation of each configuration.
+the seed-to-seed standard deviation of each configuration, and the binomial standard error of accuracy on
+test sets of the recorded size (`metrics.eval_examples`): a difference below either is not evidence.
 """
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pandas as pd
@@ -47,15 +49,65 @@ def win_tie_loss(paired: pd.DataFrame) -> pd.DataFrame:
 
 def noise_floor(df: pd.DataFrame) -> pd.DataFrame:
     """Seed-to-seed standard deviation of the suite-mean accuracy, per panel: median and max over
-    configurations with at least two seeds (a difference below it is not evidence)."""
+    configurations with at least two seeds; beside it the median binomial standard error of a run's
+    suite mean (NaN where no run recorded its test-set sizes)."""
     values = _per_seed_values(df)
     suite = values[values["dataset"] == SUITE]
     std = suite.groupby([*PANEL_KEYS, "method", "budget_target"], dropna=False)["value"].std(ddof=1).dropna()
     if std.empty:
-        return pd.DataFrame(columns=[*PANEL_KEYS, "seed_std_median", "seed_std_max", "configurations"])
+        return pd.DataFrame(columns=[*PANEL_KEYS, "seed_std_median", "seed_std_max", "binomial_se_median",
+                                     "configurations"])
     grouped = std.groupby(level=list(range(len(PANEL_KEYS))), dropna=False)
-    return pd.DataFrame({"seed_std_median": grouped.median(), "seed_std_max": grouped.max(),
-                         "configurations": grouped.count()}).reset_index()
+    runs = _binomial_rows(df)
+    runs["var"] = runs["se"] ** 2
+    per_run = runs.groupby([*PANEL_KEYS, "source"], dropna=False)["var"].agg(["sum", "count"])
+    per_run["se"] = per_run["sum"] ** 0.5 / per_run["count"]  # SE of a mean of independent test sets
+    binomial = per_run.groupby(level=list(range(len(PANEL_KEYS))), dropna=False)["se"].median()
+    out = pd.DataFrame({"seed_std_median": grouped.median(), "seed_std_max": grouped.max(),
+                        "binomial_se_median": binomial.reindex(grouped.median().index),
+                        "configurations": grouped.count()})
+    return out.reset_index()
+
+
+def per_test_set_noise(df: pd.DataFrame) -> pd.DataFrame:
+    """Per panel and dataset: examples scored, the median accuracy of adapter runs and the binomial
+    standard error sqrt(p(1-p)/n) at it (what one run's accuracy varies by from the finite test set
+    alone), beside the median seed-to-seed standard deviation of that dataset's configurations."""
+    columns = [*PANEL_KEYS, "dataset", "eval_examples", "accuracy_median", "binomial_se", "seed_std_median"]
+    runs = _binomial_rows(df)
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    keys = [*PANEL_KEYS, "dataset"]
+    out = runs.groupby(keys, dropna=False).agg(eval_examples=("n", "median"), accuracy_median=("p", "median"))
+    out["binomial_se"] = [binomial_se(p, n) for p, n in zip(out["accuracy_median"], out["eval_examples"])]
+    values = _per_seed_values(df)
+    per_dataset = values[values["dataset"] != SUITE]
+    std = per_dataset.groupby([*keys, "method", "budget_target"], dropna=False)["value"].std(ddof=1).dropna()
+    out["seed_std_median"] = std.groupby(level=list(range(len(keys))), dropna=False).median().reindex(out.index)
+    return out.reset_index()[columns]
+
+
+def binomial_se(accuracy: float, n: float) -> float:
+    """Standard error of an accuracy measured on n independent examples."""
+    return math.sqrt(accuracy * (1 - accuracy) / n)
+
+
+def _binomial_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Successful adapter runs' (panel, source, dataset, accuracy p, examples n, binomial SE) where the run
+    recorded n and the dataset has an accuracy (GLUE's STS-B, a regression, has none)."""
+    ok = successful(df)
+    ok = ok[is_adapter(ok)]
+    rows = pd.DataFrame({**{k: ok[k] for k in [*PANEL_KEYS, "source", "dataset"]},
+                         "p": [_accuracy(m) for m in ok["dataset_metrics"]],
+                         "n": pd.to_numeric(ok["eval_examples"], errors="coerce")}).dropna(subset=["p", "n"])
+    rows = rows[rows["n"] > 0]
+    return rows.assign(se=[binomial_se(p, n) for p, n in zip(rows["p"], rows["n"])])
+
+
+def _accuracy(dataset_metrics: str | None) -> float:
+    """The accuracy among a dataset's metrics (load.py stores them as JSON); NaN without one."""
+    value = json.loads(dataset_metrics).get("accuracy") if isinstance(dataset_metrics, str) else None
+    return float(value) if isinstance(value, (int, float)) else math.nan
 
 
 def _per_seed_values(df: pd.DataFrame) -> pd.DataFrame:

@@ -98,7 +98,11 @@ def label(df: pd.DataFrame, method: str) -> str:
 
 def panel_title(df: pd.DataFrame) -> str:
     """'task · model (size) · regime' for the single panel in `df`."""
-    task, size, model, regime = _single_panel(df)
+    return panel_label(*_single_panel(df))
+
+
+def panel_label(task: str, size: str, model: str, regime: str) -> str:
+    """How figures and tables name a panel (PANEL_KEYS' values, in their order)."""
     return f"{task} · {model} ({size}) · {regime}"
 
 

@@ -35,8 +35,8 @@ from analysis.aggregate import (
 )
 from analysis.document import Block, Cell, Table, to_html, to_markdown
 from analysis.leaderboard import write_leaderboard
-from analysis.load import COST_COLUMNS, ResultsError, load_results
-from analysis.paired import noise_floor, paired_differences, win_tie_loss
+from analysis.load import COST_COLUMNS, PANEL_KEYS, ResultsError, load_results
+from analysis.paired import noise_floor, paired_differences, per_test_set_noise, win_tie_loss
 
 log = logging.getLogger("analysis.report")
 
@@ -161,8 +161,7 @@ def _header(df: pd.DataFrame, command: str) -> list[Block]:
 
 
 def _panel_section(key: tuple, part: pd.DataFrame, out: Path, dpi: int) -> list[Block]:
-    task, size, model, regime = key
-    blocks = [Block("h2", f"{task} · {model} ({size}) · {regime}"), _summary_table(part)]
+    blocks = [Block("h2", plots.panel_label(*key)), _summary_table(part)]
     multi = successful(part)["dataset"].nunique() > 1
     for stem, fn, caption in FIGURES:
         if stem == "per_dataset" and not multi:
@@ -288,18 +287,39 @@ def _paired_section(df: pd.DataFrame, paired: pd.DataFrame) -> list[Block]:
         return []
     rows = [[Cell(r["method_a"]), Cell(r["method_b"]), Cell(str(r["win"])), Cell(str(r["tie"])), Cell(str(r["loss"]))]
             for _, r in wtl.iterrows()]
-    floor = noise_floor(df)
-    floor_rows = [[Cell(f"{r['task']} · {r['model']} ({r['size']}) · {r['regime']}"),
-                   Cell(f"{100 * r['seed_std_median']:.2f}"), Cell(f"{100 * r['seed_std_max']:.2f}"),
-                   Cell(str(r["configurations"]))] for _, r in floor.iterrows()]
     return [Block("h2", "Paired comparisons"),
             Block("p", "Mean of per-seed accuracy differences (a - b) at each budget with a 95% Student-t "
                        "interval (report/paired.csv, also per dataset); a win is an interval above 0, a tie "
                        "one containing 0 (or fewer than two seeds), counted over budgets and panels."),
             Block("table", table=Table(["method a", "method b", "wins of a", "ties", "losses of a"], rows)),
-            Block("h3", "Noise floor"),
-            Block("table", table=Table(["panel", "seed std, median (points)", "seed std, max (points)",
-                                        "configurations"], floor_rows))]
+            *_noise_blocks(df)]
+
+
+def _noise_blocks(df: pd.DataFrame) -> list[Block]:
+    """The noise floor: seed-to-seed spread and the binomial error of finite test sets, per panel and per
+    test set (blank where the runs did not record their test-set sizes)."""
+    floor = noise_floor(df)
+    floor_rows = [[Cell(_panel_label(r)), Cell(_num(100 * r["seed_std_median"], ".2f")),
+                   Cell(_num(100 * r["seed_std_max"], ".2f")), Cell(_num(100 * r["binomial_se_median"], ".2f")),
+                   Cell(str(r["configurations"]))] for _, r in floor.iterrows()]
+    sets = per_test_set_noise(df)
+    set_rows = [[Cell(_panel_label(r)), Cell(r["dataset"]), Cell(_int(r["eval_examples"])),
+                 Cell(_num(100 * r["accuracy_median"], ".1f")), Cell(_num(100 * r["binomial_se"], ".2f")),
+                 Cell(_num(100 * r["seed_std_median"], ".2f"))] for _, r in sets.iterrows()]
+    blocks = [Block("h3", "Noise floor"),
+              Block("table", table=Table(["panel", "seed std, median (points)", "seed std, max (points)",
+                                          "binomial SE of a suite mean, median (points)", "configurations"],
+                                         floor_rows))]
+    if set_rows:
+        blocks += [Block("p", "Per test set: the binomial standard error sqrt(p(1-p)/n) of one run's accuracy "
+                              "at the median accuracy p of adapter runs, beside the seed-to-seed spread."),
+                   Block("table", table=Table(["panel", "dataset", "test examples", "accuracy, median (%)",
+                                               "binomial SE (points)", "seed std, median (points)"], set_rows))]
+    return blocks
+
+
+def _panel_label(row: pd.Series) -> str:
+    return plots.panel_label(*(row[k] for k in PANEL_KEYS))
 
 
 def _failures_section(df: pd.DataFrame) -> list[Block]:

@@ -132,6 +132,7 @@ class Metrics:
     per_dataset_before: dict[str, float] = field(default_factory=dict)
     per_dataset_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # GLUE's own metrics too
     per_dataset_metrics_before: dict[str, dict[str, float]] = field(default_factory=dict)
+    eval_examples: dict[str, int] = field(default_factory=dict)  # examples scored per dataset (empty: not recorded)
     delta_rank: dict[str, dict[str, Any]] = field(default_factory=dict)
     forgetting: float | dict[str, Any] | None = None
     forgetting_per_dataset: dict[str, Any] | None = None

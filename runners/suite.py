@@ -84,6 +84,7 @@ def summary_record(record: dict[str, Any], names: list[str], records: dict[str, 
     metrics = Metrics(per_dataset=_each(parts, "per_dataset"), per_dataset_before=_each(parts, "per_dataset_before"),
                       per_dataset_metrics=_each(parts, "per_dataset_metrics"),
                       per_dataset_metrics_before=_each(parts, "per_dataset_metrics_before"),
+                      eval_examples=_each(parts, "eval_examples"),
                       delta_rank={f"{n}/{layer}": v for n, p in parts.items() for layer, v in p.metrics.delta_rank.items()},
                       eval_split=first.metrics.eval_split if first else None,
                       **suite_forgetting({n: p.metrics for n, p in parts.items()}))

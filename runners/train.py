@@ -403,6 +403,7 @@ def _evaluate(task: tasks.Task, model: nn.Module, cfg: DictConfig, device: torch
     metrics["per_dataset" + suffix] = {d: float(m[task.primary_metric(d)]) for d, m in full.items()}
     metrics["per_dataset_metrics" + suffix] = {d: {k: float(v) for k, v in m.items()} for d, m in full.items()}
     metrics["eval_split"] = task.eval_split  # test (reported) or validation (hyper-parameter selection)
+    metrics["eval_examples"] = task.eval_examples()
 
 
 def _probe(task: tasks.Task, model: nn.Module, cfg: DictConfig, device: torch.device, untrained: bool = False

@@ -78,6 +78,11 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
         """Top-1 accuracy per dataset on `eval_split` (model in eval mode, no grad)."""
 
+    @abstractmethod
+    def eval_examples(self) -> dict[str, int]:
+        """Examples each dataset's `evaluate` scores (on `eval_split`): the n of its accuracy's binomial
+        standard error, which the report prints beside the seed-to-seed spread (analysis/paired.py)."""
+
     # --- optional: paper-scale runs (defaults keep the tiny suite as it is) -------------------------
 
     def evaluate_metrics(self, model: nn.Module, batch_size: int = 256) -> dict[str, dict[str, float]]:

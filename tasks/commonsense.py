@@ -293,6 +293,11 @@ class CommonsenseTask(Task):
 
     # --- evaluation ------------------------------------------------------------------------------------
 
+    def eval_examples(self) -> dict[str, int]:
+        if self.eval_split == "validation":
+            return {VALIDATION: len(self.val_set) if self.val_set is not None else 0}
+        return {name: len(ds) for name, ds in self.test_sets.items()}
+
     def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
         """Answer-keyword accuracy per benchmark (the headline `accuracy` of evaluate_metrics)."""
         return {name: m["accuracy"] for name, m in self.evaluate_metrics(model, batch_size).items()}

@@ -430,6 +430,10 @@ class EpochPlanMixin:
     def train_sizes(self) -> dict[str, int]:
         return {name: len(pair.train) for name, pair in self.suite.items()}  # type: ignore[attr-defined]
 
+    def eval_examples(self) -> dict[str, int]:
+        split = self.eval_split  # type: ignore[attr-defined]
+        return {name: len(pair.scored(split)) for name, pair in self.suite.items()}  # type: ignore[attr-defined]
+
     def planned_steps(self, batch_size: int, grad_accum: int = 1) -> int | None:
         data = self.cfg.data
         shots = data.get("shots")

@@ -1,17 +1,19 @@
 """Paired statistics between methods (analysis/paired.py) on hand-made numbers."""
+import json
 import math
 
 import pandas as pd
 import pytest
 
-from analysis.paired import SUITE, noise_floor, paired_differences, win_tie_loss
+from analysis.paired import SUITE, noise_floor, paired_differences, per_test_set_noise, win_tie_loss
 
 PANEL = {"task": "clip", "size": "tiny", "model": "tiny-clip", "regime": "full"}
 
 
-def _rows(method: str, accs: dict[int, dict[str, float]], budget: int = 100) -> list[dict]:
+def _rows(method: str, accs: dict[int, dict[str, float]], budget: int = 100, n: int | None = None) -> list[dict]:
     return [{**PANEL, "method": method, "method_kind": "adapter", "method_label": method.upper(),
              "budget_target": budget, "seed": seed, "dataset": d, "accuracy": a,
+             "dataset_metrics": json.dumps({"accuracy": a}), "eval_examples": n,
              "mean_accuracy": sum(per.values()) / len(per), "status": "success", "source": f"{method}-{budget}-{seed}"}
             for seed, per in accs.items() for d, a in per.items()]
 
@@ -46,3 +48,19 @@ def test_noise_floor_is_the_seed_to_seed_spread():
     df = pd.DataFrame(_rows("lora", {0: {"x": 0.6}, 1: {"x": 0.7}, 2: {"x": 0.8}}))
     floor = noise_floor(df).iloc[0]
     assert floor["seed_std_median"] == pytest.approx(0.1) and floor["configurations"] == 1
+    assert math.isnan(floor["binomial_se_median"])  # the runs recorded no test-set sizes
+
+
+def test_binomial_error_of_each_test_set_and_of_a_suite_mean():
+    # two test sets of 100 examples; accuracies 0.5 and 0.9 at every seed
+    df = pd.DataFrame(_rows("lora", {s: {"x": 0.5, "y": 0.9} for s in range(3)}, n=100)
+                      + _rows("loha", {0: {"x": 0.4, "y": 0.9}, 1: {"x": 0.6, "y": 0.9}}, n=100))
+    sets = per_test_set_noise(df).set_index("dataset")
+    assert sets.at["x", "eval_examples"] == 100 and sets.at["x", "accuracy_median"] == pytest.approx(0.5)
+    assert sets.at["x", "binomial_se"] == pytest.approx(0.05)  # sqrt(0.5 * 0.5 / 100)
+    assert sets.at["y", "binomial_se"] == pytest.approx(0.03)  # sqrt(0.9 * 0.1 / 100)
+    assert sets.at["x", "seed_std_median"] == pytest.approx(math.sqrt(0.02) / 2)  # median of 0 and std(0.4, 0.6)
+    floor = noise_floor(df).iloc[0]
+    # lora's suite mean: sqrt(0.05^2 + 0.03^2) / 2 per run; loha's: sqrt(0.048^2 + 0.03^2) / 2 (p = 0.4 or 0.6)
+    lora, loha = math.sqrt(0.0025 + 0.0009) / 2, math.sqrt(0.0024 + 0.0009) / 2
+    assert floor["binomial_se_median"] == pytest.approx(sorted([lora] * 3 + [loha] * 2)[2])

@@ -43,6 +43,7 @@ def test_smoke_run_writes_a_complete_result(method, task, tiny_overrides, tmp_pa
     assert saved["run"]["status"] == "success" and saved["run"]["error"] is None
     assert saved["metrics"]["accuracy"] == record["metrics"]["accuracy"]
     assert set(saved["metrics"]["per_dataset"]) == set(saved["metrics"]["per_dataset_before"])
+    assert set(saved["metrics"]["eval_examples"]) == set(saved["metrics"]["per_dataset"])
     assert 0.0 <= saved["metrics"]["accuracy"] <= 1.0
     assert saved["run"]["config"]["method"]["name"] == method and saved["run"]["versions"]["torch"]
     assert "peak_rss_bytes" in saved["cost"] and "peak_mem_bytes" not in saved["cost"]

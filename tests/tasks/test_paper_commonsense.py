@@ -222,6 +222,7 @@ def test_commonsense_base_runs_on_standins(standins, tiny_overrides, arch: str, 
         assert all(0.0 <= m[k] <= 1.0 for k in ("accuracy", "acc", "acc_norm", "acc_bytes"))
         assert m["val_loss"] > 0
     assert record["metrics"]["per_dataset"] == {n: m["accuracy"] for n, m in metrics.items()}
+    assert record["metrics"]["eval_examples"] == dict.fromkeys(BENCH, 6)  # commonsense_data's n_test
 
 
 def test_unreachable_model_and_missing_data_are_one_clear_error(monkeypatch) -> None:

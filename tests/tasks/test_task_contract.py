@@ -62,6 +62,15 @@ def test_evaluate_gives_accuracy_per_dataset(built) -> None:
     assert task.evaluate(model, batch_size=48) == acc, "evaluation is deterministic and batch-size free"
 
 
+def test_eval_examples_are_the_denominators_of_the_accuracies(built) -> None:
+    """metrics.eval_examples, the n of each accuracy's binomial error, counts the examples evaluate scored."""
+    task, model = built
+    n = task.eval_examples()
+    assert n == dict.fromkeys(task.datasets, int(task.cfg.data.test_size))
+    for name, acc in task.evaluate(model, batch_size=20).items():
+        assert acc * n[name] == pytest.approx(round(acc * n[name]), abs=1e-9), name  # correct / n
+
+
 def test_same_seed_same_batches(built) -> None:
     task, _ = built
     a = next(task.train_batches(8, torch.Generator().manual_seed(3)))

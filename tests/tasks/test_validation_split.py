@@ -55,6 +55,14 @@ def test_generated_image_validation_shares_no_image_with_train(task: str) -> Non
         assert not set(row_keys(pair.validation)) & set(row_keys(pair.train)), name
 
 
+@pytest.mark.parametrize("task", EVERY_TASK)
+def test_eval_examples_count_the_validation_split_when_it_is_scored(task: str) -> None:
+    narrow = [] if task == "language" else [IMAGE_PAIR]
+    built = tasks.build(compose_task(task, *SMALL, *narrow, "task.data.eval_split=validation").task)
+    assert built.eval_examples() == {name: len(pair.validation) for name, pair in built.suite.items()}
+    assert all(0 < n < 40 for n in built.eval_examples().values())  # the hold-out, not the 40 test examples
+
+
 def test_validation_depends_on_the_data_config_only() -> None:
     a, b = suite("vision", IMAGE_PAIR, "seed=0"), suite("vision", IMAGE_PAIR, "seed=3")
     other = suite("vision", IMAGE_PAIR, "task.data.val_seed=1")
