@@ -63,7 +63,7 @@ class Run:
     max_steps: int | dict[str, int | None] | None = None  # a suite: per dataset
     memory_savers: dict[str, Any] | None = None
     world_size: int | None = None
-    tuning: dict[str, Any] | None = None  # +sweep=tuned: {metric, split, chosen_lr, candidates}
+    tuning: dict[str, Any] | None = None  # +sweep=tuned: {metric, tie_break, split, chosen_lr, candidates}
     val_holdout: Any = None
     protocol: dict[str, Any] | None = None
     parts: dict[str, str] | None = None  # a suite's summary: dataset -> its results.json

@@ -178,6 +178,7 @@ def validate_factors(spec: Mapping[str, Any]) -> None:
 
 TUNING_FILE = "tuning.json"  # read by runners.train.read_tuning (kept equal to runners.train.TUNING_FILE)
 TUNED_METRIC = "accuracy"    # results' metrics.accuracy: each dataset's primary metric (CoLA: Matthews corr.)
+TIE_BREAK = "loss"           # per_dataset_metrics.<dataset>.loss, the eval split's loss: lower wins a tied score
 
 
 @dataclass(frozen=True)
@@ -228,27 +229,40 @@ def final_jobs(group: TuneGroup, seeds: Sequence[int], lr: float | None) -> list
     return [Job(job.name, job.overrides + extra + ("task.data.eval_split=test",)) for job in jobs]
 
 
-def candidate_score(run_dir: Path) -> float | None:
-    """A stage-1 run's validation score (metrics.accuracy); None when it failed, is missing, is not finite
-    or was scored on another split than validation (a test score never chooses anything)."""
+Score = tuple[float, float | None]  # (validation score, validation loss or None where not recorded)
+
+
+def candidate_score(run_dir: Path) -> Score | None:
+    """A stage-1 run's validation (score, loss): metrics.accuracy, and the mean over its datasets of the
+    `TIE_BREAK` loss (None where the task records none). None when the run failed, is missing, its score is
+    not finite or was scored on another split than validation (a test score never chooses anything)."""
     record = read_results(run_dir) or {}
     metrics = record.get("metrics") or {}
     value = metrics.get(TUNED_METRIC)
     ok = record.get("run", {}).get("status") == "success" and metrics.get("eval_split") == "validation"
-    return float(value) if ok and isinstance(value, (int, float)) and math.isfinite(value) else None
+    if not (ok and isinstance(value, (int, float)) and math.isfinite(value)):
+        return None
+    losses = [m.get(TIE_BREAK) for m in (metrics.get("per_dataset_metrics") or {}).values()]
+    finite = losses and all(isinstance(x, (int, float)) and math.isfinite(x) for x in losses)
+    return float(value), sum(losses) / len(losses) if finite else None
 
 
-def choose_lr(scores: Sequence[tuple[float, float | None]]) -> float | None:
-    """The winning lr: highest validation score, a tie going to the smaller lr; a failed candidate
-    (score None) never wins; None when all failed."""
+def choose_lr(scores: Sequence[tuple[float, Score | None]]) -> float | None:
+    """The winning lr: highest validation score; among equal scores (a saturated validation split scores
+    100% for several lrs) the lowest validation loss, then the smaller lr; a failed candidate (None) never
+    wins; None when all failed."""
     done = [(lr, score) for lr, score in scores if score is not None]
-    return min(done, key=lambda pair: (-pair[1], pair[0]))[0] if done else None
+    if not done:
+        return None
+    return min(done, key=lambda c: (-c[1][0], math.inf if c[1][1] is None else c[1][1], c[0]))[0]
 
 
-def tuning_record(chosen: float, candidates: Sequence[tuple[float, float | None, str]]) -> dict[str, Any]:
-    """What a final records as run.tuning: the metric and split it was chosen on, the lr, every candidate."""
-    return {"metric": TUNED_METRIC, "split": "validation", "chosen_lr": chosen,
-            "candidates": [{"lr": lr, "score": score, "run_dir": run_dir} for lr, score, run_dir in candidates]}
+def tuning_record(chosen: float, candidates: Sequence[tuple[float, Score | None, str]]) -> dict[str, Any]:
+    """What a final records as run.tuning: the metric, tie-break and split it was chosen on, the lr, every
+    candidate."""
+    return {"metric": TUNED_METRIC, "tie_break": TIE_BREAK, "split": "validation", "chosen_lr": chosen,
+            "candidates": [{"lr": lr, "score": None if s is None else s[0], "loss": None if s is None else s[1],
+                            "run_dir": run_dir} for lr, s, run_dir in candidates]}
 
 
 # --- what already ran --------------------------------------------------------------------------------
@@ -380,7 +394,7 @@ class RankbenchSweeper(BasicSweeper):
             return []
         record = tuning_record(chosen, [(lr, score, str(run_dir)) for (lr, score), (_, run_dir) in zip(scores, scored)])
         log.info("sweep %s: %s lr %g chosen on validation (%s)", spec.get("name"), group.label, chosen,
-                 ", ".join(f"{lr:g}: {'failed' if s is None else f'{s:.4f}'}" for lr, s in scores))
+                 ", ".join(f"{lr:g}: {_score_text(s)}" for lr, s in scores))
         return [(self._based(job, base, base_jobs), record) for job in final_jobs(group, seeds, chosen)]
 
     def _dry_run_tuned(self, spec: dict[str, Any], units: list[tuple[list[str], TuneGroup]],
@@ -483,6 +497,12 @@ class RankbenchSweeper(BasicSweeper):
             start += len(batch)
             returns.append(results)
         return returns
+
+
+def _score_text(score: Score | None) -> str:
+    if score is None:
+        return "failed"
+    return f"{score[0]:.4f}" + ("" if score[1] is None else f" (loss {score[1]:.4f})")
 
 
 def unreachable_pairs(config: DictConfig, spec: Mapping[str, Any]) -> list[tuple[str, str]]:

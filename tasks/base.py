@@ -75,20 +75,13 @@ class Task(ABC):
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
-        """Top-1 accuracy per dataset on `eval_split` (model in eval mode, no grad)."""
-
-    @abstractmethod
-    def eval_examples(self) -> dict[str, int]:
-        """Examples each dataset's `evaluate` scores (on `eval_split`): the n of its accuracy's binomial
-        standard error, which the report prints beside the seed-to-seed spread (analysis/paired.py)."""
-
-    # --- optional: paper-scale runs (defaults keep the tiny suite as it is) -------------------------
-
     def evaluate_metrics(self, model: nn.Module, batch_size: int = 256) -> dict[str, dict[str, float]]:
-        """Every metric per dataset, `accuracy` always among them (GLUE adds each task's own metric,
-        e.g. Matthews correlation for CoLA). Default: accuracy only."""
-        return {name: {"accuracy": acc} for name, acc in self.evaluate(model, batch_size).items()}
+        """Every metric per dataset on `eval_split` (model in eval mode, no grad): `accuracy` and the mean
+        `loss` of a classification set, plus a source's own (GLUE: e.g. Matthews correlation for CoLA)."""
+
+    def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
+        """The primary metric per dataset (top-1 accuracy, except e.g. STS-B's Pearson r)."""
+        return {name: m[self.primary_metric(name)] for name, m in self.evaluate_metrics(model, batch_size).items()}
 
     @property
     def eval_split(self) -> str:

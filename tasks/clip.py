@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from tasks import forgetting, register
+from tasks import forgetting, metrics, register
 from tasks.base import Batch
 from tasks.common import (
     TrainData,
@@ -169,19 +169,22 @@ class ClipTask(ImageSuiteTask):
         first = (every_label[None, :] == labels[:, None]).int().argmax(1)  # first image of the same class
         return F.cross_entropy(self.temperature(model) * img @ txt.T, first)
 
-    def evaluate(self, model: nn.Module, batch_size: int = 256, names: list[str] | None = None) -> dict[str, float]:
-        """Zero-shot-style accuracy per dataset (of `names` only, if given)."""
-        device, acc = model_device(model), {}
+    def evaluate_metrics(self, model: nn.Module, batch_size: int = 256, names: list[str] | None = None
+                         ) -> dict[str, dict[str, float]]:
+        """Zero-shot-style accuracy per dataset (of `names` only, if given), and the cross-entropy of the
+        temperature-scaled similarities to the eval prompts' class embeddings."""
+        device, out = model_device(model), {}
         with eval_mode(model):
             for name in self.datasets if names is None else names:
                 d = self.data[name]
                 txt = class_embeddings(model, d.eval_prompts, len(d.classes))
-                correct = 0
-                for i in range(0, len(d.test_y), batch_size):
-                    img = image_features(model, d.test_x[i : i + batch_size].to(device))
-                    correct += (img @ txt.T).argmax(-1).cpu().eq(d.test_y[i : i + batch_size]).sum().item()
-                acc[name] = correct / len(d.test_y)
-        return acc
+                logits = [(image_features(model, d.test_x[i : i + batch_size].to(device)) @ txt.T).float().cpu()
+                          for i in range(0, len(d.test_y), batch_size)]
+                out[name] = metrics.classification(torch.cat(logits), d.test_y, float(self.temperature(model)))
+        return out
+
+    def evaluate(self, model: nn.Module, batch_size: int = 256, names: list[str] | None = None) -> dict[str, float]:
+        return {name: m["accuracy"] for name, m in self.evaluate_metrics(model, batch_size, names).items()}
 
     @cached_property
     def _forgetting_task(self) -> ClipTask | None:

@@ -19,7 +19,7 @@ Per benchmark, from the log-likelihood of continuations after "<evaluation promp
     one adapter serves all eight).
 With task.data.eval_split=validation the eight benchmarks are not scored: the hold-out is, as one entry
 (`commonsense_validation`) with its answer-keyword `accuracy` (the primary metric, on which `+sweep=tuned`
-chooses the lr) and `val_loss`.
+chooses the lr) and its `loss` (which breaks ties between lrs).
 """
 from __future__ import annotations
 
@@ -298,13 +298,10 @@ class CommonsenseTask(Task):
             return {VALIDATION: len(self.val_set) if self.val_set is not None else 0}
         return {name: len(ds) for name, ds in self.test_sets.items()}
 
-    def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
-        """Answer-keyword accuracy per benchmark (the headline `accuracy` of evaluate_metrics)."""
-        return {name: m["accuracy"] for name, m in self.evaluate_metrics(model, batch_size).items()}
-
     def evaluate_metrics(self, model: nn.Module, batch_size: int = 256) -> dict[str, dict[str, float]]:
-        """accuracy, acc, acc_norm, acc_bytes per benchmark, and the validation loss in each entry; with
-        task.data.eval_split=validation, the hold-out's answer accuracy and loss instead (see `validation_metrics`)."""
+        """accuracy (answer-keyword, the headline), acc, acc_norm, acc_bytes per benchmark, and the validation
+        hold-out's loss (`val_loss`) in each entry; with task.data.eval_split=validation, the hold-out's answer
+        accuracy and `loss` instead (see `validation_metrics`)."""
         batch_size = min(batch_size, int(self.cfg.data.get("score_batch_size") or batch_size))
         if self.eval_split == "validation":
             return {VALIDATION: self.validation_metrics(model, batch_size)}
@@ -333,7 +330,7 @@ class CommonsenseTask(Task):
     def validation_metrics(self, model: nn.Module, batch_size: int) -> dict[str, float]:
         """The validation hold-out (120 examples of the training file) scored as the benchmarks are: `accuracy`
         = the answer keyword the model finds likeliest among those its instruction lists ("Answer format:
-        true/false"), the primary metric hyper-parameters are chosen on (higher is better); `val_loss` beside it."""
+        true/false"), the primary metric hyper-parameters are chosen on (higher is better); `loss` beside it."""
         if self.val_set is None:
             raise ValueError("task.data.eval_split=validation needs the validation hold-out; set "
                              "task.data.val_set_size > 0")
@@ -348,7 +345,7 @@ class CommonsenseTask(Task):
         for row, ks in zip(rows, keywords):
             scores = [next(lls) for _ in ks]
             correct += int(ks[int(np.argmax(scores))] == str(row[d.answer_column]))
-        return {"accuracy": correct / len(rows), "val_loss": float(loss)}
+        return {"accuracy": correct / len(rows), "loss": float(loss)}
 
     def _benchmark(self, model: nn.Module, name: str, ds: Dataset, batch_size: int) -> dict[str, float]:
         """Keyword accuracy, and the lm-eval option metrics unless task.data.score_options is false."""

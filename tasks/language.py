@@ -112,15 +112,15 @@ class LanguageTask(EpochPlanMixin, Task):
             return F.mse_loss(out.squeeze(-1).float(), y.float())
         return F.cross_entropy(out.float(), y)
 
-    def _predict(self, model: nn.Module, name: str, batch_size: int) -> np.ndarray:
-        """Predicted class (or score, for regression) of every example of one dataset's eval split."""
+    def _outputs(self, model: nn.Module, name: str, batch_size: int) -> torch.Tensor:
+        """The head's output (class logits, or a score for regression) for every example of one dataset's
+        eval split, in float32 on the CPU."""
         device, (ids, mask, _) = model_device(model), self.data[name]["eval"]
-        preds = []
+        outs = []
         for i in range(0, len(ids), batch_size):
             inputs = {k: v.to(device) for k, v in trim(ids[i : i + batch_size], mask[i : i + batch_size]).items()}
-            out = model(name, **inputs).float().cpu()
-            preds.append(out.squeeze(-1) if is_regression(self.suite[name]) else out.argmax(-1))
-        return torch.cat(preds).numpy()
+            outs.append(model(name, **inputs).float().cpu())
+        return torch.cat(outs)
 
     def _metric_names(self, name: str) -> tuple[str, list[str]]:
         """(primary, all) metric names of a dataset: from its source config, else accuracy."""
@@ -132,18 +132,19 @@ class LanguageTask(EpochPlanMixin, Task):
         return self._metric_names(dataset)[0]
 
     def evaluate_metrics(self, model: nn.Module, batch_size: int = 256) -> dict[str, dict[str, float]]:
+        """The dataset's named metrics (its source's, else accuracy) and `loss`, the training loss (cross-
+        entropy, or MSE for regression), per dataset."""
         out = {}
         with eval_mode(model):
             for name in self.data:
-                y = self.data[name]["eval"][2].numpy()
-                out[name] = metrics.compute(self._metric_names(name)[1], self._predict(model, name, batch_size), y)
+                outputs, y = self._outputs(model, name, batch_size), self.data[name]["eval"][2]
+                if is_regression(self.suite[name]):
+                    pred, loss = outputs.squeeze(-1), F.mse_loss(outputs.squeeze(-1), y.float())
+                else:
+                    pred, loss = outputs.argmax(-1), F.cross_entropy(outputs, y)
+                out[name] = {**metrics.compute(self._metric_names(name)[1], pred.numpy(), y.numpy()),
+                             "loss": loss.item()}
         return out
-
-    def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
-        """The primary metric per dataset: accuracy unless its source names another (GLUE: CoLA's Matthews
-        correlation, STS-B's mean of Pearson and Spearman)."""
-        return {name: values[self._metric_names(name)[0]]
-                for name, values in self.evaluate_metrics(model, batch_size).items()}
 
     forgetting_metric = "loss"
 

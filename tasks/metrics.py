@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 def accuracy(pred: np.ndarray, y: np.ndarray) -> float:
@@ -59,3 +61,12 @@ def compute(names: list[str], pred: np.ndarray, y: np.ndarray) -> dict[str, floa
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; valid: {', '.join(METRICS)}")
     return {n: METRICS[n](pred, y) for n in names}
+
+
+def classification(logits: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> dict[str, float]:
+    """Top-1 `accuracy` (correct / n) and the mean cross-entropy `loss` of `scale * logits` (CLIP's
+    temperature) on one dataset's eval split; the loss breaks ties between learning rates that score the
+    same accuracy (runners/sweeper.py choose_lr)."""
+    logits = logits.float()
+    return {"accuracy": logits.argmax(-1).eq(y).sum().item() / len(y),
+            "loss": F.cross_entropy(scale * logits, y).item()}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks import register
+from tasks import metrics, register
 from tasks.base import Batch
 from tasks.common import (
     HeadedModel,
@@ -131,13 +131,11 @@ class VisionTask(ImageSuiteTask):
         logits = model(batch["dataset"], pixel_values=batch["pixel_values"].to(device))
         return F.cross_entropy(logits, batch["labels"].to(device))
 
-    def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
-        device, acc = model_device(model), {}
+    def evaluate_metrics(self, model: nn.Module, batch_size: int = 256) -> dict[str, dict[str, float]]:
+        device, out = model_device(model), {}
         with eval_mode(model):
             for name, (_, _, test_x, test_y) in self.data.items():  # test_*: the eval_split's tensors
-                correct = 0
-                for i in range(0, len(test_y), batch_size):
-                    logits = model(name, pixel_values=test_x[i : i + batch_size].to(device))
-                    correct += logits.argmax(-1).cpu().eq(test_y[i : i + batch_size]).sum().item()
-                acc[name] = correct / len(test_y)
-        return acc
+                logits = [model(name, pixel_values=test_x[i : i + batch_size].to(device)).float().cpu()
+                          for i in range(0, len(test_y), batch_size)]
+                out[name] = metrics.classification(torch.cat(logits), test_y)
+        return out

@@ -17,6 +17,7 @@ from runners.sweeper import (
     final_jobs,
     registered_methods,
     tuned_groups,
+    tuning_record,
 )
 from runners.train import method_lr
 
@@ -65,9 +66,12 @@ def test_finals_run_the_chosen_lr_at_every_seed_on_test():
     assert not any(o.startswith("++method.lr") for o in final_jobs(group, [0], None)[0].overrides)
 
 
-def candidate(root: Path, name: str, accuracy: float, split: str = "validation", status: str = "success") -> Path:
-    """A hand-made stage-1 result."""
-    write_results(root / name, {"run": {"status": status}, "metrics": {"accuracy": accuracy, "eval_split": split}})
+def candidate(root: Path, name: str, accuracy: float, split: str = "validation", status: str = "success",
+              loss: float | None = None) -> Path:
+    """A hand-made stage-1 result (with its validation loss, if given)."""
+    per = {"shapes": {"accuracy": accuracy, "loss": loss}} if loss is not None else {}
+    write_results(root / name, {"run": {"status": status},
+                                "metrics": {"accuracy": accuracy, "eval_split": split, "per_dataset_metrics": per}})
     return root / name
 
 
@@ -77,14 +81,27 @@ def test_the_validation_winner_is_chosen_never_a_test_score_or_a_failed_run(tmp_
             8e-3: candidate(tmp_path, "d", 0.99, status="failed"),      # diverged after a good start
             1.6e-2: tmp_path / "never-ran"}
     scores = [(lr, candidate_score(path)) for lr, path in runs.items()]
-    assert [s for _, s in scores] == [0.70, 0.80, None, None, None]
+    assert [s for _, s in scores] == [(0.70, None), (0.80, None), None, None, None]
     assert choose_lr(scores) == 2e-3
 
 
-def test_a_tie_goes_to_the_smaller_lr_and_all_failed_chooses_nothing():
-    assert choose_lr([(4e-3, 0.8), (1e-3, 0.8), (2e-3, 0.5)]) == 1e-3
+def test_a_tie_goes_to_the_lower_validation_loss_then_the_smaller_lr(tmp_path):
+    # a saturated validation split: three lrs at 100%; the loss tells them apart
+    runs = {1e-3: candidate(tmp_path, "a", 1.0, loss=0.30), 2e-3: candidate(tmp_path, "b", 1.0, loss=0.05),
+            4e-3: candidate(tmp_path, "c", 1.0, loss=0.10), 8e-3: candidate(tmp_path, "d", 0.9, loss=0.01)}  # the lowest loss, but a lower score
+    scores = [(lr, candidate_score(path)) for lr, path in runs.items()]
+    assert scores[1][1] == (1.0, 0.05)
+    assert choose_lr(scores) == 2e-3
+    assert choose_lr([(4e-3, (0.8, None)), (1e-3, (0.8, None)), (2e-3, (0.5, None))]) == 1e-3  # no loss: smaller lr
+    assert choose_lr([(4e-3, (0.8, 0.2)), (1e-3, (0.8, None))]) == 4e-3  # a recorded loss beats none
+    record = tuning_record(2e-3, [(lr, s, "dir") for lr, s in scores])
+    assert record["tie_break"] == "loss" and record["candidates"][1] == {"lr": 2e-3, "score": 1.0, "loss": 0.05,
+                                                                        "run_dir": "dir"}
+
+
+def test_all_failed_chooses_nothing():
     assert choose_lr([(1e-3, None), (2e-3, None)]) is None
-    assert choose_lr([(1e-3, None), (2e-3, 0.0)]) == 2e-3
+    assert choose_lr([(1e-3, None), (2e-3, (0.0, None))]) == 2e-3
 
 
 @pytest.mark.slow
@@ -102,7 +119,8 @@ def test_a_tuned_sweep_runs_the_validation_winner_and_a_rerun_launches_nothing(t
     stage1 = {name: r for name, r in records.items() if name.endswith("-val")}
     assert len(stage1) == 2 and all(r["metrics"]["eval_split"] == "validation" for r in stage1.values())
     scores = [(r["run"]["lr"], r["metrics"]["accuracy"]) for r in stage1.values()]
-    best = max(scores, key=lambda s: (s[1], -s[0]))[0]
+    loss = {r["run"]["lr"]: r["metrics"]["per_dataset_metrics"]["shapes"]["loss"] for r in stage1.values()}
+    best = max(scores, key=lambda s: (s[1], -loss[s[0]], -s[0]))[0]
     for seed in (0, 1):
         final = records[f"shapes/lora-lora8-s{seed}"]
         assert final["run"]["status"] == "success" and final["metrics"]["eval_split"] == "test"

@@ -19,7 +19,7 @@ import tasks
 from runners.adapt import adapt
 from runners.train import run
 from tasks import metrics
-from tasks.common import ModelNotFoundError
+from tasks.common import ModelNotFoundError, eval_mode
 
 GLUE = {"sst2": (["sentence"], "int"), "mrpc": (["sentence1", "sentence2"], "int"),
         "cola": (["sentence"], "int"), "stsb": (["sentence1", "sentence2"], "float")}
@@ -118,7 +118,7 @@ def test_glue_base_cola_run_reports_matthews_corr_with_a_linear_schedule(glue, t
     record = run(cfg)
     assert record["run"]["status"] == "success"
     m = record["metrics"]
-    assert set(m["per_dataset_metrics"]["cola"]) == {"matthews_corr", "accuracy"}
+    assert set(m["per_dataset_metrics"]["cola"]) == {"matthews_corr", "accuracy", "loss"}
     assert m["per_dataset"]["cola"] == m["per_dataset_metrics"]["cola"]["matthews_corr"]
     assert record["params"]["head_trainable"] == (HIDDEN * HIDDEN + HIDDEN) + (HIDDEN * 2 + 2)
     # 5 steps: warm-up round(0.06 * 5) = 0 steps, then linear decay to 0 at the last step
@@ -137,8 +137,14 @@ def test_glue_base_builds_pairs_regression_and_task_metrics(glue, tiny_overrides
     sep = task.tokenizer.sep_token_id
     assert (batch["input_ids"] == sep).sum(1).min() >= 3, "pairs are encoded as <s> A </s></s> B </s>"
     scores = task.evaluate_metrics(model, batch_size=16)
-    assert set(scores["cola"]) == {"accuracy", "matthews_corr"} and set(scores["mrpc"]) == {"accuracy", "f1"}
-    assert set(scores["stsb"]) == {"pearson_spearman_mean", "pearson", "spearman"}
+    assert set(scores["cola"]) == {"accuracy", "matthews_corr", "loss"}
+    assert set(scores["mrpc"]) == {"accuracy", "f1", "loss"}
+    assert set(scores["stsb"]) == {"pearson_spearman_mean", "pearson", "spearman", "loss"}
+    for name in ("cola", "stsb"):  # the eval loss is the training loss (cross-entropy; MSE for STS-B) on eval
+        ids, mask, y = task.data[name]["eval"]
+        with torch.no_grad(), eval_mode(model):
+            train_loss = task.loss(model, {"dataset": name, "input_ids": ids, "attention_mask": mask, "labels": y})
+        assert scores[name]["loss"] == pytest.approx(train_loss.item(), rel=1e-5), name
     assert task.evaluate(model, 16)["stsb"] == scores["stsb"]["pearson_spearman_mean"]
     assert task.primary_metric("cola") == "matthews_corr" and task.primary_metric("mrpc") == "accuracy"
     assert task.planned_steps(8) == 10 * 6 * 4  # 10 epochs x ceil(48 / 8) x 4 tasks

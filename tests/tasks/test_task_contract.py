@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import re
 
 import pytest
@@ -60,6 +61,17 @@ def test_evaluate_gives_accuracy_per_dataset(built) -> None:
     assert all(0.0 <= a <= 1.0 for a in acc.values())
     assert model.training, "evaluate restores the training flag"
     assert task.evaluate(model, batch_size=48) == acc, "evaluation is deterministic and batch-size free"
+
+
+def test_eval_metrics_hold_the_accuracy_and_the_eval_loss(built) -> None:
+    """Every dataset's entry has the accuracy `evaluate` reports and a finite mean loss (what breaks ties
+    between learning rates), independent of the evaluation batch size."""
+    task, model = built
+    small, large = task.evaluate_metrics(model, batch_size=20), task.evaluate_metrics(model, batch_size=48)
+    assert {n: m["accuracy"] for n, m in small.items()} == task.evaluate(model, batch_size=20)
+    for name, m in small.items():
+        assert math.isfinite(m["loss"]) and m["loss"] > 0, name
+        assert large[name]["loss"] == pytest.approx(m["loss"], rel=1e-5), name
 
 
 def test_eval_examples_are_the_denominators_of_the_accuracies(built) -> None:

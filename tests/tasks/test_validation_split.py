@@ -198,5 +198,5 @@ def test_commonsense_validation_scores_the_hold_out_not_the_benchmarks(tmp_path:
     expected = [("true" if "true/" in r["instruction"] else r["instruction"].split("Answer format: ")[1].split("/")[0])
                 == r["answer"] for r in val]
     assert metrics["commonsense_validation"]["accuracy"] == pytest.approx(sum(expected) / len(val))
-    assert 0 < len(val) < 12 and metrics["commonsense_validation"]["val_loss"] > 0
+    assert 0 < len(val) < 12 and metrics["commonsense_validation"]["loss"] > 0
     assert not {r["instruction"] for r in val} & {r["instruction"] for r in task.train_set}
