@@ -129,6 +129,22 @@ def test_report_writes_runs_and_paired_csv(report):
     assert "## Paired comparisons" in (report / "summary.md").read_text()
 
 
+def test_summary_gives_the_binomial_error_of_each_test_set_beside_the_seed_spread(tmp_path):
+    for method in ("lora", "loha"):
+        for seed in (0, 1):
+            record = make_record(method, "vision", seed, BUDGETS[0])
+            per = record["metrics"]["per_dataset"]
+            record["metrics"]["per_dataset_metrics"] = {d: {"accuracy": a} for d, a in per.items()}
+            record["metrics"]["eval_examples"] = dict.fromkeys(per, 400)
+            write_record(tmp_path / "runs" / f"{method}{seed}", record)
+    out = tmp_path / "report"
+    assert main([str(tmp_path / "runs"), "--out", str(out), "--dpi", "40", "-q"]) == 0
+    md = (out / "summary.md").read_text()
+    row = next(line for line in md.splitlines() if "| 400 |" in line)  # the per-test-set table
+    accuracy, se = (float(x) for x in row.split("|")[4:6])
+    assert se == pytest.approx(100 * (accuracy / 100 * (1 - accuracy / 100) / 400) ** 0.5, abs=0.01)
+
+
 def test_tuning_runs_scored_on_validation_are_counted_not_compared(tmp_path, capsys):
     for seed in (0, 1):
         write_record(tmp_path / "runs" / f"final{seed}", make_record("lora", "vision", seed, BUDGETS[0]))
