@@ -263,10 +263,11 @@ def test_requeue_after_the_last_step_only_evaluates(tiny_overrides, tmp_path, mo
             *[o for o in tiny_overrides if not o.startswith(("trainer.max_steps", "trainer.checkpoint_every", "out_dir"))]]
     args = [*base, f"out_dir={tmp_path / 'run'}"]
     calls = {"evaluate": 0, "probe": 0, "batches": 0}
-    for name, key in (("evaluate_metrics", "evaluate"), ("forgetting_probe", "probe"), ("train_batch", "batches")):
-        real = getattr(ClipTask, name)
-        monkeypatch.setattr(ClipTask, name, lambda self, *a, _r=real, _k=key, **k: calls.update({_k: calls[_k] + 1})
-                            or _r(self, *a, **k))
+    for owner, name, key in ((train_module, "_evaluate", "evaluate"), (ClipTask, "forgetting_probe", "probe"),
+                             (ClipTask, "train_batch", "batches")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _r=real, _k=key, **k: calls.update({_k: calls[_k] + 1})
+                            or _r(*a, **k))
     real_ranks = train_module._delta_ranks
     monkeypatch.setattr(train_module, "_delta_ranks", lambda *a: (_ for _ in ()).throw(Killed()))
     with pytest.raises(Killed):
