@@ -107,8 +107,11 @@ class LanguageTask(EpochPlanMixin, Task):
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         device = model_device(model)
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-        out, y = model(batch["dataset"], **inputs), batch["labels"].to(device)
-        if is_regression(self.suite[batch["dataset"]]):
+        return self._head_loss(batch["dataset"], model(batch["dataset"], **inputs), batch["labels"].to(device))
+
+    def _head_loss(self, name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the class logits, or MSE of the score for a regression dataset (STS-B)."""
+        if is_regression(self.suite[name]):
             return F.mse_loss(out.squeeze(-1).float(), y.float())
         return F.cross_entropy(out.float(), y)
 
@@ -138,12 +141,9 @@ class LanguageTask(EpochPlanMixin, Task):
         with eval_mode(model):
             for name in self.data:
                 outputs, y = self._outputs(model, name, batch_size), self.data[name]["eval"][2]
-                if is_regression(self.suite[name]):
-                    pred, loss = outputs.squeeze(-1), F.mse_loss(outputs.squeeze(-1), y.float())
-                else:
-                    pred, loss = outputs.argmax(-1), F.cross_entropy(outputs, y)
+                pred = outputs.squeeze(-1) if is_regression(self.suite[name]) else outputs.argmax(-1)
                 out[name] = {**metrics.compute(self._metric_names(name)[1], pred.numpy(), y.numpy()),
-                             "loss": loss.item()}
+                             "loss": self._head_loss(name, outputs, y).item()}
         return out
 
     forgetting_metric = "loss"

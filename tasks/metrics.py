@@ -1,6 +1,6 @@
-"""Evaluation metrics of the paper benchmarks beyond top-1 accuracy (GLUE: each task's own metric).
-
-Pure functions of (predictions, labels) arrays, named as `task.data.sources.<name>.metrics` lists them.
+"""Evaluation metrics: top-1 accuracy and the eval loss from a classifier's logits (`classification`), and the
+paper benchmarks' own (GLUE: each task's metric), pure functions of (predictions, labels) arrays named as
+`task.data.sources.<name>.metrics` lists them.
 """
 from __future__ import annotations
 
