@@ -249,12 +249,16 @@ def candidate_score(run_dir: Path) -> Score | None:
 
 def choose_lr(scores: Sequence[tuple[float, Score | None]]) -> float | None:
     """The winning lr: highest validation score; among equal scores (a saturated validation split scores
-    100% for several lrs) the lowest validation loss, then the smaller lr; a failed candidate (None) never
-    wins; None when all failed."""
+    100% for several lrs) the lowest validation loss when every tied candidate recorded one, else the
+    smaller lr; a failed candidate (None) never wins; None when all failed."""
     done = [(lr, score) for lr, score in scores if score is not None]
     if not done:
         return None
-    return min(done, key=lambda c: (-c[1][0], math.inf if c[1][1] is None else c[1][1], c[0]))[0]
+    best = max(score for _, (score, _) in done)
+    tied = [(lr, loss) for lr, (score, loss) in done if score == best]
+    if all(loss is not None for _, loss in tied):
+        return min(tied, key=lambda c: (c[1], c[0]))[0]
+    return min(lr for lr, _ in tied)
 
 
 def tuning_record(chosen: float, candidates: Sequence[tuple[float, Score | None, str]]) -> dict[str, Any]:

@@ -93,7 +93,7 @@ def test_a_tie_goes_to_the_lower_validation_loss_then_the_smaller_lr(tmp_path):
     assert scores[1][1] == (1.0, 0.05)
     assert choose_lr(scores) == 2e-3
     assert choose_lr([(4e-3, (0.8, None)), (1e-3, (0.8, None)), (2e-3, (0.5, None))]) == 1e-3  # no loss: smaller lr
-    assert choose_lr([(4e-3, (0.8, 0.2)), (1e-3, (0.8, None))]) == 4e-3  # a recorded loss beats none
+    assert choose_lr([(4e-3, (0.8, 0.2)), (1e-3, (0.8, None))]) == 1e-3  # a loss compares only with losses
     record = tuning_record(2e-3, [(lr, s, "dir") for lr, s in scores])
     assert record["tie_break"] == "loss" and record["candidates"][1] == {"lr": 2e-3, "score": 1.0, "loss": 0.05,
                                                                         "run_dir": "dir"}
