@@ -52,20 +52,19 @@ def noise_floor(df: pd.DataFrame) -> pd.DataFrame:
     configurations with at least two seeds; beside it the median binomial standard error of a run's
     suite mean (NaN where no run recorded its test-set sizes)."""
     values = _per_seed_values(df)
-    suite = values[values["dataset"] == SUITE]
-    std = suite.groupby([*PANEL_KEYS, "method", "budget_target"], dropna=False)["value"].std(ddof=1).dropna()
+    std = _seed_std(values[values["dataset"] == SUITE], PANEL_KEYS)
     if std.empty:
         return pd.DataFrame(columns=[*PANEL_KEYS, "seed_std_median", "seed_std_max", "binomial_se_median",
                                      "configurations"])
     grouped = std.groupby(level=list(range(len(PANEL_KEYS))), dropna=False)
     runs = _binomial_rows(df)
-    runs["var"] = runs["se"] ** 2
+    runs["var"] = runs["p"] * (1 - runs["p"]) / runs["n"]
     per_run = runs.groupby([*PANEL_KEYS, "source"], dropna=False)["var"].agg(["sum", "count"])
     per_run["se"] = per_run["sum"] ** 0.5 / per_run["count"]  # SE of a mean of independent test sets
-    binomial = per_run.groupby(level=list(range(len(PANEL_KEYS))), dropna=False)["se"].median()
     out = pd.DataFrame({"seed_std_median": grouped.median(), "seed_std_max": grouped.max(),
-                        "binomial_se_median": binomial.reindex(grouped.median().index),
                         "configurations": grouped.count()})
+    binomial = per_run.groupby(level=list(range(len(PANEL_KEYS))), dropna=False)["se"].median()
+    out.insert(2, "binomial_se_median", binomial.reindex(out.index))
     return out.reset_index()
 
 
@@ -81,8 +80,7 @@ def per_test_set_noise(df: pd.DataFrame) -> pd.DataFrame:
     out = runs.groupby(keys, dropna=False).agg(eval_examples=("n", "median"), accuracy_median=("p", "median"))
     out["binomial_se"] = [binomial_se(p, n) for p, n in zip(out["accuracy_median"], out["eval_examples"])]
     values = _per_seed_values(df)
-    per_dataset = values[values["dataset"] != SUITE]
-    std = per_dataset.groupby([*keys, "method", "budget_target"], dropna=False)["value"].std(ddof=1).dropna()
+    std = _seed_std(values[values["dataset"] != SUITE], keys)
     out["seed_std_median"] = std.groupby(level=list(range(len(keys))), dropna=False).median().reindex(out.index)
     return out.reset_index()[columns]
 
@@ -92,16 +90,20 @@ def binomial_se(accuracy: float, n: float) -> float:
     return math.sqrt(accuracy * (1 - accuracy) / n)
 
 
+def _seed_std(values: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """Seed-to-seed standard deviation of each configuration (keys, method, budget) with two seeds or more."""
+    return values.groupby([*keys, "method", "budget_target"], dropna=False)["value"].std(ddof=1).dropna()
+
+
 def _binomial_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Successful adapter runs' (panel, source, dataset, accuracy p, examples n, binomial SE) where the run
-    recorded n and the dataset has an accuracy (GLUE's STS-B, a regression, has none)."""
+    """Successful adapter runs' (panel, source, dataset, accuracy p, examples n) where the run recorded n
+    and the dataset has an accuracy (GLUE's STS-B, a regression, has none)."""
     ok = successful(df)
     ok = ok[is_adapter(ok)]
     rows = pd.DataFrame({**{k: ok[k] for k in [*PANEL_KEYS, "source", "dataset"]},
                          "p": [_accuracy(m) for m in ok["dataset_metrics"]],
                          "n": pd.to_numeric(ok["eval_examples"], errors="coerce")}).dropna(subset=["p", "n"])
-    rows = rows[rows["n"] > 0]
-    return rows.assign(se=[binomial_se(p, n) for p, n in zip(rows["p"], rows["n"])])
+    return rows[rows["n"] > 0]
 
 
 def _accuracy(dataset_metrics: str | None) -> float:
