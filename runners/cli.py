@@ -134,7 +134,16 @@ def check_values(cfg: DictConfig) -> str | None:
     for name, value in (OmegaConf.select(cfg, "trainer.method_lr", default=None) or {}).items():
         if not _positive(value):
             return f"trainer.method_lr.{name}={value} is not valid: use a number > 0"
-    return None
+    return check_dataset(cfg)
+
+
+def check_dataset(cfg: DictConfig) -> str | None:
+    """`dataset=` must name a dataset of the task's suite (or be null: the whole suite)."""
+    wanted, suite = cfg.get("dataset"), OmegaConf.select(cfg, "task.data.datasets", default=None)
+    if wanted is None or suite is None or str(wanted) in [str(n) for n in suite]:
+        return None
+    return (f"dataset={wanted} is not valid: task {cfg.task.name} (size={OmegaConf.select(cfg, 'size.name')}) has "
+            f"{', '.join(str(n) for n in suite)}; name one of them, or null for the whole suite")
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

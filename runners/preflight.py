@@ -323,7 +323,10 @@ def main(argv: list[str]) -> int:
     out = next((a.split("=", 1)[1] for a in argv if a.startswith("preflight.out=")), None)
     budgets = next((a.split("=", 1)[1].strip("[]").split(",") for a in argv if a.startswith("preflight.budgets=")), None)
     cfg = compose_config([a for a in argv if not a.startswith("preflight.")])
-    records = run_preflight(cfg, budgets)
+    try:
+        records = run_preflight(cfg, budgets)
+    except (ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError) as err:  # nothing to list per dataset
+        raise SystemExit(f"rankbench: preflight could not start: {_first_line(err)}") from err
     found = problems(records)
     report = [table(records), model_table(records[0].model) if records else "no datasets", *unchecked_facts(cfg),
               f"{len(found)} problem(s)" + (":\n  " + "\n  ".join(found) if found else ": ready to launch")]

@@ -103,3 +103,17 @@ def test_facts_no_source_confirms_are_printed():
     assert len(lines) == 1 and lines[0].startswith("not checked against a public source")
     assert "hellaswag: dataset/hellaswag/test.json is missing" in lines[0]
     assert preflight.unchecked_facts(compose_config(["task=clip"])) == []
+
+
+@pytest.mark.parametrize("bad", ["dataset=nosuch", "task=clpi", "trainer.lr=-1"])
+def test_the_preflights_bad_input_is_the_one_line_run_py_gives(bad, tmp_path):
+    """`python -m runners.preflight task=clip dataset=nosuch` ends as `python run.py` does: one line, exit 1."""
+    def stderr_lines(*cmd: str) -> tuple[int, list[str]]:
+        proc = subprocess.run([sys.executable, *cmd, "task=clip", bad], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120, check=False)
+        return proc.returncode, [line for line in proc.stderr.splitlines() if line.strip()]
+
+    code, lines = stderr_lines("-m", "runners.preflight")
+    run_code, run_lines = stderr_lines(str(ROOT / "run.py"))
+    assert code != 0 and run_code != 0
+    assert len(lines) == 1 and lines == run_lines and lines[0].startswith("rankbench: "), lines

@@ -108,6 +108,8 @@ BAD_VALUES = [  # (override, the one line run.py prints)
     ("trainer.batch_size=0", "trainer.batch_size=0 is not valid: use an integer >= 1"),
     ("trainer.max_steps=-3", "trainer.max_steps=-3 is not valid: use an integer >= 0 (0: evaluate only)"),
     ("seed=abc", "seed=abc is not valid: use an integer, e.g. seed=0"),
+    ("dataset=nosuch", "dataset=nosuch is not valid: task clip (size=tiny) has shapes, colors, digits, textures, "
+                       "counts; name one of them, or null for the whole suite"),
 ]
 
 
