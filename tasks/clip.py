@@ -21,10 +21,10 @@ from functools import cached_property
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from tasks import forgetting, metrics, register
+from tasks import forgetting, images, metrics, register
 from tasks.base import Batch
 from tasks.common import (
     TrainData,
@@ -36,7 +36,7 @@ from tasks.common import (
     load_pretrained,
     model_device,
 )
-from tasks.data import ImageSuiteTask, prepare_images, train_pixels
+from tasks.data import ImageSuiteTask, SplitPair, load_test_split, prepare_images, train_pixels
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +115,18 @@ class ClipTask(ImageSuiteTask):
 
     @cached_property
     def data(self) -> dict[str, Prepared]:
-        objective = self.cfg.objective
-        out = {}
-        for name, pair in self.suite.items():
-            train, test = (self._tokenize(templates_for(objective.prompts[k], pair), pair.classes)
-                           for k in ("train", "eval"))
-            images = prepare_images(pair, self.processor, self.lazy, self.augment, int(self.cfg.get("seed", 0)),
-                                    self.eval_split)
-            out[name] = Prepared(pair.classes, *images, prompts=train, eval_prompts=test)
-        log.info("clip prompts: train %r, eval %r (e.g. %r)", objective.prompts.train, objective.prompts.eval,
-                 next(iter(out.values())).classes[:1])
+        out = {name: self.prepare(pair) for name, pair in self.suite.items()}
+        log.info("clip prompts: train %r, eval %r (e.g. %r)", self.cfg.objective.prompts.train,
+                 self.cfg.objective.prompts.eval, next(iter(out.values())).classes[:1])
         return out
+
+    def prepare(self, pair: SplitPair) -> Prepared:
+        """One dataset as tensors: pixels of train and the scored split, labels, tokenised prompts."""
+        objective = self.cfg.objective
+        train, test = (self._tokenize(templates_for(objective.prompts[k], pair), pair.classes) for k in ("train", "eval"))
+        images = prepare_images(pair, self.processor, self.lazy, self.augment, int(self.cfg.get("seed", 0)),
+                                self.eval_split)
+        return Prepared(pair.classes, *images, prompts=train, eval_prompts=test)
 
     def _tokenize(self, templates: list[str], classes: list[str]) -> dict[str, torch.Tensor]:
         texts = [t.format(c) for t in templates for c in classes]
@@ -187,23 +188,27 @@ class ClipTask(ImageSuiteTask):
         return {name: m["accuracy"] for name, m in self.evaluate_metrics(model, batch_size, names).items()}
 
     @cached_property
-    def _forgetting_task(self) -> ClipTask | None:
-        """The same task over the suite's other datasets (loaded, never trained on); None without any."""
+    def _forgetting_task(self) -> ClipProbe | None:
+        """The same task over the suite's other datasets (their test splits alone); None without any."""
         sub = forgetting.other_datasets_config(self.cfg)
-        return None if sub is None else ClipTask(sub)
+        return None if sub is None else ClipProbe(sub)
 
     def forgetting_probe(self, model: nn.Module, batch_size: int = 256, untrained: bool = False
-                         ) -> dict[str, float] | None:
-        """Zero-shot accuracy on each other dataset of the suite, by this task's own evaluation code. Untrained,
+                         ) -> dict[str, float | str] | None:
+        """Zero-shot accuracy on each other dataset of the suite, by this task's own evaluation code; a dataset
+        that could not be loaded gives the reason instead (tasks/forgetting.py records it as missing). Untrained,
         each dataset's accuracy is evaluated once per process and setting (`UNTRAINED_ACCURACY`)."""
         probe = self._forgetting_task
-        if probe is None or not untrained:
-            return None if probe is None else probe.evaluate(model, batch_size)
+        if probe is None:
+            return None
+        loaded = list(probe.data)
+        if not untrained:
+            return {**probe.evaluate(model, batch_size, loaded), **probe.missing}
         key = probe.setting_key(model)
-        todo = [d for d in probe.datasets if (key, d) not in UNTRAINED_ACCURACY]
+        todo = [d for d in loaded if (key, d) not in UNTRAINED_ACCURACY]
         if todo:
             UNTRAINED_ACCURACY.update({(key, d): acc for d, acc in probe.evaluate(model, batch_size, todo).items()})
-        return {d: UNTRAINED_ACCURACY[(key, d)] for d in probe.datasets}
+        return {**{d: UNTRAINED_ACCURACY[(key, d)] for d in loaded}, **probe.missing}
 
     def setting_key(self, model: nn.Module) -> str:
         """Everything a dataset's zero-shot accuracy of the untrained model depends on: the task config but
@@ -215,3 +220,28 @@ class ClipTask(ImageSuiteTask):
         device = model_device(model)
         return json.dumps([cfg, str(device), torch.is_autocast_enabled(device.type),
                            str(next(model.parameters()).dtype)], sort_keys=True, default=str)
+
+
+class ClipProbe(ClipTask):
+    """The forgetting probe's view of a suite's other datasets: each one's test split alone (`load_test_split`:
+    no train shard, no validation hold-out), capped by task.data.test_size. A dataset that cannot be loaded or
+    prepared is set aside in `missing` with a warning instead of failing the training run; the preflight
+    (runners/preflight.py) is where a broken entry is a problem."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        self.missing: dict[str, str] = {}
+
+    @cached_property
+    def data(self) -> dict[str, Prepared]:
+        templates = {k: spec.template for k, spec in images.SPECS.items()}
+        out = {}
+        for name in self.datasets:
+            try:
+                out[name] = self.prepare(load_test_split(name, self.cfg.data, images.make_split,
+                                                         templates.get(name, "{}")))
+            except Exception as err:  # any failure of one probe set: recorded, the run goes on
+                self.missing[name] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+                log.warning("forgetting probe: %s could not be loaded and is recorded as missing (%s); the run "
+                            "goes on. `python -m runners.preflight` checks every dataset", name, self.missing[name])
+        return out

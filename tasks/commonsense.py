@@ -242,7 +242,8 @@ class CommonsenseTask(Task):
     @cached_property
     def _train_and_val(self) -> tuple[Dataset, Dataset | None]:
         d, src = self.cfg.data, self.cfg.data.train
-        ds = open_source("train", src, key="task.data.train")[src.get("split", "train")]
+        split = src.get("split", "train")
+        ds = open_source("train", src, key="task.data.train", splits=[split])[split]
         train, val = hold_out(ds, int(d.get("val_set_size") or 0), int(d.get("val_seed", 42)))
         return cap(train, d.get("train_size")), val
 
@@ -260,7 +261,8 @@ class CommonsenseTask(Task):
         out = {}
         for name in self.datasets:
             src = self.cfg.data.sources[name]
-            ds = open_source(name, src)[src.get("test_split", "test")]
+            split = src.get("test_split", "test")
+            ds = open_source(name, src, splits=[split])[split]
             if src.get("size") and len(ds) != int(src.size):
                 log.warning("%s: %d test examples where the official test set has %d "
                             "(task.data.sources.%s.size)", name, len(ds), int(src.size), name)

@@ -134,24 +134,51 @@ def _from_source(name: str, src: DictConfig, data_cfg: DictConfig) -> SplitPair:
     `test_split` (null: a seeded `test_fraction` of train), `val_split` (the dataset's own validation split;
     absent: a seeded hold-out of train, see `hold_out`), `image_column` / `text_column` / `text_pair_column`,
     `label_column`, and `classes` or `classes_file` (else the ClassLabel names)."""
-    dd = open_source(name, src)
     train_split, test_split, val_split = src.get("train_split", "train"), src.get("test_split", "test"), src.get("val_split")
+    dd = open_source(name, src, splits=[s for s in (train_split, test_split, val_split) if s is not None])
     _check_splits(name, src, dd, train_split, test_split, val_split)
-    train = dd[train_split]
-    if test_split is None:  # e.g. Caltech101: one split only; a fixed seeded hold-out
-        parts = train.train_test_split(test_size=float(src.get("test_fraction", 0.2)), seed=0)
-        train, test = parts["train"], parts["test"]
-    else:
-        test = dd[test_split]
+    train, test = _train_and_test(dd, src, train_split, test_split)
     train, validation = (train, dd[val_split]) if val_split else hold_out(name, train, src, data_cfg)
     train, test, validation = (standard_columns(ds, src) for ds in (train, test, validation))
     train, test = cap(train, data_cfg.get("train_size")), cap(test, data_cfg.get("test_size"))
     validation = cap(validation, data_cfg.get("test_size"))  # an evaluation split: the same cap as test
-    feature = train.features.get("label")
+    return _source_pair(name, src, train, test, validation)
+
+
+def _train_and_test(dd: DatasetDict, src: DictConfig, train_split: str, test_split: str | None
+                    ) -> tuple[Dataset, Dataset]:
+    """The train and test splits; with no test split (e.g. Caltech101) a fixed seeded hold-out of train."""
+    if test_split is not None:
+        return dd[train_split], dd[test_split]
+    parts = dd[train_split].train_test_split(test_size=float(src.get("test_fraction", 0.2)), seed=0)
+    return parts["train"], parts["test"]
+
+
+def _source_pair(name: str, src: DictConfig, train: Dataset, test: Dataset, validation: Dataset | None) -> SplitPair:
+    """A source's splits with its class names (label order) and prompt templates."""
+    feature = test.features.get("label")
     classes = source_classes(name, src, list(feature.names) if hasattr(feature, "names") else None)
     templates = source_templates(name, src)
     return SplitPair(name, classes, templates[0], train, test, src, templates, validation,
                      revision=source_revision(src))
+
+
+def load_test_split(name: str, data_cfg: DictConfig, generate: Callable[[str, str, int, int], Dataset],
+                    template: str = "{}") -> SplitPair:
+    """One dataset's test split alone (capped at task.data.test_size), for a probe that only scores it: no
+    train shard is downloaded, prepared or generated and no validation hold-out is drawn; its train split is
+    empty. The same examples as `load_suite`'s test split (the same split, the same seeded cap)."""
+    src = (data_cfg.get("sources") or {}).get(name)
+    if src is None:
+        test = generate(name, "test", int(data_cfg.test_size), data_seed_of(data_cfg))
+        return SplitPair(name, test.features["label"].names, template, test.select([]), test)
+    train_split, test_split = src.get("train_split", "train"), src.get("test_split", "test")
+    read = test_split if test_split is not None else train_split  # no test split: its hold-out of train
+    dd = open_source(name, src, splits=[read])
+    _check_splits(name, src, dd, read, None, None)
+    _, test = _train_and_test(dd, src, read, test_split)
+    test = cap(standard_columns(test, src), data_cfg.get("test_size"))
+    return _source_pair(name, src, test.select([]), test, None)
 
 
 def _check_splits(name: str, src: DictConfig, dd: DatasetDict, train_split: str, test_split: str | None,
@@ -183,10 +210,12 @@ def cap(ds: Dataset | None, size: int | None) -> Dataset | None:
     return ds.shuffle(seed=0).select(range(int(size)))
 
 
-def open_source(name: str, src: DictConfig, key: str | None = None) -> DatasetDict:
-    """`load_from_disk` for a local folder, the json loader for a local .json/.jsonl file (its one split
-    named `json_split`), `load_dataset` for a hub id; one clear error otherwise, naming the config `key`
-    to override (default task.data.sources.<name>)."""
+def open_source(name: str, src: DictConfig, key: str | None = None, splits: list[str] | None = None) -> DatasetDict:
+    """`load_from_disk` for a `save_to_disk` folder, the json loader for a local .json/.jsonl file (its one
+    split named `json_split`), `load_dataset` for a hub id or a local folder laid out as the hub repo is (a
+    clone); one clear error otherwise, naming the config `key` to override (default task.data.sources.<name>).
+    `splits`: the only splits to download and prepare (`load_dataset` prepares every split it is given files
+    for, whatever split is asked: datasets 5.2 src/datasets/load.py `load_dataset`); None: all of them."""
     key = key or f"task.data.sources.{name}"
     path = src.get("path")
     if not path:
@@ -198,7 +227,8 @@ def open_source(name: str, src: DictConfig, key: str | None = None) -> DatasetDi
         if Path(path).is_file() and path.endswith((".json", ".jsonl")):  # e.g. LLM-Adapters' test.json files
             dd = load_dataset("json", data_files={str(src.get("json_split", "train")): path})
         else:
-            dd = load_from_disk(path) if Path(path).is_dir() else load_dataset(path, src.get("config"), **hub_kwargs(src))
+            dd = load_from_disk(path) if is_saved_copy(path) else load_dataset(path, src.get("config"),
+                                                                                **hub_kwargs(src, splits))
     except Exception as e:  # network, missing files, wrong id: one clear line
         if is_script_error(e):
             raise RuntimeError(
@@ -242,11 +272,40 @@ def source_templates(name: str, src: DictConfig) -> list[str]:
     return list(entry["templates"]) if entry else ["a photo of a {}."]
 
 
-def hub_kwargs(src: DictConfig) -> dict[str, Any]:
-    """`load_dataset` kwargs of a hub source: `data_files` (webdataset split folders), else nothing."""
-    files = src.get("data_files")
-    kwargs = {"data_files": {str(k): str(v) for k, v in files.items()}} if files else {}
+def hub_kwargs(src: DictConfig, splits: list[str] | None = None) -> dict[str, Any]:
+    """`load_dataset` kwargs of a hub source: its pinned `revision`, and the `data_files` of `splits` only
+    (all splits' files when `splits` is None)."""
+    files = split_files(src, splits)
+    kwargs: dict[str, Any] = {"data_files": files} if files else {}
     return {**kwargs, "revision": str(src.revision)} if src.get("revision") else kwargs
+
+
+def split_files(src: DictConfig, splits: list[str] | None) -> dict[str, Any] | None:
+    """Each split's files, restricted to `splits`: the source's `data_files` patterns (webdataset split
+    folders), else the files the repo itself assigns each split (its card's `configs`, else the hub's file
+    naming convention), which `load_dataset_builder` resolves from the file listing without downloading
+    data. A split the repo lacks is left out here and named by `_check_splits`. None: no restriction."""
+    if src.get("data_files"):
+        files: dict[str, Any] | None = {str(k): str(v) for k, v in src.data_files.items()}
+    else:
+        files = _repo_split_files(src) if splits is not None else None
+    if files is None or splits is None or not set(splits) & set(files):
+        return files
+    return {s: f for s, f in files.items() if s in splits}
+
+
+def _repo_split_files(src: DictConfig) -> dict[str, list[str]] | None:
+    """{split: resolved files} of a hub repo (or a local clone of one); None where the builder names none."""
+    from datasets import load_dataset_builder
+
+    kwargs = {"revision": str(src.revision)} if src.get("revision") else {}
+    data_files = load_dataset_builder(str(src.path), src.get("config"), **kwargs).config.data_files
+    return {str(split): list(files) for split, files in data_files.items()} if data_files else None
+
+
+def is_saved_copy(path: str) -> bool:
+    """A `save_to_disk` folder (DatasetDict or Dataset), as opposed to a hub id or a clone of a hub repo."""
+    return Path(path, "dataset_dict.json").is_file() or Path(path, "state.json").is_file()
 
 
 def source_revision(src: DictConfig) -> str | None:
@@ -346,6 +405,8 @@ def pixel_values(ds: Dataset, processor: Any) -> torch.Tensor:
 
     Images already at the processor's crop size (the tiny suite) are normalised in one vectorised step;
     others (hub datasets: PIL images of any size and mode) go through the processor itself."""
+    if len(ds) == 0:  # a probe's unread train split (load_test_split)
+        return torch.empty(0)
     first = ds[0]["image"]
     if hasattr(first, "convert"):
         return processor(images=[im.convert("RGB") for im in ds["image"]], return_tensors="pt")["pixel_values"]

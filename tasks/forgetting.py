@@ -4,8 +4,9 @@ A probe is evaluated by the runner before and after training (`Task.forgetting_p
 never trains on, with the same code for every method; the runner turns the two into `metrics.forgetting`
 (one number, positive = knowledge lost) and `metrics.forgetting_per_dataset` ({probe set: {before, after}}).
 
-* CLIP (`task=clip`): zero-shot accuracy on the suite's *other* datasets (their evaluation split, capped at
-  `task.forgetting.max_examples` each); forgetting = mean over them of accuracy before - after.
+* CLIP (`task=clip`): zero-shot accuracy on the suite's *other* datasets (their test split alone, capped at
+  `task.forgetting.max_examples` each; a set that fails to load is recorded as missing and the run goes on);
+  forgetting = mean over the sets measured of accuracy before - after.
 * Language encoders (`task=language`): the loss of the encoder's own pretraining objective on held-out
   generic text, through a frozen head; forgetting = loss after - before.
   - `objective: mlm` (RoBERTa, size=base): masked-LM loss through the checkpoint's pretrained MLM head,
@@ -46,31 +47,36 @@ GENERIC = "generic_text"  # the probe-set name of the language and LM probes
 #: How a probe's numbers read: accuracy is knowledge kept (forgetting = before - after), a loss is
 #: knowledge lost (forgetting = after - before).
 SIGNS = {"accuracy": 1.0, "loss": -1.0}
-#: Train examples a CLIP probe dataset keeps when the test split is scored (the probe never reads them;
-#: generating the tiny suite's 2000 per dataset cost more than the probe itself). With eval_split=validation
-#: the train split is left whole: the validation hold-out is drawn from it.
-PROBE_TRAIN_SIZE = 16
 
 
-def forgetting_metrics(before: dict[str, float] | None, after: dict[str, float] | None,
+def forgetting_metrics(before: dict[str, float | str] | None, after: dict[str, float | str] | None,
                        metric: str) -> dict[str, Any]:
-    """`forgetting` (mean over probe sets, positive = knowledge lost) and `forgetting_per_dataset`
-    ({set: {before, after}}); empty when the task defines no probe."""
+    """`forgetting` (mean over the probe sets measured, positive = knowledge lost) and `forgetting_per_dataset`
+    ({set: {before, after}}); a set whose value is a string could not be loaded: it is recorded as
+    {before: null, after: null, missing: <why>} and left out of the mean (null when none was measured).
+    Empty when the task defines no probe."""
     if before is None or after is None:
         return {}
     if metric not in SIGNS:
         raise ValueError(f"forgetting metric {metric!r} is not one of {', '.join(SIGNS)}")
-    per = {name: {"before": float(before[name]), "after": float(after[name])} for name in before}
-    drops = [SIGNS[metric] * (v["before"] - v["after"]) for v in per.values()]
-    return {"forgetting": sum(drops) / len(drops), "forgetting_per_dataset": per}
+    per = {name: _probe_entry(before[name], after[name]) for name in before}
+    drops = [SIGNS[metric] * (v["before"] - v["after"]) for v in per.values() if "missing" not in v]
+    return {"forgetting": sum(drops) / len(drops) if drops else None, "forgetting_per_dataset": per}
+
+
+def _probe_entry(before: float | str, after: float | str) -> dict[str, Any]:
+    if isinstance(before, str) or isinstance(after, str):
+        return {"before": None, "after": None, "missing": before if isinstance(before, str) else after}
+    return {"before": float(before), "after": float(after)}
 
 
 # --- CLIP: the suite's other datasets ---------------------------------------------------------------
 
 def other_datasets_config(task_cfg: DictConfig) -> DictConfig | None:
     """The task config of the suite's datasets this run does not train on (`task.dataset` names the one
-    it does), evaluation sets capped at `task.forgetting.max_examples`; None when the probe is off, the
-    run covers the whole suite, or nothing else is in it."""
+    it does), scoring their test splits (never trained on, never selected on: the same sets whichever split
+    the run itself scores) capped at `task.forgetting.max_examples`; None when the probe is off, the run
+    covers the whole suite, or nothing else is in it."""
     f = task_cfg.forgetting
     if not f.enabled or task_cfg.dataset is None:
         return None
@@ -78,9 +84,7 @@ def other_datasets_config(task_cfg: DictConfig) -> DictConfig | None:
     if not others:
         return None
     cfg = OmegaConf.create(OmegaConf.to_container(task_cfg, resolve=True))
-    cfg.dataset, cfg.data.datasets = None, others
-    if str(cfg.data.eval_split) == "test":  # their train splits are never read: do not generate or sample them
-        cfg.data.train_size, cfg.data.shots, cfg.data.fraction = PROBE_TRAIN_SIZE, None, 1.0
+    cfg.dataset, cfg.data.datasets, cfg.data.eval_split = None, others, "test"
     cap = _positive_or_none(f.max_examples, "task.forgetting.max_examples")
     if cap is not None:
         cfg.data.test_size = cap if cfg.data.test_size is None else min(cap, int(cfg.data.test_size))

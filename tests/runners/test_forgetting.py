@@ -43,9 +43,8 @@ def test_clip_probe_is_the_suite_minus_the_trained_dataset_capped() -> None:
     cfg = compose_config(["task=clip", "dataset=shapes", "task.data.test_size=32", "task.forgetting.max_examples=10"])
     sub = forgetting.other_datasets_config(cfg.task)
     assert list(sub.data.datasets) == CLIP_OTHERS and sub.dataset is None and sub.data.test_size == 10
-    assert sub.data.train_size == forgetting.PROBE_TRAIN_SIZE  # scoring test: their train splits go unread
     tuning = compose_config(["task=clip", "dataset=shapes", "task.data.eval_split=validation"]).task
-    assert forgetting.other_datasets_config(tuning).data.train_size == tuning.data.train_size  # hold-out source
+    assert forgetting.other_datasets_config(tuning).data.eval_split == "test"  # the same sets as a final run
     whole = compose_config(["task=clip"]).task  # a run over the whole suite has no "other" datasets
     assert forgetting.other_datasets_config(whole) is None
     off = compose_config(["task=clip", "dataset=shapes", "task.forgetting.enabled=false"]).task
@@ -53,6 +52,16 @@ def test_clip_probe_is_the_suite_minus_the_trained_dataset_capped() -> None:
     bad = compose_config(["task=clip", "dataset=shapes", "task.forgetting.max_examples=0"]).task
     with pytest.raises(ValueError, match=r"task\.forgetting\.max_examples=0 .*positive integer or null"):
         forgetting.other_datasets_config(bad)
+
+
+def test_a_probe_set_that_cannot_be_loaded_is_recorded_missing_and_left_out_of_the_mean() -> None:
+    before = {"a": 0.8, "b": "FileNotFoundError: no such folder"}
+    out = forgetting.forgetting_metrics(before, {"a": 0.5, "b": "FileNotFoundError: no such folder"}, "accuracy")
+    assert out["forgetting"] == pytest.approx(0.3)
+    assert out["forgetting_per_dataset"]["b"] == {"before": None, "after": None,
+                                                  "missing": "FileNotFoundError: no such folder"}
+    nothing = forgetting.forgetting_metrics({"b": "why"}, {"b": "why"}, "accuracy")
+    assert nothing["forgetting"] is None and nothing["forgetting_per_dataset"]["b"]["missing"] == "why"
 
 
 def test_generic_text_from_a_local_corpus_and_clear_errors(tmp_path: Path) -> None:
@@ -105,7 +114,9 @@ def test_untrained_zero_shot_scores_are_evaluated_once_per_process(tmp_path: Pat
                         (probed.append(list(names)) if names is not None else None) or real(self, model, batch_size, names))
     _run(tmp_path / "a", "task=clip", "method=lora", "dataset=shapes")
     second = _run(tmp_path / "b", "task=clip", "method=randlora", "dataset=colors")["metrics"]["forgetting_per_dataset"]
-    assert probed == [CLIP_OTHERS, ["shapes"]]  # the second run's others but shapes came from the first
+    second_others = ["shapes", "digits", "textures", "counts"]
+    # before, after of run 1; before of run 2 (only shapes: the others came from run 1), after of run 2
+    assert probed == [CLIP_OTHERS, CLIP_OTHERS, ["shapes"], second_others]
     everything = ["shapes", *CLIP_OTHERS]
     fresh = tasks.build(compose_config([*FAST, "task=clip", f"task.data.datasets=[{','.join(everything)}]"]).task)
     model = fresh.build_model()
