@@ -377,17 +377,22 @@ class CommonsenseTask(Task):
     forgetting_metric = "loss"
 
     @cached_property
-    def _forgetting_rows(self) -> list[Row]:
-        """Held-out generic text (tasks/forgetting.py), tokenised whole up to task.forgetting.max_length."""
+    def _forgetting_rows(self) -> list[Row] | str:
+        """Held-out generic text (tasks/forgetting.py), tokenised whole up to task.forgetting.max_length; the
+        reason it is missing when the corpus cannot be read."""
         tok, limit = self.tokenizer, int(self.cfg.forgetting.max_length)
-        texts = forgetting.generic_texts(self.cfg.forgetting.text)
+        texts = forgetting.generic_texts_or_reason(self.cfg.forgetting.text)
+        if isinstance(texts, str):
+            return texts
         return [(ids, list(ids)) for ids in (tok(t, truncation=True, max_length=limit)["input_ids"] for t in texts)]
 
     def forgetting_probe(self, model: nn.Module, batch_size: int = 256, untrained: bool = False
-                         ) -> dict[str, float] | None:
+                         ) -> dict[str, float | str] | None:
         """Causal-LM loss per token on held-out generic text, PEFT's forgetting measure (tasks/forgetting.py)."""
         if not self.cfg.forgetting.enabled:
             return None
+        if isinstance(self._forgetting_rows, str):
+            return {forgetting.GENERIC: self._forgetting_rows}
         rows, size = self._forgetting_rows, min(batch_size, int(self.cfg.forgetting.batch_size))
         total, count = 0.0, 0
         with eval_mode(model):

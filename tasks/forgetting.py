@@ -114,6 +114,16 @@ def generic_texts(text_cfg: DictConfig) -> list[str]:
     return texts
 
 
+def generic_texts_or_reason(text_cfg: DictConfig) -> list[str] | str:
+    """`generic_texts`, or the reason (with a warning) when the corpus cannot be read: a probe never fails a
+    training run for its data (the value is recorded as missing); a bad setting still stops the run."""
+    try:
+        return generic_texts(text_cfg)
+    except FileNotFoundError as err:
+        log.warning("forgetting probe: its generic text is recorded as missing (%s); the run goes on", err)
+        return f"FileNotFoundError: {err}"
+
+
 def _corpus_rows(path: str, text_cfg: DictConfig, rows: int | None) -> list[str]:
     from datasets import load_dataset, load_from_disk
 
@@ -165,14 +175,16 @@ class EncoderProbe:
         if cfg.objective not in self.OBJECTIVES:
             raise ValueError(f"task.forgetting.objective={cfg.objective!r}; valid: {', '.join(self.OBJECTIVES)}")
         self.cfg, self.model_path, self.tokenizer = cfg, model_path, tokenizer
-        self.texts = generic_texts(cfg.text)
+        self.texts = generic_texts_or_reason(cfg.text)
         self._head: nn.Module | None = None
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(texts, padding=True, truncation=True, max_length=int(self.cfg.max_length),
                               return_tensors="pt")
 
-    def __call__(self, model: nn.Module, batch_size: int) -> dict[str, float] | None:
+    def __call__(self, model: nn.Module, batch_size: int) -> dict[str, float | str] | None:
+        if isinstance(self.texts, str):  # the corpus could not be read: recorded as missing
+            return {GENERIC: self.texts}
         with eval_mode(model):
             if self.cfg.objective == "contrastive":
                 return {GENERIC: contrastive_loss(model, self.encode, sentence_pairs(self.texts), batch_size,

@@ -283,3 +283,17 @@ def test_forgetting_figure_is_skipped_without_measurements() -> None:
     no_values = _synthetic_runs().assign(forgetting=np.nan)
     with pytest.raises(ValueError, match="no forgetting measurements"):
         plots.fig_forgetting(no_values)
+
+
+def test_an_unreadable_generic_corpus_is_a_missing_probe_not_a_failed_run(tmp_path: Path, caplog) -> None:
+    cfg = compose_config(["task=language", f"task.forgetting.text.path={tmp_path / 'gone.jsonl'}",
+                          "task.forgetting.text.rows=5"]).task
+    probe = forgetting.EncoderProbe(cfg.forgetting, cfg.model.path, None)
+    scores = probe(torch.nn.Linear(1, 1), 8)
+    assert list(scores) == [forgetting.GENERIC] and "gone.jsonl" in scores[forgetting.GENERIC]
+    assert "recorded as missing" in caplog.text
+    entry = forgetting.forgetting_metrics(scores, scores, "loss")["forgetting_per_dataset"][forgetting.GENERIC]
+    assert entry["before"] is None and "gone.jsonl" in entry["missing"]
+    bad = compose_config(["task=language", "task.forgetting.text.rows=0"]).task  # a bad setting still stops
+    with pytest.raises(ValueError, match="rows=0"):
+        forgetting.EncoderProbe(bad.forgetting, bad.model.path, None)
