@@ -133,7 +133,8 @@ def _from_source(name: str, src: DictConfig, data_cfg: DictConfig) -> SplitPair:
     """A real dataset: `path` (save_to_disk folder or hub id, optional `config`), `train_split`,
     `test_split` (null: a seeded `test_fraction` of train), `val_split` (the dataset's own validation split;
     absent: a seeded hold-out of train, see `hold_out`), `image_column` / `text_column` / `text_pair_column`,
-    `label_column`, and `classes` or `classes_file` (else the ClassLabel names)."""
+    `label_column`, `label_offset` (added to every label: -1 for 1-based labels), and `classes` or
+    `classes_file` (else the ClassLabel names). Every split's labels are checked against the class count."""
     dd = open_source(name, src)
     train_split, test_split, val_split = src.get("train_split", "train"), src.get("test_split", "test"), src.get("val_split")
     _check_splits(name, src, dd, train_split, test_split, val_split)
@@ -144,11 +145,13 @@ def _from_source(name: str, src: DictConfig, data_cfg: DictConfig) -> SplitPair:
     else:
         test = dd[test_split]
     train, validation = (train, dd[val_split]) if val_split else hold_out(name, train, src, data_cfg)
-    train, test, validation = (standard_columns(ds, src) for ds in (train, test, validation))
-    train, test = cap(train, data_cfg.get("train_size")), cap(test, data_cfg.get("test_size"))
-    validation = cap(validation, data_cfg.get("test_size"))  # an evaluation split: the same cap as test
+    train, test, validation = (shift_labels(standard_columns(ds, src), src) for ds in (train, test, validation))
     feature = train.features.get("label")
     classes = source_classes(name, src, list(feature.names) if hasattr(feature, "names") else None)
+    for split, ds in ((train_split, train), (test_split or "test", test), (val_split or "validation", validation)):
+        check_label_range(name, split, ds, len(classes))
+    train, test = cap(train, data_cfg.get("train_size")), cap(test, data_cfg.get("test_size"))
+    validation = cap(validation, data_cfg.get("test_size"))  # an evaluation split: the same cap as test
     templates = source_templates(name, src)
     return SplitPair(name, classes, templates[0], train, test, src, templates, validation,
                      revision=source_revision(src))
@@ -174,6 +177,40 @@ def standard_columns(ds: Dataset | None, src: DictConfig) -> Dataset | None:
         if ds is not None and col and col != std:
             ds = ds.rename_column(col, std)
     return ds
+
+
+def shift_labels(ds: Dataset | None, src: DictConfig) -> Dataset | None:
+    """Labels plus the source's `label_offset` (e.g. -1 for a copy whose integer labels are 1-based), so
+    every task reads labels in [0, num_classes). Only the label column is rewritten (images untouched)."""
+    offset = int(src.get("label_offset") or 0)
+    if ds is None or offset == 0:
+        return ds
+    shifted = (np.asarray(ds["label"], dtype=np.int64) + offset).tolist()
+    return ds.remove_columns("label").add_column("label", shifted)
+
+
+def check_label_range(name: str, split: str, ds: Dataset | None, num_classes: int) -> None:
+    """One clear error for a label outside [0, num_classes): an off-by-one or a names list of the wrong
+    length would otherwise be an index error on the accelerator, or prompts silently shifted by one.
+    Regression targets (no class names) are not checked."""
+    if ds is None or num_classes == 0 or len(ds) == 0:
+        return
+    ys = np.asarray(ds["label"])
+    problem = label_range_problem(name, split, int(ys.min()), int(ys.max()), num_classes)
+    if problem:
+        raise ValueError(problem)
+
+
+def label_range_problem(name: str, split: str, low: int, high: int, num_classes: int) -> str | None:
+    """The one-line problem of labels spanning low..high with `num_classes` class names, or None if they fit
+    [0, num_classes); shared by the run (check_label_range) and runners.preflight."""
+    if 0 <= low and high < num_classes:
+        return None
+    bad = low if low < 0 else high
+    offset = f"={-low} (labels start at {low})" if low != 0 else ""
+    return (f"dataset {name!r}, split {split!r}: label {bad} is outside [0, {num_classes}) (labels span "
+            f"{low}..{high}, {num_classes} class names); set task.data.sources.{name}.label_offset{offset} or "
+            f"task.data.sources.{name}.classes=[...] naming every label in order")
 
 
 def cap(ds: Dataset | None, size: int | None) -> Dataset | None:
@@ -278,11 +315,21 @@ def source_classes(name: str, src: DictConfig, label_names: list[str] | None) ->
 def _name_keys(name: str) -> list[str]:
     """Spelling-independent keys of a class name: the words of `001.Black_footed_Albatross`,
     `Black-footed Albatross` or `AM General Hummer SUV 2000` / `2000 AM General Hummer SUV` compare
-    equal; a WordNet synonym list (`tench, Tinca tinca`) also matches its first synonym."""
+    equal; so do the space- and punctuation-free forms (`diningtable`, `dining table`: PASCAL VOC's raw
+    names in clip-benchmark/wds_voc2007's classnames.txt); a WordNet synonym list (`tench, Tinca tinca`)
+    also matches its first synonym."""
     def key(text: str) -> str:
-        text = re.sub(r"^\d+\.", "", text.strip().lower())
-        return " ".join(sorted(re.sub(r"[_\-/,.'()]+", " ", text).split()))
-    return list(dict.fromkeys([key(name), key(name.split(",")[0])]))
+        return " ".join(sorted(re.sub(r"[_\-/,.'()]+", " ", _bare(text)).split()))
+
+    def compact(text: str) -> str:  # raw VOC `diningtable` == curated `dining table`
+        return re.sub(r"[^0-9a-z]+", "", _bare(text))
+    first = name.split(",")[0]
+    return list(dict.fromkeys([key(name), key(first), compact(name), compact(first)]))
+
+
+def _bare(text: str) -> str:
+    """Lower case, without a leading `001.`-style index (CUB-200's folder names)."""
+    return re.sub(r"^\d+\.", "", text.strip().lower())
 
 
 def align_classes(name: str, curated: list[str], label_names: list[str] | None,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from paperstandins import glue_dataset, roberta_model
+from paperstandins import glue_standin, hub_facts, roberta_model
 from taskhelpers import compose_task
 from transformers import RobertaModel
 
@@ -21,15 +21,15 @@ from runners.train import run
 from tasks import metrics
 from tasks.common import ModelNotFoundError, eval_mode
 
-GLUE = {"sst2": (["sentence"], "int"), "mrpc": (["sentence1", "sentence2"], "int"),
-        "cola": (["sentence"], "int"), "stsb": (["sentence1", "sentence2"], "float")}
+# columns, label names and dtypes as nyu-mll/glue publishes them (tests/fixtures/hub/glue.json, from its card)
+GLUE = {name: facts for name, facts in hub_facts("glue").items() if name in ("sst2", "mrpc", "cola", "stsb")}
 HIDDEN = 32  # paperstandins.TINY hidden_size
 
 
 @pytest.fixture(scope="module")
 def glue(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("paper_glue")
-    out = {name: glue_dataset(root / name, cols, label) for name, (cols, label) in GLUE.items()}
+    out = {name: glue_standin(root / name, facts) for name, facts in GLUE.items()}
     out["model"] = roberta_model(root / "roberta")
     return out
 
