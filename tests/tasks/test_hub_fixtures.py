@@ -1,0 +1,157 @@
+"""The paper suites' configs against what each hub copy publishes (tests/fixtures/hub/*.json, every fact with
+its public source): the stand-ins are built from those facts, so a wrong belief in a config (a column name,
+1-based labels, a classes file's spelling) fails here instead of on a GPU node."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from paperstandins import clip_model, curated, hub_facts, hub_standin, published_names
+from taskhelpers import compose_task
+
+import tasks
+from runners import preflight
+from runners.train import run
+from tasks.data import align_classes, labels
+
+CLIP = hub_facts("clip22")
+GLUE = hub_facts("glue")
+PAPER21 = list(CLIP)  # the fixture's datasets: the 22 of the paper without UCF101 (no hub copy)
+
+
+def _sources(task: str) -> dict:
+    return compose_task(task, "size=base").task.data.sources
+
+
+def test_every_configured_copy_has_its_published_facts_with_sources() -> None:
+    """Each configured hub copy has a fixture whose repo, config and columns are the config's: a config that
+    names a column or repo the copy does not publish fails here."""
+    sources = _sources("clip")
+    assert set(CLIP) == {n for n, s in sources.items() if s.path}, "a fixture per configured copy"
+    for name, facts in CLIP.items():
+        src = sources[name]
+        assert (src.path, src.get("config")) == (facts["repo"], facts.get("config")), name
+        assert (src.image_column, src.label_column) == (facts["image_column"], facts["label_column"]), name
+        assert (src.get("classes_file") is not None) == (facts["names"]["kind"] == "classnames.txt"), name
+        for fact in (facts["label"], facts["names"]):
+            assert fact["source"] and (fact["confirmed"] or fact["why"]), name
+        assert len(published_names(name, facts)) == facts["names"]["count"] == len(curated(name)), name
+    glue = _sources("language")
+    for name, facts in GLUE.items():
+        src = glue[name]
+        assert (src.path, src.config) == (facts["repo"], facts["config"]), name
+        assert [src.text_column, src.get("text_pair_column")][: len(facts["text_columns"])] == facts["text_columns"]
+
+
+def test_raw_voc_names_align_by_their_space_free_form() -> None:
+    """clip-benchmark/wds_voc2007's classnames.txt holds VOC's raw names (diningtable, pottedplant, tvmonitor):
+    the official names reach them only through their space-free form."""
+    raw = CLIP["pascal_voc"]["names"]["values"]
+    aligned = align_classes("pascal_voc", curated("pascal_voc"), raw)
+    assert [aligned[raw.index(r)] for r in ("diningtable", "pottedplant", "tvmonitor")] == [
+        "dining table", "potted plant", "tv monitor"]
+    assert aligned == curated("pascal_voc"), "VOC's raw order is the official order"
+    assert align_classes("x", ["tv monitor", "sofa"], ["sofa", "tvmonitor"]) == ["sofa", "tv monitor"]
+    with pytest.raises(ValueError, match="3 of 20 unmatched"):  # what spelling-only matching did with them
+        align_classes("pascal_voc", curated("pascal_voc"), [r + "s" if r in ("diningtable", "pottedplant", "tvmonitor")
+                                                            else r for r in raw])
+
+
+@pytest.fixture(scope="module")
+def hub_copies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every dataset of the CLIP suite as its fixture describes the hub copy (8 examples per split spanning
+    the published label range), plus the tiny CLIP model."""
+    root = tmp_path_factory.mktemp("hub_copies")
+    out = {name: hub_standin(root / name, name, facts) for name, facts in CLIP.items()}
+    out["clip"] = clip_model(root / "clip")
+    return out
+
+
+def _suite_cfg(hub_copies: dict[str, Path], names: list[str], *extra: str):
+    return compose_task("clip", "size=base", f"task.model.path={hub_copies['clip']}",
+                        *[f"task.data.sources.{n}.path={hub_copies[n]}" for n in names],
+                        f"task.data.datasets=[{','.join(names)}]", "task.data.val_fraction=0", *extra)
+
+
+def test_the_suite_loads_from_its_published_shapes(hub_copies) -> None:
+    """Class names align with every copy's published names and every label lands in [0, classes)."""
+    suite = tasks.build(_suite_cfg(hub_copies, PAPER21).task).suite
+    for name, pair in suite.items():
+        assert sorted(pair.classes) == sorted(curated(name)), name
+        for split in (pair.train, pair.test):
+            ys = labels(split)
+            assert 0 <= int(ys.min()) and int(ys.max()) < len(pair.classes), name
+    raw = hub_copies["caltech256"]
+    hub_labels = json.loads((raw / "dataset_dict.json").read_text())["splits"]
+    assert hub_labels == list(CLIP["caltech256"]["splits"])
+    caltech = suite["caltech256"].test
+    first, last = caltech.filter(lambda r: r["text"] == "ak47"), caltech.filter(lambda r: r["text"] == "clutter")
+    assert suite["caltech256"].classes[first["label"][0]] == "ak47", "hub label 1 is the first class"
+    assert suite["caltech256"].classes[last["label"][0]] == "clutter", "hub label 257 is the last"
+
+
+def test_labels_outside_the_class_range_are_one_clear_error(hub_copies) -> None:
+    cfg = _suite_cfg(hub_copies, ["caltech256"], "task.data.sources.caltech256.label_offset=0")
+    with pytest.raises(ValueError) as err:
+        _ = tasks.build(cfg.task).suite
+    assert str(err.value) == (
+        "dataset 'caltech256', split 'train': label 257 is outside [0, 257) (labels span 1..257, 257 class "
+        "names); set task.data.sources.caltech256.label_offset=-1 (labels start at 1) or "
+        "task.data.sources.caltech256.classes=[...] naming every label in order")
+
+
+def test_preflight_reads_each_split_label_range_of_local_copies(hub_copies, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = _suite_cfg(hub_copies, PAPER21)
+    records = {name: preflight.check_dataset(name, cfg.task.data.sources[name], cfg.task) for name in PAPER21}
+    assert {n: r.problems for n, r in records.items() if r.problems} == {}
+    assert records["caltech256"].labels["train"] == {"dtype": "int64", "min": 1, "max": 257, "rows": 8}
+    assert records["pascal_voc"].classes[10] == "dining table" and records["pascal_voc"].num_classes == 20
+    src = cfg.task.data.sources.caltech256.copy()
+    src.label_offset = 0
+    assert preflight.check_dataset("caltech256", src, cfg.task).problems == [
+        f"split {s!r}: label 257 is outside [0, 257) (labels span 1..257, 257 class names); set "
+        "task.data.sources.caltech256.label_offset=-1 (labels start at 1) or task.data.sources.caltech256.classes="
+        "[...] naming every label in order" for s in ("train", "test", "validation")]
+
+
+def test_preflight_names_a_classes_file_that_does_not_align(hub_copies, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = _suite_cfg(hub_copies, ["pascal_voc"])
+    src = cfg.task.data.sources.pascal_voc.copy()
+    copy = tmp_path / "voc"
+    hub_standin(copy, "pascal_voc", CLIP["pascal_voc"])
+    src.path = str(copy)
+    (copy / "classnames.txt").write_text("\n".join(CLIP["pascal_voc"]["names"]["values"][:19]) + "\n")
+    assert preflight.check_dataset("pascal_voc", src, cfg.task).problems == [
+        ("dataset 'pascal_voc' has 19 labels but its curated class names list 20; set "
+         "task.data.sources.pascal_voc.classes=[...] or prompts=null")]
+    (copy / "classnames.txt").write_text("\n".join(curated("country211")[:20]) + "\n")
+    problems = preflight.check_dataset("pascal_voc", src, cfg.task).problems
+    assert len(problems) == 1 and "do not match the dataset's label names (20 of 20 unmatched" in problems[0]
+
+
+def test_preflight_streams_the_first_rows_of_integer_labels(hub_copies, tmp_path) -> None:
+    """A hub copy without a ClassLabel (caltech256's int64, a webdataset's cls) is checked by a bounded
+    streaming read; here a parquet folder shaped as the hub repo stands in for it."""
+    from datasets import load_from_disk
+
+    for split, ds in load_from_disk(str(hub_copies["caltech256"])).items():
+        ds.to_parquet(tmp_path / "data" / f"{split}-00000-of-00001.parquet")
+    src = _sources("clip").caltech256
+    stats = preflight._stream_labels(str(tmp_path), src, "test", "label")
+    assert (stats["min"], stats["max"], stats["rows"]) == (1, 257, 8) and "streamed" in stats["from"]
+    assert "unreadable" in preflight._stream_labels(str(tmp_path / "none"), src, "test", "label")["problem"]
+
+
+@pytest.mark.slow
+def test_a_few_training_steps_on_the_published_shapes(hub_copies, tiny_overrides) -> None:
+    names = ["pascal_voc", "caltech256"]
+    cfg = _suite_cfg(hub_copies, names, *tiny_overrides, "device=cpu", "trainer.batch_size=4",
+                     "trainer.eval_batch_size=8")
+    record = run(cfg)
+    assert record["run"]["status"] == "success" and set(record["metrics"]["per_dataset"]) == set(names)
+    assert all(0.0 <= a <= 1.0 for a in record["metrics"]["per_dataset"].values())
+    assert torch.isfinite(torch.tensor([h["loss"] for h in record["history"]])).all()
