@@ -147,9 +147,8 @@ def _hub_metadata(path: str, src: DictConfig) -> dict[str, Any]:
     """Splits, sizes and columns from the hub: the repo's file listing, then the dataset card's metadata
     (load_dataset_builder reads README.md and the data-file layout, not the data)."""
     files = _repo_files(path)
-    script = [f for f in files if "/" not in f and f.endswith(".py")]
-    if script:
-        raise LookupError(f"{path} ships a loading script ({script[0]}), which datasets>=4 refuses: "
+    if (script := loading_script(path, files)) is not None:
+        raise LookupError(f"{path} ships a loading script ({script}), which datasets>=4 refuses: "
                           "use a parquet/webdataset copy")
     if src.get("classes_file") and str(src.classes_file) not in files:
         raise LookupError(f"{path} has no {src.classes_file} at its root")
@@ -167,6 +166,14 @@ def _hub_metadata(path: str, src: DictConfig) -> dict[str, Any]:
         splits = {s: None for s in src.data_files}  # webdataset: sizes are not in the metadata
     features = info.features or {}
     return {"splits": splits, "columns": list(features), "features": features}
+
+
+def loading_script(path: str, files: list[str]) -> str | None:
+    """The repo's loading script, if it ships one: only `<repo name>.py` at the root counts (datasets >= 4
+    raises for exactly that file, datasets/load.py dataset_module_factory); other root .py files, such as
+    bentrevett/caltech-ucsd-birds-200-2011's script.py, are plain files."""
+    script = f"{path.rstrip('/').rsplit('/', 1)[-1]}.py"
+    return script if script in files else None
 
 
 def _label_names(features: Any, src: DictConfig) -> list[str] | None:

@@ -14,7 +14,7 @@ from taskhelpers import compose_task
 import tasks
 from runners import preflight
 from runners.train import run
-from tasks.data import align_classes, labels
+from tasks.data import _name_keys, align_classes, labels
 
 CLIP = hub_facts("clip22")
 GLUE = hub_facts("glue")
@@ -43,6 +43,15 @@ def test_every_configured_copy_has_its_published_facts_with_sources() -> None:
         src = glue[name]
         assert (src.path, src.config) == (facts["repo"], facts["config"]), name
         assert [src.text_column, src.get("text_pair_column")][: len(facts["text_columns"])] == facts["text_columns"]
+
+
+def test_no_configured_copy_ships_a_loading_script_by_its_published_files() -> None:
+    """datasets >= 4 refuses only `<repo name>.py`: bentrevett/caltech-ucsd-birds-200-2011's root script.py
+    is a plain file, ILSVRC/imagenet-1k's imagenet-1k.py is a loading script."""
+    for name, facts in CLIP.items():
+        assert preflight.loading_script(facts["repo"], facts["files"]) is None, name
+    assert "script.py" in CLIP["cub200"]["files"]
+    assert preflight.loading_script("ILSVRC/imagenet-1k", ["imagenet-1k.py", "classes.py"]) == "imagenet-1k.py"
 
 
 def test_raw_voc_names_align_by_their_space_free_form() -> None:
@@ -80,6 +89,9 @@ def test_the_suite_loads_from_its_published_shapes(hub_copies) -> None:
     suite = tasks.build(_suite_cfg(hub_copies, PAPER21).task).suite
     for name, pair in suite.items():
         assert sorted(pair.classes) == sorted(curated(name)), name
+        if CLIP[name]["names"]["complete"]:  # each prompt name is its label's published name, respelled
+            published = published_names(name, CLIP[name])
+            assert all(set(_name_keys(c)) & set(_name_keys(p)) for c, p in zip(pair.classes, published)), name
         for split in (pair.train, pair.test):
             ys = labels(split)
             assert 0 <= int(ys.min()) and int(ys.max()) < len(pair.classes), name
