@@ -79,14 +79,16 @@ def _used_splits(src: DictConfig) -> list[str]:
     return [s for s in splits if s is not None]
 
 
-def _label_stats(values: Any) -> dict[str, Any]:
-    """dtype, min and max of a label column (min/max only for integer labels: regression targets have none)."""
+def _label_stats(values: Any, names: list[str] | None = None) -> dict[str, Any]:
+    """dtype, min and max of a label column (min/max only for integer labels: regression targets have none),
+    and with the rows' own class names (`name_column`) each distinct (label, name) pair."""
     import numpy as np
 
     ys = np.asarray(values)
     if not len(ys) or not np.issubdtype(ys.dtype, np.integer):
         return {"dtype": str(ys.dtype), "rows": len(ys)}
-    return {"dtype": str(ys.dtype), "min": int(ys.min()), "max": int(ys.max()), "rows": len(ys)}
+    stats = {"dtype": str(ys.dtype), "min": int(ys.min()), "max": int(ys.max()), "rows": len(ys)}
+    return {**stats, "pairs": sorted(set(zip(ys.tolist(), names)))} if names is not None else stats
 
 
 def _hub_labels(path: str, src: DictConfig, features: Any, rec: Record) -> dict[str, dict[str, Any]]:
@@ -106,28 +108,39 @@ def _stream_labels(path: str, src: DictConfig, split: str, column: str) -> dict[
 
     from tasks.data import hub_kwargs
 
+    named = src.get("name_column")
     try:
         stream = load_dataset(path, src.get("config"), split=split, streaming=True, **hub_kwargs(src))
-        values = [row[column] for row in itertools.islice(stream.select_columns([column]), LABEL_ROWS)]
+        rows = list(itertools.islice(stream.select_columns([column, *([named] if named else [])]), LABEL_ROWS))
     except Exception as err:  # noqa: BLE001 - any read failure is the problem to report
         return {"problem": f"labels of split {split!r} unreadable ({type(err).__name__}: {_first_line(err)})"}
-    return {**_label_stats(values), "from": f"first {len(values)} rows (streamed)"}
+    names = [str(r[named]) for r in rows] if named else None
+    return {**_label_stats([r[column] for r in rows], names), "from": f"first {len(rows)} rows (streamed)"}
 
 
 def _check_labels(rec: Record, name: str, src: DictConfig, stats: dict[str, dict[str, Any]]) -> None:
-    """Labels (plus the source's label_offset) outside [0, number of class names) are a problem: an
-    off-by-one copy or a names list of the wrong length."""
-    from tasks.data import label_range_problem
-
+    """Labels (plus the source's label_offset) outside [0, number of class names) are a problem (an
+    off-by-one copy, a names list of the wrong length), and so are row names (`name_column`) that most
+    labels' prompt names contradict (shifted labels, names in another order)."""
     rec.labels = stats
     offset = int(src.get("label_offset") or 0)
     for split, st in stats.items():
         if "problem" in st:
             rec.problems.append(st["problem"])
         elif "min" in st and rec.num_classes:
-            problem = label_range_problem(name, split, st["min"] + offset, st["max"] + offset, rec.num_classes)
+            problem = _label_problem(name, split, st, offset, rec.classes, src.get("name_column"))
             if problem:
                 rec.problems.append(problem.removeprefix(f"dataset {name!r}, "))
+
+
+def _label_problem(name: str, split: str, st: dict[str, Any], offset: int, classes: list[str],
+                   named: str | None) -> str | None:
+    from tasks.data import label_names_problem, label_range_problem
+
+    problem = label_range_problem(name, split, st["min"] + offset, st["max"] + offset, len(classes))
+    if problem or "pairs" not in st:
+        return problem
+    return label_names_problem(name, split, [(y + offset, n) for y, n in st["pairs"]], classes, str(named))
 
 
 def _local_metadata(path: str, src: DictConfig) -> dict[str, Any]:
@@ -137,8 +150,9 @@ def _local_metadata(path: str, src: DictConfig) -> dict[str, Any]:
 
     dd = load_dataset("json", data_files=path) if path.endswith((".json", ".jsonl")) else load_from_disk(path)
     first = next(iter(dd.values()))
-    column = src.get("label_column") or "label"
-    labels = {s: _label_stats(dd[s][column]) for s in _used_splits(src) if s in dd and column in dd[s].column_names}
+    column, named = src.get("label_column") or "label", src.get("name_column")
+    labels = {s: _label_stats(dd[s][column], dd[s][named] if named in dd[s].column_names else None)
+              for s in _used_splits(src) if s in dd and column in dd[s].column_names}
     return {"splits": {s: len(d) for s, d in dd.items()}, "columns": list(first.column_names),
             "features": first.features, "labels": labels}
 

@@ -133,8 +133,9 @@ def _from_source(name: str, src: DictConfig, data_cfg: DictConfig) -> SplitPair:
     """A real dataset: `path` (save_to_disk folder or hub id, optional `config`), `train_split`,
     `test_split` (null: a seeded `test_fraction` of train), `val_split` (the dataset's own validation split;
     absent: a seeded hold-out of train, see `hold_out`), `image_column` / `text_column` / `text_pair_column`,
-    `label_column`, `label_offset` (added to every label: -1 for 1-based labels), and `classes` or
-    `classes_file` (else the ClassLabel names). Every split's labels are checked against the class count."""
+    `label_column`, `label_offset` (added to every label: -1 for 1-based labels), `name_column` (a column
+    naming each row's class, checked against the prompts' names), and `classes` or `classes_file` (else the
+    ClassLabel names). Every split's labels are checked against the class count."""
     dd = open_source(name, src)
     train_split, test_split, val_split = src.get("train_split", "train"), src.get("test_split", "test"), src.get("val_split")
     _check_splits(name, src, dd, train_split, test_split, val_split)
@@ -150,6 +151,7 @@ def _from_source(name: str, src: DictConfig, data_cfg: DictConfig) -> SplitPair:
     classes = source_classes(name, src, list(feature.names) if hasattr(feature, "names") else None)
     for split, ds in ((train_split, train), (test_split or "test", test), (val_split or "validation", validation)):
         check_label_range(name, split, ds, len(classes))
+        check_label_names(name, split, ds, classes, src.get("name_column"))
     train, test = cap(train, data_cfg.get("train_size")), cap(test, data_cfg.get("test_size"))
     validation = cap(validation, data_cfg.get("test_size"))  # an evaluation split: the same cap as test
     templates = source_templates(name, src)
@@ -197,6 +199,34 @@ def check_label_range(name: str, split: str, ds: Dataset | None, num_classes: in
         return
     ys = np.asarray(ds["label"])
     problem = label_range_problem(name, split, int(ys.min()), int(ys.max()), num_classes)
+    if problem:
+        raise ValueError(problem)
+
+
+def label_names_problem(name: str, split: str, pairs: list[tuple[int, str]], classes: list[str],
+                        column: str) -> str | None:
+    """The one-line problem of a copy whose rows name their class (`name_column`, e.g. Caltech-256's `text`)
+    when most labels' prompt names disagree with those row names -- labels shifted (a missing
+    `label_offset`) or a names list in another order -- or None. Half of the distinct labels, not all,
+    must agree: row names may be spelled apart from the official ones (`bonsai-101`, `bonsai`)."""
+    seen = dict(sorted(set(pairs)))
+    wrong = [(y, n) for y, n in seen.items() if 0 <= y < len(classes)
+             and not set(_name_keys(classes[y])) & set(_name_keys(str(n)))]
+    if 2 * len(wrong) <= len(seen):
+        return None
+    y, row_name = wrong[0]
+    return (f"dataset {name!r}, split {split!r}: {len(wrong)} of {len(seen)} labels disagree with their "
+            f"{column!r} names (label {y} is named {row_name!r} but prompted as {classes[y]!r}): the labels are "
+            f"shifted or the names are in another order; set task.data.sources.{name}.label_offset or "
+            f"task.data.sources.{name}.classes=[...] in label order")
+
+
+def check_label_names(name: str, split: str, ds: Dataset | None, classes: list[str], column: str | None) -> None:
+    """One clear error when a copy's own row names contradict the prompts' class names (see above)."""
+    if ds is None or not column or not classes or len(ds) == 0:
+        return
+    pairs = list(zip(np.asarray(ds["label"]).tolist(), ds[column]))
+    problem = label_names_problem(name, split, pairs, classes, column)
     if problem:
         raise ValueError(problem)
 

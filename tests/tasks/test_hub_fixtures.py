@@ -114,12 +114,41 @@ def test_labels_outside_the_class_range_are_one_clear_error(hub_copies) -> None:
         "task.data.sources.caltech256.classes=[...] naming every label in order")
 
 
+@pytest.fixture(scope="module")
+def shifted_caltech(hub_copies, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """caltech256 whose `text` names each row with the next class's name: labels in range, names one off."""
+    from datasets import DatasetDict, load_from_disk
+
+    names = published_names("caltech256", CLIP["caltech256"])
+    dd = load_from_disk(str(hub_copies["caltech256"]))
+    shifted = {s: d.remove_columns("text").add_column("text", [names[y % len(names)] for y in d["label"]])
+               for s, d in dd.items()}
+    path = tmp_path_factory.mktemp("shifted") / "caltech256"
+    DatasetDict(shifted).save_to_disk(path)
+    return path
+
+
+def test_row_names_that_contradict_the_prompts_are_one_clear_error(hub_copies, shifted_caltech) -> None:
+    cfg = _suite_cfg(hub_copies, ["caltech256"], f"task.data.sources.caltech256.path={shifted_caltech}")
+    with pytest.raises(ValueError) as err:
+        _ = tasks.build(cfg.task).suite
+    assert str(err.value).startswith(
+        "dataset 'caltech256', split 'train': 8 of 8 labels disagree with their 'text' names (label 0 is named "
+        "'american flag' but prompted as 'ak47'): the labels are shifted or the names are in another order")
+    assert "set task.data.sources.caltech256.label_offset or" in str(err.value)
+    src = cfg.task.data.sources.caltech256
+    problems = preflight.check_dataset("caltech256", src, cfg.task).problems
+    assert len(problems) == 3 and all("labels disagree with their 'text' names" in p for p in problems)
+
+
 def test_preflight_reads_each_split_label_range_of_local_copies(hub_copies, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = _suite_cfg(hub_copies, PAPER21)
     records = {name: preflight.check_dataset(name, cfg.task.data.sources[name], cfg.task) for name in PAPER21}
     assert {n: r.problems for n, r in records.items() if r.problems} == {}
-    assert records["caltech256"].labels["train"] == {"dtype": "int64", "min": 1, "max": 257, "rows": 8}
+    train = records["caltech256"].labels["train"]
+    assert (train["dtype"], train["min"], train["max"], train["rows"]) == ("int64", 1, 257, 8)
+    assert train["pairs"][0] == (1, "ak47") and train["pairs"][-1] == (257, "clutter")
     assert records["pascal_voc"].classes[10] == "dining table" and records["pascal_voc"].num_classes == 20
     src = cfg.task.data.sources.caltech256.copy()
     src.label_offset = 0
@@ -155,6 +184,7 @@ def test_preflight_streams_the_first_rows_of_integer_labels(hub_copies, tmp_path
     src = _sources("clip").caltech256
     stats = preflight._stream_labels(str(tmp_path), src, "test", "label")
     assert (stats["min"], stats["max"], stats["rows"]) == (1, 257, 8) and "streamed" in stats["from"]
+    assert (1, "ak47") in stats["pairs"], "the row names come along (name_column)"
     assert "unreadable" in preflight._stream_labels(str(tmp_path / "none"), src, "test", "label")["problem"]
 
 
