@@ -79,15 +79,22 @@ def _used_splits(src: DictConfig) -> list[str]:
     return [s for s in splits if s is not None]
 
 
-def _label_stats(values: Any, names: list[str] | None = None) -> dict[str, Any]:
-    """dtype, min and max of a label column (min/max only for integer labels: regression targets have none),
-    and with the rows' own class names (`name_column`) each distinct (label, name) pair."""
+def _feature_type(feature: Any) -> str:
+    """`ClassLabel`, else the column's value type (int64, float32, ...)."""
+    return "ClassLabel" if hasattr(feature, "names") else str(getattr(feature, "dtype", type(feature).__name__))
+
+
+def _label_stats(values: Any, names: list[str] | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """dtype (the column's feature type where known), min and max of a label column (min/max only for integer
+    labels: regression targets have none), and with the rows' own class names (`name_column`) each distinct
+    (label, name) pair."""
     import numpy as np
 
     ys = np.asarray(values)
+    dtype = dtype or str(ys.dtype)
     if not len(ys) or not np.issubdtype(ys.dtype, np.integer):
-        return {"dtype": str(ys.dtype), "rows": len(ys)}
-    stats = {"dtype": str(ys.dtype), "min": int(ys.min()), "max": int(ys.max()), "rows": len(ys)}
+        return {"dtype": dtype, "rows": len(ys)}
+    stats = {"dtype": dtype, "min": int(ys.min()), "max": int(ys.max()), "rows": len(ys)}
     return {**stats, "pairs": sorted(set(zip(ys.tolist(), names)))} if names is not None else stats
 
 
@@ -151,7 +158,8 @@ def _local_metadata(path: str, src: DictConfig) -> dict[str, Any]:
     dd = load_dataset("json", data_files=path) if path.endswith((".json", ".jsonl")) else load_from_disk(path)
     first = next(iter(dd.values()))
     column, named = src.get("label_column") or "label", src.get("name_column")
-    labels = {s: _label_stats(dd[s][column], dd[s][named] if named in dd[s].column_names else None)
+    labels = {s: _label_stats(dd[s][column], dd[s][named] if named in dd[s].column_names else None,
+                              _feature_type(dd[s].features[column]))
               for s in _used_splits(src) if s in dd and column in dd[s].column_names}
     return {"splits": {s: len(d) for s, d in dd.items()}, "columns": list(first.column_names),
             "features": first.features, "labels": labels}

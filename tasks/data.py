@@ -139,24 +139,34 @@ def _from_source(name: str, src: DictConfig, data_cfg: DictConfig) -> SplitPair:
     dd = open_source(name, src)
     train_split, test_split, val_split = src.get("train_split", "train"), src.get("test_split", "test"), src.get("val_split")
     _check_splits(name, src, dd, train_split, test_split, val_split)
-    train = dd[train_split]
-    if test_split is None:  # e.g. Caltech101: one split only; a fixed seeded hold-out
-        parts = train.train_test_split(test_size=float(src.get("test_fraction", 0.2)), seed=0)
-        train, test = parts["train"], parts["test"]
-    else:
-        test = dd[test_split]
-    train, validation = (train, dd[val_split]) if val_split else hold_out(name, train, src, data_cfg)
-    train, test, validation = (shift_labels(standard_columns(ds, src), src) for ds in (train, test, validation))
+    train, test, validation = _source_splits(name, src, dd, data_cfg, train_split, test_split, val_split)
+    train, test, validation = (standard_columns(ds, src) for ds in (train, test, validation))
     feature = train.features.get("label")
     classes = source_classes(name, src, list(feature.names) if hasattr(feature, "names") else None)
-    for split, ds in ((train_split, train), (test_split or "test", test), (val_split or "validation", validation)):
-        check_label_range(name, split, ds, len(classes))
-        check_label_names(name, split, ds, classes, src.get("name_column"))
+    check_labels(name, src, classes, {train_split: train, test_split or "test": test,
+                                      val_split or "validation": validation})
     train, test = cap(train, data_cfg.get("train_size")), cap(test, data_cfg.get("test_size"))
     validation = cap(validation, data_cfg.get("test_size"))  # an evaluation split: the same cap as test
     templates = source_templates(name, src)
     return SplitPair(name, classes, templates[0], train, test, src, templates, validation,
                      revision=source_revision(src))
+
+
+def _source_splits(name: str, src: DictConfig, dd: DatasetDict, data_cfg: DictConfig, train_split: str,
+                   test_split: str | None, val_split: str | None) -> tuple[Dataset, Dataset, Dataset | None]:
+    """(train, test, validation), labels already shifted by `label_offset` (before any hold-out, so only the
+    label column is rewritten): test a seeded `test_fraction` of train when the copy has none (e.g.
+    Caltech101), validation the copy's own split or a seeded hold-out of train."""
+    train = shift_labels(dd[train_split], src)
+    if test_split is None:
+        parts = train.train_test_split(test_size=float(src.get("test_fraction", 0.2)), seed=0)
+        train, test = parts["train"], parts["test"]
+    else:
+        test = shift_labels(dd[test_split], src)
+    if val_split:
+        return train, test, shift_labels(dd[val_split], src)
+    train, validation = hold_out(name, train, src, data_cfg)
+    return train, test, validation
 
 
 def _check_splits(name: str, src: DictConfig, dd: DatasetDict, train_split: str, test_split: str | None,
@@ -182,13 +192,14 @@ def standard_columns(ds: Dataset | None, src: DictConfig) -> Dataset | None:
 
 
 def shift_labels(ds: Dataset | None, src: DictConfig) -> Dataset | None:
-    """Labels plus the source's `label_offset` (e.g. -1 for a copy whose integer labels are 1-based), so
-    every task reads labels in [0, num_classes). Only the label column is rewritten (images untouched)."""
-    offset = int(src.get("label_offset") or 0)
+    """The source's label column plus its `label_offset` (e.g. -1 for a copy whose integer labels are
+    1-based), so every task reads labels in [0, num_classes). On a split as loaded (no index mapping) only the
+    label column is replaced; images are not rewritten."""
+    offset, column = int(src.get("label_offset") or 0), src.get("label_column") or "label"
     if ds is None or offset == 0:
         return ds
-    shifted = (np.asarray(ds["label"], dtype=np.int64) + offset).tolist()
-    return ds.remove_columns("label").add_column("label", shifted)
+    shifted = (np.asarray(ds[column], dtype=np.int64) + offset).tolist()
+    return ds.remove_columns(column).add_column(column, shifted)
 
 
 def check_label_range(name: str, split: str, ds: Dataset | None, num_classes: int) -> None:
@@ -221,6 +232,14 @@ def label_names_problem(name: str, split: str, pairs: list[tuple[int, str]], cla
             f"task.data.sources.{name}.classes=[...] in label order")
 
 
+def check_labels(name: str, src: DictConfig, classes: list[str], splits: dict[str, Dataset | None]) -> None:
+    """Every split's labels in [0, len(classes)) and, with a `name_column`, named as the prompts name them:
+    one clear ValueError otherwise, before anything is built on them."""
+    for split, ds in splits.items():
+        check_label_range(name, split, ds, len(classes))
+        check_label_names(name, split, ds, classes, src.get("name_column"))
+
+
 def check_label_names(name: str, split: str, ds: Dataset | None, classes: list[str], column: str | None) -> None:
     """One clear error when a copy's own row names contradict the prompts' class names (see above)."""
     if ds is None or not column or not classes or len(ds) == 0:
@@ -236,11 +255,14 @@ def label_range_problem(name: str, split: str, low: int, high: int, num_classes:
     [0, num_classes); shared by the run (check_label_range) and runners.preflight."""
     if 0 <= low and high < num_classes:
         return None
-    bad = low if low < 0 else high
-    offset = f"={-low} (labels start at {low})" if low != 0 else ""
-    return (f"dataset {name!r}, split {split!r}: label {bad} is outside [0, {num_classes}) (labels span "
-            f"{low}..{high}, {num_classes} class names); set task.data.sources.{name}.label_offset{offset} or "
-            f"task.data.sources.{name}.classes=[...] naming every label in order")
+    where = (f"dataset {name!r}, split {split!r}: label {low if low < 0 else high} is outside [0, {num_classes}) "
+             f"(labels span {low}..{high}, {num_classes} class names)")
+    if low < 0:  # -1 marks an unlabelled example (GLUE's hidden test labels)
+        return (f"{where}; negative labels mark unlabelled examples: point task.data.sources.{name}.train_split "
+                "/ test_split / val_split at a labelled split")
+    offset = f"={-low} (labels start at {low})" if low > 0 else ""
+    return (f"{where}; set task.data.sources.{name}.label_offset{offset} or task.data.sources.{name}.classes=[...] "
+            "naming every label in order")
 
 
 def cap(ds: Dataset | None, size: int | None) -> Dataset | None:
