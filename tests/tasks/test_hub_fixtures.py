@@ -197,3 +197,18 @@ def test_a_few_training_steps_on_the_published_shapes(hub_copies, tiny_overrides
     assert record["run"]["status"] == "success" and set(record["metrics"]["per_dataset"]) == set(names)
     assert all(0.0 <= a <= 1.0 for a in record["metrics"]["per_dataset"].values())
     assert torch.isfinite(torch.tensor([h["loss"] for h in record["history"]])).all()
+
+
+def test_preflight_takes_a_classlabel_range_from_the_card_and_streams_the_rest(monkeypatch) -> None:
+    """A card's ClassLabel fixes the range without reading data; integer labels go to the bounded read."""
+    from datasets import ClassLabel, Features, Value
+
+    src = _sources("clip").cars
+    rec = preflight.Record("cars", {}, splits={"train": 8144, "test": 8041})
+    card = Features({"label": ClassLabel(names=["a", "b", "c"])})
+    assert preflight._hub_labels("tanganke/stanford_cars", src, card, rec) == {
+        s: {"dtype": "ClassLabel", "min": 0, "max": 2, "from": "card"} for s in ("train", "test")}
+    streamed = []
+    monkeypatch.setattr(preflight, "_stream_labels", lambda path, src, split, column: streamed.append(split) or {})
+    preflight._hub_labels("tanganke/stanford_cars", src, Features({"label": Value("int64")}), rec)
+    assert streamed == ["train", "test"]
