@@ -2,7 +2,9 @@
 
 For every dataset of the run's suite: where it comes from, its splits and sizes, its columns, its class
 names exactly as prompts will use them and the first prompts -- read from metadata only (the hub's file
-listing and dataset card, or a local `save_to_disk` folder), never by downloading the data. For the
+listing and dataset card, or a local `save_to_disk` folder), never by downloading the data -- and each
+used split's label range (a ClassLabel's from the card, integer labels from a bounded streaming read of
+the first rows), which must fit [0, number of class names) after the source's `label_offset`. For the
 model: its config (no weights), a `meta`-device skeleton, the Linear layers the task's targets match and
 each adapter method's exact parameter count at the checked budgets. Every problem is listed at once; the
 exit status is 1 if there is any. `preflight.out=PATH` also writes the records as JSON (a list, one
@@ -12,6 +14,7 @@ SLURM sweeps run this on the submitting machine before the job array is submitte
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import sys
@@ -25,6 +28,7 @@ log = logging.getLogger("rankbench.preflight")
 
 DEFAULT_BUDGETS = ["lora1", "lora2", "lora4", "lora8", "lora16", "lora32", "native"]  # conf/sweep/budget.yaml's axis
 PROMPTS_SHOWN = 3
+LABEL_ROWS = 500  # rows a hub label check streams per split: the first shard's start, a bounded read
 
 
 @dataclass
@@ -40,6 +44,7 @@ class Record:
     prompts: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     model: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, dict[str, Any]] = field(default_factory=dict)  # per used split: dtype, min, max, from
 
 
 # --- datasets ----------------------------------------------------------------------------------------
@@ -55,7 +60,8 @@ def check_dataset(name: str, src: DictConfig | None, task_cfg: DictConfig, key: 
         rec.problems.append(f"no path: no verified public copy is configured; set {key}.path=<folder or file>")
         return rec
     try:
-        meta = _local_metadata(str(path)) if Path(str(path)).exists() else _hub_metadata(str(path), src)
+        local = Path(str(path)).exists()
+        meta = _local_metadata(str(path), src) if local else _hub_metadata(str(path), src)
     except LookupError as err:
         rec.problems.append(str(err))
         _show_configured_classes(rec, name, src, task_cfg)
@@ -63,26 +69,108 @@ def check_dataset(name: str, src: DictConfig | None, task_cfg: DictConfig, key: 
     rec.splits, rec.columns = meta["splits"], meta["columns"]
     _check_splits_and_columns(rec, src, key)
     _fill_classes(rec, name, src, _label_names(meta["features"], src), task_cfg)
+    _check_labels(rec, name, src, meta["labels"] if local else _hub_labels(str(path), src, meta["features"], rec))
     return rec
 
 
-def _local_metadata(path: str) -> dict[str, Any]:
-    """Splits, sizes, columns and label names of a save_to_disk folder or a .json file (memory-mapped)."""
+def _used_splits(src: DictConfig) -> list[str]:
+    """The splits a run reads: train, test (unless held out of train) and the source's own validation."""
+    splits = [src.get("train_split", "train"), src.get("test_split", "test"), src.get("val_split")]
+    return [s for s in splits if s is not None]
+
+
+def _feature_type(feature: Any) -> str:
+    """`ClassLabel`, else the column's value type (int64, float32, ...)."""
+    return "ClassLabel" if hasattr(feature, "names") else str(getattr(feature, "dtype", type(feature).__name__))
+
+
+def _label_stats(values: Any, names: list[str] | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """dtype (the column's feature type where known), min and max of a label column (min/max only for integer
+    labels: regression targets have none), and with the rows' own class names (`name_column`) each distinct
+    (label, name) pair."""
+    import numpy as np
+
+    ys = np.asarray(values)
+    dtype = dtype or str(ys.dtype)
+    if not len(ys) or not np.issubdtype(ys.dtype, np.integer):
+        return {"dtype": dtype, "rows": len(ys)}
+    stats = {"dtype": dtype, "min": int(ys.min()), "max": int(ys.max()), "rows": len(ys)}
+    return {**stats, "pairs": sorted(set(zip(ys.tolist(), names)))} if names is not None else stats
+
+
+def _hub_labels(path: str, src: DictConfig, features: Any, rec: Record) -> dict[str, dict[str, Any]]:
+    """Label range per used split: [0, len(names)) for a ClassLabel of the card, else the first LABEL_ROWS
+    rows read by streaming (integer labels: webdataset `cls`, a parquet int64 column)."""
+    column = src.get("label_column") or "label"
+    feature = (features or {}).get(column)
+    splits = [s for s in _used_splits(src) if not rec.splits or s in rec.splits]
+    if hasattr(feature, "names"):
+        return {s: {"dtype": "ClassLabel", "min": 0, "max": len(feature.names) - 1, "from": "card"} for s in splits}
+    return {s: _stream_labels(path, src, s, column) for s in splits}
+
+
+def _stream_labels(path: str, src: DictConfig, split: str, column: str) -> dict[str, Any]:
+    """The label column of a split's first LABEL_ROWS rows, streamed (no split is downloaded or prepared)."""
+    from datasets import load_dataset
+
+    from tasks.data import hub_kwargs
+
+    named = src.get("name_column")
+    try:
+        stream = load_dataset(path, src.get("config"), split=split, streaming=True, **hub_kwargs(src))
+        rows = list(itertools.islice(stream.select_columns([column, *([named] if named else [])]), LABEL_ROWS))
+    except Exception as err:  # noqa: BLE001 - any read failure is the problem to report
+        return {"problem": f"labels of split {split!r} unreadable ({type(err).__name__}: {_first_line(err)})"}
+    names = [str(r[named]) for r in rows] if named else None
+    return {**_label_stats([r[column] for r in rows], names), "from": f"first {len(rows)} rows (streamed)"}
+
+
+def _check_labels(rec: Record, name: str, src: DictConfig, stats: dict[str, dict[str, Any]]) -> None:
+    """Labels (plus the source's label_offset) outside [0, number of class names) are a problem (an
+    off-by-one copy, a names list of the wrong length), and so are row names (`name_column`) that most
+    labels' prompt names contradict (shifted labels, names in another order)."""
+    rec.labels = stats
+    offset = int(src.get("label_offset") or 0)
+    for split, st in stats.items():
+        if "problem" in st:
+            rec.problems.append(st["problem"])
+        elif "min" in st and rec.num_classes:
+            problem = _label_problem(name, split, st, offset, rec.classes, src.get("name_column"))
+            if problem:
+                rec.problems.append(problem.removeprefix(f"dataset {name!r}, "))
+
+
+def _label_problem(name: str, split: str, st: dict[str, Any], offset: int, classes: list[str],
+                   named: str | None) -> str | None:
+    from tasks.data import label_names_problem, label_range_problem
+
+    problem = label_range_problem(name, split, st["min"] + offset, st["max"] + offset, len(classes))
+    if problem or "pairs" not in st:
+        return problem
+    return label_names_problem(name, split, [(y + offset, n) for y, n in st["pairs"]], classes, str(named))
+
+
+def _local_metadata(path: str, src: DictConfig) -> dict[str, Any]:
+    """Splits, sizes, columns, label names and each used split's label range of a save_to_disk folder or a
+    .json file (memory-mapped: only the label column is read)."""
     from datasets import load_dataset, load_from_disk
 
     dd = load_dataset("json", data_files=path) if path.endswith((".json", ".jsonl")) else load_from_disk(path)
     first = next(iter(dd.values()))
+    column, named = src.get("label_column") or "label", src.get("name_column")
+    labels = {s: _label_stats(dd[s][column], dd[s][named] if named in dd[s].column_names else None,
+                              _feature_type(dd[s].features[column]))
+              for s in _used_splits(src) if s in dd and column in dd[s].column_names}
     return {"splits": {s: len(d) for s, d in dd.items()}, "columns": list(first.column_names),
-            "features": first.features}
+            "features": first.features, "labels": labels}
 
 
 def _hub_metadata(path: str, src: DictConfig) -> dict[str, Any]:
     """Splits, sizes and columns from the hub: the repo's file listing, then the dataset card's metadata
     (load_dataset_builder reads README.md and the data-file layout, not the data)."""
     files = _repo_files(path)
-    script = [f for f in files if "/" not in f and f.endswith(".py")]
-    if script:
-        raise LookupError(f"{path} ships a loading script ({script[0]}), which datasets>=4 refuses: "
+    if (script := loading_script(path, files)) is not None:
+        raise LookupError(f"{path} ships a loading script ({script}), which datasets>=4 refuses: "
                           "use a parquet/webdataset copy")
     if src.get("classes_file") and str(src.classes_file) not in files:
         raise LookupError(f"{path} has no {src.classes_file} at its root")
@@ -100,6 +188,14 @@ def _hub_metadata(path: str, src: DictConfig) -> dict[str, Any]:
         splits = {s: None for s in src.data_files}  # webdataset: sizes are not in the metadata
     features = info.features or {}
     return {"splits": splits, "columns": list(features), "features": features}
+
+
+def loading_script(path: str, files: list[str]) -> str | None:
+    """The repo's loading script, if it ships one: only `<repo name>.py` at the root counts (datasets >= 4
+    raises for exactly that file, datasets/load.py dataset_module_factory); other root .py files, such as
+    bentrevett/caltech-ucsd-birds-200-2011's script.py, are plain files."""
+    script = f"{path.rstrip('/').rsplit('/', 1)[-1]}.py"
+    return script if script in files else None
 
 
 def _label_names(features: Any, src: DictConfig) -> list[str] | None:

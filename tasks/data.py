@@ -133,31 +133,30 @@ def _from_source(name: str, src: DictConfig, data_cfg: DictConfig) -> SplitPair:
     """A real dataset: `path` (save_to_disk folder or hub id, optional `config`), `train_split`,
     `test_split` (null: a seeded `test_fraction` of train), `val_split` (the dataset's own validation split;
     absent: a seeded hold-out of train, see `hold_out`), `image_column` / `text_column` / `text_pair_column`,
-    `label_column`, and `classes` or `classes_file` (else the ClassLabel names)."""
+    `label_column`, `label_offset` (added to every label: -1 for 1-based labels), `name_column` (a column
+    naming each row's class, checked against the prompts' names), and `classes` or `classes_file` (else the
+    ClassLabel names). Every split's labels are checked against the class count."""
     train_split, test_split, val_split = src.get("train_split", "train"), src.get("test_split", "test"), src.get("val_split")
     dd = open_source(name, src, splits=[s for s in (train_split, test_split, val_split) if s is not None])
     _check_splits(name, src, dd, train_split, test_split, val_split)
-    train, test = _train_and_test(dd, src, train_split, test_split)
-    train, validation = (train, dd[val_split]) if val_split else hold_out(name, train, src, data_cfg)
+    train, test, validation = _source_splits(name, src, dd, data_cfg, train_split, test_split, val_split)
     train, test, validation = (standard_columns(ds, src) for ds in (train, test, validation))
+    classes = _label_classes(name, src, train)
+    check_labels(name, src, classes, {train_split: train, test_split or "test": test,
+                                      val_split or "validation": validation})
     train, test = cap(train, data_cfg.get("train_size")), cap(test, data_cfg.get("test_size"))
     validation = cap(validation, data_cfg.get("test_size"))  # an evaluation split: the same cap as test
-    return _source_pair(name, src, train, test, validation)
+    return _source_pair(name, src, classes, train, test, validation)
 
 
-def _train_and_test(dd: DatasetDict, src: DictConfig, train_split: str, test_split: str | None
-                    ) -> tuple[Dataset, Dataset]:
-    """The train and test splits; with no test split (e.g. Caltech101) a fixed seeded hold-out of train."""
-    if test_split is not None:
-        return dd[train_split], dd[test_split]
-    parts = dd[train_split].train_test_split(test_size=float(src.get("test_fraction", 0.2)), seed=0)
-    return parts["train"], parts["test"]
+def _label_classes(name: str, src: DictConfig, ds: Dataset) -> list[str]:
+    """Class names in label order, from the source's settings and the split's own label names."""
+    feature = ds.features.get("label")
+    return source_classes(name, src, list(feature.names) if hasattr(feature, "names") else None)
 
 
-def _source_pair(name: str, src: DictConfig, train: Dataset, test: Dataset, validation: Dataset | None) -> SplitPair:
-    """A source's splits with its class names (label order) and prompt templates."""
-    feature = test.features.get("label")
-    classes = source_classes(name, src, list(feature.names) if hasattr(feature, "names") else None)
+def _source_pair(name: str, src: DictConfig, classes: list[str], train: Dataset, test: Dataset,
+                 validation: Dataset | None) -> SplitPair:
     templates = source_templates(name, src)
     return SplitPair(name, classes, templates[0], train, test, src, templates, validation,
                      revision=source_revision(src))
@@ -176,9 +175,34 @@ def load_test_split(name: str, data_cfg: DictConfig, generate: Callable[[str, st
     read = test_split if test_split is not None else train_split  # no test split: its hold-out of train
     dd = open_source(name, src, splits=[read])
     _check_splits(name, src, dd, read, None, None)
-    _, test = _train_and_test(dd, src, read, test_split)
-    test = cap(standard_columns(test, src), data_cfg.get("test_size"))
-    return _source_pair(name, src, test.select([]), test, None)
+    test = shift_labels(dd[read], src)
+    test = standard_columns(test if test_split is not None else _test_hold_out(test, src)[1], src)
+    classes = _label_classes(name, src, test)
+    check_labels(name, src, classes, {read: test})
+    test = cap(test, data_cfg.get("test_size"))
+    return _source_pair(name, src, classes, test.select([]), test, None)
+
+
+def _test_hold_out(train: Dataset, src: DictConfig) -> tuple[Dataset, Dataset]:
+    """(train, test) of a copy with no test split (e.g. Caltech101): a fixed seeded `test_fraction` of train."""
+    parts = train.train_test_split(test_size=float(src.get("test_fraction", 0.2)), seed=0)
+    return parts["train"], parts["test"]
+
+
+def _source_splits(name: str, src: DictConfig, dd: DatasetDict, data_cfg: DictConfig, train_split: str,
+                   test_split: str | None, val_split: str | None) -> tuple[Dataset, Dataset, Dataset | None]:
+    """(train, test, validation), labels already shifted by `label_offset` (before any hold-out, so only the
+    label column is rewritten): test a seeded `test_fraction` of train when the copy has none (e.g.
+    Caltech101), validation the copy's own split or a seeded hold-out of train."""
+    train = shift_labels(dd[train_split], src)
+    if test_split is None:
+        train, test = _test_hold_out(train, src)
+    else:
+        test = shift_labels(dd[test_split], src)
+    if val_split:
+        return train, test, shift_labels(dd[val_split], src)
+    train, validation = hold_out(name, train, src, data_cfg)
+    return train, test, validation
 
 
 def _check_splits(name: str, src: DictConfig, dd: DatasetDict, train_split: str, test_split: str | None,
@@ -201,6 +225,80 @@ def standard_columns(ds: Dataset | None, src: DictConfig) -> Dataset | None:
         if ds is not None and col and col != std:
             ds = ds.rename_column(col, std)
     return ds
+
+
+def shift_labels(ds: Dataset | None, src: DictConfig) -> Dataset | None:
+    """The source's label column plus its `label_offset` (e.g. -1 for a copy whose integer labels are
+    1-based), so every task reads labels in [0, num_classes). On a split as loaded (no index mapping) only the
+    label column is replaced; images are not rewritten."""
+    offset, column = int(src.get("label_offset") or 0), src.get("label_column") or "label"
+    if ds is None or offset == 0:
+        return ds
+    shifted = (np.asarray(ds[column], dtype=np.int64) + offset).tolist()
+    return ds.remove_columns(column).add_column(column, shifted)
+
+
+def check_label_range(name: str, split: str, ds: Dataset | None, num_classes: int) -> None:
+    """One clear error for a label outside [0, num_classes): an off-by-one or a names list of the wrong
+    length would otherwise be an index error on the accelerator, or prompts silently shifted by one.
+    Regression targets (no class names) are not checked."""
+    if ds is None or num_classes == 0 or len(ds) == 0:
+        return
+    ys = np.asarray(ds["label"])
+    problem = label_range_problem(name, split, int(ys.min()), int(ys.max()), num_classes)
+    if problem:
+        raise ValueError(problem)
+
+
+def label_names_problem(name: str, split: str, pairs: list[tuple[int, str]], classes: list[str],
+                        column: str) -> str | None:
+    """The one-line problem of a copy whose rows name their class (`name_column`, e.g. Caltech-256's `text`)
+    when most labels' prompt names disagree with those row names -- labels shifted (a missing
+    `label_offset`) or a names list in another order -- or None. Half of the distinct labels, not all,
+    must agree: row names may be spelled apart from the official ones (`bonsai-101`, `bonsai`)."""
+    seen = dict(sorted(set(pairs)))
+    wrong = [(y, n) for y, n in seen.items() if 0 <= y < len(classes)
+             and not set(_name_keys(classes[y])) & set(_name_keys(str(n)))]
+    if 2 * len(wrong) <= len(seen):
+        return None
+    y, row_name = wrong[0]
+    return (f"dataset {name!r}, split {split!r}: {len(wrong)} of {len(seen)} labels disagree with their "
+            f"{column!r} names (label {y} is named {row_name!r} but prompted as {classes[y]!r}): the labels are "
+            f"shifted or the names are in another order; set task.data.sources.{name}.label_offset or "
+            f"task.data.sources.{name}.classes=[...] in label order")
+
+
+def check_labels(name: str, src: DictConfig, classes: list[str], splits: dict[str, Dataset | None]) -> None:
+    """Every split's labels in [0, len(classes)) and, with a `name_column`, named as the prompts name them:
+    one clear ValueError otherwise, before anything is built on them."""
+    for split, ds in splits.items():
+        check_label_range(name, split, ds, len(classes))
+        check_label_names(name, split, ds, classes, src.get("name_column"))
+
+
+def check_label_names(name: str, split: str, ds: Dataset | None, classes: list[str], column: str | None) -> None:
+    """One clear error when a copy's own row names contradict the prompts' class names (see above)."""
+    if ds is None or not column or not classes or len(ds) == 0:
+        return
+    pairs = list(zip(np.asarray(ds["label"]).tolist(), ds[column]))
+    problem = label_names_problem(name, split, pairs, classes, column)
+    if problem:
+        raise ValueError(problem)
+
+
+def label_range_problem(name: str, split: str, low: int, high: int, num_classes: int) -> str | None:
+    """The one-line problem of labels spanning low..high with `num_classes` class names, or None if they fit
+    [0, num_classes); shared by the run (check_label_range) and runners.preflight."""
+    if 0 <= low and high < num_classes:
+        return None
+    where = (f"dataset {name!r}, split {split!r}: label {low if low < 0 else high} is outside [0, {num_classes}) "
+             f"(labels span {low}..{high}, {num_classes} class names)")
+    if low < 0:  # -1 marks an unlabelled example (GLUE's hidden test labels)
+        return (f"{where}; negative labels mark unlabelled examples: point task.data.sources.{name}.train_split "
+                "/ test_split / val_split at a labelled split")
+    offset = f"={-low} (labels start at {low})" if low > 0 else ""
+    return (f"{where}; set task.data.sources.{name}.label_offset{offset} or task.data.sources.{name}.classes=[...] "
+            "naming every label in order")
 
 
 def cap(ds: Dataset | None, size: int | None) -> Dataset | None:
@@ -337,11 +435,21 @@ def source_classes(name: str, src: DictConfig, label_names: list[str] | None) ->
 def _name_keys(name: str) -> list[str]:
     """Spelling-independent keys of a class name: the words of `001.Black_footed_Albatross`,
     `Black-footed Albatross` or `AM General Hummer SUV 2000` / `2000 AM General Hummer SUV` compare
-    equal; a WordNet synonym list (`tench, Tinca tinca`) also matches its first synonym."""
+    equal; so do the space- and punctuation-free forms (`diningtable`, `dining table`: PASCAL VOC's raw
+    names in clip-benchmark/wds_voc2007's classnames.txt); a WordNet synonym list (`tench, Tinca tinca`)
+    also matches its first synonym."""
     def key(text: str) -> str:
-        text = re.sub(r"^\d+\.", "", text.strip().lower())
-        return " ".join(sorted(re.sub(r"[_\-/,.'()]+", " ", text).split()))
-    return list(dict.fromkeys([key(name), key(name.split(",")[0])]))
+        return " ".join(sorted(re.sub(r"[_\-/,.'()]+", " ", _bare(text)).split()))
+
+    def compact(text: str) -> str:  # raw VOC `diningtable` == curated `dining table`
+        return re.sub(r"[^0-9a-z]+", "", _bare(text))
+    first = name.split(",")[0]
+    return list(dict.fromkeys([key(name), key(first), compact(name), compact(first)]))
+
+
+def _bare(text: str) -> str:
+    """Lower case, without a leading `001.`-style index (CUB-200's folder names)."""
+    return re.sub(r"^\d+\.", "", text.strip().lower())
 
 
 def align_classes(name: str, curated: list[str], label_names: list[str] | None,

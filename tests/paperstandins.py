@@ -79,6 +79,57 @@ def webdataset_copy(path: Path, classnames: list[str], splits: dict[str, int], i
     return path
 
 
+# --- hub-shaped copies built from what each hub copy publishes (tests/fixtures/hub/*.json) ------------
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hub"
+
+
+def hub_facts(suite: str) -> dict[str, dict]:
+    """tests/fixtures/hub/<suite>.json: per dataset, what its hub copy publishes, each fact with its source."""
+    return {k: v for k, v in read_json(FIXTURES / f"{suite}.json").items() if not k.startswith("_")}
+
+
+def published_names(name: str, facts: dict) -> list[str]:
+    """The copy's label names in label order: the complete published list, else the published head followed
+    by the official names for the unread rest (the fixture says which)."""
+    names = facts["names"]
+    if names.get("values") is not None:
+        return list(names["values"])
+    return list(names["head"]) + curated(name)[len(names["head"]):]
+
+
+def _spread(low: int, high: int, n: int) -> list[int]:
+    """n labels in low..high: every label in turn when n covers them all, else evenly spaced, both ends included."""
+    count = high - low + 1
+    if n >= count or n < 2:
+        return [low + i % count for i in range(n)]
+    return [low + round(i * (count - 1) / (n - 1)) for i in range(n)]
+
+
+def hub_standin(path: Path, name: str, facts: dict, rows: int = 8, mode: str = "RGB", seed: int = 0) -> Path:
+    """A save_to_disk copy shaped as its fixture says the hub copy is: its split names, image and label
+    columns, label dtype and range (caltech256's 1..257 included), ClassLabel names, a `text` column of names,
+    or a webdataset's integer `cls` plus its classnames.txt. `rows` examples per split span the label range."""
+    rng = np.random.default_rng(seed)
+    names, kind = published_names(name, facts), facts["names"]["kind"]
+    low, high = facts["label"]["min"], facts["label"]["max"]
+    image, label = facts["image_column"], facts["label_column"]
+    features = {image: Image(), label: ClassLabel(names=names) if kind == "ClassLabel" else Value("int64")}
+    if kind == "text_column":
+        features[facts["names"]["column"]] = Value("string")
+    dd = {}
+    for split in facts["splits"]:
+        ys = _spread(low, high, rows)
+        columns = {image: [_image(rng, y, mode) for y in ys], label: ys}
+        if kind == "text_column":
+            columns[facts["names"]["column"]] = [names[y - low] for y in ys]
+        dd[split] = Dataset.from_dict(columns, features=Features(features))
+    DatasetDict(dd).save_to_disk(path)
+    if kind == "classnames.txt":
+        (path / "classnames.txt").write_text("\n".join(names) + "\n")
+    return path
+
+
 def clip_model(path: Path) -> Path:
     """A random tiny CLIPModel + CLIPImageProcessor + a word-level tokenizer, via save_pretrained."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -114,11 +165,17 @@ def dinov2_model(path: Path) -> Path:
 GLUE_WORDS = ["the", "movie", "was", "good", "bad", "great", "awful", "fine", "a", "cat", "sat", "on", "mat", "dog", "ran", "is", "it", "true", "that", "yes", "no"]
 
 
-def glue_dataset(path: Path, columns: list[str], label: str, seed: int = 0) -> Path:
-    """nyu-mll/glue-shaped DatasetDict: train / validation / test (test labels -1, as on the hub)."""
+def glue_standin(path: Path, facts: dict, seed: int = 0) -> Path:
+    """A GLUE config's copy shaped as tests/fixtures/hub/glue.json says nyu-mll/glue publishes it."""
+    return glue_dataset(path, facts["text_columns"], facts["names"]["values"], seed)
+
+
+def glue_dataset(path: Path, columns: list[str], names: list[str], seed: int = 0) -> Path:
+    """nyu-mll/glue-shaped DatasetDict: train / validation / test (test labels -1, as on the hub); `names`
+    the ClassLabel names, none for a regression target (float32 in [0, 5], STS-B)."""
     rng = np.random.default_rng(seed)
-    regression = label == "float"
-    feature = Value("float32") if regression else ClassLabel(names=["negative", "positive"])
+    regression = not names
+    feature = Value("float32") if regression else ClassLabel(names=names)
     features = Features({**{c: Value("string") for c in columns}, "label": feature, "idx": Value("int32")})
     dd = {}
     for split, n in {"train": 48, "validation": 24, "test": 8}.items():

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from paperstandins import clip_model, curated, image_dataset, webdataset_copy
+from paperstandins import clip_model, curated, hub_facts, hub_standin, image_dataset
 from rbtest import ROOT, compose_config
 
 import methods
@@ -15,15 +15,12 @@ from runners import preflight
 @pytest.fixture(scope="module")
 def copies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("preflight")
-    cifar = [c if c != "crab" else "cra" for c in curated("cifar100")]
-    return {
-        "clip": clip_model(root / "clip"),
-        "cars": image_dataset(root / "cars", curated("cars"), {"train": 196, "test": 196}),
-        "cifar100": image_dataset(root / "cifar100", cifar, {"train": 100, "test": 100}, image_column="img",
-                                  label_column="fine_label"),
-        "country211": webdataset_copy(root / "country211", curated("country211"), {"train": 211, "test": 211}, "jpg"),
-        "dtd": image_dataset(root / "dtd", curated("dtd"), {"train": 47, "test": 47}, image_column="picture"),
-    }
+    facts = hub_facts("clip22")  # shaped as the hub copies publish them (tests/fixtures/hub/clip22.json)
+    copies = {name: hub_standin(root / name, name, facts[name], rows=n)
+              for name, n in (("cars", 196), ("cifar100", 100), ("country211", 211))}
+    # dtd with an image column the config does not name: the problem the preflight must report
+    copies["dtd"] = image_dataset(root / "dtd", curated("dtd"), {"train": 47, "test": 47}, image_column="picture")
+    return {"clip": clip_model(root / "clip"), **copies}
 
 
 def _overrides(copies: dict[str, Path], *names: str) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from paperstandins import clip_model, curated, dinov2_model, image_dataset, webdataset_copy
+from paperstandins import clip_model, dinov2_model, hub_facts, hub_standin
 from taskhelpers import compose_task
 
 import tasks
@@ -23,22 +23,16 @@ PAPER21 = ["cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397", "sv
 
 @pytest.fixture(scope="module")
 def standins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Local copies with the hub schemas verified in conf/task/sources/clip22.yaml: cars (image/label,
-    ClassLabel names as on tanganke/stanford_cars), cifar100 (img/fine_label, underscores and the hub's
-    'cra' typo, labels in a shuffled order), cub200 ('001.Black_footed_Albatross'), country211 (webdataset:
-    jpg/cls + classnames.txt), pascal_voc (webdataset: webp/cls) and caltech101 (one split)."""
+    """Local copies shaped as tests/fixtures/hub/clip22.json says the hub copies are (not as the configs
+    believe): cars (image/label, one image per class), cifar100 (img/fine_label, the hub's 'cra', grayscale),
+    cub200, country211 (webdataset: jpg/cls + classnames.txt), pascal_voc (webp/cls + the raw VOC names)
+    and caltech101 (one split)."""
     root = tmp_path_factory.mktemp("paper_images")
+    facts = hub_facts("clip22")
     out = {"clip": clip_model(root / "clip"), "dinov2": dinov2_model(root / "dinov2")}
-    out["cars"] = image_dataset(root / "cars", curated("cars"), {"train": 196, "test": 196})
-    cifar = [c if c != "crab" else "cra" for c in curated("cifar100")]
-    cifar = cifar[50:] + cifar[:50]  # another label order than the official one: alignment must follow it
-    out["cifar100"] = image_dataset(root / "cifar100", cifar, {"train": 100, "test": 100},
-                                    image_column="img", label_column="fine_label", mode="L")
-    cub = [f"{i + 1:03d}." + c.replace(" ", "_") for i, c in enumerate(curated("cub200"))]
-    out["cub200"] = image_dataset(root / "cub200", cub, {"train": 200, "test": 200})
-    out["country211"] = webdataset_copy(root / "country211", curated("country211"), {"train": 211, "test": 211}, "jpg")
-    out["pascal_voc"] = webdataset_copy(root / "pascal_voc", curated("pascal_voc"), {"train": 20, "test": 20}, "webp")
-    out["caltech101"] = image_dataset(root / "caltech101", curated("caltech101"), {"train": 202})
+    rows = {"cars": 196, "cifar100": 100, "cub200": 200, "country211": 211, "pascal_voc": 20, "caltech101": 202}
+    for name, n in rows.items():
+        out[name] = hub_standin(root / name, name, facts[name], rows=n, mode="L" if name == "cifar100" else "RGB")
     return out
 
 
@@ -94,7 +88,9 @@ def test_curated_class_names_follow_each_copys_own_label_order(standins, tmp_pat
     assert suite["cifar100"].classes[0] == hub_cifar[0]
     assert suite["cub200"].classes[0] == "Black footed Albatross"
     assert suite["country211"].classes[:2] == ["Andorra", "United Arab Emirates"]
-    assert suite["pascal_voc"].classes[-1] == "tv monitor"
+    # the copy's classnames.txt holds the raw VOC names; prompts use the official ones, in the copy's order
+    assert (standins["pascal_voc"] / "classnames.txt").read_text().split()[10] == "diningtable"
+    assert suite["pascal_voc"].classes[10] == "dining table" and suite["pascal_voc"].classes[-1] == "tv monitor"
     assert len(suite["cub200"].ensemble) == 1 and len(suite["cifar100"].ensemble) == 18  # templates.py lists
 
 

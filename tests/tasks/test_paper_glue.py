@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from paperstandins import glue_dataset, roberta_model
+from paperstandins import glue_standin, hub_facts, roberta_model
 from taskhelpers import compose_task
 from transformers import RobertaModel
 
@@ -21,15 +21,15 @@ from runners.train import run
 from tasks import metrics
 from tasks.common import ModelNotFoundError, eval_mode
 
-GLUE = {"sst2": (["sentence"], "int"), "mrpc": (["sentence1", "sentence2"], "int"),
-        "cola": (["sentence"], "int"), "stsb": (["sentence1", "sentence2"], "float")}
+# columns, label names and dtypes as nyu-mll/glue publishes them (tests/fixtures/hub/glue.json, from its card)
+GLUE = {name: facts for name, facts in hub_facts("glue").items() if name in ("sst2", "mrpc", "cola", "stsb")}
 HIDDEN = 32  # paperstandins.TINY hidden_size
 
 
 @pytest.fixture(scope="module")
 def glue(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("paper_glue")
-    out = {name: glue_dataset(root / name, cols, label) for name, (cols, label) in GLUE.items()}
+    out = {name: glue_standin(root / name, facts) for name, facts in GLUE.items()}
     out["model"] = roberta_model(root / "roberta")
     return out
 
@@ -168,3 +168,21 @@ def test_unreachable_roberta_and_glue_are_one_clear_error(monkeypatch) -> None:
         task.build_model()
     with pytest.raises(FileNotFoundError, match=r"nyu-mll/glue.*could not be reached.*task\.data\.sources\.rte\.path"):
         _ = task.suite
+
+
+def test_preflight_reads_the_glue_label_ranges(glue, tmp_path, monkeypatch) -> None:
+    """Labels as nyu-mll/glue publishes them: 0/1 on validation (scored), -1 on the hidden test split, which a
+    run therefore never scores; STS-B's float targets have no range to check."""
+    from runners import preflight
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = compose_task("language", "size=base", *_overrides(glue, tmp_path))
+    records = {n: preflight.check_dataset(n, cfg.task.data.sources[n], cfg.task) for n in GLUE}
+    assert {n: r.problems for n, r in records.items() if r.problems} == {}
+    assert (records["cola"].labels["validation"]["min"], records["cola"].labels["validation"]["max"]) == (0, 1)
+    assert records["stsb"].labels["validation"]["dtype"] == "float32" and "min" not in records["stsb"].labels["validation"]
+    src = cfg.task.data.sources.cola.copy()
+    src.test_split = "test"
+    assert preflight.check_dataset("cola", src, cfg.task).problems == [(
+        "split 'test': label -1 is outside [0, 2) (labels span -1..-1, 2 class names); negative labels mark "
+        "unlabelled examples: point task.data.sources.cola.train_split / test_split / val_split at a labelled split")]
