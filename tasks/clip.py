@@ -96,10 +96,10 @@ def text_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return F.normalize(model.text_projection(out), dim=-1)
 
 
-@register("clip")
 ATTENTION_MODES = ("trained", "counted_untrained")
 
 
+@register("clip")
 class ClipTask(ImageSuiteTask):
     """Tiny CLIP (`tiny-clip`) over the embedded image suite; a hub CLIP id plugs into the same code."""
 
