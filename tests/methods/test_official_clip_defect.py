@@ -113,3 +113,23 @@ def test_official_conventions_init_and_scaling():
         methods.wrap_linear("lora", nn.Linear(8, 8), r=2, init="paper")
     with pytest.raises(ValueError, match="no PEFT 0.21 counterpart"):
         rand.peft.to_peft(rand.hp)
+
+
+def test_official_attention_restore_keeps_the_adapted_weight(tmp_path):
+    """The assignment meant to restore W (rand_lora.py:584, `.data = p` with p the parameter itself) is a no-op:
+    with a nonzero dW the attention weight keeps W + dW and gains dW again at every call. Training never sees
+    it (the attention dW starts at 0 and gets no gradient), an adapter with a nonzero start would."""
+    rl = official_module(tmp_path)
+    torch.manual_seed(0)
+    d = 16
+    attn = rl.MultiheadAttention(d, 2, basis=rl.gen_mats(0, 1, 4 * d, 4 * d, 4), param_type="lora", seed=0,
+                                 enable_lora=["q", "k", "v"])
+    attn.train()
+    with torch.no_grad():
+        attn.in_proj_w_loramat_B.fill_(0.1)
+    delta = (attn.in_proj_w_loramat_B[0] @ attn.in_proj_w_loramat_A[0] * attn.scaling).detach()
+    w0 = attn.in_proj_weight.detach().clone()
+    x = torch.randn(5, 3, d)
+    for calls in (1, 2):
+        attn(x, x, x)
+        torch.testing.assert_close(attn.in_proj_weight.detach(), w0 + calls * delta)
