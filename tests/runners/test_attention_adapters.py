@@ -1,5 +1,5 @@
 """task=clip task.attention_adapters=counted_untrained: the official CLIP code's effective setting (its attention
-adapters never train, tests/methods/test_official_clip_defect.py) through the real runner."""
+adapters never train, tests/methods/test_official_code.py) through the real runner."""
 from __future__ import annotations
 
 import pytest

@@ -1,10 +1,10 @@
-"""The official RandLoRA CLIP code trains no attention adapter; `task.attention_adapters=counted_untrained`
-reproduces that.
+"""rankbench against the official RandLoRA code itself: its conventions (init=official, alpha 1) match its
+layers, its CLIP code trains no attention adapter, and `task.attention_adapters=counted_untrained` reproduces that.
 
 Upstream (github.com/PaulAlbert31/RandLoRA@4ac565e, vision_language/src/rand_lora.py): the MultiheadAttention
 subclass's forward adds dW to `in_proj_weight` by assigning `.data` (:582) and assigns it back after the call
 (:584). A `.data` assignment carries no autograd graph, so the attention adapters' parameters never get a
-gradient; only the nn.Linear (MLP) adapters train. The first test runs the official file itself: it needs a
+gradient; only the nn.Linear (MLP) adapters train. The tests marked so run the official file: they need a
 copy of the repository, named by RANDLORA_REPO (a checkout, or a git directory such as the one `fetch`
 writes), and is skipped without one. Nothing of the official code is stored in this project.
 """
@@ -133,3 +133,26 @@ def test_official_attention_restore_keeps_the_adapted_weight(tmp_path):
     for calls in (1, 2):
         attn(x, x, x)
         torch.testing.assert_close(attn.in_proj_weight.detach(), w0 + calls * delta)
+
+
+def test_official_conventions_match_the_official_layers(tmp_path):
+    """init=official and alpha=1 against the official nn.Linear adapters built as clip_encoder.py:60 builds
+    them (no lora_alpha): same scaling, same zero factor, same kaiming bound, same lambda value (a shape where
+    the official d//r + 1 bases equal ceil(d/r))."""
+    rl = official_module(tmp_path)
+    torch.manual_seed(0)
+    d_in, d_out, r = 64, 96, 6
+    theirs = rl.Linear(d_in, d_out, basis=rl.gen_mats(0, 1000, 4 * d_out, 4 * d_out, r, shared=True),
+                       param_type="randlora", seed=0)
+    ours = methods.wrap_linear("randlora", nn.Linear(d_in, d_out), r=r, alpha=1, init="official")
+    assert theirs.n == ours.n_bases and theirs.scaling == ours.scaling
+    assert torch.equal(theirs.w_loramat_B.T, ours.randlora_lambda.detach())      # (n, r) vs our (r, n)
+    assert not theirs.w_loramat_A.any() and not ours.randlora_gamma.any()
+    theirs = rl.Linear(d_in, d_out, basis=rl.gen_mats(0, 1, 4 * d_out, 4 * d_out, r), param_type="lora", seed=0)
+    ours = methods.wrap_linear("lora", nn.Linear(d_in, d_out), r=r, alpha=1, init="official")
+    assert theirs.scaling == ours.scaling
+    # official forward x @ B_(in x r) @ A_(r x out): B_ = 0 is our A (input side), A_ is our B^T (output side)
+    assert not theirs.w_loramat_B.any() and not ours.lora_A.any()
+    bound = (r * d_out) ** -0.5
+    for kaiming in (theirs.w_loramat_A, ours.lora_B):
+        assert 0.8 * bound < float(kaiming.abs().max()) <= bound
