@@ -4,7 +4,7 @@ layers, its CLIP code trains no attention adapter, and `task.attention_adapters=
 Upstream (github.com/PaulAlbert31/RandLoRA@4ac565e, vision_language/src/rand_lora.py): the MultiheadAttention
 subclass's forward adds dW to `in_proj_weight` by assigning `.data` (:582) and assigns it back after the call
 (:584). A `.data` assignment carries no autograd graph, so the attention adapters' parameters never get a
-gradient; only the nn.Linear (MLP) adapters train. The tests marked so run the official file: they need a
+gradient; only the nn.Linear (MLP) adapters train. The tests calling `official_module` run the official file: they need a
 copy of the repository, named by RANDLORA_REPO (a checkout, or a git directory such as the one `fetch`
 writes), and is skipped without one. Nothing of the official code is stored in this project.
 """
