@@ -354,8 +354,9 @@ def _paper_section(df: pd.DataFrame, tables: list[dict]) -> list[Block]:
                 for _, r in frame.iterrows()]
         missing = [r["label"] for r in table["rows"] if not r.get("values")]
         note = (f" Not transcribed yet (n/a): {', '.join(missing)} (analysis/paper/{table['file']})." if missing else "")
-        caption = (f"{table['source']}. Ours: seed means of the runs with the same method and r (percent); "
-                   f"mean over the datasets both sides have.{note}")
+        caption = (f"{table['source']}. Ours: seed means of the runs with the same method and r (percent). "
+                   "mean: the paper's as published where given, else (and for ours and the difference) over the "
+                   f"datasets both sides have.{note}")
         blocks += [Block("h3", f"{table['name']} ({table['task']}, {table['size']}, {table['regime']})"),
                    Block("table", table=Table(["row", "", *cols], rows, caption))]
     return ([Block("h2", "Beside the paper's published numbers")] + blocks) if blocks else []
