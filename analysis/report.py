@@ -37,6 +37,7 @@ from analysis.document import Block, Cell, Table, to_html, to_markdown
 from analysis.leaderboard import write_leaderboard
 from analysis.load import COST_COLUMNS, PANEL_KEYS, ResultsError, load_results
 from analysis.paired import noise_floor, paired_differences, per_test_set_noise, win_tie_loss
+from analysis.published import comparison, load_tables, relevant
 
 log = logging.getLogger("analysis.report")
 
@@ -97,8 +98,10 @@ def _parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------- report
 
 
-def build_report(df: pd.DataFrame, out: Path, command: str = "", dpi: int = 200) -> Path:
-    """Write figures (PNG+SVG), summary.md/.html, the CSVs and the index.html leaderboard; returns its path."""
+def build_report(df: pd.DataFrame, out: Path, command: str = "", dpi: int = 200,
+                 paper_tables: list[dict] | None = None) -> Path:
+    """Write figures (PNG+SVG), summary.md/.html, the CSVs and the index.html leaderboard; returns its path.
+    `paper_tables`: the published numbers to print beside ours (None: analysis/paper/*.yaml)."""
     df, tuning = split_tuning_runs(df)
     if df.empty:
         raise ReportError(f"only the {tuning} tuning runs of a +sweep=tuned (scored on validation) were found; "
@@ -118,6 +121,7 @@ def build_report(df: pd.DataFrame, out: Path, command: str = "", dpi: int = 200)
     paired = paired_differences(df)
     paired.to_csv(out / "paired.csv", index=False)
     runs_table(df).to_csv(out / "runs.csv", index=False)
+    blocks += _paper_section(df, load_tables() if paper_tables is None else paper_tables)
     blocks += _paired_section(df, paired)
     blocks += _failures_section(df) + _protocol_section(df) + _provenance_section(df, command)
     (out / "summary.md").write_text(to_markdown(blocks))
@@ -337,6 +341,30 @@ def _failures_section(df: pd.DataFrame) -> list[Block]:
         blocks += [Block("h2", f"Unreadable result files ({len(skipped)}, skipped)"),
                    Block("table", table=Table(["file", "reason"], rows))]
     return blocks
+
+
+def _paper_section(df: pd.DataFrame, tables: list[dict]) -> list[Block]:
+    """The paper's published numbers beside ours for every table whose task, size and regime the runs have
+    (analysis/published.py): per dataset and the mean, with ours minus the paper's in points."""
+    blocks: list[Block] = []
+    for table in relevant(successful(df), tables):
+        frame = comparison(df, table)
+        cols = [*table["datasets"], "mean"]
+        rows = [[Cell(r["row"]), Cell(r["side"])] + [Cell(_paper_cell(r[c], r["side"])) for c in cols]
+                for _, r in frame.iterrows()]
+        missing = [r["label"] for r in table["rows"] if not r.get("values")]
+        note = (f" Not transcribed yet (n/a): {', '.join(missing)} (analysis/paper/{table['file']})." if missing else "")
+        caption = (f"{table['source']}. Ours: seed means of the runs with the same method and r (percent). "
+                   "mean: the paper's as published where given, else (and for ours and the difference) over the "
+                   f"datasets both sides have.{note}")
+        blocks += [Block("h3", f"{table['name']} ({table['task']}, {table['size']}, {table['regime']})"),
+                   Block("table", table=Table(["row", "", *cols], rows, caption))]
+    return ([Block("h2", "Beside the paper's published numbers")] + blocks) if blocks else []
+
+
+def _paper_cell(value: object, side: str) -> str:
+    """A value of the paper comparison: "n/a" where absent, differences signed."""
+    return _num(value, "+.1f" if side == "ours - paper" else ".1f") or "n/a"
 
 
 def _protocol_section(df: pd.DataFrame) -> list[Block]:

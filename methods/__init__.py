@@ -3,7 +3,7 @@
 Public API (stable, see DESIGN.md): `available`, `num_params`, `wrap_linear`, `inject`,
 `count_trainable`, `solve_budget`, `merge`, `unmerge`, `save_adapter`, `load_adapter`; plus
 `adapter_layers`, `num_params_model`, `resolve_budget`, `solve_budget_report`, `find_targets`,
-`get_method`, `register` and `AdapterLayer` for the runner and for new methods.
+`get_method`, `leave_untrained`, `register` and `AdapterLayer` for the runner and for new methods.
 """
 import importlib
 import pkgutil
@@ -15,6 +15,7 @@ from .inject import (
     count_trainable,
     find_targets,
     inject,
+    leave_untrained,
     load_adapter,
     merge,
     num_params,
@@ -32,6 +33,6 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "AdapterLayer", "BudgetSolution", "adapter_layers", "available", "count_trainable", "find_targets",
-    "get_method", "inject", "load_adapter", "merge", "num_params", "num_params_model", "register",
+    "get_method", "inject", "leave_untrained", "load_adapter", "merge", "num_params", "num_params_model", "register",
     "resolve_budget", "save_adapter", "solve_budget", "solve_budget_report", "unmerge", "wrap_linear",
 ]

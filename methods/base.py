@@ -80,6 +80,17 @@ def boolean(key: str, value: Any) -> bool:
     return value
 
 
+def one_of(*valid: str) -> Validator:
+    """A validator accepting exactly the strings `valid` (e.g. an init convention)."""
+
+    def check(key: str, value: Any) -> str:
+        if value not in valid:
+            raise ValueError(f"{key} must be one of {', '.join(valid)}, got {value!r}")
+        return value
+
+    return check
+
+
 def integer(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{key} must be an integer, got {value!r}")  # noqa: TRY004 (config error)
@@ -121,6 +132,9 @@ class AdapterLayer(CostModel, nn.Module):
         p = self.hp["dropout"]
         self.adapter_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
         self.merged = False
+        #: False: dW is applied but its parameters get no gradient (counted, in the optimizer, never moved),
+        #: as the official RandLoRA CLIP code's attention adapters (see `untrained_forward`)
+        self.update_trained = True
         self.delta_cache = DeltaCache()   # dW kept from forward to backward and across micro-batches
         # Like PEFT's autocast_adapter_dtype: adapters of a bf16/fp16 base train in fp32 (half-precision
         # Adam updates of tiny scalings round to zero); inputs are cast to it on the way in.
@@ -226,7 +240,18 @@ class AdapterLayer(CostModel, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        if not self.update_trained:
+            return self.untrained_forward(x)
         return self.routed_forward(x)   # the factored or the merged path, see methods/costmodel.py
+
+    def untrained_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (W + dW)^T + b with dW outside the graph: the input still gets its gradient, the adapter's
+        parameters none. The official RandLoRA CLIP code writes W + dW into its attention weight through
+        `.data` (vision_language/src/rand_lora.py:582-584), which has this effect on its attention adapters."""
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            adapted = weight + self.delta_weight().to(weight.dtype)
+        return F.linear(x, adapted, self.base_layer.bias)
 
     def train(self, mode: bool = True) -> AdapterLayer:
         """Switching between training and evaluation drops a kept dW (see `keeps_delta`)."""

@@ -237,6 +237,23 @@ def inject(model: nn.Module, name: str, target_modules: Targets, **hp: Any) -> l
     return list(targets)
 
 
+def leave_untrained(model: nn.Module, target_modules: Targets) -> list[str]:
+    """Adapters of the layers `target_modules` selects (suffixes or a regex, as `inject`) keep their dW and
+    count as trainable but get no gradient (`AdapterLayer.untrained_forward`); returns their names."""
+    layers = adapter_layers(model)
+    if isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        names = [n for n in layers if pattern.fullmatch(n)]
+    else:
+        names = [n for n in layers if any(n == s or n.endswith("." + s) for s in target_modules)]
+    if not names:
+        raise ValueError(f"untrained adapter targets {target_modules!r} match no adapter layer; "
+                         f"adapted layers: {list(layers)[:3]} ...")
+    for name in names:
+        layers[name].update_trained = False
+    return names
+
+
 def merge(model: nn.Module) -> None:
     """Fold every dW into its base weight (for inference); explicit, never a side effect."""
     for layer in adapter_layers(model).values():

@@ -1,4 +1,10 @@
-"""LoRA: dW = (alpha / r) * B @ A (PEFT LoraConfig semantics)."""
+"""LoRA: dW = (alpha / r) * B @ A (PEFT LoraConfig semantics).
+
+`init`: peft (PEFT's): A kaiming-uniform(a=sqrt 5) over fan-in `in`, B = 0. official (the RandLoRA vision
+code, github.com/PaulAlbert31/RandLoRA@4ac565e vision_language/src/rand_lora.py:291-294, used as x @ B @ A at :490):
+the input-side factor is zero and the output-side one kaiming-uniform(a=sqrt 5) on a (1, r, out) tensor, so
+its fan-in is r * out: here A = 0 and B ~ U(-1/sqrt(r out), 1/sqrt(r out)). dW = 0 at the start either way.
+"""
 from __future__ import annotations
 
 import math
@@ -8,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, Validator, common_hp, register
+from .base import AdapterLayer, Validator, common_hp, one_of, register
 from .peft_spec import NO_EXTRA_MODULES, PeftSpec, number
 
 
@@ -30,7 +36,8 @@ class LoRA(AdapterLayer):
          "arrow_config": None, "kasa_config": None},
         patterns=True)  # peft 0.21.2 peft/tuners/lora/config.py LoraConfig.rank_pattern/alpha_pattern
 
-    hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = common_hp(alpha=8.0)
+    hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = {
+        **common_hp(alpha=8.0), "init": ("peft", one_of("peft", "official"))}
 
     @classmethod
     def num_params(cls, in_features: int, out_features: int, **hp: Any) -> int:
@@ -47,6 +54,11 @@ class LoRA(AdapterLayer):
         self.lora_B = nn.Parameter(torch.empty(r, self.out_features, **factory).T)
 
     def reset_adapter(self) -> None:
+        if self.hp["init"] == "official":
+            nn.init.zeros_(self.lora_A)
+            bound = 1.0 / math.sqrt(self.hp["r"] * self.out_features)  # kaiming a=sqrt5: 1/sqrt(fan_in)
+            nn.init.uniform_(self.lora_B, -bound, bound)
+            return
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 

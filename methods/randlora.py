@@ -7,7 +7,13 @@ For a layer with d = min(in, out), D = max(in, out) and n = ceil(d / r) bases:
   gamma  (n x d)     trainable, 1 / d at init,
   dW (on the (D x d) side) = (alpha / r) * B.reshape(D, n r) @ S.reshape(r n, d),
   S[k, j] = lambda[k, j] * A[k] * gamma[j]  (element-wise over the d columns)
-and dW is transposed when out < in, so the trainable scalings always sit on the smaller side. As in
+and dW is transposed when out < in, so the trainable scalings always sit on the smaller side.
+
+Two conventions of the official code (github.com/PaulAlbert31/RandLoRA@4ac565e) are hyper-parameters:
+`sqrt_n` divides the scaling by sqrt(n), as the vendored PEFT its GLUE and commonsense code runs does
+(peft/src/peft/tuners/randlora/layer.py:119; PEFT 0.21.2 has alpha / r). `init: official` starts lambda at
+1 / max(n, r) and gamma at 0, as its vision code does (vision_language/src/rand_lora.py:287-290: its (n, r)
+scaling is filled with 1 / max of its shape, its (n, d) one stays zero); `peft`: lambda 0, gamma 1 / d. As in
 PEFT, the two flattenings pair B's (j, k) column order with S's (k, j) row order; that is still n * r
 rank-one terms with distinct random bases, and copying it keeps parity with PEFT's tensors.
 
@@ -24,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, Validator, adapter_dtype_for, boolean, common_hp, integer, register
+from .base import AdapterLayer, Validator, adapter_dtype_for, boolean, common_hp, integer, one_of, register
 from .peft_spec import NO_EXTRA_MODULES, PeftSpec, number, same
 
 
@@ -88,6 +94,14 @@ def ternary_bases(r: int, small: int, big: int, n: int, gen: torch.Generator) ->
     return ternary(a), ternary(b)
 
 
+def peft_alpha(hp: dict[str, Any]) -> float:
+    """PEFT 0.21's randlora_alpha for our hp; sqrt_n (a per-layer 1/sqrt(n)) has no PEFT 0.21 field."""
+    if hp.get("sqrt_n"):
+        raise ValueError("randlora sqrt_n=true (scaling alpha / r / sqrt(n), the official code's vendored PEFT) "
+                         "has no PEFT 0.21 counterpart: only sqrt_n=false adapters can be written in PEFT's format")
+    return hp["alpha"]
+
+
 @register("randlora")
 class RandLoRA(AdapterLayer):
     """Trainable lambda (r x n) and gamma (n x min(in, out)); n = ceil(min / r) grows as r shrinks."""
@@ -97,7 +111,7 @@ class RandLoRA(AdapterLayer):
     # bases are not written (PEFT's save_projection=False): PEFT regenerates them from projection_prng_key
     peft: ClassVar[PeftSpec] = PeftSpec(
         "RANDLORA", "RandLoraConfig", same(("randlora_lambda", "randlora_gamma")),
-        lambda hp: {"r": hp["r"], "randlora_alpha": number(hp["alpha"]), "randlora_dropout": hp["dropout"],
+        lambda hp: {"r": hp["r"], "randlora_alpha": number(peft_alpha(hp)), "randlora_dropout": hp["dropout"],
                     "projection_prng_key": hp["seed"], "sparse": hp["sparse"], "very_sparse": False,
                     "save_projection": False, "bias": "none", "fan_in_fan_out": False, "init_weights": True},
         lambda c: {"r": c.get("r", 32), "alpha": c.get("randlora_alpha", 640),
@@ -107,7 +121,8 @@ class RandLoRA(AdapterLayer):
         random=("randlora_A", "randlora_B"))
 
     hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = {
-        **common_hp(alpha=640.0), "seed": (0, integer), "sparse": (False, boolean)}
+        **common_hp(alpha=640.0), "seed": (0, integer), "sparse": (False, boolean),
+        "sqrt_n": (False, boolean), "init": ("peft", one_of("peft", "official"))}
 
     @classmethod
     def num_params(cls, in_features: int, out_features: int, **hp: Any) -> int:
@@ -137,10 +152,16 @@ class RandLoRA(AdapterLayer):
         self.bases = shared
         r, small = self.hp["r"], min(self.in_features, self.out_features)
         self.n_bases = num_bases(small, r)
+        if self.hp["sqrt_n"]:
+            self.scaling /= math.sqrt(self.n_bases)
         self.randlora_lambda = nn.Parameter(torch.empty(r, self.n_bases, **factory))
         self.randlora_gamma = nn.Parameter(torch.empty(self.n_bases, small, **factory))
 
     def reset_adapter(self) -> None:
+        if self.hp["init"] == "official":
+            nn.init.constant_(self.randlora_lambda, 1.0 / max(self.randlora_lambda.shape))
+            nn.init.zeros_(self.randlora_gamma)
+            return
         nn.init.zeros_(self.randlora_lambda)
         nn.init.constant_(self.randlora_gamma, 1.0 / self.randlora_gamma.shape[1])
 

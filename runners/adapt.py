@@ -85,8 +85,9 @@ def method_info(name: str) -> dict[str, str]:
 
 
 def adapt(model: nn.Module, method_cfg: DictConfig, target_modules: Any, head_prefixes: list[str],
-          budget: int | str | None, budget_alpha: str = "ratio") -> Adaptation:
-    """Apply the configured method in place; return its hyper-parameters and trainable counts."""
+          budget: int | str | None, budget_alpha: str = "ratio", untrained: Any = None) -> Adaptation:
+    """Apply the configured method in place; return its hyper-parameters and trainable counts. Adapters of
+    the layers `untrained` selects are counted but get no gradient (tasks.base.Task.untrained_targets)."""
     name = method_cfg.name
     hp = {k: v for k, v in OmegaConf.to_container(method_cfg, resolve=True).items() if k not in _NOT_HP}
     if budget_alpha not in ("ratio", "fixed"):
@@ -108,6 +109,9 @@ def adapt(model: nn.Module, method_cfg: DictConfig, target_modules: Any, head_pr
             hp.update(_keep_scaling(hp, solution.hp, keep_ratio=budget_alpha == "ratio"))
         expected = methods.num_params_model(model, name, target_modules, **hp)
         wrapped = methods.inject(model, name, target_modules, **hp)
+        if untrained:
+            idle = methods.leave_untrained(model, untrained)
+            log.info("%d of %d adapters counted but never trained (%s)", len(idle), len(wrapped), untrained)
 
     head = _unfreeze_head(model, head_prefixes)
     backbone = methods.count_trainable(model) - head

@@ -307,7 +307,7 @@ def check_model(cfg: DictConfig, budgets: list[str], method_names: list[str] | N
     out["targets"] = sorted({n.rsplit(".", 1)[-1] for n in found})
     out["target_layers"] = len(found)
     for method in method_names or methods.available():
-        out["counts"][method] = {str(b): _solve(model, method, targets, b) for b in budgets}
+        out["counts"][method] = {str(b): _solve(model, method, targets, b, cfg.task) for b in budgets}
     return out
 
 
@@ -327,27 +327,31 @@ def _skeleton(path: str, task_cfg: DictConfig) -> Any:
         return AutoModel.from_config(config, **dict(task_cfg.model.get("kwargs") or {}))
 
 
-def _solve(model: Any, method: str, targets: Any, budget: str) -> dict[str, Any]:
+def _solve(model: Any, method: str, targets: Any, budget: str, task: Any = None) -> dict[str, Any]:
     """The solver's plan as a run makes it (with the method config's hp): the knobs, how many layers
     have their own r, the exact count, its error and whether it is within the solver's tolerance."""
     import methods
 
     try:
-        sol = methods.solve_budget_report(model, method, targets, budget, **_method_hp(method))
+        sol = methods.solve_budget_report(model, method, targets, budget, **_method_hp(method, task))
     except ValueError as err:
         return {"problem": _first_line(err)}
     return {"hp": sol.hp, "own_r": len(sol.rank_pattern),
             "target": sol.target, "achieved": sol.achieved, "error": sol.rel_error, "reached": sol.reached}
 
 
-def _method_hp(method: str) -> dict[str, Any]:
-    """conf/method/<method>.yaml's hyper-parameters (what `budget=native` means); {} without one."""
+def _method_hp(method: str, task: Any = None) -> dict[str, Any]:
+    """conf/method/<method>.yaml's hyper-parameters (what `budget=native` means) under the task's adapter
+    convention (task.scaling / task.conventions; None: PEFT's); {} without a method config."""
     from omegaconf import OmegaConf
 
     path = Path(__file__).resolve().parent.parent / "conf" / "method" / f"{method}.yaml"
     if not path.exists():
         return {}
-    return {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k not in ("name", "lr")}
+    task = task if task is not None else {"scaling": "peft", "conventions": {}}
+    node = OmegaConf.create({"task": task, "method": OmegaConf.load(path)})
+    hp = OmegaConf.to_container(node.method, resolve=True)
+    return {k: v for k, v in hp.items() if k not in ("name", "lr")}
 
 
 # --- the whole suite ---------------------------------------------------------------------------------

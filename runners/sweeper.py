@@ -174,6 +174,26 @@ def validate_factors(spec: Mapping[str, Any]) -> None:
                              f"method's default {key}), e.g. [0.5,1,2]; got {values!r}")
 
 
+# --- +sweep=paper (pure) ----------------------------------------------------------------------------
+
+GRID_KEYS = ("methods", "hp", "seeds", "references")
+
+
+def select_grid(spec: Mapping[str, Any], task: str, size: str) -> dict[str, Any]:
+    """The spec with its `grids.<task>.<size>` filling the axes left null (+sweep=paper: each task's
+    published comparison); a SweepError naming the task/size pairs that have one otherwise."""
+    grids = spec.get("grids")
+    if not grids:
+        return dict(spec)
+    grid = (grids.get(task) or {}).get(size)
+    if grid is None:
+        have = ", ".join(f"task={t} size={z}" for t, sizes in grids.items() for z in sizes)
+        raise SweepError(f"+sweep={spec.get('name')} has no published comparison for task={task} size={size}; "
+                         f"it has: {have}")
+    out = {k: v for k, v in spec.items() if k != "grids"}
+    return {**out, **{k: grid.get(k) for k in GRID_KEYS if out.get(k) is None}}
+
+
 # --- +sweep=tuned (pure) -----------------------------------------------------------------------------
 
 TUNING_FILE = "tuning.json"  # read by runners.train.read_tuning (kept equal to runners.train.TUNING_FILE)
@@ -329,6 +349,7 @@ class RankbenchSweeper(BasicSweeper):
         spec = OmegaConf.to_container(self.config.get("sweep") or {}, resolve=True)
         if not spec:
             return super().sweep(arguments)
+        spec = select_grid(spec, str(self.config.task.name), str(self.config.size.name))
         spec["datasets"] = sweep_datasets(self.config)
         base_jobs = [[o for o in base if _key(o) != "dataset"] for base in self._base_jobs(arguments)]
         _check_axes_not_overridden(base_jobs[0], spec.get("name", "?"))

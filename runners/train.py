@@ -81,7 +81,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         task = tasks.build(cfg.task)
         model = task.build_model()
         adaptation = adapt(model, cfg.method, task.target_modules, task.head_prefixes, cfg.budget,
-                           cfg.get("budget_alpha", "ratio"))
+                           cfg.get("budget_alpha", "ratio"), task.untrained_targets)
         _record_adaptation(record, adaptation, model)
         model.to(device)
         logger = make_logger(cfg.logger if world.main else OmegaConf.create({"name": "none"}),  # W&B: rank 0

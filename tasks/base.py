@@ -47,6 +47,12 @@ class Task(ABC):
         return targets if isinstance(targets, str) else list(targets)
 
     @property
+    def untrained_targets(self) -> list[str] | None:
+        """Adapted layers whose adapters are injected and counted but never trained (methods.leave_untrained);
+        None: every adapter trains. Only a task reproducing an upstream defect names any (task=clip)."""
+        return None
+
+    @property
     def head_prefixes(self) -> list[str]:
         """Module-name prefixes of the head (`heads`); a trailing "." in config (`heads.`) is tolerated,
         since the runner matches `name == p or name.startswith(p + ".")`."""

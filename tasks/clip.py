@@ -96,6 +96,9 @@ def text_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return F.normalize(model.text_projection(out), dim=-1)
 
 
+ATTENTION_MODES = ("trained", "counted_untrained")
+
+
 @register("clip")
 class ClipTask(ImageSuiteTask):
     """Tiny CLIP (`tiny-clip`) over the embedded image suite; a hub CLIP id plugs into the same code."""
@@ -106,6 +109,15 @@ class ClipTask(ImageSuiteTask):
         model = load_pretrained(CLIPModel.from_pretrained, self.cfg.model.path, **load_kwargs(self.cfg.model))
         log.info("clip task: %s, datasets %s", self.cfg.model.path, ", ".join(self.datasets))
         return enable_memory_savers(model, self.cfg.model)
+
+    @property
+    def untrained_targets(self) -> list[str] | None:
+        """task.attention_adapters=counted_untrained: the attention adapters (task.attention_targets) are
+        injected and counted but get no gradient, as in the official RandLoRA CLIP code (conf/task/clip.yaml)."""
+        mode = self.cfg.attention_adapters
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"task.attention_adapters={mode!r} is not valid; use {' or '.join(ATTENTION_MODES)}")
+        return list(self.cfg.attention_targets) if mode == "counted_untrained" else None
 
     @cached_property
     def tokenizer(self) -> object:

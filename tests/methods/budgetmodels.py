@@ -82,6 +82,9 @@ def build(name: str) -> Built:
 
 
 def method_hp(method: str) -> dict[str, Any]:
-    """conf/method/<method>.yaml without name/lr: the hp a run passes to the solver ("native" uses them)."""
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "method" / f"{method}.yaml"))
+    """conf/method/<method>.yaml without name/lr under PEFT's convention (task.scaling=peft, the tiny suite's):
+    the hp a run passes to the solver ("native" uses them)."""
+    node = OmegaConf.create({"task": {"scaling": "peft", "conventions": {}},
+                             "method": OmegaConf.load(ROOT / "conf" / "method" / f"{method}.yaml")})
+    cfg = OmegaConf.to_container(node.method, resolve=True)
     return {k: v for k, v in cfg.items() if k not in ("name", "lr")}
