@@ -2,7 +2,9 @@
 
 Each file holds tables of one paper: a table names its source (the paper's table), the task / size / data
 regime it matches, its datasets, and rows `{method, r, label, values: {dataset: percent}, mean}`. A row whose
-`values` is null has not been transcribed: the report prints the row with "n/a" and says so. Our side of a row
+`values` is null has not been transcribed: the report prints the row with "n/a" and says so. Optional keys are
+data for readers and tests, not printed: a table's `decimals` (the places the paper prints), a row's `params`
+and `std` (as the paper prints them). Our side of a row
 is the seed mean of the successful runs of that task, size and regime with the same method and `hp.r` (as
 +sweep=paper runs them); the difference is ours minus the paper's, in points, and the mean is taken over the
 datasets both sides have.

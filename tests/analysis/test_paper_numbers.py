@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from synthetic_results import CLIP_DATASETS
 
 from analysis.published import comparison, load_tables, relevant
@@ -56,3 +58,49 @@ def test_the_repository_tables_name_their_source_and_match_the_paper_sweep():
                                                        ("language", "large"), ("commonsense", "large")}
     assert all(t["source"].startswith("arXiv 2502.00987") for t in tables)
     assert not relevant(pd.DataFrame({"status": [], "task": [], "size": [], "regime": []}), tables)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def repository_rows() -> list[tuple[dict, dict]]:
+    return [(t, row) for t in load_tables() for row in t["rows"]]
+
+
+def test_every_repository_row_holds_a_number_for_each_dataset_of_its_table():
+    for t, row in repository_rows():
+        where = f"{t['file']}: {t['name']} / {row['label']}"
+        assert set(row["values"]) == set(t["datasets"]), where
+        assert all(isinstance(v, (int, float)) for v in row["values"].values()), where
+        assert isinstance(row["mean"], (int, float)), where
+
+
+def test_transcribed_means_equal_the_mean_of_their_values_within_rounding():
+    """Each value and each printed mean is rounded to the table's `decimals`, so the two differ by at most one
+    unit of that place; a digit copied wrong moves the mean further (unless it is one of the smallest slips)."""
+    for t, row in repository_rows():
+        values = list(row["values"].values())
+        assert abs(sum(values) / len(values) - row["mean"]) <= 10 ** -t["decimals"] + 1e-9, \
+            f"{t['file']}: {t['name']} / {row['label']}"
+
+
+def test_rows_name_rankbench_methods_and_labels_are_unique():
+    known = {p.stem for p in (ROOT / "conf" / "method").glob("*.yaml")}
+    for t in load_tables():
+        assert {row["method"] for row in t["rows"]} <= known, t["name"]
+        labels = [row["label"] for row in t["rows"]]
+        assert len(labels) == len(set(labels)), t["name"]
+
+
+def test_the_paper_sweep_has_a_published_row_for_each_of_its_comparisons_but_one():
+    """+sweep=paper's grid (conf/sweep/paper.yaml) against the full-data tables: the one gap is the paper's
+    RoBERTa-base VeRA row, which is VeRA-1024 in Table 4 where the official script runs rank 256."""
+    grids = yaml.safe_load((ROOT / "conf" / "sweep" / "paper.yaml").read_text())["sweep"]["grids"]
+    published = {(t["task"], t["size"], row["method"], row["r"])
+                 for t in load_tables() if t["regime"] == "full data" for row in t["rows"]}
+    wanted = {(task, size, method, r)
+              for task, sizes in grids.items() for size, grid in sizes.items()
+              for method in grid["methods"] for r in grid["hp"][method]["r"]}
+    wanted |= {(task, size, ref, None) for task, sizes in grids.items() for size, grid in sizes.items()
+               for ref in grid["references"]}
+    assert wanted - published == {("language", "base", "vera", 256)}
