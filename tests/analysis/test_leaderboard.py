@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from analysis import leaderboard
 from analysis.leaderboard import (
     FILTER_COLUMNS,
     column_roles,
@@ -106,6 +108,22 @@ def test_column_roles_and_directions_reach_the_page(runs, page):
 def test_bad_input_is_one_clear_error(frame, message):
     with pytest.raises(ValueError, match=message):
         leaderboard_data(frame)
+
+
+def test_the_page_is_one_file_built_from_the_shipped_assets(page):
+    """The style and script come from analysis/assets/ and are inlined: the page loads nothing else."""
+    text, assets = page.read_text(), Path(leaderboard.__file__).parent / "assets"
+    for name in ("leaderboard.css", "leaderboard.js"):
+        assert (assets / name).read_text() in text, name
+    assert not re.search(r"<(?:link|script)[^>]*\b(?:href|src)=", text)  # no external style or script
+    assert not re.search(r"\{(?:title|css|data|js)\}", text)  # every placeholder filled
+
+
+def test_pyproject_ships_the_assets_as_package_data():
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {f for pattern in patterns["analysis"] for f in (root / "analysis").glob(pattern)}
+    assert {f for f in (root / "analysis" / "assets").iterdir()} <= shipped
 
 
 # ----------------------------------------------------------------------------------------- browser
