@@ -215,18 +215,17 @@ def gradient_failures(model: nn.Module, impl: str) -> list[str]:
             ] if bad else []
 
 
-def rank_bound(method: str, hp: dict[str, Any]) -> int | None:
-    """The structural bound of rank(dW) where the method has one that is below full rank."""
-    r = int(hp.get("r", 0))
-    return {"lora": r, "loha": r * r}.get(method)
+def rank_bound(layer: methods.AdapterLayer) -> int:
+    """The structural bound of rank(dW) for this layer, as its method class declares it (`max_rank`)."""
+    return type(layer).max_rank(layer.in_features, layer.out_features, **layer.hp)
 
 
 def check_rank(row: Row, model: nn.Module) -> None:
     """rank(dW) of the first adapted layer, in fp32, against the structure's bound."""
     layer = next(iter(methods.adapter_layers(model).values()))
     row.rank = matrix_ranks(layer.delta_weight().detach().float())
-    bound = rank_bound(row.method, row.hp)
-    if bound is not None and row.rank["rank"] > bound:
+    bound = rank_bound(layer)
+    if row.rank["rank"] > bound:
         row.failures.append(f"rank(dW) = {row.rank['rank']} above the structure's bound {bound}")
 
 
