@@ -44,7 +44,8 @@ log = logging.getLogger("analysis.report")
 FIGURES: list[tuple[str, Callable[[pd.DataFrame], Figure], str]] = [
     ("accuracy_vs_params", plots.fig_accuracy_vs_params,
      ("Accuracy vs trainable parameters (log scale), one line per method; dashed/dotted lines: full "
-     "fine-tuning and head-only/zero-shot references; error bars and bands: 95% CI over seeds.")),
+     "fine-tuning and head-only/zero-shot references; error bars and bands: 95% Student-t intervals over "
+     "seeds (the seed count n in the legend); a bar wider than the axis is cut at it and ends in an arrowhead.")),
     ("memory_pareto", plots.fig_memory_pareto,
      ("Peak memory vs accuracy for every method and budget; circled points and the dashed step line form "
      "the Pareto front (less memory, more accuracy).")),
@@ -53,7 +54,8 @@ FIGURES: list[tuple[str, Callable[[pd.DataFrame], Figure], str]] = [
     ("per_dataset", plots.fig_per_dataset,
      "Per-dataset accuracy (%), seed means; best adapter per column in bold; shading is per column."),
     ("delta_rank", plots.fig_delta_rank,
-     "Rank of the learned update dW as a fraction of the layer's maximum rank (mean over sampled layers)."),
+     ("Rank of the learned update dW as a fraction of the layer's maximum rank (mean over sampled layers); "
+      "error bars: 95% Student-t intervals over seeds, cut at the axis like the accuracy figure's.")),
     ("forgetting", plots.fig_forgetting,
      ("Accuracy gained by training against forgetting (CLIP: zero-shot accuracy lost on the suite's other "
       "datasets; language: loss increase on held-out generic text), one point per method and budget; error "
