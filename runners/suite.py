@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, open_dict
 
 import tasks
+from runners.logger import suite_group
 from runners.results import FILENAME
 from runners.schema import Metrics, Record, suite_cost, suite_forgetting
 
@@ -40,12 +41,15 @@ def sweep_datasets(cfg: DictConfig) -> list[str]:
     return list(task.datasets) if task.trains_per_dataset else []
 
 
-def dataset_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictConfig:
-    """The config of one dataset's run of a suite: `dataset=<name>`, written under `run_dir/<name>`."""
+def dataset_config(cfg: DictConfig, dataset: str, run_dir: Path, group: str | None = None) -> DictConfig:
+    """The config of one dataset's run of a suite: `dataset=<name>`, written under `run_dir/<name>`,
+    logged in W&B group `group` (the suite's, runners.logger.suite_group) when one is given."""
     sub = cfg.copy()
     with open_dict(sub):
         sub.dataset = dataset
         sub.out_dir = str(run_dir / dataset)
+        if group is not None:
+            sub.logger.group = group
     return sub
 
 
@@ -55,10 +59,11 @@ def run_suite(cfg: DictConfig, names: list[str], run_dir: Path, record: dict[str
 
     A failing dataset does not stop the others; the summary then says which failed and why."""
     records, errors = {}, {}
+    group = suite_group(cfg.logger, record["run"]["id"])
     for i, name in enumerate(names, 1):
         log.info("suite %s: dataset %d of %d: %s", cfg.task.name, i, len(names), name)
         try:
-            records[name] = run_one(dataset_config(cfg, name, run_dir))
+            records[name] = run_one(dataset_config(cfg, name, run_dir, group))
         except failed as err:  # the dataset's own results.json holds the details
             cause = err.__cause__ or err
             errors[name] = f"{type(cause).__name__}: {cause}"

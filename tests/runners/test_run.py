@@ -11,7 +11,7 @@ from rbtest import compose_config, run_cli
 import methods
 from runners.adapt import method_names
 from runners.cli import check_values
-from runners.logger import offline_summary
+from runners.logger import offline_run_info, offline_summary
 from runners.train import RunFailed, run
 
 TASKS = ["clip", "vision", "language"]
@@ -170,6 +170,12 @@ def test_wandb_offline_run_holds_the_summary(tiny_overrides, tmp_path, monkeypat
     first = min(record["run"]["parts"])
     assert summary["metrics/accuracy"] == pytest.approx(record["metrics"]["per_dataset"][first])
     assert summary["params/trainable"] == record["params"]["trainable"]
+    runs = [offline_run_info(f) for f in files]  # named by dataset, grouped by the suite
+    assert sorted(r["name"] for r in runs) == [f"{d}-lora-nobudget-s0" for d in sorted(record["run"]["parts"])]
+    assert {r["group"] for r in runs} == {record["run"]["id"]}
+    [suite] = (tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb")
+    assert offline_run_info(suite)["group"] == record["run"]["id"]
+    assert offline_summary(suite)["metrics/accuracy"] == pytest.approx(record["metrics"]["accuracy"])
 
 
 def test_run_failed_is_raised_in_process(tiny_overrides):
