@@ -99,9 +99,8 @@ class Cost:
     activation and state bytes; a suite's are the mean (train time summed, memory the max).
 
     A figure this device or run does not produce (GPU figures on CPU, everything of a failed run) is
-    `NOT_MEASURED`: absent from the file, so CPU and GPU figures never share a record (DESIGN.md,
-    Measurements); null is a figure the run produces but had no value for (step time with nothing to
-    train). Readers that do not care take `cost_figures(cost)`: every field, None where absent."""
+    `NOT_MEASURED`: absent from the file, so CPU and GPU figures never share a record; null is a figure
+    the run produces but had no value for (step time with nothing to train). Readers that do not care take `cost_figures(cost)`: every field, None where absent."""
 
     step_time_s: float | None = NOT_MEASURED
     step_time_p90_s: float | None = NOT_MEASURED

@@ -1,4 +1,4 @@
-"""Synthetic sweep outputs as schema-1 `results.json` files (DESIGN.md), for the analysis tests.
+"""Synthetic sweep outputs as schema-1 `results.json` files (runners/schema.py), for the analysis tests.
 
 Schema 1 on purpose: these files have no `run.lr`, `run.regime`, `run.model` or `run.method_kind`, so
 every analysis test also checks that `runners.schema.upgrade_v1` fills them from the run's config.
