@@ -119,8 +119,9 @@ class WandbLogger:
         self.mode = mode
         self._wandb = wandb
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=group, tags=tags,
-                              name=name or run_name(config), job_type=job_type, config=config, dir=str(run_dir),
-                              mode=mode, reinit="finish_previous", settings=wandb.Settings(silent=True, console="off"))
+                              name=name or run_name(config), job_type=job_type, config=config,
+                              dir=str(run_dir), mode=mode, reinit="finish_previous",
+                              settings=wandb.Settings(silent=True, console="off"))
         self.run.summary["run_id"] = run_id
 
     def log(self, data: dict[str, Any], step: int) -> None:
@@ -142,7 +143,8 @@ class WandbLogger:
 
 
 def make_logger(cfg: DictConfig, run_dir: Path, run_id: str, config: dict, group: str | None,
-                tags: list[str], job_type: str = "train", name: str | None = None) -> NullLogger | WandbLogger:
+                tags: list[str], job_type: str = "train",
+                name: str | None = None) -> NullLogger | WandbLogger:
     """Logger named by `logger.name`; see conf/logger/."""
     if cfg.name == "none":
         return NullLogger()
@@ -161,7 +163,8 @@ def log_suite(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> None:
     try:
         logger.summary({k: record[k] for k in ("params", "cost", "metrics")})
         if isinstance(logger, WandbLogger):
-            logger.table("per_dataset", ["dataset", "accuracy_before", "accuracy"], suite_rows(record["metrics"]))
+            columns = ["dataset", "accuracy_before", "accuracy"]
+            logger.table("per_dataset", columns, suite_rows(record["metrics"]))
     finally:
         logger.finish(failed=run["status"] != "success")
 

@@ -86,14 +86,17 @@ def summary_record(record: dict[str, Any], names: list[str], records: dict[str, 
         run["dataset_revisions"] = {n: (p.run.dataset_revisions or {}).get(n) for n, p in parts.items()}
         record["params"] = asdict(first.params)
     run["parts"] = {n: f"{n}/{FILENAME}" for n in names}
-    metrics = Metrics(per_dataset=_each(parts, "per_dataset"), per_dataset_before=_each(parts, "per_dataset_before"),
+    metrics = Metrics(per_dataset=_each(parts, "per_dataset"),
+                      per_dataset_before=_each(parts, "per_dataset_before"),
                       per_dataset_metrics=_each(parts, "per_dataset_metrics"),
                       per_dataset_metrics_before=_each(parts, "per_dataset_metrics_before"),
                       eval_examples=_each(parts, "eval_examples"),
-                      delta_rank={f"{n}/{layer}": v for n, p in parts.items() for layer, v in p.metrics.delta_rank.items()},
+                      delta_rank={f"{n}/{layer}": v for n, p in parts.items()
+                                  for layer, v in p.metrics.delta_rank.items()},
                       eval_split=first.metrics.eval_split if first else None,
                       **suite_forgetting({n: p.metrics for n, p in parts.items()}))
-    record.update(metrics=asdict(metrics), cost=suite_cost([p.cost for p in parts.values()]).to_dict(), history=[])
+    cost = suite_cost([p.cost for p in parts.values()]).to_dict()
+    record.update(metrics=asdict(metrics), cost=cost, history=[])
     run["suite_errors"] = errors
     return record
 

@@ -12,13 +12,13 @@ import os
 import re
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+import tomllib
 
 from analysis import leaderboard
 from analysis.leaderboard import (
