@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: seconds to wait for the W&B server before running offline (GPU nodes often have no internet).
 REACH_TIMEOUT_S = 3.0
+#: W&B job type of a suite's summary run (`log_suite`); readers of a W&B project skip it (analysis.load).
+SUITE_JOB_TYPE = "suite"
 
 
 class NullLogger:
@@ -153,12 +155,12 @@ def make_logger(cfg: DictConfig, run_dir: Path, run_id: str, config: dict, group
     raise ValueError(f"unknown logger {cfg.name!r}; valid: wandb, none")
 
 
-def log_suite(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> None:
+def log_suite(cfg: DictConfig, run_dir: Path, record: dict[str, Any], failed: bool) -> None:
     """The suite's record as a W&B run of its group: summary = params/cost/metrics (metrics/accuracy is the
     mean over datasets), plus a `per_dataset` table (dataset, accuracy before and after; the mean last)."""
     run = record["run"]
     logger = make_logger(cfg, run_dir, run["id"], run["config"], suite_group(cfg, run["id"]),
-                         [run["method"], run["task"], run["size"], "suite"], job_type="suite",
+                         [run["method"], run["task"], run["size"], "suite"], job_type=SUITE_JOB_TYPE,
                          name=f"{run_name(run['config'])}-mean")
     try:
         logger.summary({k: record[k] for k in ("params", "cost", "metrics")})
@@ -166,7 +168,7 @@ def log_suite(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> None:
             columns = ["dataset", "accuracy_before", "accuracy"]
             logger.table("per_dataset", columns, suite_rows(record["metrics"]))
     finally:
-        logger.finish(failed=run["status"] != "success")
+        logger.finish(failed=failed)
 
 
 def suite_rows(metrics: dict[str, Any]) -> list[list[Any]]:

@@ -1,4 +1,5 @@
-"""W&B as a user sees it, offline (WANDB_MODE=offline): run names, a suite's group, the suite's summary run."""
+"""W&B as a user sees it, offline (WANDB_MODE=offline): run names, a suite's group, the suite's summary
+run."""
 from __future__ import annotations
 
 import json
@@ -39,9 +40,10 @@ def test_the_suite_mean_and_per_dataset_table_reach_a_run_of_the_group(tmp_path,
     record = {"run": {"id": "clip-randlora-tiny-nobudget-s0-abc", "method": "randlora", "task": "clip",
                       "size": "tiny", "status": "success", "config": _config(None, budget=None)},
               "params": {"trainable": 1234}, "cost": {"train_time_s": 3.5},
-              "metrics": {"accuracy": 0.6, "accuracy_before": 0.4, "per_dataset": {"dtd": 0.5, "eurosat": 0.7},
+              "metrics": {"accuracy": 0.6, "accuracy_before": 0.4,
+                          "per_dataset": {"dtd": 0.5, "eurosat": 0.7},
                           "per_dataset_before": {"dtd": 0.3, "eurosat": 0.5}}}
-    log_suite(WANDB, tmp_path, record)
+    log_suite(WANDB, tmp_path, record, failed=False)
     [path] = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     assert offline_run_info(path) == {"name": "clip-randlora-nobudget-s0-mean", "group": record["run"]["id"],
                                  "job_type": "suite"}
@@ -57,7 +59,7 @@ def test_the_suite_mean_and_per_dataset_table_reach_a_run_of_the_group(tmp_path,
 def test_no_w_and_b_logs_no_suite_run(tmp_path):
     log_suite(OmegaConf.create({"name": "none"}), tmp_path, {"run": {"id": "x", "method": "m", "task": "t",
               "size": "tiny", "status": "success", "config": _config(None)}, "params": {}, "cost": {},
-              "metrics": {"per_dataset": {}}})
+              "metrics": {"per_dataset": {}}}, failed=False)
     assert not list(tmp_path.iterdir())
 
 
