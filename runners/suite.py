@@ -19,8 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, open_dict
 
 import tasks
-from runners import distributed
-from runners.logger import log_suite, suite_group
+from runners.logger import suite_group
 from runners.results import FILENAME
 from runners.schema import Metrics, Record, suite_cost, suite_forgetting
 
@@ -68,10 +67,7 @@ def run_suite(cfg: DictConfig, names: list[str], run_dir: Path, record: dict[str
         except failed as err:  # the dataset's own results.json holds the details
             cause = err.__cause__ or err
             errors[name] = f"{type(cause).__name__}: {cause}"
-    record = summary_record(record, names, records, errors)
-    if distributed.is_main():  # the mean and per-dataset table, in the suite's W&B group
-        log_suite(cfg.logger, run_dir, record, failed=bool(errors))
-    return record
+    return summary_record(record, names, records, errors)
 
 
 def summary_record(record: dict[str, Any], names: list[str], records: dict[str, dict[str, Any]],
