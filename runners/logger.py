@@ -15,6 +15,7 @@ import netrc
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,23 @@ def offline_summary(path: str | Path) -> dict[str, Any]:
                 key = item.key or "/".join(item.nested_key)
                 summary[key] = json.loads(item.value_json)
     return summary
+
+
+def wait_until_written(path: str | Path, timeout_s: float = 30.0) -> Path:
+    """`path` once its run's exit record is in it. wandb's service process writes an offline run file
+    after `run.finish()` has returned (observed with wandb 0.31: the file can still hold only its 7-byte
+    header), so a reader right after a run waits for it; a TimeoutError names the file otherwise."""
+    from wandb.proto import wandb_internal_pb2
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for raw in offline_records(path):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") == "exit":
+                return Path(path)
+        time.sleep(0.1)
+    raise TimeoutError(f"{path}: no exit record after {timeout_s:g} s (the W&B run did not finish writing)")
 
 
 def offline_run_info(path: str | Path) -> dict[str, str]:

@@ -7,7 +7,14 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from runners.logger import log_suite, offline_run_info, offline_summary, run_name, suite_group
+from runners.logger import (
+    log_suite,
+    offline_run_info,
+    offline_summary,
+    run_name,
+    suite_group,
+    wait_until_written,
+)
 from runners.suite import dataset_config
 
 WANDB = OmegaConf.create({"name": "wandb", "project": "rankbench", "entity": None, "group": None, "tags": [],
@@ -44,7 +51,7 @@ def test_the_suite_mean_and_per_dataset_table_reach_a_run_of_the_group(tmp_path,
                           "per_dataset": {"dtd": 0.5, "eurosat": 0.7},
                           "per_dataset_before": {"dtd": 0.3, "eurosat": 0.5}}}
     log_suite(WANDB, tmp_path, record, failed=False)
-    [path] = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    [path] = [wait_until_written(p) for p in tmp_path.glob("wandb/offline-run-*/run-*.wandb")]
     assert offline_run_info(path) == {"name": "clip-randlora-nobudget-s0-mean", "group": record["run"]["id"],
                                  "job_type": "suite"}
     summary = offline_summary(path)
