@@ -54,7 +54,8 @@ def metric_direction(name: str) -> str | None:
 
 
 def column_roles(runs: pd.DataFrame) -> dict[str, str]:
-    """Each column's role: 'run' (per-run detail), 'key' (identifies a configuration) or 'metric' (averaged)."""
+    """Each column's role: 'run' (per-run detail), 'key' (identifies a configuration) or 'metric'
+    (averaged)."""
     roles = {}
     for col in runs.columns:
         numeric = pd.api.types.is_numeric_dtype(runs[col]) and not pd.api.types.is_bool_dtype(runs[col])
@@ -71,14 +72,16 @@ def leaderboard_data(runs: pd.DataFrame, figures: Sequence[Path] = (), out: Path
     if runs.empty:
         raise ValueError("the runs table is empty; the leaderboard needs at least one run")
     if COLOUR_COLUMN not in runs.columns:
-        raise ValueError(f"the runs table needs a {COLOUR_COLUMN!r} column; it has: {', '.join(runs.columns)}")
+        raise ValueError(f"the runs table needs a {COLOUR_COLUMN!r} column; "
+                         f"it has: {', '.join(runs.columns)}")
     roles = column_roles(runs)
     metrics = [c for c, r in roles.items() if r == "metric"]
-    columns = [{"name": c, "role": roles[c], "direction": metric_direction(c) if roles[c] == "metric" else None}
-               for c in runs.columns]
+    columns = [{"name": c, "role": roles[c],
+                "direction": metric_direction(c) if roles[c] == "metric" else None} for c in runs.columns]
     return {
         "columns": columns,
-        "rows": [{c: _plain(v) for c, v in zip(runs.columns, row)} for row in runs.itertuples(index=False)],
+        "rows": [{c: _plain(v) for c, v in zip(runs.columns, row, strict=True)}
+                 for row in runs.itertuples(index=False)],
         "filters": [c for c in FILTER_COLUMNS if c in runs.columns],
         "colour": COLOUR_COLUMN,
         "label": LABEL_COLUMN if LABEL_COLUMN in runs.columns else COLOUR_COLUMN,
@@ -95,7 +98,8 @@ def embed_json(data: Any) -> str:
 
 
 def write_leaderboard(runs: pd.DataFrame, out: Path, figures: list[Path],
-                      captions: Mapping[str, str] | None = None, title: str = "rankbench leaderboard") -> Path:
+                      captions: Mapping[str, str] | None = None,
+                      title: str = "rankbench leaderboard") -> Path:
     """Write `out/index.html` (one self-contained page) and return its path."""
     out = Path(out)
     data = leaderboard_data(runs, figures, out, captions)
@@ -103,7 +107,8 @@ def write_leaderboard(runs: pd.DataFrame, out: Path, figures: list[Path],
     parts = {"title": html.escape(title), "css": _asset("leaderboard.css"), "data": embed_json(data),
              "js": _asset("leaderboard.js")}
     template = _asset("leaderboard.html")
-    page = re.sub(r"\{(title|css|data|js)\}", lambda m: parts[m.group(1)], template)  # one pass: no re-expansion
+    # one pass: a value that contains a placeholder is never expanded again
+    page = re.sub(r"\{(title|css|data|js)\}", lambda m: parts[m.group(1)], template)
     path = out / "index.html"
     path.write_text(page, encoding="utf-8")
     return path

@@ -5,7 +5,8 @@ gives each method of a panel its label, colour, marker and line style from fixed
 (`analysis.aggregate.method_order`), so every figure of a panel draws a method identically and a new
 method appears in every figure with no edit.
 Figures are sized for a paper column (3.5 in) with 7-8 pt text, built on `matplotlib.figure.Figure`
-directly with an Agg canvas (no pyplot global state, nothing to close), so callers save or discard them freely.
+directly with an Agg canvas (no pyplot global state, nothing to close), so callers save or discard them
+freely.
 """
 from __future__ import annotations
 
@@ -86,8 +87,10 @@ def method_styles(df: pd.DataFrame) -> dict[str, MethodStyle]:
         adapter = info.at[method, "method_kind"] == ADAPTER
         i = counts[adapter]
         counts[adapter] += 1
-        colors, markers = (ADAPTER_COLORS, ADAPTER_MARKERS) if adapter else (REFERENCE_COLORS, REFERENCE_MARKERS)
-        styles[method] = MethodStyle(str(info.at[method, "method_label"]), str(info.at[method, "method_kind"]),
+        colors, markers = ((ADAPTER_COLORS, ADAPTER_MARKERS) if adapter
+                           else (REFERENCE_COLORS, REFERENCE_MARKERS))
+        styles[method] = MethodStyle(str(info.at[method, "method_label"]),
+                                     str(info.at[method, "method_kind"]),
                                      colors[i % len(colors)], markers[i % len(markers)],
                                      "-" if adapter else REFERENCE_LINES[i % len(REFERENCE_LINES)])
     return styles
@@ -220,7 +223,8 @@ def fig_accuracy_vs_params(df: pd.DataFrame) -> Figure:
             missed = part[[(method, b) in off for b in part["budget_target"]]]
             if not missed.empty:  # drawn hollow, on a white face: never read as a point at the budget
                 ax.plot(missed["trainable_params_mean"], 100 * missed["mean_accuracy_mean"], linestyle="none",
-                        marker=styles[method].marker, markerfacecolor="white", markeredgecolor=styles[method].color,
+                        marker=styles[method].marker, markerfacecolor="white",
+                        markeredgecolor=styles[method].color,
                         markersize=7, zorder=5, label=f"{styles[method].label}: budget not reached (>1% off)")
         for method, part in _by_method(agg[~is_adapter(agg)]):
             _reference_line(ax, part, "mean_accuracy", styles[method])
@@ -297,7 +301,8 @@ def _reference_line(ax: Axes, ref: pd.DataFrame, metric: str, style: MethodStyle
 
 
 def fig_memory_pareto(df: pd.DataFrame) -> Figure:
-    """Peak memory vs accuracy for every method and budget, with the Pareto front (less memory, more accuracy)."""
+    """Peak memory vs accuracy for every method and budget, with the Pareto front (less memory, more
+    accuracy)."""
     mem = memory_column(df)
     if mem is None:
         raise ValueError("no peak_mem_bytes or peak_rss_bytes in these runs")
@@ -362,7 +367,7 @@ def fig_cost_vs_lora(df: pd.DataFrame) -> Figure:
     with matplotlib.rc_context(STYLE):
         fig = _figure(height=1.45 * len(metrics) + 1.0)
         axes = fig.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0]
-        for ax, metric in zip(axes, metrics):
+        for ax, metric in zip(axes, metrics, strict=True):
             _relative_bars(ax, agg, f"{metric}_rel", budgets, styles)
             name = "step time" if metric == "step_time_s" else _MEMORY_LABELS.get(metric, metric)
             ax.set_ylabel(f"{name}\n/ {base.label} (×)")
@@ -388,7 +393,8 @@ def _relative_bars(ax: Axes, agg: pd.DataFrame, col: str, budgets: Sequence, sty
 
 
 def _budget_label(budget: float, runs: pd.DataFrame, base_label: str) -> str:
-    """'37k\\n(LoRA r=8)': budgets are conventionally named by the baseline's (LoRA's) rank that produces them."""
+    """'37k\\n(LoRA r=8)': budgets are conventionally named by the baseline's (LoRA's) rank that produces
+    them."""
     base = runs[(runs["method"] == BASELINE) & (runs["budget_target"] == budget)]
     rank = _lora_rank(base["hp"].iloc[0]) if len(base) else None
     return human(float(budget)) + (f"\n({base_label} r={rank})" if rank is not None else "")
@@ -434,7 +440,7 @@ def fig_per_dataset(df: pd.DataFrame, max_columns: int = 12) -> Figure:
                         fontweight="bold" if bold[r, c] else "normal")
         method_axis = ax.xaxis if transpose else ax.yaxis
         _heatmap_ticks(ax, row_labels, datasets, transpose)
-        for tick, method in zip(method_axis.get_ticklabels(), methods):
+        for tick, method in zip(method_axis.get_ticklabels(), methods, strict=True):
             tick.set_color(styles[method].color)
         if datasets[-1] == "mean" and len(datasets) > 1:
             (ax.axhline if transpose else ax.axvline)(len(datasets) - 1.5, color="white", linewidth=3)
@@ -448,7 +454,8 @@ def fig_per_dataset(df: pd.DataFrame, max_columns: int = 12) -> Figure:
 
 def _heatmap_ticks(ax: Axes, method_labels: list[str], datasets: list[str], transpose: bool) -> None:
     xs, ys = (method_labels, datasets) if transpose else (datasets, method_labels)
-    ax.set_xticks(range(len(xs)), xs, rotation=40 if not transpose else 60, ha="right", rotation_mode="anchor")
+    ax.set_xticks(range(len(xs)), xs, rotation=40 if not transpose else 60, ha="right",
+                  rotation_mode="anchor")
     ax.set_yticks(range(len(ys)), ys)
 
 
@@ -476,14 +483,15 @@ def fig_delta_rank(df: pd.DataFrame) -> Figure:
     runs = per_run(df).dropna(subset=["dw_rank_frac"])
     if not is_adapter(runs).any():
         raise ValueError("no delta_rank measurements of adapter runs")
-    agg = aggregate_seeds(runs, ["dw_rank_frac", "dw_effective_rank_frac", "trainable_params"], keys=SETTING_KEYS)
+    agg = aggregate_seeds(runs, ["dw_rank_frac", "dw_effective_rank_frac", "trainable_params"],
+                          keys=SETTING_KEYS)
     styles = method_styles(agg)
     with matplotlib.rc_context(STYLE):
         fig = _figure(height=2.7)
         axes = fig.subplots(1, 2, sharey=True)
         cut = 0
         for ax, metric, name in zip(axes, ("dw_rank_frac", "dw_effective_rank_frac"),
-                                    ("numerical rank", "effective rank")):
+                                    ("numerical rank", "effective rank"), strict=True):
             cut += _rank_panel(ax, agg, metric, styles)
             ax.set_title(name)
             _log_params_axis(ax)
@@ -491,7 +499,8 @@ def fig_delta_rank(df: pd.DataFrame) -> Figure:
         axes[0].set_ylabel("rank(ΔW) / max rank (%)")
         axes[0].set_ylim(*RANK_LIMITS)
         _interval_note(axes[0], agg[is_adapter(agg)], "dw_rank_frac", cut)
-        fig.suptitle(f"Rank of the weight update ΔW (mean over sampled layers)\n{panel_title(df)}", fontsize=8)
+        fig.suptitle(f"Rank of the weight update ΔW (mean over sampled layers)\n{panel_title(df)}",
+                     fontsize=8)
         _legend_below(fig, axes[0])
     return fig
 

@@ -33,7 +33,7 @@ def _line_colors(fig: Figure) -> dict[str, str]:
     """Legend label -> colour of its artist (line, error-bar, scatter or bar)."""
     out = {}
     for ax in fig.axes:
-        for handle, name in zip(*ax.get_legend_handles_labels()):
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
             if isinstance(handle, ErrorbarContainer):
                 rgba = handle.lines[0].get_color()
             elif isinstance(handle, BarContainer):
@@ -49,7 +49,8 @@ def _line_colors(fig: Figure) -> dict[str, str]:
 def test_styles_come_from_the_data_in_display_order(clip_panel):
     styles = plots.method_styles(clip_panel)
     assert list(styles) == ["lora", "loha", "lokr", "randlora", "full", "none"]
-    assert [s.color for s in styles.values()][:4] == plots.ADAPTER_COLORS[:4]   # the colours figures always had
+    # the colours figures always had
+    assert [s.color for s in styles.values()][:4] == plots.ADAPTER_COLORS[:4]
     assert [s.label for s in styles.values()] == ["LoRA", "LoHa", "LoKr", "RandLoRA", "Full FT", "Head-only"]
     assert {s.kind for s in styles.values()} == {"adapter", "reference"}
     assert len({(s.color, s.marker) for s in styles.values()}) == len(styles)   # every method distinct
@@ -110,7 +111,8 @@ def test_points_off_their_budget_are_drawn_hollow_and_named(clip_panel):
     df["budget_reached"] = ~((df.method == "lokr") & (df.budget_target == budget))
     fig = plots.fig_accuracy_vs_params(df)
     lines = hollow(fig)
-    assert len(lines) == 1 and lines[0].get_label().startswith("LoKr") and lines[0].get_markerfacecolor() == "white"
+    assert len(lines) == 1 and lines[0].get_label().startswith("LoKr")
+    assert lines[0].get_markerfacecolor() == "white"
     lokr = df[(df.method == "lokr") & (df.budget_target == budget)].drop_duplicates("source")
     assert list(lines[0].get_xdata()) == pytest.approx([lokr["trainable_params"].mean()])
     assert any("budget not reached" in t.get_text() for leg in fig.legends for t in leg.get_texts())
@@ -137,7 +139,8 @@ def _visible_labels(ax) -> list[str]:
     fig = ax.figure
     fig.canvas.draw()
     lo, hi = sorted(ax.get_xlim())
-    return [t.get_text() for x, t in zip(ax.get_xticks(), ax.get_xticklabels()) if lo <= x <= hi and t.get_text()]
+    ticks = zip(ax.get_xticks(), ax.get_xticklabels(), strict=True)
+    return [t.get_text() for x, t in ticks if lo <= x <= hi and t.get_text()]
 
 
 @pytest.mark.parametrize("fn", [plots.fig_accuracy_vs_params, plots.fig_delta_rank], ids=lambda f: f.__name__)
