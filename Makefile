@@ -36,8 +36,10 @@ test-deps:
 	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }; }; } || \
 	echo "make: chromium is missing and apt-get as root is unavailable or failed; the browser test will skip"
 
+# `make lint`: ruff's rule set and mypy's scope are in pyproject.toml ([tool.ruff.lint], [tool.mypy]).
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from runners.logger import SUITE_JOB_TYPE
 from runners.schema import Cost, Metrics, Params, Record, Run, cost_figures, suite_cost, suite_forgetting
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ PANEL_KEYS = ["task", "size", "model", "regime"]
 SETTING_KEYS = [*PANEL_KEYS, "method", "budget_target", "setting", "lr"]
 
 _RUN_COLUMNS = [
-    "run_id", "method", "method_kind", "method_label", "task", "run_dataset", "size", "model", "regime", "seed",
-    "budget_target", "setting", "lr", "hp", "status", "error", "device", "device_type", "world_size",
+    "run_id", "method", "method_kind", "method_label", "task", "run_dataset", "size", "model", "regime",
+    "seed", "budget_target", "setting", "lr", "hp", "status", "error", "device", "device_type", "world_size",
     "git_commit", "git_dirty", "versions", "command", "started_at", "finished_at", "source", "protocol",
     "model_revision", "dataset_revisions",
     "trainable_params", "head_trainable_params", "total_params", "budget_error", "budget_reached",
@@ -94,7 +95,8 @@ def load_results(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
             continue
         if not _parts_loaded(record, path, files):
             records.append((str(path), record))
-    rows = [row for source, record in combine_suites(records) for row in record_to_rows(record, source=source)]
+    rows = [row for source, record in combine_suites(records)
+            for row in record_to_rows(record, source=source)]
     if not rows:
         raise ResultsError(f"no readable result files ({len(skipped)} skipped: {_first_reason(skipped)})")
     return _frame(rows, skipped)
@@ -135,7 +137,8 @@ def _suite_key(record: Record) -> str | None:
     dataset's lr is the protocol, so those runs form one suite run as the others do."""
     if not record.run.dataset or not record.run.config:
         return None
-    config = {k: v for k, v in record.run.config.items() if k not in ("dataset", "out_dir", "logger", "sweep")}
+    config = {k: v for k, v in record.run.config.items()
+              if k not in ("dataset", "out_dir", "logger", "sweep")}
     if isinstance(config.get("task"), dict):
         config["task"] = {k: v for k, v in config["task"].items() if k != "dataset"}
     if record.run.tuning is not None and isinstance(config.get("method"), dict):
@@ -174,19 +177,23 @@ def _combined(members: list[tuple[str, Record]]) -> tuple[str, Record]:
     if failed:
         run = replace(run, status="failed", error="; ".join(f"{r.dataset}: {r.error}" for r in failed))
     merged = {key: {d: v for r in records for d, v in getattr(r.metrics, key).items()}
-              for key in ("per_dataset", "per_dataset_before", "per_dataset_metrics", "per_dataset_metrics_before",
-                          "eval_examples")}
+              for key in ("per_dataset", "per_dataset_before", "per_dataset_metrics",
+                          "per_dataset_metrics_before", "eval_examples")}
+    after, before = merged["per_dataset"], merged["per_dataset_before"]
     metrics = Metrics(**merged, eval_split=records[0].metrics.eval_split,
                       **suite_forgetting({r.run.dataset: r.metrics for r in records}),
-                      accuracy=mean(merged["per_dataset"].values()) if merged["per_dataset"] else None,
-                      accuracy_before=mean(merged["per_dataset_before"].values()) if merged["per_dataset_before"] else None,
-                      delta_rank={f"{r.run.dataset}/{k}": v for r in records for k, v in r.metrics.delta_rank.items()})
+                      accuracy=mean(after.values()) if after else None,
+                      accuracy_before=mean(before.values()) if before else None,
+                      delta_rank={f"{r.run.dataset}/{k}": v for r in records
+                                  for k, v in r.metrics.delta_rank.items()})
     source = "suite:" + ",".join(s for s, _ in sorted(members))
     return source, replace(records[0], run=run, metrics=metrics, cost=suite_cost([r.cost for r in records]))
 
 
 def load_wandb(path: str, api: Any | None = None) -> pd.DataFrame:
-    """Tidy frame from a W&B project (`entity/project`) via the public API, same columns as files.
+    """Tidy frame from a W&B project (`entity/project`) via the public API, same columns as files. A
+    suite's summary run (job type `suite`, runners.logger.log_suite) is left out: its datasets are
+    loaded from their own runs, as a suite's results.json is when its parts are.
 
     `api` defaults to `wandb.Api()`; tests pass a stand-in with a `runs(path)` method.
     """
@@ -198,6 +205,8 @@ def load_wandb(path: str, api: Any | None = None) -> pd.DataFrame:
     skipped: list[dict[str, str]] = []
     for run in api.runs(path):
         source = f"wandb:{path}/{getattr(run, 'id', '?')}"
+        if getattr(run, "job_type", None) == SUITE_JOB_TYPE:  # the parts are runs of their own
+            continue
         try:
             rows.extend(record_to_rows(wandb_run_to_record(run), source=source))
         except _Corrupt as exc:
@@ -249,18 +258,21 @@ def wandb_run_to_record(run: Any) -> dict[str, Any]:
 
 def _run_fields(run: Run, source: str) -> dict[str, Any]:
     return {
-        "run_id": run.id, "method": run.method, "method_kind": run.method_kind, "method_label": run.method_label,
-        "task": run.task or "?", "run_dataset": run.dataset, "size": run.size or "?", "model": _model_name(run.model),
+        "run_id": run.id, "method": run.method, "method_kind": run.method_kind,
+        "method_label": run.method_label, "task": run.task or "?", "run_dataset": run.dataset,
+        "size": run.size or "?", "model": _model_name(run.model),
         "regime": _regime_label(run.regime), "seed": run.seed, "budget_target": run.budget_target,
         "setting": _setting(run.budget_target, run.hp), "lr": run.lr,
         "hp": json.dumps(run.hp, sort_keys=True, default=str), "status": run.status, "error": run.error,
         "device": run.device, "device_type": _device_type(run), "world_size": run.world_size,
-        "git_commit": run.git_commit, "git_dirty": run.git_dirty, "versions": json.dumps(run.versions, sort_keys=True),
+        "git_commit": run.git_commit, "git_dirty": run.git_dirty,
+        "versions": json.dumps(run.versions, sort_keys=True),
         "command": run.command or _rebuilt_command(run), "started_at": run.started_at,
         "finished_at": run.finished_at, "source": source,
         "protocol": json.dumps(run.protocol or {}, sort_keys=True),
         "model_revision": run.model_revision,
-        "dataset_revisions": json.dumps(run.dataset_revisions, sort_keys=True) if run.dataset_revisions else None,
+        "dataset_revisions": (json.dumps(run.dataset_revisions, sort_keys=True)
+                              if run.dataset_revisions else None),
     }
 
 
@@ -300,7 +312,8 @@ def _rank_fields(delta_rank: dict[str, dict[str, Any]]) -> dict[str, Any]:
         dw_effective_rank=mean([float(v.get("effective_rank", math.nan)) for v in layers]),
         dw_max_rank=mean([float(v["max_rank"]) for v in layers]),
         dw_rank_frac=mean([float(v.get("rank", math.nan)) / v["max_rank"] for v in layers]),
-        dw_effective_rank_frac=mean([float(v.get("effective_rank", math.nan)) / v["max_rank"] for v in layers]),
+        dw_effective_rank_frac=mean([float(v.get("effective_rank", math.nan)) / v["max_rank"]
+                                     for v in layers]),
         delta_rank=json.dumps(delta_rank, sort_keys=True),
     )
     return out
@@ -322,7 +335,8 @@ def _dataset_rows(metrics: Metrics, run: Run) -> list[dict[str, Any]]:
 
 def _frame(rows: list[dict[str, Any]], skipped: list[dict[str, str]]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=COLUMNS)
-    for col in ("budget_target", "seed", "trainable_params", "head_trainable_params", "total_params", "world_size"):
+    for col in ("budget_target", "seed", "trainable_params", "head_trainable_params", "total_params",
+                "world_size"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
     numeric = ["accuracy", "accuracy_before", "mean_accuracy", "mean_accuracy_before", "lr", "budget_error",
                "adapter_file_bytes", "forgetting", *COST_COLUMNS]

@@ -5,7 +5,8 @@ gives each method of a panel its label, colour, marker and line style from fixed
 (`analysis.aggregate.method_order`), so every figure of a panel draws a method identically and a new
 method appears in every figure with no edit.
 Figures are sized for a paper column (3.5 in) with 7-8 pt text, built on `matplotlib.figure.Figure`
-directly with an Agg canvas (no pyplot global state, nothing to close), so callers save or discard them freely.
+directly with an Agg canvas (no pyplot global state, nothing to close), so callers save or discard them
+freely.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import Formatter, Locator, NullFormatter
 
 from analysis.aggregate import (
     ADAPTER,
@@ -54,6 +55,8 @@ STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fonts
          "xtick.labelsize": 7, "ytick.labelsize": 7, "lines.linewidth": 1.3, "lines.markersize": 4.5,
          "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
          "grid.linewidth": 0.5, "legend.frameon": False, "errorbar.capsize": 2, "svg.fonttype": "none"}
+#: The rank figure's y axis (% of the layer's maximum rank), a little room above 100%.
+RANK_LIMITS = (0.0, 105.0)
 _MEMORY_LABELS = {"peak_mem_bytes": "peak GPU memory", "peak_rss_bytes": "peak RSS growth (CPU)"}
 
 
@@ -84,8 +87,10 @@ def method_styles(df: pd.DataFrame) -> dict[str, MethodStyle]:
         adapter = info.at[method, "method_kind"] == ADAPTER
         i = counts[adapter]
         counts[adapter] += 1
-        colors, markers = (ADAPTER_COLORS, ADAPTER_MARKERS) if adapter else (REFERENCE_COLORS, REFERENCE_MARKERS)
-        styles[method] = MethodStyle(str(info.at[method, "method_label"]), str(info.at[method, "method_kind"]),
+        colors, markers = ((ADAPTER_COLORS, ADAPTER_MARKERS) if adapter
+                           else (REFERENCE_COLORS, REFERENCE_MARKERS))
+        styles[method] = MethodStyle(str(info.at[method, "method_label"]),
+                                     str(info.at[method, "method_kind"]),
                                      colors[i % len(colors)], markers[i % len(markers)],
                                      "-" if adapter else REFERENCE_LINES[i % len(REFERENCE_LINES)])
     return styles
@@ -106,14 +111,60 @@ def panel_label(task: str, size: str, model: str, regime: str) -> str:
     return f"{task} · {model} ({size}) · {regime}"
 
 
-def human(x: float, _pos: object = None) -> str:
-    """18432 -> '18k', 5.6e6 -> '5.6M': tick labels a reader parses at a glance."""
+def human(x: float, _pos: object = None, digits: int = 3) -> str:
+    """18432 -> '18.4k', 5.6e6 -> '5.6M': tick labels a reader parses at a glance (`digits` significant)."""
     if x is None or not np.isfinite(x):
         return ""
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= div:
-            return f"{x / div:.3g}{suffix}"
-    return f"{x:.3g}"
+            return f"{x / div:.{digits}g}{suffix}"
+    return f"{x:.{digits}g}"
+
+
+class DistinctHumanFormatter(Formatter):
+    """`human` labels with as many significant digits as it takes for no two ticks to read the same."""
+
+    def __call__(self, x: float, pos: object = None) -> str:
+        return human(x)
+
+    def format_ticks(self, values: Sequence[float]) -> list[str]:
+        for digits in range(3, 8):
+            labels = [human(v, digits=digits) for v in values]
+            if len(set(labels)) == len(labels):
+                return labels
+        return labels
+
+
+class ParamsLocator(Locator):
+    """Log-axis ticks at `subs` x 10^k inside the view; where fewer than two fall inside (one budget, whose
+    methods' counts differ by a fraction of a percent), one tick at the roundest value inside the view.
+    matplotlib's LogLocator falls back to linear ticks there, which print as '115k 115k 115k'."""
+
+    def __init__(self, subs: Sequence[float]) -> None:
+        self.subs = tuple(subs)
+
+    def __call__(self) -> list[float]:
+        vmin, vmax = self.axis.get_view_interval()
+        return self.tick_values(vmin, vmax)
+
+    def tick_values(self, vmin: float, vmax: float) -> list[float]:
+        lo, hi = sorted((vmin, vmax))
+        if not (np.isfinite(lo) and np.isfinite(hi) and lo > 0):
+            return []
+        decades = range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+        ticks = [s * 10.0**e for e in decades for s in self.subs if lo <= s * 10.0**e <= hi]
+        return ticks if len(ticks) >= 2 else [roundest_inside(lo, hi)]
+
+
+def roundest_inside(lo: float, hi: float) -> float:
+    """The value in [lo, hi] with the fewest significant digits, nearest the (geometric) centre."""
+    centre = float(np.sqrt(lo * hi))
+    for digits in range(1, 16):
+        step = 10.0 ** (np.floor(np.log10(centre)) - digits + 1)
+        value = round(centre / step) * step
+        if lo <= value <= hi:
+            return float(value)
+    return centre
 
 
 def _figure(width: float = COLUMN_WIDTH_IN, height: float = 2.6) -> Figure:
@@ -124,12 +175,13 @@ def _figure(width: float = COLUMN_WIDTH_IN, height: float = 2.6) -> Figure:
 
 
 def _log_params_axis(ax: Axes) -> None:
-    """Log x with plain '20k' labels; denser ticks when the data span less than ~1.5 decades."""
+    """Log x with plain '20k' labels that never repeat; denser ticks when the data span less than ~1.5
+    decades, one tick when they span a few percent (a single budget)."""
     ax.set_xscale("log")
     lo, hi = ax.dataLim.intervalx
     narrow = np.isfinite(lo) and lo > 0 and hi / lo < 30
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0) if narrow else (1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(human))
+    ax.xaxis.set_major_locator(ParamsLocator((1.0, 2.0, 3.0, 5.0) if narrow else (1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(DistinctHumanFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("trainable parameters (log scale)")
 
@@ -153,7 +205,8 @@ def _errs(values: pd.Series) -> np.ndarray | None:
 def fig_accuracy_vs_params(df: pd.DataFrame) -> Figure:
     """Accuracy vs trainable parameters: one line per adapter, reference points as horizontal lines.
 
-    Accuracy is the run's mean over its datasets; error bars are 95% CIs over seeds.
+    Accuracy is the run's mean over its datasets; error bars are 95% Student-t intervals over seeds, cut at
+    the axis (an arrowhead marks a cut end) and named in the legend with their seed count.
     """
     with matplotlib.rc_context(STYLE):
         fig = _figure(height=2.9)
@@ -162,19 +215,22 @@ def fig_accuracy_vs_params(df: pd.DataFrame) -> Figure:
         if not is_adapter(agg).any():
             raise ValueError("no successful adapter runs to plot against parameters")
         styles, off = method_styles(agg), _off_budget(df)
+        limits, cut = _limits_around_means(100 * agg["mean_accuracy_mean"]), 0
         for method, part in _by_method(agg[is_adapter(agg)]):
             part = _best_per_budget(part, "mean_accuracy_mean").sort_values("trainable_params_mean")
-            ax.errorbar(part["trainable_params_mean"], 100 * part["mean_accuracy_mean"],
-                        yerr=_pct(_errs(part["mean_accuracy_ci95"])), **styles[method].mark())
+            cut += _interval_errorbar(ax, part["trainable_params_mean"], 100 * part["mean_accuracy_mean"],
+                                      _pct(_errs(part["mean_accuracy_ci95"])), limits, styles[method])
             missed = part[[(method, b) in off for b in part["budget_target"]]]
             if not missed.empty:  # drawn hollow, on a white face: never read as a point at the budget
                 ax.plot(missed["trainable_params_mean"], 100 * missed["mean_accuracy_mean"], linestyle="none",
-                        marker=styles[method].marker, markerfacecolor="white", markeredgecolor=styles[method].color,
+                        marker=styles[method].marker, markerfacecolor="white",
+                        markeredgecolor=styles[method].color,
                         markersize=7, zorder=5, label=f"{styles[method].label}: budget not reached (>1% off)")
         for method, part in _by_method(agg[~is_adapter(agg)]):
             _reference_line(ax, part, "mean_accuracy", styles[method])
         _log_params_axis(ax)
-        _clip_to_means(ax, 100 * agg["mean_accuracy_mean"])
+        ax.set_ylim(*limits)
+        _interval_note(ax, agg, "mean_accuracy", cut)
         ax.set_ylabel(_accuracy_label(df))
         ax.set_title(f"Accuracy vs parameters\n{panel_title(df)}")
         _legend_below(fig, ax)
@@ -191,12 +247,44 @@ def _off_budget(df: pd.DataFrame) -> set[tuple[str, Any]]:
     return set(zip(missed["method"], missed["budget_target"], strict=True))
 
 
-def _clip_to_means(ax: Axes, means_pct: pd.Series) -> None:
-    """Keep the accuracy axis on the means (within 0-100%): with 2-3 seeds a 95% CI can span far
+def _limits_around_means(means_pct: pd.Series) -> tuple[float, float]:
+    """The accuracy axis around the means (within 0-100%): with 2-3 seeds a 95% CI can span far
     beyond the possible range, and an axis stretched to it flattens every difference between methods."""
     lo, hi = float(np.nanmin(means_pct)), float(np.nanmax(means_pct))
     pad = max(5.0, 0.25 * (hi - lo))
-    ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
+    return max(0.0, lo - pad), min(100.0, hi + pad)
+
+
+def _interval_errorbar(ax: Axes, xs: pd.Series, ys: pd.Series, errs: np.ndarray | None,
+                       limits: tuple[float, float], style: MethodStyle) -> int:
+    """Points with error bars cut at the y limits, an arrowhead on each cut end (so a bar wider than the
+    axis never hides the point or reads as its interval's end); returns how many ends were cut."""
+    if errs is None:
+        ax.errorbar(xs, ys, **style.mark())
+        return 0
+    y, lo, hi = ys.to_numpy(float), limits[0], limits[1]
+    low, high = y - errs < lo, y + errs > hi
+    yerr = np.vstack([np.where(low, y - lo, errs), np.where(high, hi - y, errs)]).clip(min=0)
+    ax.errorbar(xs, ys, yerr=yerr, **style.mark())
+    x = xs.to_numpy(float)
+    for mask, edge, marker in ((low, lo, "v"), (high, hi, "^")):
+        if mask.any():
+            ax.plot(x[mask], np.full(mask.sum(), edge), linestyle="none", marker=marker, color=style.color,
+                    markersize=4, clip_on=False, zorder=6, label="_cut")
+    return int(low.sum() + high.sum())
+
+
+def _interval_note(ax: Axes, agg: pd.DataFrame, metric: str, cut: int) -> None:
+    """Name the bars in the legend (95% t-interval, the seed counts behind them) and the cut ends, if any."""
+    counts = agg.loc[agg[f"{metric}_ci95"].notna(), f"{metric}_count"].astype(int)
+    if counts.empty:
+        return
+    n = f"{counts.min()}" if counts.min() == counts.max() else f"{counts.min()}-{counts.max()}"
+    ax.plot([], [], color="0.45", marker="|", markersize=7, linestyle="none",
+            label=f"95% t-interval (n={n})")
+    if cut:
+        ax.plot([], [], color="0.45", marker="^", markersize=4, linestyle="none",
+                label="cut at the axis")
 
 
 def _reference_line(ax: Axes, ref: pd.DataFrame, metric: str, style: MethodStyle) -> None:
@@ -213,7 +301,8 @@ def _reference_line(ax: Axes, ref: pd.DataFrame, metric: str, style: MethodStyle
 
 
 def fig_memory_pareto(df: pd.DataFrame) -> Figure:
-    """Peak memory vs accuracy for every method and budget, with the Pareto front (less memory, more accuracy)."""
+    """Peak memory vs accuracy for every method and budget, with the Pareto front (less memory, more
+    accuracy)."""
     mem = memory_column(df)
     if mem is None:
         raise ValueError("no peak_mem_bytes or peak_rss_bytes in these runs")
@@ -278,7 +367,7 @@ def fig_cost_vs_lora(df: pd.DataFrame) -> Figure:
     with matplotlib.rc_context(STYLE):
         fig = _figure(height=1.45 * len(metrics) + 1.0)
         axes = fig.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0]
-        for ax, metric in zip(axes, metrics):
+        for ax, metric in zip(axes, metrics, strict=True):
             _relative_bars(ax, agg, f"{metric}_rel", budgets, styles)
             name = "step time" if metric == "step_time_s" else _MEMORY_LABELS.get(metric, metric)
             ax.set_ylabel(f"{name}\n/ {base.label} (×)")
@@ -304,7 +393,8 @@ def _relative_bars(ax: Axes, agg: pd.DataFrame, col: str, budgets: Sequence, sty
 
 
 def _budget_label(budget: float, runs: pd.DataFrame, base_label: str) -> str:
-    """'37k\\n(LoRA r=8)': budgets are conventionally named by the baseline's (LoRA's) rank that produces them."""
+    """'37k\\n(LoRA r=8)': budgets are conventionally named by the baseline's (LoRA's) rank that produces
+    them."""
     base = runs[(runs["method"] == BASELINE) & (runs["budget_target"] == budget)]
     rank = _lora_rank(base["hp"].iloc[0]) if len(base) else None
     return human(float(budget)) + (f"\n({base_label} r={rank})" if rank is not None else "")
@@ -350,7 +440,7 @@ def fig_per_dataset(df: pd.DataFrame, max_columns: int = 12) -> Figure:
                         fontweight="bold" if bold[r, c] else "normal")
         method_axis = ax.xaxis if transpose else ax.yaxis
         _heatmap_ticks(ax, row_labels, datasets, transpose)
-        for tick, method in zip(method_axis.get_ticklabels(), methods):
+        for tick, method in zip(method_axis.get_ticklabels(), methods, strict=True):
             tick.set_color(styles[method].color)
         if datasets[-1] == "mean" and len(datasets) > 1:
             (ax.axhline if transpose else ax.axvline)(len(datasets) - 1.5, color="white", linewidth=3)
@@ -364,7 +454,8 @@ def fig_per_dataset(df: pd.DataFrame, max_columns: int = 12) -> Figure:
 
 def _heatmap_ticks(ax: Axes, method_labels: list[str], datasets: list[str], transpose: bool) -> None:
     xs, ys = (method_labels, datasets) if transpose else (datasets, method_labels)
-    ax.set_xticks(range(len(xs)), xs, rotation=40 if not transpose else 60, ha="right", rotation_mode="anchor")
+    ax.set_xticks(range(len(xs)), xs, rotation=40 if not transpose else 60, ha="right",
+                  rotation_mode="anchor")
     ax.set_yticks(range(len(ys)), ys)
 
 
@@ -392,32 +483,39 @@ def fig_delta_rank(df: pd.DataFrame) -> Figure:
     runs = per_run(df).dropna(subset=["dw_rank_frac"])
     if not is_adapter(runs).any():
         raise ValueError("no delta_rank measurements of adapter runs")
-    agg = aggregate_seeds(runs, ["dw_rank_frac", "dw_effective_rank_frac", "trainable_params"], keys=SETTING_KEYS)
+    agg = aggregate_seeds(runs, ["dw_rank_frac", "dw_effective_rank_frac", "trainable_params"],
+                          keys=SETTING_KEYS)
     styles = method_styles(agg)
     with matplotlib.rc_context(STYLE):
         fig = _figure(height=2.7)
         axes = fig.subplots(1, 2, sharey=True)
+        cut = 0
         for ax, metric, name in zip(axes, ("dw_rank_frac", "dw_effective_rank_frac"),
-                                    ("numerical rank", "effective rank")):
-            _rank_panel(ax, agg, metric, styles)
+                                    ("numerical rank", "effective rank"), strict=True):
+            cut += _rank_panel(ax, agg, metric, styles)
             ax.set_title(name)
             _log_params_axis(ax)
             ax.set_xlabel("trainable params")
         axes[0].set_ylabel("rank(ΔW) / max rank (%)")
-        axes[0].set_ylim(0, 105)
-        fig.suptitle(f"Rank of the weight update ΔW (mean over sampled layers)\n{panel_title(df)}", fontsize=8)
+        axes[0].set_ylim(*RANK_LIMITS)
+        _interval_note(axes[0], agg[is_adapter(agg)], "dw_rank_frac", cut)
+        fig.suptitle(f"Rank of the weight update ΔW (mean over sampled layers)\n{panel_title(df)}",
+                     fontsize=8)
         _legend_below(fig, axes[0])
     return fig
 
 
-def _rank_panel(ax: Axes, agg: pd.DataFrame, metric: str, styles: dict[str, MethodStyle]) -> None:
+def _rank_panel(ax: Axes, agg: pd.DataFrame, metric: str, styles: dict[str, MethodStyle]) -> int:
+    """One rank panel; returns how many interval ends were cut at the axis."""
+    cut = 0
     for method, part in _by_method(agg[is_adapter(agg)]):
         part = part.sort_values("trainable_params_mean")
-        ax.errorbar(part["trainable_params_mean"], 100 * part[f"{metric}_mean"],
-                    yerr=_pct(_errs(part[f"{metric}_ci95"])), **styles[method].mark())
+        cut += _interval_errorbar(ax, part["trainable_params_mean"], 100 * part[f"{metric}_mean"],
+                                  _pct(_errs(part[f"{metric}_ci95"])), RANK_LIMITS, styles[method])
     for method, part in _by_method(agg[~is_adapter(agg)]):  # drawn on top: RandLoRA often sits exactly on it
         ax.axhline(100 * part[f"{metric}_mean"].iloc[0], color=styles[method].color, linestyle=(0, (3, 2)),
                    linewidth=0.9, label=styles[method].label, zorder=4)
+    return cut
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -45,16 +45,20 @@ log = logging.getLogger("analysis.report")
 FIGURES: list[tuple[str, Callable[[pd.DataFrame], Figure], str]] = [
     ("accuracy_vs_params", plots.fig_accuracy_vs_params,
      ("Accuracy vs trainable parameters (log scale), one line per method; dashed/dotted lines: full "
-     "fine-tuning and head-only/zero-shot references; error bars and bands: 95% CI over seeds.")),
+     "fine-tuning and head-only/zero-shot references; error bars and bands: 95% Student-t intervals over "
+     "seeds (the seed count n in the legend); a bar wider than the axis is cut at it and ends in an "
+     "arrowhead.")),
     ("memory_pareto", plots.fig_memory_pareto,
      ("Peak memory vs accuracy for every method and budget; circled points and the dashed step line form "
      "the Pareto front (less memory, more accuracy).")),
     ("cost_vs_lora", plots.fig_cost_vs_lora,
-     "Step time and peak memory relative to LoRA at the same parameter budget (1.0 = LoRA); 95% CI over seeds."),
+     ("Step time and peak memory relative to LoRA at the same parameter budget (1.0 = LoRA); 95% CI over "
+      "seeds.")),
     ("per_dataset", plots.fig_per_dataset,
      "Per-dataset accuracy (%), seed means; best adapter per column in bold; shading is per column."),
     ("delta_rank", plots.fig_delta_rank,
-     "Rank of the learned update dW as a fraction of the layer's maximum rank (mean over sampled layers)."),
+     ("Rank of the learned update dW as a fraction of the layer's maximum rank (mean over sampled layers); "
+      "error bars: 95% Student-t intervals over seeds, cut at the axis like the accuracy figure's.")),
     ("forgetting", plots.fig_forgetting,
      ("Accuracy gained by training against forgetting (CLIP: zero-shot accuracy lost on the suite's other "
       "datasets; language: loss increase on held-out generic text), one point per method and budget; error "
@@ -104,8 +108,8 @@ def build_report(df: pd.DataFrame, out: Path, command: str = "", dpi: int = 200,
     `paper_tables`: the published numbers to print beside ours (None: analysis/paper/*.yaml)."""
     df, tuning = split_tuning_runs(df)
     if df.empty:
-        raise ReportError(f"only the {tuning} tuning runs of a +sweep=tuned (scored on validation) were found; "
-                          "the report compares its final runs, scored on test")
+        raise ReportError(f"only the {tuning} tuning runs of a +sweep=tuned (scored on validation) were "
+                          "found; the report compares its final runs, scored on test")
     ok = successful(df)
     if ok.empty:
         n = df["source"].nunique()
@@ -113,9 +117,10 @@ def build_report(df: pd.DataFrame, out: Path, command: str = "", dpi: int = 200,
     out.mkdir(parents=True, exist_ok=True)
     blocks = _header(df, command)
     if tuning:
-        blocks.append(Block("p", f"{tuning} tuning runs of `+sweep=tuned` (scored on the validation split to "
-                                 "choose each method's lr) are left out of every table and figure; each final run "
-                                 "lists its candidates and their validation scores in `run.tuning`."))
+        blocks.append(Block("p", f"{tuning} tuning runs of `+sweep=tuned` (scored on the validation split "
+                                 "to choose each method's lr) are left out of every table and figure; each "
+                                 "final run lists its candidates and their validation scores in "
+                                 "`run.tuning`."))
     for key, part in panels(df):
         blocks += _panel_section(key, part, out, dpi)
     paired = paired_differences(df)
@@ -156,11 +161,12 @@ def _header(df: pd.DataFrame, command: str) -> list[Block]:
     return [
         Block("h1", "rankbench comparison report"),
         Block("p", f"Generated {stamp} by `{command}` from {len(runs)} runs ({n_failed} failed, "
-                   f"{len(df.attrs.get('skipped', []))} unreadable result files skipped). Accuracy is top-1 on the "
-                   "evaluation split, mean over seeds ± 95% CI (Student t); failed runs are never averaged in."),
-        Block("p", "`index.html` beside this file is a leaderboard of every configuration that opens from disk: "
-                   "sort and filter the table, plot any two metrics with their Pareto front, export CSV. "
-                   "`summary.html` is this report as one page."),
+                   f"{len(df.attrs.get('skipped', []))} unreadable result files skipped). Accuracy is "
+                   "top-1 on the evaluation split, mean over seeds ± 95% CI (Student t); failed runs are "
+                   "never averaged in."),
+        Block("p", "`index.html` beside this file is a leaderboard of every configuration that opens "
+                   "from disk: sort and filter the table, plot any two metrics with their Pareto front, "
+                   "export CSV. `summary.html` is this report as one page."),
     ]
 
 
@@ -201,7 +207,8 @@ def summary_frame(part: pd.DataFrame) -> pd.DataFrame:
     mem = memory_column(part)
     costs = [c for c in ("step_time_s", mem) if c]
     runs = normalise_to_lora(per_run(part), costs)
-    metrics = ["trainable_params", "mean_accuracy", "mean_accuracy_before", *costs, *(f"{c}_rel" for c in costs)]
+    metrics = ["trainable_params", "mean_accuracy", "mean_accuracy_before", *costs,
+               *(f"{c}_rel" for c in costs)]
     return aggregate_seeds(runs, metrics, keys=SETTING_KEYS)
 
 
@@ -220,7 +227,8 @@ def _summary_table(part: pd.DataFrame) -> Block:
                Cell(plots.human(r["trainable_params_mean"])),
                Cell(_pm(100 * r["mean_accuracy_mean"], 100 * r["mean_accuracy_ci95"]), bold=i in best),
                Cell(_num(gain, "+.1f")), Cell(str(int(r["n_runs"]))),
-               Cell(_num(1000 * r["step_time_s_mean"], ".1f")), Cell(_num(r.get("step_time_s_rel_mean"), ".2f"))]
+               Cell(_num(1000 * r["step_time_s_mean"], ".1f")),
+               Cell(_num(r.get("step_time_s_rel_mean"), ".2f"))]
         if mem:
             row += [Cell(_num(r[f"{mem}_mean"] / 2**20, ".0f")), Cell(_num(r.get(f"{mem}_rel_mean"), ".2f"))]
         rows.append(row)
@@ -254,8 +262,9 @@ RUN_COLUMNS = {
     "budget_target": "budget", "seed": "seed", "lr": "lr", "status": "status", "mean_accuracy": "accuracy",
     "mean_accuracy_before": "accuracy_before", "eval_split": "eval_split", "trainable_params": "trainable",
     "head_trainable_params": "head_trainable", "total_params": "total", "budget_error": "budget_error",
-    "budget_reached": "budget_reached", "adapter_file_bytes": "adapter_file_bytes", "device": "device", "device_type": "device_type",
-    **{c: c for c in COST_COLUMNS}, "model_revision": "model_revision", "dataset_revisions": "dataset_revisions",
+    "budget_reached": "budget_reached", "adapter_file_bytes": "adapter_file_bytes", "device": "device",
+    "device_type": "device_type", **{c: c for c in COST_COLUMNS}, "model_revision": "model_revision",
+    "dataset_revisions": "dataset_revisions",
     "source": "source",
 }
 
@@ -267,8 +276,8 @@ def runs_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def leaderboard_runs(df: pd.DataFrame) -> pd.DataFrame:
-    """runs.csv with a `dataset` column for the leaderboard's select: the run's dataset, or "mean of N datasets"
-    for a suite run (its accuracy is the suite mean)."""
+    """runs.csv with a `dataset` column for the leaderboard's select: the run's dataset, or "mean of N
+    datasets" for a suite run (its accuracy is the suite mean)."""
     runs = runs_table(df)
     if "dataset" in runs.columns or "run_id" not in runs.columns:
         return runs
@@ -285,12 +294,13 @@ def _dataset_label(datasets: pd.Series) -> str:
 
 
 def _paired_section(df: pd.DataFrame, paired: pd.DataFrame) -> list[Block]:
-    """Win/tie/loss of each method pair over budgets (suite means, 95% paired intervals) and the noise floor."""
+    """Win/tie/loss of each method pair over budgets (suite means, 95% paired intervals) and the noise
+    floor."""
     wtl = win_tie_loss(paired)
     if wtl.empty:
         return []
-    rows = [[Cell(r["method_a"]), Cell(r["method_b"]), Cell(str(r["win"])), Cell(str(r["tie"])), Cell(str(r["loss"]))]
-            for _, r in wtl.iterrows()]
+    rows = [[Cell(r["method_a"]), Cell(r["method_b"]), Cell(str(r["win"])), Cell(str(r["tie"])),
+             Cell(str(r["loss"]))] for _, r in wtl.iterrows()]
     return [Block("h2", "Paired comparisons"),
             Block("p", "Mean of per-seed accuracy differences (a - b) at each budget with a 95% Student-t "
                        "interval (report/paired.csv, also per dataset); a win is an interval above 0, a tie "
@@ -304,7 +314,8 @@ def _noise_blocks(df: pd.DataFrame) -> list[Block]:
     test set (blank where the runs did not record their test-set sizes)."""
     floor = noise_floor(df)
     floor_rows = [[Cell(_panel_label(r)), Cell(_num(100 * r["seed_std_median"], ".2f")),
-                   Cell(_num(100 * r["seed_std_max"], ".2f")), Cell(_num(100 * r["binomial_se_median"], ".2f")),
+                   Cell(_num(100 * r["seed_std_max"], ".2f")),
+                   Cell(_num(100 * r["binomial_se_median"], ".2f")),
                    Cell(str(r["configurations"]))] for _, r in floor.iterrows()]
     sets = per_test_set_noise(df)
     set_rows = [[Cell(_panel_label(r)), Cell(r["dataset"]), Cell(_int(r["eval_examples"])),
@@ -315,10 +326,12 @@ def _noise_blocks(df: pd.DataFrame) -> list[Block]:
                                           "binomial SE of a suite mean, median (points)", "configurations"],
                                          floor_rows))]
     if set_rows:
-        blocks += [Block("p", "Per test set: the binomial standard error sqrt(p(1-p)/n) of one run's accuracy "
-                              "at the median accuracy p of adapter runs, beside the seed-to-seed spread."),
+        blocks += [Block("p", "Per test set: the binomial standard error sqrt(p(1-p)/n) of one run's "
+                              "accuracy at the median accuracy p of adapter runs, beside the seed-to-seed "
+                              "spread."),
                    Block("table", table=Table(["panel", "dataset", "test examples", "accuracy, median (%)",
-                                               "binomial SE (points)", "seed std, median (points)"], set_rows))]
+                                               "binomial SE (points)", "seed std, median (points)"],
+                                              set_rows))]
     return blocks
 
 
@@ -331,8 +344,9 @@ def _failures_section(df: pd.DataFrame) -> list[Block]:
     failed = per_run(df)
     failed = failed[failed["status"] != "success"]
     if len(failed):
-        rows = [[Cell(r["method"]), Cell(r["task"]), Cell(_budget_text(r["budget_target"])), Cell(_int(r["seed"])),
-                 Cell(str(r["error"] or "")), Cell(str(r["source"]))] for _, r in failed.iterrows()]
+        rows = [[Cell(r["method"]), Cell(r["task"]), Cell(_budget_text(r["budget_target"])),
+                 Cell(_int(r["seed"])), Cell(str(r["error"] or "")), Cell(str(r["source"]))]
+                for _, r in failed.iterrows()]
         blocks += [Block("h2", f"Failed runs ({len(failed)}, excluded from every mean)"),
                    Block("table", table=Table(["method", "task", "budget", "seed", "error", "file"], rows))]
     skipped = df.attrs.get("skipped", [])
@@ -377,19 +391,23 @@ def _protocol_section(df: pd.DataFrame) -> list[Block]:
             protocol = json.loads(text)
             if not protocol.get("source") and not protocol.get("deviations"):
                 continue
-            rows = [[Cell(str(d.get("what", ""))), Cell(str(d.get("why", "")))] for d in protocol.get("deviations", [])]
-            blocks += [Block("h3", f"{task} ({size}): protocol of {protocol.get('source') or 'unnamed source'}"),
+            rows = [[Cell(str(d.get("what", ""))), Cell(str(d.get("why", "")))]
+                    for d in protocol.get("deviations", [])]
+            source = protocol.get("source") or "unnamed source"
+            blocks += [Block("h3", f"{task} ({size}): protocol of {source}"),
                        Block("table", table=Table(["deviation", "why"], rows)) if rows else
                        Block("p", "No deviations recorded.")]
-    return ([Block("h2", "Protocol deviations")] + blocks) if blocks else []
+    return [Block("h2", "Protocol deviations"), *blocks] if blocks else []
 
 
 def _provenance_section(df: pd.DataFrame, command: str) -> list[Block]:
     runs = per_run(df)
     commits = runs.groupby(runs["git_commit"].fillna("unknown"))["source"].count()
-    dirty = runs.groupby(runs["git_commit"].fillna("unknown"))["git_dirty"].agg(lambda s: bool(s.fillna(False).any()))
+    dirty = runs.groupby(runs["git_commit"].fillna("unknown"))["git_dirty"].agg(
+        lambda s: bool(s.fillna(False).any()))
     commit_rows = [[Cell(c), Cell("yes" if dirty[c] else "no"), Cell(str(n))] for c, n in commits.items()]
-    ordered = runs.assign(_m=runs["method"].map(method_order(runs).index)).sort_values(["task", "_m", "budget_target", "seed"])
+    ordered = (runs.assign(_m=runs["method"].map(method_order(runs).index))
+               .sort_values(["task", "_m", "budget_target", "seed"]))
     listing = [f"{r['command']}    # {r['source']}" for _, r in ordered.iterrows()]
     return [
         Block("h2", "Provenance"),

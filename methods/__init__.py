@@ -1,6 +1,6 @@
 """Adapter methods for rankbench (LoRA, LoHa, LoKr, RandLoRA, ...) at equal parameter budgets.
 
-Public API (stable, see DESIGN.md): `available`, `num_params`, `wrap_linear`, `inject`,
+Public API (stable: outside code calls exactly these): `available`, `num_params`, `wrap_linear`, `inject`,
 `count_trainable`, `solve_budget`, `merge`, `unmerge`, `save_adapter`, `load_adapter`; plus
 `adapter_layers`, `num_params_model`, `resolve_budget`, `solve_budget_report`, `find_targets`,
 `get_method`, `leave_untrained`, `register` and `AdapterLayer` for the runner and for new methods.

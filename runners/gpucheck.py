@@ -75,8 +75,8 @@ def clip_b32(small: bool) -> nn.Module:
     vocabulary 49408, 77 positions; projection 512), random weights."""
     from transformers import CLIPConfig, CLIPModel
 
-    vision = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-              "patch_size": 32, "image_size": 224}
+    vision = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+              "num_attention_heads": 12, "patch_size": 32, "image_size": 224}
     text = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8,
             "vocab_size": 49408, "max_position_embeddings": 77}
     # The text tower pools at the end-of-text token, the last id of the vocabulary (49407 in the real
@@ -87,7 +87,8 @@ def clip_b32(small: bool) -> nn.Module:
         text.update(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                     vocab_size=1000)
     text["eos_token_id"] = text["vocab_size"] - 1
-    return CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=512 if not small else 64))
+    projection_dim = 512 if not small else 64
+    return CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=projection_dim))
 
 
 def llama_1b(small: bool) -> nn.Module:
@@ -95,8 +96,8 @@ def llama_1b(small: bool) -> nn.Module:
     config.json: hidden 2048, MLP 5632, 22 layers, 32 heads, 4 key-value heads, vocabulary 32000), random."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dims = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
-            "num_key_value_heads": 4, "vocab_size": 32000}
+    dims = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+            "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000}
     if small:
         dims.update(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=1000)
@@ -104,8 +105,10 @@ def llama_1b(small: bool) -> nn.Module:
 
 
 def shapes(small: bool) -> list[Shape]:
-    return [Shape("clip-vit-b32", lambda: clip_b32(small), CLIP_TARGETS, 8 if small else 64, 16 if small else 77),
-            Shape("llama-1.1b", lambda: llama_1b(small), LLAMA_TARGETS, 2 if small else 4, 32 if small else 512)]
+    return [Shape("clip-vit-b32", lambda: clip_b32(small), CLIP_TARGETS, 8 if small else 64,
+                  16 if small else 77),
+            Shape("llama-1.1b", lambda: llama_1b(small), LLAMA_TARGETS, 2 if small else 4,
+                  32 if small else 512)]
 
 
 def make_batch(model: nn.Module, shape: Shape, device: torch.device, gen: torch.Generator) -> dict[str, Any]:
@@ -114,7 +117,8 @@ def make_batch(model: nn.Module, shape: Shape, device: torch.device, gen: torch.
     if shape.name.startswith("clip"):
         v, t = cfg.vision_config, cfg.text_config
         pixels = torch.randn(shape.batch, 3, v.image_size, v.image_size, generator=gen)
-        ids = torch.randint(0, t.vocab_size - 1, (shape.batch, min(shape.tokens, t.max_position_embeddings)), generator=gen)
+        tokens = min(shape.tokens, t.max_position_embeddings)
+        ids = torch.randint(0, t.vocab_size - 1, (shape.batch, tokens), generator=gen)
         ids[:, -1] = t.vocab_size - 1  # the end token, where CLIP pools the text (see `clip_b32`)
         return {"pixel_values": pixels.to(device), "input_ids": ids.to(device), "return_loss": True}
     ids = torch.randint(0, cfg.vocab_size, (shape.batch, shape.tokens), generator=gen).to(device)
@@ -169,7 +173,8 @@ def autocast(mode: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16-amp")
 
 
-def train_row(row: Row, model: nn.Module, shape: Shape, device: torch.device, steps: int, warmup: int) -> None:
+def train_row(row: Row, model: nn.Module, shape: Shape, device: torch.device, steps: int,
+              warmup: int) -> None:
     """Train a few steps, timing each; record failures of the finite-loss and gradient checks."""
     params = [p for p in model.parameters() if p.requires_grad]
     row.trainable = sum(p.numel() for p in params)
@@ -211,22 +216,21 @@ def gradient_failures(model: nn.Module, impl: str) -> list[str]:
         return []
     bad = [n for n, p in model.named_parameters()
            if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))]
-    return [f"zero or missing gradient: {', '.join(bad[:3])}" + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-            ] if bad else []
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return [f"zero or missing gradient: {', '.join(bad[:3])}{more}"] if bad else []
 
 
-def rank_bound(method: str, hp: dict[str, Any]) -> int | None:
-    """The structural bound of rank(dW) where the method has one that is below full rank."""
-    r = int(hp.get("r", 0))
-    return {"lora": r, "loha": r * r}.get(method)
+def rank_bound(layer: methods.AdapterLayer) -> int:
+    """The structural bound of rank(dW) for this layer, as its method class declares it (`max_rank`)."""
+    return type(layer).max_rank(layer.in_features, layer.out_features, **layer.hp)
 
 
 def check_rank(row: Row, model: nn.Module) -> None:
     """rank(dW) of the first adapted layer, in fp32, against the structure's bound."""
     layer = next(iter(methods.adapter_layers(model).values()))
     row.rank = matrix_ranks(layer.delta_weight().detach().float())
-    bound = rank_bound(row.method, row.hp)
-    if bound is not None and row.rank["rank"] > bound:
+    bound = rank_bound(layer)
+    if row.rank["rank"] > bound:
         row.failures.append(f"rank(dW) = {row.rank['rank']} above the structure's bound {bound}")
 
 
@@ -248,7 +252,7 @@ def run_shape(shape: Shape, modes: list[str], names: list[str], device: torch.de
                     train_row(row, model, shape, device, steps, warmup)
                     if impl == "ours":
                         check_rank(row, model)
-                except Exception as err:  # noqa: BLE001 (one failing configuration must not hide the others)
+                except Exception as err:  # one failing configuration must not hide the others
                     row.failures.append(f"{type(err).__name__}: {err}")
                 rows.append(row)
                 log.info("%s", describe(row))
@@ -265,7 +269,8 @@ def ddp_check(device_count: int) -> list[str]:
         return []
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "run.py",
-               "method=lora", "task=clip", "trainer.max_steps=20", "logger=none", "device=cuda", f"out_dir={out}"]
+               "method=lora", "task=clip", "trainer.max_steps=20", "logger=none", "device=cuda",
+               f"out_dir={out}"]
         done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
         record = Path(out, "results.json")
         if done.returncode != 0 or not record.is_file():
@@ -276,14 +281,16 @@ def ddp_check(device_count: int) -> list[str]:
 
 def describe(row: Row) -> str:
     t = row.step_time_s
-    return (f"{row.model} {row.mode} {row.impl}:{row.method} {t * 1e3:.1f} ms" if t else
-            f"{row.model} {row.mode} {row.impl}:{row.method} no time") + (f" FAILED {row.failures}" if row.failures else "")
+    time = f"{t * 1e3:.1f} ms" if t else "no time"
+    failed = f" FAILED {row.failures}" if row.failures else ""
+    return f"{row.model} {row.mode} {row.impl}:{row.method} {time}{failed}"
 
 
 def table(rows: list[Row]) -> str:
     """Markdown: one line per (model, mode, method), ours next to PEFT's with the ratios."""
     peft = {(r.model, r.mode, r.method): r for r in rows if r.impl == "peft"}
-    lines = ["| model | mode | method | hp | trainable | ours ms | PEFT ms | ours/PEFT | ours MiB | PEFT MiB | rank(dW) | checks |",
+    lines = ["| model | mode | method | hp | trainable | ours ms | PEFT ms | ours/PEFT | ours MiB | PEFT MiB "
+             "| rank(dW) | checks |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in rows if r.impl == "ours"):
         p = peft.get((r.model, r.mode, r.method))
@@ -292,8 +299,13 @@ def table(rows: list[Row]) -> str:
             r.model, r.mode, r.method, f"r={r.hp.get('r')}", f"{r.trainable:,}", _ms(r.step_time_s),
             _ms(p.step_time_s if p else None), f"{ratio:.2f}" if ratio else "-", _mib(r.peak_growth_bytes),
             _mib(p.peak_growth_bytes if p else None), str(r.rank["rank"]) if r.rank else "-",
-            "ok" if not (r.failures or (p and p.failures)) else "; ".join(r.failures + (p.failures if p else []))]) + " |")
+            _checks(r, p)]) + " |")
     return "\n".join(lines)
+
+
+def _checks(ours: Row, peft: Row | None) -> str:
+    failures = ours.failures + (peft.failures if peft else [])
+    return "; ".join(failures) if failures else "ok"
 
 
 def _ms(t: float | None) -> str:
@@ -307,12 +319,14 @@ def _mib(b: int | None) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runners.gpucheck", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (the CPU test)")
-    p.add_argument("--shapes", choices=("real", "small"), default="real", help="real widths, or small for CPU tests")
+    p.add_argument("--shapes", choices=("real", "small"), default="real",
+                   help="real widths, or small for CPU tests")
     p.add_argument("--models", nargs="+", default=None, help="subset of: clip-vit-b32 llama-1.1b")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 2: the gradient check runs at step 2)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps first (>= 2: the gradient check runs at step 2)")
     p.add_argument("--no-peft", action="store_true", help="skip PEFT's rows")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     return p.parse_args(argv)
@@ -323,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        log.error("no CUDA device here; run on a GPU machine, or --device cpu --shapes small for the CPU check")
+        log.error("no CUDA device here; run on a GPU machine, "
+                  "or --device cpu --shapes small for the CPU check")
         return 2
     names = args.methods or methods.available()
     chosen = [s for s in shapes(args.shapes == "small") if not args.models or s.name in args.models]

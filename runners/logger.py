@@ -2,7 +2,10 @@
 `none`.
 
 The local results.json is the source of truth; W&B mirrors it (config = resolved Hydra config,
-history = per-step loss/lr/step time, summary = params/cost/metrics).
+history = per-step loss/lr/step time, summary = params/cost/metrics). A W&B run is named by what tells it
+from its siblings (`run_name`: dataset, method, budget, seed; the full run id is in its summary). The runs
+of one suite share a group (`logger.group`, else the suite's run id), and the suite's mean and per-dataset
+table go to one more run of that group (`log_suite`, job type `suite`), where the W&B group view shows it.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import netrc
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: seconds to wait for the W&B server before running offline (GPU nodes often have no internet).
 REACH_TIMEOUT_S = 3.0
+#: W&B job type of a suite's summary run (`log_suite`); readers of a W&B project skip it (analysis.load).
+SUITE_JOB_TYPE = "suite"
 
 
 class NullLogger:
@@ -91,19 +97,35 @@ def wandb_mode(mode: str) -> str:
     return "online"
 
 
+def run_name(config: dict[str, Any]) -> str:
+    """'eurosat-randlora-lora8-s0': dataset (the task for a suite or a one-dataset task), method, budget,
+    seed, from a run's resolved config."""
+    where = config.get("dataset") or config["task"]["name"]
+    budget = config["budget"] if config.get("budget") is not None else "nobudget"
+    return f"{where}-{config['method']['name']}-{budget}-s{config['seed']}"
+
+
+def suite_group(cfg: DictConfig, suite_id: str) -> str | None:
+    """The W&B group of a suite's runs: `logger.group` when set, else the suite's run id (None with no W&B,
+    so that `logger=none` records stay as they were)."""
+    return None if cfg.name == "none" else cfg.get("group") or suite_id
+
+
 class WandbLogger:
     """One W&B run per rankbench run, always finished (also when the run fails)."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, run_id: str, config: dict, group: str | None,
-                 tags: list[str]) -> None:
+                 tags: list[str], job_type: str = "train", name: str | None = None) -> None:
         import wandb
 
         mode = wandb_mode(cfg.mode)
         self.mode = mode
         self._wandb = wandb
-        self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=group, tags=tags, name=run_id,
-                              config=config, dir=str(run_dir), mode=mode, reinit="finish_previous",
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=group, tags=tags,
+                              name=name or run_name(config), job_type=job_type, config=config,
+                              dir=str(run_dir), mode=mode, reinit="finish_previous",
                               settings=wandb.Settings(silent=True, console="off"))
+        self.run.summary["run_id"] = run_id
 
     def log(self, data: dict[str, Any], step: int) -> None:
         self.run.log(data, step=step)
@@ -111,6 +133,10 @@ class WandbLogger:
     def summary(self, data: dict[str, Any]) -> None:
         for key, value in _flatten(data).items():
             self.run.summary[key] = value
+
+    def table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A `wandb.Table` under `key` (shown in the run's and its group's workspace)."""
+        self.run.log({key: self._wandb.Table(columns=columns, data=rows)})
 
     def finish(self, failed: bool) -> None:
         run_dir = Path(self.run.dir).parent
@@ -120,13 +146,37 @@ class WandbLogger:
 
 
 def make_logger(cfg: DictConfig, run_dir: Path, run_id: str, config: dict, group: str | None,
-                tags: list[str]) -> NullLogger | WandbLogger:
+                tags: list[str], job_type: str = "train",
+                name: str | None = None) -> NullLogger | WandbLogger:
     """Logger named by `logger.name`; see conf/logger/."""
     if cfg.name == "none":
         return NullLogger()
     if cfg.name == "wandb":
-        return WandbLogger(cfg, run_dir, run_id, config, group, tags)
+        return WandbLogger(cfg, run_dir, run_id, config, group, tags, job_type, name)
     raise ValueError(f"unknown logger {cfg.name!r}; valid: wandb, none")
+
+
+def log_suite(cfg: DictConfig, run_dir: Path, record: dict[str, Any], failed: bool) -> None:
+    """The suite's record as a W&B run of its group: summary = params/cost/metrics (metrics/accuracy is the
+    mean over datasets), plus a `per_dataset` table (dataset, accuracy before and after; the mean last)."""
+    run = record["run"]
+    logger = make_logger(cfg, run_dir, run["id"], run["config"], suite_group(cfg, run["id"]),
+                         [run["method"], run["task"], run["size"], "suite"], job_type=SUITE_JOB_TYPE,
+                         name=f"{run_name(run['config'])}-mean")
+    try:
+        logger.summary({k: record[k] for k in ("params", "cost", "metrics")})
+        if isinstance(logger, WandbLogger):
+            columns = ["dataset", "accuracy_before", "accuracy"]
+            logger.table("per_dataset", columns, suite_rows(record["metrics"]))
+    finally:
+        logger.finish(failed=failed)
+
+
+def suite_rows(metrics: dict[str, Any]) -> list[list[Any]]:
+    """[dataset, accuracy before, accuracy after] per finished dataset, then the suite's mean."""
+    before = metrics.get("per_dataset_before") or {}
+    rows = [[name, before.get(name), acc] for name, acc in metrics["per_dataset"].items()]
+    return [*rows, ["mean", metrics.get("accuracy_before"), metrics.get("accuracy")]]
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -182,3 +232,33 @@ def offline_summary(path: str | Path) -> dict[str, Any]:
                 key = item.key or "/".join(item.nested_key)
                 summary[key] = json.loads(item.value_json)
     return summary
+
+
+def wait_until_written(path: str | Path, timeout_s: float = 30.0) -> Path:
+    """`path` once its run's exit record is in it. wandb's service process writes an offline run file
+    after `run.finish()` has returned (observed with wandb 0.31: the file can still hold only its 7-byte
+    header), so a reader right after a run waits for it; a TimeoutError names the file otherwise."""
+    from wandb.proto import wandb_internal_pb2
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for raw in offline_records(path):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") == "exit":
+                return Path(path)
+        time.sleep(0.1)
+    raise TimeoutError(f"{path}: no exit record after {timeout_s:g} s (the W&B run did not finish writing)")
+
+
+def offline_run_info(path: str | Path) -> dict[str, str]:
+    """The name, group and job type an offline `run-*.wandb` file will show in W&B once synced."""
+    from wandb.proto import wandb_internal_pb2
+
+    for raw in offline_records(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "run":
+            run = record.run
+            return {"name": run.display_name, "group": run.run_group, "job_type": run.job_type}
+    raise ValueError(f"{path} holds no run record")

@@ -99,9 +99,9 @@ class Cost:
     activation and state bytes; a suite's are the mean (train time summed, memory the max).
 
     A figure this device or run does not produce (GPU figures on CPU, everything of a failed run) is
-    `NOT_MEASURED`: absent from the file, so CPU and GPU figures never share a record (DESIGN.md,
-    Measurements); null is a figure the run produces but had no value for (step time with nothing to
-    train). Readers that do not care take `cost_figures(cost)`: every field, None where absent."""
+    `NOT_MEASURED`: absent from the file, so CPU and GPU figures never share a record; null is a figure
+    the run produces but had no value for (step time with nothing to train). Readers that do not care
+    take `cost_figures(cost)`: every field, None where absent."""
 
     step_time_s: float | None = NOT_MEASURED
     step_time_p90_s: float | None = NOT_MEASURED
@@ -132,7 +132,8 @@ class Metrics:
     per_dataset_before: dict[str, float] = field(default_factory=dict)
     per_dataset_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # GLUE's own metrics too
     per_dataset_metrics_before: dict[str, dict[str, float]] = field(default_factory=dict)
-    eval_examples: dict[str, int] = field(default_factory=dict)  # examples scored per dataset (empty: not recorded)
+    # examples scored per dataset (empty: not recorded)
+    eval_examples: dict[str, int] = field(default_factory=dict)
     delta_rank: dict[str, dict[str, Any]] = field(default_factory=dict)
     forgetting: float | dict[str, Any] | None = None
     forgetting_per_dataset: dict[str, Any] | None = None
@@ -167,10 +168,11 @@ class Record:
     def from_dict(cls, d: Any) -> Record:
         """A record from a parsed results.json of schema 1 or 2; ValueError naming the problem otherwise."""
         if not isinstance(d, dict):
-            raise ValueError(f"top level is {type(d).__name__}, expected an object")  # noqa: TRY004 (a bad file)
+            raise ValueError(f"top level is {type(d).__name__}, expected an object")  # a bad file: ValueError
         version = d.get("schema", 1)
         if version not in (1, SCHEMA_VERSION):
-            raise ValueError(f"unknown results schema {version!r}; this rankbench reads 1 and {SCHEMA_VERSION}")
+            raise ValueError(f"unknown results schema {version!r}; "
+                             f"this rankbench reads 1 and {SCHEMA_VERSION}")
         if version == 1:
             d = upgrade_v1(d)
         return _build(cls, {**d, "schema": SCHEMA_VERSION}, "record")
@@ -204,17 +206,19 @@ def suite_forgetting(parts: dict[str, Metrics]) -> dict[str, Any]:
     """A suite's forgetting from its datasets' runs: the mean over the runs that measured it, and each
     run's probe sets under `<trained dataset>/<probe set>` (one rule for the runner and analysis)."""
     values = [m.forgetting for m in parts.values() if isinstance(m.forgetting, (int, float))]
-    per = {f"{n}/{probe}": v for n, m in parts.items() for probe, v in (m.forgetting_per_dataset or {}).items()}
-    return {"forgetting": sum(values) / len(values) if values else None, "forgetting_per_dataset": per or None}
+    per = {f"{n}/{probe}": v for n, m in parts.items()
+           for probe, v in (m.forgetting_per_dataset or {}).items()}
+    mean = sum(values) / len(values) if values else None
+    return {"forgetting": mean, "forgetting_per_dataset": per or None}
 
 
 # ----------------------------------------------------------------------------------- schema 1
 
 #: What schema-1 files lacked: adapter or reference, and the name figures show (runners.adapt.method_info
 #: records both from schema 2 on; this table serves only the files written before).
-_V1_METHODS = {"full": ("reference", "Full FT"), "none": ("reference", "Head-only"), "lora": ("adapter", "LoRA"),
-               "loha": ("adapter", "LoHa"), "lokr": ("adapter", "LoKr"), "randlora": ("adapter", "RandLoRA"),
-               "vera": ("adapter", "VeRA")}
+_V1_METHODS = {"full": ("reference", "Full FT"), "none": ("reference", "Head-only"),
+               "lora": ("adapter", "LoRA"), "loha": ("adapter", "LoHa"), "lokr": ("adapter", "LoKr"),
+               "randlora": ("adapter", "RandLoRA"), "vera": ("adapter", "VeRA")}
 
 
 def upgrade_v1(d: dict[str, Any]) -> dict[str, Any]:
@@ -231,8 +235,10 @@ def upgrade_v1(d: dict[str, Any]) -> dict[str, Any]:
     """
     run = d.get("run")
     if not isinstance(run, dict):
-        raise ValueError("missing run section")  # noqa: TRY004 (a bad file)
-    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+        raise ValueError("missing run section")  # a bad file: ValueError
+    config = run.get("config")
+    if not isinstance(config, dict):
+        config = {}
     task = _node(config, "task")
     kind, label = _V1_METHODS.get(str(run.get("method")), ("adapter", run.get("method")))
     run = {"method_kind": kind, "method_label": label, "model": _node(task, "model").get("path"), **run}
@@ -267,7 +273,7 @@ def _v1_regime(data: dict[str, Any]) -> str:
 def _build(cls: type, d: Any, where: str) -> Any:
     """Dataclass `cls` from dict `d`, every value checked against its annotation."""
     if not isinstance(d, dict):
-        raise ValueError(f"{where} is {type(d).__name__}, expected an object")  # noqa: TRY004 (a bad file)
+        raise ValueError(f"{where} is {type(d).__name__}, expected an object")  # a bad file: ValueError
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(d) - set(hints))
     if unknown:
@@ -286,7 +292,7 @@ def _check(value: Any, tp: Any, where: str) -> Any:
     """`value` if it fits type `tp` (dataclasses built from dicts), else ValueError naming `where`."""
     if tp is Any:
         return value
-    if is_dataclass(tp):
+    if isinstance(tp, type) and is_dataclass(tp):
         return _build(tp, value, where)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
@@ -374,7 +380,7 @@ def _object_schema(cls: type) -> dict[str, Any]:
 def _type_schema(tp: Any) -> dict[str, Any]:
     if tp is Any:
         return {}
-    if is_dataclass(tp):
+    if isinstance(tp, type) and is_dataclass(tp):
         return {"$ref": f"#/$defs/{tp.__name__}"}
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):

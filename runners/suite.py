@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, open_dict
 
 import tasks
+from runners.logger import suite_group
 from runners.results import FILENAME
 from runners.schema import Metrics, Record, suite_cost, suite_forgetting
 
@@ -40,12 +41,15 @@ def sweep_datasets(cfg: DictConfig) -> list[str]:
     return list(task.datasets) if task.trains_per_dataset else []
 
 
-def dataset_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictConfig:
-    """The config of one dataset's run of a suite: `dataset=<name>`, written under `run_dir/<name>`."""
+def dataset_config(cfg: DictConfig, dataset: str, run_dir: Path, group: str | None = None) -> DictConfig:
+    """The config of one dataset's run of a suite: `dataset=<name>`, written under `run_dir/<name>`,
+    logged in W&B group `group` (the suite's, runners.logger.suite_group) when one is given."""
     sub = cfg.copy()
     with open_dict(sub):
         sub.dataset = dataset
         sub.out_dir = str(run_dir / dataset)
+        if group is not None:
+            sub.logger.group = group
     return sub
 
 
@@ -55,10 +59,11 @@ def run_suite(cfg: DictConfig, names: list[str], run_dir: Path, record: dict[str
 
     A failing dataset does not stop the others; the summary then says which failed and why."""
     records, errors = {}, {}
+    group = suite_group(cfg.logger, record["run"]["id"])
     for i, name in enumerate(names, 1):
         log.info("suite %s: dataset %d of %d: %s", cfg.task.name, i, len(names), name)
         try:
-            records[name] = run_one(dataset_config(cfg, name, run_dir))
+            records[name] = run_one(dataset_config(cfg, name, run_dir, group))
         except failed as err:  # the dataset's own results.json holds the details
             cause = err.__cause__ or err
             errors[name] = f"{type(cause).__name__}: {cause}"
@@ -81,14 +86,17 @@ def summary_record(record: dict[str, Any], names: list[str], records: dict[str, 
         run["dataset_revisions"] = {n: (p.run.dataset_revisions or {}).get(n) for n, p in parts.items()}
         record["params"] = asdict(first.params)
     run["parts"] = {n: f"{n}/{FILENAME}" for n in names}
-    metrics = Metrics(per_dataset=_each(parts, "per_dataset"), per_dataset_before=_each(parts, "per_dataset_before"),
+    metrics = Metrics(per_dataset=_each(parts, "per_dataset"),
+                      per_dataset_before=_each(parts, "per_dataset_before"),
                       per_dataset_metrics=_each(parts, "per_dataset_metrics"),
                       per_dataset_metrics_before=_each(parts, "per_dataset_metrics_before"),
                       eval_examples=_each(parts, "eval_examples"),
-                      delta_rank={f"{n}/{layer}": v for n, p in parts.items() for layer, v in p.metrics.delta_rank.items()},
+                      delta_rank={f"{n}/{layer}": v for n, p in parts.items()
+                                  for layer, v in p.metrics.delta_rank.items()},
                       eval_split=first.metrics.eval_split if first else None,
                       **suite_forgetting({n: p.metrics for n, p in parts.items()}))
-    record.update(metrics=asdict(metrics), cost=suite_cost([p.cost for p in parts.values()]).to_dict(), history=[])
+    cost = suite_cost([p.cost for p in parts.values()]).to_dict()
+    record.update(metrics=asdict(metrics), cost=cost, history=[])
     run["suite_errors"] = errors
     return record
 

@@ -37,7 +37,7 @@ from runners.checkpoint import FILENAME as CHECKPOINT
 from runners.cli import check_values
 from runners.data import batch_split_problem, make_loader, wait_summary
 from runners.export import import_peft_adapter, save_head
-from runners.logger import make_logger
+from runners.logger import log_suite, make_logger
 from runners.metrics import PeakMemory, SavedActivations, StepTimer, matrix_ranks, state_bytes
 from runners.results import SCHEMA, is_complete, read_results, write_results
 from runners.schema import Params, Record, Run
@@ -169,6 +169,7 @@ def _run_suite(cfg: DictConfig, names: list[str], run_dir: Path, record: dict[st
             "; ".join(f"{n}: {e}" for n, e in errors.items()) or None)
     if distributed.is_main():
         write_results(run_dir, record)
+        log_suite(cfg.logger, run_dir, record, failed=bool(errors))  # mean and per-dataset table, in W&B
     if errors:
         first, error = next(iter(errors.items()))
         raise RunFailed(f"run failed on {len(errors)} of {len(names)} datasets of the suite ({first}: {error}); "

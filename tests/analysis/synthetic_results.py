@@ -1,4 +1,4 @@
-"""Synthetic sweep outputs as schema-1 `results.json` files (DESIGN.md), for the analysis tests.
+"""Synthetic sweep outputs as schema-1 `results.json` files (runners/schema.py), for the analysis tests.
 
 Schema 1 on purpose: these files have no `run.lr`, `run.regime`, `run.model` or `run.method_kind`, so
 every analysis test also checks that `runners.schema.upgrade_v1` fills them from the run's config.
@@ -90,7 +90,8 @@ def _hp(method: str, budget: int | None) -> dict[str, Any]:
 def _delta_rank(method: str, hp: dict[str, Any]) -> dict[str, Any]:
     if method == "none":
         return {}
-    rank = {"lora": lambda: hp["r"], "loha": lambda: min(64, hp["r"] ** 2), "lokr": lambda: min(64, 4 * hp["r"]),
+    rank = {"lora": lambda: hp["r"], "loha": lambda: min(64, hp["r"] ** 2),
+            "lokr": lambda: min(64, 4 * hp["r"]),
             "randlora": lambda: 64, "full": lambda: 64}[method]()
     return {f"layer{i}.q_proj": {"rank": rank, "effective_rank": rank * (0.7 + 0.05 * i), "max_rank": 64}
             for i in range(2)}
@@ -106,7 +107,8 @@ def write_sweep(root: Path, tasks: tuple[str, ...] = ("clip", "vision"), failed:
         configs = [(m, b, s) for m in ADAPTERS for b in BUDGETS for s in SEEDS]
         configs += [(ref, None, s) for ref in ("full", "none") for s in SEEDS]
         for method, budget, seed in configs:
-            status = "failed" if failed and (task, method, budget, seed) == ("clip", "lora", BUDGETS[1], 2) else "success"
+            failing = failed and (task, method, budget, seed) == ("clip", "lora", BUDGETS[1], 2)
+            status = "failed" if failing else "success"
             write_record(out / "2025-11-22" / f"10-00-{task}" / str(job),
                          make_record(method, task, seed, budget, status=status, rng=rng))
             job += 1

@@ -65,7 +65,7 @@ def test_failed_run_kept_and_marked(sweep_df):
 def test_bad_inputs(tmp_path):
     with pytest.raises(ResultsError, match="no such file"):
         load_results(tmp_path / "missing")
-    with pytest.raises(ResultsError, match="no results.json"):
+    with pytest.raises(ResultsError, match=r"no results\.json"):
         load_results(tmp_path)
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "results.json").write_text("[1, 2]")
@@ -120,6 +120,13 @@ def test_wandb_loader_maps_same_columns(flat):
     assert (df.status == "failed").sum() == len(CLIP_DATASETS)  # crashed run kept, marked
 
 
+def test_wandb_loader_leaves_out_a_suite_s_summary_run():
+    parts = [make_record("lora", "clip", 0, BUDGETS[1])]
+    summary = SimpleNamespace(**vars(_wandb_run(parts[0], flat=True)), job_type="suite")
+    df = load_wandb("me/rankbench", api=_FakeApi([_wandb_run(parts[0], flat=True), summary]))
+    assert len(df) == len(CLIP_DATASETS)  # each dataset once, not again from the suite's mean run
+
+
 def test_unknown_paths_never_crash_on_missing_optional_fields(tmp_path: Path):
     rec = {"schema": 1, "run": {"method": "lora", "status": "success"}, "metrics": {"accuracy": 0.5}}
     write_record(tmp_path / "minimal", rec)
@@ -142,19 +149,22 @@ def _v2(method: str = "lora", **metrics) -> dict:
 
 
 def test_schema_2_fields_become_columns_as_recorded(tmp_path):
-    glue = {"cola": {"accuracy": 0.8, "matthews_correlation": 0.55}, "stsb": {"pearson": 0.9, "spearmanr": 0.88}}
+    glue = {"cola": {"accuracy": 0.8, "matthews_correlation": 0.55},
+            "stsb": {"pearson": 0.9, "spearmanr": 0.88}}
     write_record(tmp_path / "r", _v2(accuracy=0.85, per_dataset={"cola": 0.55, "stsb": 0.9},
                                      per_dataset_metrics=glue, eval_split="test"))
     df = load_results(tmp_path).set_index("dataset")
     assert set(df.lr) == {4e-4} and set(df.regime) == {"50% data"} and set(df.model) == {"roberta-base"}
-    assert set(df.model_revision) == {"e2da8e2f811d1448a5b465c236feacd80ffbac7b"} and set(df.eval_split) == {"test"}
+    assert set(df.model_revision) == {"e2da8e2f811d1448a5b465c236feacd80ffbac7b"}
+    assert set(df.eval_split) == {"test"}
     assert json.loads(df.loc["cola", "dataset_metrics"]) == glue["cola"]
     assert df.loc["stsb", "accuracy"] == 0.9 and df.loc["cola", "mean_accuracy"] == 0.85
 
 
 def test_schema_1_files_get_method_kind_label_lr_from_the_upgrade(sweep_df):
     kinds = sweep_df.drop_duplicates("method").set_index("method")
-    assert kinds.loc["full", "method_kind"] == "reference" and kinds.loc["none", "method_label"] == "Head-only"
+    assert kinds.loc["full", "method_kind"] == "reference"
+    assert kinds.loc["none", "method_label"] == "Head-only"
     assert kinds.loc["randlora", "method_kind"] == "adapter" and kinds.loc["lokr", "method_label"] == "LoKr"
     assert set(sweep_df.lr) == {1e-3}  # the fixtures' trainer.lr, the lr a schema-1 runner used for them
 

@@ -18,7 +18,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+import tomllib
 
+from analysis import leaderboard
 from analysis.leaderboard import (
     FILTER_COLUMNS,
     column_roles,
@@ -74,7 +76,8 @@ def test_a_value_cannot_close_the_script_tag(tmp_path):
 
 
 def test_cells_become_plain_json_values():
-    runs = pd.DataFrame({"method": ["a"], "revisions": [{"ds": "abc"}], "x": [float("inf")], "n": [np.int64(2)]})
+    runs = pd.DataFrame({"method": ["a"], "revisions": [{"ds": "abc"}], "x": [float("inf")],
+                         "n": [np.int64(2)]})
     row = leaderboard_data(runs)["rows"][0]
     assert row == {"method": "a", "revisions": '{"ds": "abc"}', "x": None, "n": 2}
     assert type(row["n"]) is int
@@ -108,6 +111,22 @@ def test_bad_input_is_one_clear_error(frame, message):
         leaderboard_data(frame)
 
 
+def test_the_page_is_one_file_built_from_the_shipped_assets(page):
+    """The style and script come from analysis/assets/ and are inlined: the page loads nothing else."""
+    text, assets = page.read_text(), Path(leaderboard.__file__).parent / "assets"
+    for name in ("leaderboard.css", "leaderboard.js"):
+        assert (assets / name).read_text() in text, name
+    assert not re.search(r"<(?:link|script)[^>]*\b(?:href|src)=", text)  # no external style or script
+    assert not re.search(r"\{(?:title|css|data|js)\}", text)  # every placeholder filled
+
+
+def test_pyproject_ships_the_assets_as_package_data():
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {f for pattern in patterns["analysis"] for f in (root / "analysis").glob(pattern)}
+    assert {f for f in (root / "analysis" / "assets").iterdir()} <= shipped
+
+
 # ----------------------------------------------------------------------------------------- browser
 
 
@@ -125,12 +144,14 @@ def ensure_chromium(timeout: float = 900) -> str:
     if found:
         return found
     if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise ChromiumUnavailable("chromium is not installed and apt-get as root is not available to install it")
+        raise ChromiumUnavailable("chromium is not installed and apt-get as root is not available to "
+                                  "install it")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "-qq", "chromium"]
     for cmd in (install, ["apt-get", "update", "-qq"], install):
         try:
-            result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+            result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                                    check=False)
         except subprocess.TimeoutExpired:
             raise ChromiumUnavailable(f"{' '.join(cmd)} did not finish in {timeout:.0f} s") from None
         if _find_chromium():
@@ -187,7 +208,7 @@ def _configs(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _front_size(df: pd.DataFrame, x: str, y: str, x_sign: int, y_sign: int) -> int:
     xs, ys = x_sign * df[x].to_numpy(float), y_sign * df[y].to_numpy(float)
-    return sum(not np.any((xs <= a) & (ys <= b) & ((xs < a) | (ys < b))) for a, b in zip(xs, ys))
+    return sum(not np.any((xs <= a) & (ys <= b) & ((xs < a) | (ys < b))) for a, b in zip(xs, ys, strict=True))
 
 
 def _options(dom: str, select_id: str) -> list[str]:
@@ -243,7 +264,8 @@ def test_hash_filters_sorts_and_picks_axes(chromium, page, runs, tmp_path):
 CLICK_CSV = """<script>
 const PageBlob = Blob;
 window.Blob = function (parts, options) {
-  document.body.append(Object.assign(document.createElement("pre"), {id: "csv-out", textContent: parts.join("")}));
+  document.body.append(Object.assign(document.createElement("pre"),
+                                     {id: "csv-out", textContent: parts.join("")}));
   return new PageBlob(parts, options);
 };
 document.addEventListener("click", e => {
@@ -263,7 +285,8 @@ def test_download_csv_exports_the_filtered_rows(chromium, page, runs, tmp_path):
     assert 'data-download="leaderboard-configs.csv"' in dom
     ok = runs[(runs["status"] == "success") & (runs["method"] == "randlora")]
     keys = [c for c, r in column_roles(runs).items() if r == "key"]
-    stats = ok.groupby(keys, dropna=False)[ACC].agg(["mean", "std", "size"]).sort_values("mean", ascending=False)
+    stats = (ok.groupby(keys, dropna=False)[ACC].agg(["mean", "std", "size"])
+             .sort_values("mean", ascending=False))
     assert list(csv["method"].unique()) == ["randlora"] and len(csv) == len(stats)
     assert np.allclose(csv[ACC], stats["mean"], rtol=1e-12) and np.allclose(csv[f"{ACC}_std"], stats["std"])
     assert list(csv["n"]) == list(stats["size"]) and {"seed", "run_id"}.isdisjoint(csv.columns)
@@ -277,7 +300,8 @@ def test_single_runs_view_and_stable_sort(chromium, page, runs, tmp_path):
     assert [r["seed"] for r in rows] == sorted(runs["seed"].astype(float))
     by_task, _, _ = _render(chromium, page, "#sort=task", tmp_path)
     configs = _configs(runs)  # in order of first appearance, as the page groups them before sorting
-    key = list(zip(configs["method"], configs["task"], configs["budget"].astype(float).fillna(-1)))
+    key = list(zip(configs["method"], configs["task"], configs["budget"].astype(float).fillna(-1),
+                   strict=True))
     shown = [(r["method"], r["task"], r["budget"] if r["budget"] != "" else -1) for r in by_task]
     assert shown == sorted(key, key=lambda k: k[1])  # stable: ties keep their order
 

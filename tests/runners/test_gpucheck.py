@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import methods
 from runners import gpucheck
 
 
@@ -25,10 +26,21 @@ def test_small_check_passes_and_writes_every_configuration(tmp_path, capsys) -> 
 
 
 def test_a_violated_rank_bound_fails_the_check(monkeypatch) -> None:
-    monkeypatch.setattr(gpucheck, "rank_bound", lambda method, hp: 0)
+    monkeypatch.setattr(gpucheck, "rank_bound", lambda layer: 0)
     code = gpucheck.main(["--device", "cpu", "--shapes", "small", "--models", "clip-vit-b32", "--steps", "1",
                           "--methods", "lora", "--modes", "fp32", "--no-peft"])
     assert code == 1
+
+
+@pytest.mark.parametrize("method", methods.available())
+def test_rank_bound_is_each_registered_method_s_own_and_tight(method) -> None:
+    """Random adapter weights reach the bound exactly: a bound too high or too low (or missing) fails."""
+    layer = methods.wrap_linear(method, nn.Linear(40, 24), r=3)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in layer.adapter_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    assert gpucheck.rank_bound(layer) == torch.linalg.matrix_rank(layer.delta_weight().detach()).item()
 
 
 def test_zero_gradients_are_named() -> None:

@@ -11,13 +11,13 @@ from rbtest import compose_config, run_cli
 import methods
 from runners.adapt import method_names
 from runners.cli import check_values
-from runners.logger import offline_summary
+from runners.logger import offline_run_info, offline_summary, wait_until_written
 from runners.train import RunFailed, run
 
 TASKS = ["clip", "vision", "language"]
 METHODS = method_names()  # every registered adapter and the references (full, none)
-# every method on every task; a language suite (MiniLM, 3 datasets) takes 10-20 s a method on 2 cores, so beyond
-# LoRA's those run with the slow tests (the methods themselves run on the clip and vision suites)
+# every method on every task; a language suite (MiniLM, 3 datasets) takes 10-20 s a method on 2 cores, so
+# beyond LoRA's those run with the slow tests (the methods themselves run on the clip and vision suites)
 SMOKE = [pytest.param(m, t, marks=pytest.mark.slow) if t == "language" and m != "lora" else pytest.param(m, t)
          for t in TASKS for m in METHODS]
 SMALL_DATA = ["task.data.train_size=64", "task.data.test_size=32", "trainer.batch_size=16"]
@@ -166,16 +166,24 @@ def test_wandb_offline_run_holds_the_summary(tiny_overrides, tmp_path, monkeypat
     monkeypatch.setenv("WANDB_MODE", "offline")
     overrides = [o for o in tiny_overrides if o != "logger=none"] + ["logger=wandb"]
     record = run(compose_config(["method=lora", *overrides]))
-    files = list((tmp_path / "run").glob("*/wandb/offline-run-*/run-*.wandb"))  # one W&B run per dataset
+    files = [wait_until_written(f)  # one W&B run per dataset
+             for f in (tmp_path / "run").glob("*/wandb/offline-run-*/run-*.wandb")]
     assert len(files) == len(record["metrics"]["per_dataset"])
     summary = offline_summary(min(files))
     first = min(record["run"]["parts"])
     assert summary["metrics/accuracy"] == pytest.approx(record["metrics"]["per_dataset"][first])
     assert summary["params/trainable"] == record["params"]["trainable"]
+    runs = [offline_run_info(f) for f in files]  # named by dataset, grouped by the suite
+    names = [f"{d}-lora-nobudget-s0" for d in sorted(record["run"]["parts"])]
+    assert sorted(r["name"] for r in runs) == names
+    assert {r["group"] for r in runs} == {record["run"]["id"]}
+    [suite] = [wait_until_written(f) for f in (tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb")]
+    assert offline_run_info(suite)["group"] == record["run"]["id"]
+    assert offline_summary(suite)["metrics/accuracy"] == pytest.approx(record["metrics"]["accuracy"])
 
 
 def test_run_failed_is_raised_in_process(tiny_overrides):
-    with pytest.raises(RunFailed, match="unknown method|lorra"):
+    with pytest.raises(RunFailed, match=r"unknown method|lorra"):
         cfg = compose_config(["method=lora", *tiny_overrides])
         cfg.method.name = "lorra"
         run(cfg)
@@ -197,7 +205,8 @@ def test_bf16_autocast_training_runs_every_adapter(method, tiny_overrides, monke
 
 
 def test_cost_has_device_independent_memory_figures(tiny_overrides):
-    """`activation_bytes` and `state_bytes` on every device (their arithmetic: tests/runners/test_metrics.py)."""
+    """`activation_bytes` and `state_bytes` on every device (their arithmetic:
+    tests/runners/test_metrics.py)."""
     record = run(compose_config(["method=lora", "dataset=shapes", *tiny_overrides]))
     cost, params = record["cost"], record["params"]
     assert cost["activation_bytes"] > 0
@@ -231,7 +240,8 @@ def test_resumed_run_fetches_only_the_batches_it_still_trains_on(tiny_overrides,
                                                             "trainer.log_every", "out_dir"))]]
     fetched: list = []
     real_batch = ClipTask.train_batch
-    monkeypatch.setattr(ClipTask, "train_batch", lambda self, *key: fetched.append(key) or real_batch(self, *key))
+    monkeypatch.setattr(ClipTask, "train_batch",
+                        lambda self, *key: fetched.append(key) or real_batch(self, *key))
     reference = run(compose_config([*args, f"out_dir={tmp_path / 'reference'}"]))
     reference_keys, fetched[:] = list(fetched), []
 
@@ -249,7 +259,8 @@ def test_resumed_run_fetches_only_the_batches_it_still_trains_on(tiny_overrides,
     monkeypatch.setattr(train_module, "_optimizer_step", real_step)
     fetched[:] = []
     resumed = run(compose_config([*args, f"out_dir={tmp_path / 'resumed'}"]))
-    assert len(reference_keys) == 6 * 2 and fetched == reference_keys[2 * 2:]  # steps 3..6, 2 micro-batches each
+    # steps 3..6, 2 micro-batches each
+    assert len(reference_keys) == 6 * 2 and fetched == reference_keys[2 * 2:]
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in reference["history"]]
     assert resumed["metrics"]["per_dataset"] == reference["metrics"]["per_dataset"]
     assert resumed["cost"]["data_wait_s"] is not None and resumed["cost"]["data_wait_s"] >= 0
@@ -262,7 +273,8 @@ def test_requeue_after_the_last_step_only_evaluates(tiny_overrides, tmp_path, mo
     from tasks.clip import ClipTask
 
     base = ["method=lora", "dataset=shapes", "trainer.max_steps=3", "trainer.checkpoint_every=50",
-            *[o for o in tiny_overrides if not o.startswith(("trainer.max_steps", "trainer.checkpoint_every", "out_dir"))]]
+            *[o for o in tiny_overrides
+              if not o.startswith(("trainer.max_steps", "trainer.checkpoint_every", "out_dir"))]]
     args = [*base, f"out_dir={tmp_path / 'run'}"]
     calls = {"evaluate": 0, "probe": 0, "batches": 0}
     for owner, name, key in ((train_module, "_evaluate", "evaluate"), (ClipTask, "forgetting_probe", "probe"),
@@ -274,7 +286,8 @@ def test_requeue_after_the_last_step_only_evaluates(tiny_overrides, tmp_path, mo
     monkeypatch.setattr(train_module, "_delta_ranks", lambda *a: (_ for _ in ()).throw(Killed()))
     with pytest.raises(Killed):
         run(compose_config(args))
-    assert calls == {"evaluate": 2, "probe": 2, "batches": 3} and (tmp_path / "run" / "checkpoint.pt").exists()
+    assert calls == {"evaluate": 2, "probe": 2, "batches": 3}
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
     first_try = dict(calls)
     monkeypatch.setattr(train_module, "_delta_ranks", real_ranks)
     calls.update(dict.fromkeys(calls, 0))
