@@ -77,7 +77,8 @@ def per_run(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop_duplicates("source")[cols].reset_index(drop=True)
 
 
-def aggregate_seeds(df: pd.DataFrame, metrics: Sequence[str], keys: Sequence[str] | None = None) -> pd.DataFrame:
+def aggregate_seeds(df: pd.DataFrame, metrics: Sequence[str],
+                    keys: Sequence[str] | None = None) -> pd.DataFrame:
     """Mean, std, count and 95% CI half-width of each metric over seeds, failed runs excluded.
 
     Default keys are the configuration columns (`SETTING_KEYS`, plus `dataset` if present), so rows that
@@ -94,13 +95,14 @@ def aggregate_seeds(df: pd.DataFrame, metrics: Sequence[str], keys: Sequence[str
         stats = pd.DataFrame({f"{m}_mean": values.mean(), f"{m}_std": values.std(ddof=1),
                               f"{m}_count": values.count()})
         stats[f"{m}_ci95"] = [t_critical(int(n)) * s / math.sqrt(n) if n > 1 else math.nan
-                              for n, s in zip(stats[f"{m}_count"], stats[f"{m}_std"])]
+                              for n, s in zip(stats[f"{m}_count"], stats[f"{m}_std"], strict=True)]
         out = out.join(stats)
     out = _with_method_info(out.reset_index(), df)
     return _sorted(out)
 
 
-def pareto_mask(df: pd.DataFrame, x: str, y: str, x_dir: Direction = "min", y_dir: Direction = "max") -> pd.Series:
+def pareto_mask(df: pd.DataFrame, x: str, y: str, x_dir: Direction = "min",
+                y_dir: Direction = "max") -> pd.Series:
     """True for rows no other row dominates (at least as good on both metrics, better on one).
 
     Rows with a missing value are never on the front.
@@ -119,7 +121,8 @@ def pareto_mask(df: pd.DataFrame, x: str, y: str, x_dir: Direction = "min", y_di
     return pd.Series(mask, index=df.index, name="pareto")
 
 
-def pareto_front(df: pd.DataFrame, x: str, y: str, x_dir: Direction = "min", y_dir: Direction = "max") -> pd.DataFrame:
+def pareto_front(df: pd.DataFrame, x: str, y: str, x_dir: Direction = "min",
+                 y_dir: Direction = "max") -> pd.DataFrame:
     """The non-dominated rows, sorted along `x` (ready to draw as a line)."""
     return df[pareto_mask(df, x, y, x_dir, y_dir)].sort_values(x)
 
@@ -217,7 +220,8 @@ def _with_method_info(agg: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
     """The aggregate with each method's kind and label (constant per method) joined back on."""
     if "method" not in agg.columns or any(c not in df.columns for c in METHOD_COLUMNS):
         return agg
-    return agg.drop(columns=[c for c in METHOD_COLUMNS if c in agg.columns]).join(method_info(df), on="method")
+    return (agg.drop(columns=[c for c in METHOD_COLUMNS if c in agg.columns])
+            .join(method_info(df), on="method"))
 
 
 def _sorted(agg: pd.DataFrame) -> pd.DataFrame:

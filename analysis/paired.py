@@ -18,7 +18,8 @@ import pandas as pd
 from analysis.aggregate import is_adapter, method_order, successful, t_critical
 from analysis.load import PANEL_KEYS
 
-PAIRED_COLUMNS = [*PANEL_KEYS, "dataset", "budget", "method_a", "method_b", "mean_diff", "ci_low", "ci_high", "n"]
+PAIRED_COLUMNS = [*PANEL_KEYS, "dataset", "budget", "method_a", "method_b", "mean_diff", "ci_low", "ci_high",
+                  "n"]
 SUITE = "(suite mean)"
 
 
@@ -78,10 +79,12 @@ def per_test_set_noise(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
     keys = [*PANEL_KEYS, "dataset"]
     out = runs.groupby(keys, dropna=False).agg(eval_examples=("n", "median"), accuracy_median=("p", "median"))
-    out["binomial_se"] = [binomial_se(p, n) for p, n in zip(out["accuracy_median"], out["eval_examples"])]
+    out["binomial_se"] = [binomial_se(p, n)
+                          for p, n in zip(out["accuracy_median"], out["eval_examples"], strict=True)]
     values = _per_seed_values(df)
     std = _seed_std(values[values["dataset"] != SUITE], keys)
-    out["seed_std_median"] = std.groupby(level=list(range(len(keys))), dropna=False).median().reindex(out.index)
+    out["seed_std_median"] = (std.groupby(level=list(range(len(keys))), dropna=False).median()
+                              .reindex(out.index))
     return out.reset_index()[columns]
 
 
@@ -113,7 +116,8 @@ def _accuracy(dataset_metrics: str | None) -> float:
 
 
 def _per_seed_values(df: pd.DataFrame) -> pd.DataFrame:
-    """Adapter runs with a budget: accuracy per (panel, dataset, budget, method, seed), plus the suite mean."""
+    """Adapter runs with a budget: accuracy per (panel, dataset, budget, method, seed), plus the suite
+    mean."""
     ok = successful(df)
     ok = ok[is_adapter(ok) & ok["budget_target"].notna() & ok["seed"].notna()]
     keys = [*PANEL_KEYS, "budget_target", "method", "seed"]

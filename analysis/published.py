@@ -50,7 +50,8 @@ def ours(df: pd.DataFrame, table: dict[str, Any], row: dict[str, Any]) -> dict[s
 
 
 def comparison(df: pd.DataFrame, table: dict[str, Any]) -> pd.DataFrame:
-    """One line per (row, side): paper, ours and ours - paper per dataset, plus `mean` over shared datasets."""
+    """One line per (row, side): paper, ours and ours - paper per dataset, plus `mean` over shared
+    datasets."""
     lines = []
     for row in table["rows"]:
         paper = {d: float(v) for d, v in (row.get("values") or {}).items() if v is not None}
@@ -73,5 +74,5 @@ def _mean(values: dict[str, float], shared: list[str]) -> float | None:
 def relevant(df: pd.DataFrame, tables: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The tables whose task, size and regime some successful run of `df` has."""
     ok = df[df["status"] == "success"]
-    panels = set(zip(ok["task"], ok["size"], ok["regime"]))
+    panels = set(zip(ok["task"], ok["size"], ok["regime"], strict=True))
     return [t for t in tables if (t["task"], t["size"], t["regime"]) in panels]
