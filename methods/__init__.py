@@ -33,6 +33,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "AdapterLayer", "BudgetSolution", "adapter_layers", "available", "count_trainable", "find_targets",
-    "get_method", "inject", "leave_untrained", "load_adapter", "merge", "num_params", "num_params_model", "register",
-    "resolve_budget", "save_adapter", "solve_budget", "solve_budget_report", "unmerge", "wrap_linear",
+    "get_method", "inject", "leave_untrained", "load_adapter", "merge", "num_params", "num_params_model",
+    "register", "resolve_budget", "save_adapter", "solve_budget", "solve_budget_report", "unmerge",
+    "wrap_linear",
 ]

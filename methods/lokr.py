@@ -70,7 +70,8 @@ class LoKr(AdapterLayer):
 
     # dropout: as for LoHa (PEFT's rank_/module_dropout act in training only; the export writes 0.0)
     peft: ClassVar[PeftSpec] = PeftSpec(
-        "LOKR", "LoKrConfig", same(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")),
+        "LOKR", "LoKrConfig",
+        same(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")),
         lambda hp: {"r": hp["r"], "alpha": number(hp["alpha"]), "decompose_factor": hp["factor"],
                     "decompose_both": hp["decompose_both"], "rank_dropout": 0.0, "module_dropout": 0.0,
                     "rank_dropout_scale": False, "use_effective_conv2d": False, "init_weights": True,

@@ -1,9 +1,10 @@
 """LoRA: dW = (alpha / r) * B @ A (PEFT LoraConfig semantics).
 
 `init`: peft (PEFT's): A kaiming-uniform(a=sqrt 5) over fan-in `in`, B = 0. official (the RandLoRA vision
-code, github.com/PaulAlbert31/RandLoRA@4ac565e vision_language/src/rand_lora.py:291-294, used as x @ B @ A at :490):
-the input-side factor is zero and the output-side one kaiming-uniform(a=sqrt 5) on a (1, r, out) tensor, so
-its fan-in is r * out: here A = 0 and B ~ U(-1/sqrt(r out), 1/sqrt(r out)). dW = 0 at the start either way.
+code, github.com/PaulAlbert31/RandLoRA@4ac565e vision_language/src/rand_lora.py:291-294, used as
+x @ B @ A at :490): the input-side factor is zero and the output-side one kaiming-uniform(a=sqrt 5) on a
+(1, r, out) tensor, so its fan-in is r * out: here A = 0 and B ~ U(-1/sqrt(r out), 1/sqrt(r out)).
+dW = 0 at the start either way.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ class LoRA(AdapterLayer):
         lambda hp: {"r": hp["r"], "lora_alpha": number(hp["alpha"]), "lora_dropout": hp["dropout"],
                     "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
                     "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}},
-        lambda c: {"r": c.get("r", 8), "alpha": c.get("lora_alpha", 8), "dropout": c.get("lora_dropout", 0.0)},
+        lambda c: {"r": c.get("r", 8), "alpha": c.get("lora_alpha", 8),
+                   "dropout": c.get("lora_dropout", 0.0)},
         {**NO_EXTRA_MODULES, "use_rslora": False, "use_dora": False, "bias": "none", "lora_bias": False,
          "fan_in_fan_out": False, "layer_replication": None, "target_parameters": None,
          "trainable_token_indices": None, "alora_invocation_tokens": None, "use_bdlora": None,

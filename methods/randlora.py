@@ -97,8 +97,9 @@ def ternary_bases(r: int, small: int, big: int, n: int, gen: torch.Generator) ->
 def peft_alpha(hp: dict[str, Any]) -> float:
     """PEFT 0.21's randlora_alpha for our hp; sqrt_n (a per-layer 1/sqrt(n)) has no PEFT 0.21 field."""
     if hp.get("sqrt_n"):
-        raise ValueError("randlora sqrt_n=true (scaling alpha / r / sqrt(n), the official code's vendored PEFT) "
-                         "has no PEFT 0.21 counterpart: only sqrt_n=false adapters can be written in PEFT's format")
+        raise ValueError("randlora sqrt_n=true (scaling alpha / r / sqrt(n), the official code's vendored "
+                         "PEFT) has no PEFT 0.21 counterpart: only sqrt_n=false adapters can be written in "
+                         "PEFT's format")
     return hp["alpha"]
 
 

@@ -61,10 +61,11 @@ class VeraBases(nn.Module):
 
 def _to_peft(hp: dict[str, Any]) -> dict[str, Any]:
     if hp["alpha"] != 1.0:
-        raise ValueError(f"vera with alpha={hp['alpha']} has no PEFT VeraConfig equivalent (PEFT has no scale); "
-                         "only alpha=1 exports")
-    return {"r": hp["r"], "projection_prng_key": hp["seed"], "save_projection": False, "vera_dropout": hp["dropout"],
-            "d_initial": hp["d_initial"], "fan_in_fan_out": False, "bias": "none", "init_weights": True}
+        raise ValueError(f"vera with alpha={hp['alpha']} has no PEFT VeraConfig equivalent (PEFT has no "
+                         "scale); only alpha=1 exports")
+    return {"r": hp["r"], "projection_prng_key": hp["seed"], "save_projection": False,
+            "vera_dropout": hp["dropout"], "d_initial": hp["d_initial"], "fan_in_fan_out": False,
+            "bias": "none", "init_weights": True}
 
 
 @register("vera")

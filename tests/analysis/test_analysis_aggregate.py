@@ -66,7 +66,7 @@ def test_groups_separate_methods_budgets_and_refs_with_null_budget():
     df = _runs([{"method": m, "budget_target": b, "seed": s, "acc": 0.1 * s}
                 for m, b in (("lora", 10), ("lora", 20), ("randlora", 10), ("full", None)) for s in (0, 1)])
     agg = aggregate_seeds(df, ["acc"])
-    assert list(zip(agg.method, agg.budget_target.fillna(-1))) == [
+    assert list(zip(agg.method, agg.budget_target.fillna(-1), strict=True)) == [
         ("lora", 10), ("lora", 20), ("randlora", 10), ("full", -1)]
     assert (agg.n_runs == 2).all()
     assert agg.method_kind.tolist() == ["adapter"] * 3 + ["reference"]   # carried through for figures
@@ -100,9 +100,11 @@ def test_pareto_membership_min_max():
 
 def test_pareto_directions_and_duplicates():
     df = pd.DataFrame({"x": [1.0, 1.0, 2.0], "y": [5.0, 5.0, 1.0]})
-    assert pareto_mask(df, "x", "y", "min", "min").tolist() == [True, True, True]  # a trade-off: none dominated
+    # a trade-off: none dominated
+    assert pareto_mask(df, "x", "y", "min", "min").tolist() == [True, True, True]
     assert pareto_mask(df, "x", "y", "max", "max").tolist() == [True, True, True]
-    assert pareto_mask(df, "x", "y", "min", "max").tolist() == [True, True, False]  # identical points both kept
+    # identical points are both kept
+    assert pareto_mask(df, "x", "y", "min", "max").tolist() == [True, True, False]
     with pytest.raises(ValueError, match="direction"):
         pareto_mask(df, "x", "y", "low", "max")
 

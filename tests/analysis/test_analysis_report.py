@@ -89,7 +89,8 @@ def test_empty_dir(tmp_path, capsys):
 
 def test_only_failed_runs(tmp_path, capsys):
     for seed in (0, 1):
-        write_record(tmp_path / "runs" / str(seed), make_record("lora", "vision", seed, BUDGETS[0], status="failed"))
+        write_record(tmp_path / "runs" / str(seed),
+                     make_record("lora", "vision", seed, BUDGETS[0], status="failed"))
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "r"), "-q"]) == 2
     line = _error_line(capsys)
     assert "all 2 runs failed" in line and "out of memory" in line

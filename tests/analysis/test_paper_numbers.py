@@ -16,8 +16,9 @@ PAPER = {"cars": 70.0, "dtd": 60.0, "eurosat": 90.0, "ucf101": 80.0}   # ucf101:
 
 
 def table(regime: str = "16-shot") -> dict:
-    return {"name": "synthetic CLIP table", "source": "Table 9 of a made-up paper", "task": "clip", "size": "tiny",
-            "regime": regime, "datasets": [*CLIP_DATASETS, "ucf101"], "file": "synthetic.yaml",
+    return {"name": "synthetic CLIP table", "source": "Table 9 of a made-up paper", "task": "clip",
+            "size": "tiny", "regime": regime, "datasets": [*CLIP_DATASETS, "ucf101"],
+            "file": "synthetic.yaml",
             "rows": [{"method": "lora", "r": 8, "label": "LoRA-8", "values": PAPER, "mean": None},
                      {"method": "randlora", "r": 32, "label": "RandLoRA-32", "values": None, "mean": None}]}
 
@@ -76,8 +77,9 @@ def test_every_repository_row_holds_a_number_for_each_dataset_of_its_table():
 
 
 def test_transcribed_means_equal_the_mean_of_their_values_within_rounding():
-    """Each value and each printed mean is rounded to the table's `decimals`, so the two differ by at most one
-    unit of that place; a digit copied wrong moves the mean further (unless it is one of the smallest slips)."""
+    """Each value and each printed mean is rounded to the table's `decimals`, so the two differ by at most
+    one unit of that place; a digit copied wrong moves the mean further (unless it is one of the smallest
+    slips)."""
     for t, row in repository_rows():
         values = list(row["values"].values())
         assert abs(sum(values) / len(values) - row["mean"]) <= 10 ** -t["decimals"] + 1e-9, \

@@ -51,8 +51,9 @@ def test_every_runs_csv_row_equals_its_results_json(sweep):
     for _, row in runs.iterrows():
         r = records[row["run_id"]]
         run, params, metrics = r["run"], r["params"], r["metrics"]
-        expected = {"method": run["method"], "method_kind": run["method_kind"], "budget": run["budget_target"],
-                    "seed": run["seed"], "lr": run["lr"], "accuracy": metrics["accuracy"],
+        expected = {"method": run["method"], "method_kind": run["method_kind"],
+                    "budget": run["budget_target"], "seed": run["seed"], "lr": run["lr"],
+                    "accuracy": metrics["accuracy"],
                     "accuracy_before": metrics["accuracy_before"], "eval_split": metrics["eval_split"],
                     "trainable": params["trainable"], "head_trainable": params["head_trainable"],
                     "total": params["total"], "budget_error": params["budget_error"],
@@ -68,7 +69,8 @@ def test_every_runs_csv_row_equals_its_results_json(sweep):
 def test_the_report_shows_the_lr_each_run_used_not_trainer_lr(sweep):
     """The issue's bug: the tiny CLIP's trainer.lr is 5e-3, RandLoRA trains at its own 1e-3 (run.lr)."""
     records, runs = sweep
-    lr = {run["run"]["method"]: (run["run"]["lr"], run["run"]["config"]["trainer"]["lr"]) for run in records.values()}
+    lr = {run["run"]["method"]: (run["run"]["lr"], run["run"]["config"]["trainer"]["lr"])
+          for run in records.values()}
     used, trainer = lr["randlora"]
     assert used != trainer  # otherwise this test could not tell them apart
     assert runs.set_index("method").loc["randlora", "lr"] == used == 1e-3

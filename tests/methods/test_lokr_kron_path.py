@@ -30,7 +30,8 @@ def test_fused_kron_matches_the_dense_update_in_float64(shape) -> None:
     grad = torch.randn_like(dense)
     leaves = [t for t in (x, weight, bias, w1, right, left) if t is not None]
     torch.testing.assert_close(ours, dense, rtol=0, atol=1e-12)
-    for g_ours, g_dense in zip(torch.autograd.grad(ours, leaves, grad), torch.autograd.grad(dense, leaves, grad)):
+    for g_ours, g_dense in zip(torch.autograd.grad(ours, leaves, grad),
+                               torch.autograd.grad(dense, leaves, grad), strict=True):
         torch.testing.assert_close(g_ours, g_dense, rtol=0, atol=1e-11)
 
 

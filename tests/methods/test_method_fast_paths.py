@@ -14,7 +14,8 @@ import methods
 METHODS = methods.available()
 # (in, out) and hp: in > out, out > in, awkward widths; LoKr full / low-rank / decompose_both factors
 CASES = [((40, 24), {"r": 3}), ((24, 40), {"r": 5}), ((36, 100), {"r": 2})]
-EXTRA = {"lokr": [((48, 64), {"r": 2, "factor": 4}), ((64, 48), {"r": 1, "factor": 2, "decompose_both": True}),
+EXTRA = {"lokr": [((48, 64), {"r": 2, "factor": 4}),
+                  ((64, 48), {"r": 1, "factor": 2, "decompose_both": True}),
                   ((100, 36), {"r": 8}), ((48, 64), {"r": 1, "factor": 8, "decompose_both": True}),
                   ((8, 16), {"r": 8, "factor": 2})],   # the last contracts c first: generic path
          "randlora": [((40, 24), {"r": 3, "sparse": True})]}
@@ -63,7 +64,7 @@ def test_fast_path_outputs_and_gradients_equal_reference(method, path, randomize
         y, g = grads_of(layer, x, path)
         scale = y_ref.abs().max().item()
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * scale, msg=f"{method} {hp} output")
-        for name, a, b in zip(["x", *(n for n, _ in layer.adapter_parameters())], g, g_ref):
+        for name, a, b in zip(["x", *(n for n, _ in layer.adapter_parameters())], g, g_ref, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item() + 1e-7,
                                        msg=f"{method} {hp} grad of {name}")
 
@@ -109,7 +110,8 @@ def test_merged_path_base_weight_and_bias_gradients_when_unfrozen(method, random
 
 
 def test_randlora_merged_path_saves_the_basis_projection_not_the_input(randomize_params):
-    """out < in: RandLoRA keeps u = x B (tokens x n r) for backward instead of x (tokens x in), as PEFT does."""
+    """out < in: RandLoRA keeps u = x B (tokens x n r) for backward instead of x (tokens x in), as PEFT
+    does."""
     layer = methods.wrap_linear("randlora", nn.Linear(96, 32), r=4, alpha=4)   # n = 8 bases, n r = 32
     randomize_params(layer)
     layer.use_merged_path = forced("merged")
@@ -123,7 +125,7 @@ def test_randlora_merged_path_saves_the_basis_projection_not_the_input(randomize
     ref = copy.deepcopy(layer)
     F.linear(x, ref.base_layer.weight + ref.delta_weight(), ref.base_layer.bias).square().sum().backward()
     y.square().sum().backward()
-    for (name, p), (_, q) in zip(layer.adapter_parameters(), ref.adapter_parameters()):
+    for (name, p), (_, q) in zip(layer.adapter_parameters(), ref.adapter_parameters(), strict=True):
         assert (p.grad - q.grad).abs().max() <= 1e-5 * q.grad.abs().max(), name
 
 
@@ -160,12 +162,13 @@ def test_lokr_fused_path_keeps_only_the_thin_intermediate(shape, hp, fused, rand
     static = {p.data_ptr() for p in layer.parameters()}
     a, b, c, _ = layer.kron_dims
     k = b if hasattr(layer, "lokr_w2") else hp["r"]
-    activations = sorted(tuple(t.shape) for ptr, t in saved.items() if ptr not in static and t.numel() > a * c)
+    activations = sorted(tuple(t.shape) for ptr, t in saved.items()
+                         if ptr not in static and t.numel() > a * c)
     assert activations == sorted([(c, 33, k), (3, 11, shape[0])]), activations
     y, grads = grads_of(layer, x.detach(), "factored")
     y_ref, ref = grads_of(layer, x.detach(), "reference")
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
-    for g, r in zip(grads, ref):
+    for g, r in zip(grads, ref, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * r.abs().max().item() + 1e-7)
 
 
@@ -209,13 +212,14 @@ def test_paths_with_a_separate_adapter_input_equal_reference(method, path, rando
         ref_layer = copy.deepcopy(layer)
         xr = x.clone().requires_grad_(True)
         base = ref_layer.base_layer
-        y_ref = F.linear(xr, base.weight, base.bias) + F.linear(ref_layer.adapter_dropout(xr), ref_layer.delta_weight())
+        y_ref = (F.linear(xr, base.weight, base.bias)
+                 + F.linear(ref_layer.adapter_dropout(xr), ref_layer.delta_weight()))
         params_ref = [p for _, p in ref_layer.adapter_parameters()]
         weights = torch.linspace(-1, 1, y_ref.numel()).view_as(y_ref)
         g_ref = torch.autograd.grad((y_ref * weights).sum(), [xr, *params_ref])
         y, g = grads_of(layer, x, path)
         torch.testing.assert_close(y, y_ref.detach(), rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
-        for a, b in zip(g, g_ref):
+        for a, b in zip(g, g_ref, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item() + 1e-7)
 
 
@@ -246,7 +250,7 @@ def test_paths_under_bf16_autocast_match_fp32_within_bf16_precision(method, path
     g = torch.autograd.grad((y.float() * weights).sum(), [x, *(p for _, p in layer.adapter_parameters())])
     assert y.dtype == torch.bfloat16 and all(a.dtype == torch.float32 for a in g)
     torch.testing.assert_close(y.float(), y_ref, rtol=0, atol=3e-2 * y_ref.abs().max().item())
-    for name, a, b in zip(["x", *(n for n, _ in layer.adapter_parameters())], g, g_ref):
+    for name, a, b in zip(["x", *(n for n, _ in layer.adapter_parameters())], g, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=3e-2 * b.abs().max().item(), msg=f"grad of {name}")
 
 
@@ -449,7 +453,8 @@ def test_cost_model_counts_one_build_where_dw_is_not_kept():
     nr, io, t = 391, 384 * 1536, 1024
     assert not fc1.keeps_delta() and not fc2.keeps_delta()
     assert fc1.path_macs(t, True)[1] == nr * io + t * nr * (1536 + 2 * 384)     # build; g B, H, (g B)(s S)
-    assert fc2.path_macs(t, True)[1] == t * nr * 384 + t * nr * (1536 + 384) + nr * io  # u S; x B, g^T u; build
+    # u S; x B, g^T u; build
+    assert fc2.path_macs(t, True)[1] == t * nr * 384 + t * nr * (1536 + 384) + nr * io
     t = 4096
     assert fc1.path_macs(t, True)[1] == nr * io + t * io + 2 * nr * io          # build; G, H, rebuild
     assert fc2.path_macs(t, True)[1] == nr * io + t * nr * (1536 + 384) + nr * io

@@ -1,12 +1,13 @@
 """rankbench against the official RandLoRA code itself: its conventions (init=official, alpha 1) match its
-layers, its CLIP code trains no attention adapter, and `task.attention_adapters=counted_untrained` reproduces that.
+layers, its CLIP code trains no attention adapter, and `task.attention_adapters=counted_untrained` reproduces
+that.
 
 Upstream (github.com/PaulAlbert31/RandLoRA@4ac565e, vision_language/src/rand_lora.py): the MultiheadAttention
 subclass's forward adds dW to `in_proj_weight` by assigning `.data` (:582) and assigns it back after the call
 (:584). A `.data` assignment carries no autograd graph, so the attention adapters' parameters never get a
-gradient; only the nn.Linear (MLP) adapters train. The tests calling `official_module` run the official file: they need a
-copy of the repository, named by RANDLORA_REPO (a checkout, or a git directory such as the one `fetch`
-writes), and is skipped without one. Nothing of the official code is stored in this project.
+gradient; only the nn.Linear (MLP) adapters train. The tests calling `official_module` run the official file:
+they need a copy of the repository, named by RANDLORA_REPO (a checkout, or a git directory such as the one
+`fetch` writes), and is skipped without one. Nothing of the official code is stored in this project.
 """
 from __future__ import annotations
 
@@ -30,11 +31,12 @@ def official_module(tmp_path: Path) -> ModuleType:
     named = os.environ.get("RANDLORA_REPO")
     repo = Path(named or "/nonexistent").expanduser()
     if not named or not repo.exists():
-        pytest.skip("set RANDLORA_REPO to a copy of github.com/PaulAlbert31/RandLoRA to run the official code")
+        pytest.skip("set RANDLORA_REPO to a copy of github.com/PaulAlbert31/RandLoRA to run the official "
+                    "code")
     source = repo / OFFICIAL_FILE
     if not source.exists():
-        shown = subprocess.run(["git", f"--git-dir={repo}", "show", f"HEAD:{OFFICIAL_FILE}"], capture_output=True,
-                               text=True, check=False)
+        shown = subprocess.run(["git", f"--git-dir={repo}", "show", f"HEAD:{OFFICIAL_FILE}"],
+                               capture_output=True, text=True, check=False)
         if shown.returncode != 0:
             pytest.skip(f"{OFFICIAL_FILE} is neither in {repo} nor in its git history")
         source = tmp_path / "rand_lora.py"
@@ -54,7 +56,8 @@ def test_official_attention_adapters_get_no_gradient(param_type, n, tmp_path):
     d, r = 16, 4
     basis = tuple(nn.Parameter(b, requires_grad=False)
                   for b in rl.gen_mats(0, n, 4 * d, 4 * d, r, shared=param_type == "randlora"))
-    attn = rl.MultiheadAttention(d, 2, basis=basis, param_type=param_type, seed=0, enable_lora=["q", "k", "v"])
+    attn = rl.MultiheadAttention(d, 2, basis=basis, param_type=param_type, seed=0,
+                                 enable_lora=["q", "k", "v"])
     mlp = rl.Linear(d, 4 * d, basis=basis, param_type=param_type, seed=0)
     for module in (attn, mlp):
         rl.mark_only_mat_as_trainable(module)
@@ -111,14 +114,15 @@ def test_official_conventions_init_and_scaling():
         assert not layer.delta_weight().any()
     with pytest.raises(ValueError, match="init must be one of peft, official"):
         methods.wrap_linear("lora", nn.Linear(8, 8), r=2, init="paper")
-    with pytest.raises(ValueError, match="no PEFT 0.21 counterpart"):
+    with pytest.raises(ValueError, match=r"no PEFT 0\.21 counterpart"):
         rand.peft.to_peft(rand.hp)
 
 
 def test_official_attention_restore_keeps_the_adapted_weight(tmp_path):
-    """The assignment meant to restore W (rand_lora.py:584, `.data = p` with p the parameter itself) is a no-op:
-    with a nonzero dW the attention weight keeps W + dW and gains dW again at every call. Training never sees
-    it (the attention dW starts at 0 and gets no gradient), an adapter with a nonzero start would."""
+    """The assignment meant to restore W (rand_lora.py:584, `.data = p` with p the parameter itself) is a
+    no-op: with a nonzero dW the attention weight keeps W + dW and gains dW again at every call. Training
+    never sees it (the attention dW starts at 0 and gets no gradient), an adapter with a nonzero start
+    would."""
     rl = official_module(tmp_path)
     torch.manual_seed(0)
     d = 16
@@ -148,7 +152,8 @@ def test_official_conventions_match_the_official_layers(tmp_path):
     assert theirs.n == ours.n_bases and theirs.scaling == ours.scaling
     assert torch.equal(theirs.w_loramat_B.T, ours.randlora_lambda.detach())      # (n, r) vs our (r, n)
     assert not theirs.w_loramat_A.any() and not ours.randlora_gamma.any()
-    theirs = rl.Linear(d_in, d_out, basis=rl.gen_mats(0, 1, 4 * d_out, 4 * d_out, r), param_type="lora", seed=0)
+    theirs = rl.Linear(d_in, d_out, basis=rl.gen_mats(0, 1, 4 * d_out, 4 * d_out, r), param_type="lora",
+                       seed=0)
     ours = methods.wrap_linear("lora", nn.Linear(d_in, d_out), r=r, alpha=1, init="official")
     assert theirs.scaling == ours.scaling
     # official forward x @ B_(in x r) @ A_(r x out): B_ = 0 is our A (input side), A_ is our B^T (output side)
