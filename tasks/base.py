@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from tasks.common import TrainData
 
 Batch = dict[str, Any]
-EVAL_SPLITS = ("test", "validation")  # task.data.eval_split: test is reported, validation selects hyper-parameters
+# task.data.eval_split: test is reported, validation selects hyper-parameters
+EVAL_SPLITS = ("test", "validation")
 
 
 class Task(ABC):
@@ -87,7 +88,8 @@ class Task(ABC):
 
     def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
         """The primary metric per dataset (top-1 accuracy, except e.g. STS-B's Pearson r)."""
-        return {name: m[self.primary_metric(name)] for name, m in self.evaluate_metrics(model, batch_size).items()}
+        return {name: m[self.primary_metric(name)]
+                for name, m in self.evaluate_metrics(model, batch_size).items()}
 
     @property
     def eval_split(self) -> str:
@@ -96,7 +98,8 @@ class Task(ABC):
         metrics.eval_split)."""
         split = str(self.cfg.data.eval_split)
         if split not in EVAL_SPLITS:
-            raise ValueError(f"task.data.eval_split={split!r} is not a split; valid: {', '.join(EVAL_SPLITS)}")
+            raise ValueError(f"task.data.eval_split={split!r} is not a split; "
+                             f"valid: {', '.join(EVAL_SPLITS)}")
         return split
 
     def primary_metric(self, dataset: str) -> str:

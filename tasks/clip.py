@@ -113,10 +113,12 @@ class ClipTask(ImageSuiteTask):
     @property
     def untrained_targets(self) -> list[str] | None:
         """task.attention_adapters=counted_untrained: the attention adapters (task.attention_targets) are
-        injected and counted but get no gradient, as in the official RandLoRA CLIP code (conf/task/clip.yaml)."""
+        injected and counted but get no gradient, as in the official RandLoRA CLIP code
+        (conf/task/clip.yaml)."""
         mode = self.cfg.attention_adapters
         if mode not in ATTENTION_MODES:
-            raise ValueError(f"task.attention_adapters={mode!r} is not valid; use {' or '.join(ATTENTION_MODES)}")
+            raise ValueError(f"task.attention_adapters={mode!r} is not valid; "
+                             f"use {' or '.join(ATTENTION_MODES)}")
         return list(self.cfg.attention_targets) if mode == "counted_untrained" else None
 
     @cached_property
@@ -135,7 +137,8 @@ class ClipTask(ImageSuiteTask):
     def prepare(self, pair: SplitPair) -> Prepared:
         """One dataset as tensors: pixels of train and the scored split, labels, tokenised prompts."""
         objective = self.cfg.objective
-        train, test = (self._tokenize(templates_for(objective.prompts[k], pair), pair.classes) for k in ("train", "eval"))
+        train, test = (self._tokenize(templates_for(objective.prompts[k], pair), pair.classes)
+                       for k in ("train", "eval"))
         images = prepare_images(pair, self.processor, self.lazy, self.augment, int(self.cfg.get("seed", 0)),
                                 self.eval_split)
         return Prepared(pair.classes, *images, prompts=train, eval_prompts=test)
@@ -146,13 +149,15 @@ class ClipTask(ImageSuiteTask):
         return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
 
     def train_data(self) -> TrainData:
-        """Map-style training data (runners/data.py feeds it to a DataLoader); lazy pixels decode in workers."""
-        return TrainData({k: len(d.train_y) for k, d in self.data.items()}, self.train_batch, in_memory=not self.lazy)
+        """Map-style training data (runners/data.py feeds it to a DataLoader); lazy pixels decode in
+        workers."""
+        return TrainData({k: len(d.train_y) for k, d in self.data.items()}, self.train_batch,
+                         in_memory=not self.lazy)
 
     def train_batch(self, name: str, rows: list[int], epoch: int) -> Batch:
         d = self.data[name]
-        return {"dataset": name, "pixel_values": train_pixels(d.train_x, rows, epoch), "labels": d.train_y[rows],
-                **d.prompts}
+        return {"dataset": name, "pixel_values": train_pixels(d.train_x, rows, epoch),
+                "labels": d.train_y[rows], **d.prompts}
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
         return batches(self.train_data(), batch_size, generator)
@@ -191,12 +196,14 @@ class ClipTask(ImageSuiteTask):
             for name in self.datasets if names is None else names:
                 d = self.data[name]
                 txt = class_embeddings(model, d.eval_prompts, len(d.classes))
-                logits = [(image_features(model, d.test_x[i : i + batch_size].to(device)) @ txt.T).float().cpu()
-                          for i in range(0, len(d.test_y), batch_size)]
-                out[name] = metrics.classification(torch.cat(logits), d.test_y, float(self.temperature(model)))
+                chunks = (d.test_x[i : i + batch_size] for i in range(0, len(d.test_y), batch_size))
+                logits = [(image_features(model, x.to(device)) @ txt.T).float().cpu() for x in chunks]
+                out[name] = metrics.classification(torch.cat(logits), d.test_y,
+                                                   float(self.temperature(model)))
         return out
 
-    def evaluate(self, model: nn.Module, batch_size: int = 256, names: list[str] | None = None) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, batch_size: int = 256,
+                 names: list[str] | None = None) -> dict[str, float]:
         return {name: m["accuracy"] for name, m in self.evaluate_metrics(model, batch_size, names).items()}
 
     @cached_property
@@ -207,9 +214,10 @@ class ClipTask(ImageSuiteTask):
 
     def forgetting_probe(self, model: nn.Module, batch_size: int = 256, untrained: bool = False
                          ) -> dict[str, float | str] | None:
-        """Zero-shot accuracy on each other dataset of the suite, by this task's own evaluation code; a dataset
-        that could not be loaded gives the reason instead (tasks/forgetting.py records it as missing). Untrained,
-        each dataset's accuracy is evaluated once per process and setting (`UNTRAINED_ACCURACY`)."""
+        """Zero-shot accuracy on each other dataset of the suite, by this task's own evaluation code; a
+        dataset that could not be loaded gives the reason instead (tasks/forgetting.py records it as
+        missing). Untrained, each dataset's accuracy is evaluated once per process and setting
+        (`UNTRAINED_ACCURACY`)."""
         probe = self._forgetting_task
         if probe is None:
             return None
@@ -219,7 +227,8 @@ class ClipTask(ImageSuiteTask):
         key = probe.setting_key(model)
         todo = [d for d in loaded if (key, d) not in UNTRAINED_ACCURACY]
         if todo:
-            UNTRAINED_ACCURACY.update({(key, d): acc for d, acc in probe.evaluate(model, batch_size, todo).items()})
+            UNTRAINED_ACCURACY.update({(key, d): acc
+                                       for d, acc in probe.evaluate(model, batch_size, todo).items()})
         return {**{d: UNTRAINED_ACCURACY[(key, d)] for d in loaded}, **probe.missing}
 
     def setting_key(self, model: nn.Module) -> str:
@@ -235,10 +244,10 @@ class ClipTask(ImageSuiteTask):
 
 
 class ClipProbe(ClipTask):
-    """The forgetting probe's view of a suite's other datasets: each one's test split alone (`load_test_split`:
-    no train shard, no validation hold-out), capped by task.data.test_size. A dataset that cannot be loaded or
-    prepared is set aside in `missing` with a warning instead of failing the training run; the preflight
-    (runners/preflight.py) is where a broken entry is a problem."""
+    """The forgetting probe's view of a suite's other datasets: each one's test split alone
+    (`load_test_split`: no train shard, no validation hold-out), capped by task.data.test_size. A dataset
+    that cannot be loaded or prepared is set aside in `missing` with a warning instead of failing the
+    training run; the preflight (runners/preflight.py) is where a broken entry is a problem."""
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
@@ -254,6 +263,7 @@ class ClipProbe(ClipTask):
                                                          templates.get(name, "{}")))
             except Exception as err:  # any failure of one probe set: recorded, the run goes on
                 self.missing[name] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-                log.warning("forgetting probe: %s could not be loaded and is recorded as missing (%s); the run "
-                            "goes on. `python -m runners.preflight` checks every dataset", name, self.missing[name])
+                log.warning("forgetting probe: %s could not be loaded and is recorded as missing (%s); the "
+                            "run goes on. `python -m runners.preflight` checks every dataset",
+                            name, self.missing[name])
         return out

@@ -87,7 +87,7 @@ def base_dtype(model_cfg: Any) -> torch.dtype | None:
         return None
     dtype = getattr(torch, str(name), None)
     if not isinstance(dtype, torch.dtype):  # a bad config value, not a Python type error
-        raise ValueError(  # noqa: TRY004
+        raise ValueError(
             f"task.model.dtype={name!r} is not a torch dtype; use float32, bfloat16 or float16")
     return dtype
 
@@ -109,7 +109,8 @@ def enable_memory_savers(model: nn.Module, model_cfg: Any) -> nn.Module:
     for module in model.modules():
         if getattr(module, "supports_gradient_checkpointing", False):
             if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x name
-                module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                module.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             found = True
@@ -122,7 +123,8 @@ def enable_memory_savers(model: nn.Module, model_cfg: Any) -> nn.Module:
 def memory_savers(model_cfg: Any) -> dict[str, Any]:
     """What the run did to save memory, for results.json (`run.memory_savers`)."""
     dtype = base_dtype(model_cfg)
-    return {"gradient_checkpointing": bool(model_cfg.get("gradient_checkpointing", False)) if model_cfg else False,
+    return {"gradient_checkpointing":
+            bool(model_cfg.get("gradient_checkpointing", False)) if model_cfg else False,
             "base_dtype": str(dtype).removeprefix("torch.") if dtype is not None else "float32"}
 
 
@@ -337,8 +339,9 @@ class HeadedModel(nn.Module):
         p = getattr(config, "classifier_dropout", None)
         p = p if p is not None else getattr(config, "hidden_dropout_prob", 0.0)
         head = nn.Sequential()  # named like RobertaClassificationHead's submodules: heads.<dataset>.dense
-        for name, module in (("dropout", nn.Dropout(p)), ("dense", nn.Linear(dim, dim, bias=bias)), ("tanh", nn.Tanh()),
-                             ("out_dropout", nn.Dropout(p)), ("out_proj", nn.Linear(dim, n, bias=bias))):
+        for name, module in (("dropout", nn.Dropout(p)), ("dense", nn.Linear(dim, dim, bias=bias)),
+                             ("tanh", nn.Tanh()), ("out_dropout", nn.Dropout(p)),
+                             ("out_proj", nn.Linear(dim, n, bias=bias))):
             head.add_module(name, module)
         return head
 

@@ -114,7 +114,7 @@ def continuation_logprobs(model: nn.Module, pairs: list[Pair], pad_id: int, batc
         logits, targets, row = _labelled_logits(model, pad_batch(rows, pad_id))
         logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         sums = torch.zeros(len(idx), device=logp.device).index_add_(0, row, logp)
-        for i, s in zip(idx, sums.tolist()):
+        for i, s in zip(idx, sums.tolist(), strict=True):
             out[i] = s
     return out
 
@@ -143,7 +143,8 @@ def answer_keywords(instruction: str) -> list[str]:
     (every commonsense_170k row ends so; the benchmarks' own regexes accept exactly these words)."""
     found = re.search(r"Answer format:\s*(\S+)", instruction)
     if not found:
-        raise ValueError(f"validation example without 'Answer format: k1/k2' in its instruction: {instruction[:200]!r}")
+        raise ValueError("validation example without 'Answer format: k1/k2' in its instruction: "
+                         f"{instruction[:200]!r}")
     return found.group(1).split("/")
 
 
@@ -301,9 +302,9 @@ class CommonsenseTask(Task):
         return {name: len(ds) for name, ds in self.test_sets.items()}
 
     def evaluate_metrics(self, model: nn.Module, batch_size: int = 256) -> dict[str, dict[str, float]]:
-        """accuracy (answer-keyword, the headline), acc, acc_norm, acc_bytes per benchmark, and the validation
-        hold-out's loss (`val_loss`) in each entry; with task.data.eval_split=validation, the hold-out's answer
-        accuracy and `loss` instead (see `validation_metrics`)."""
+        """accuracy (answer-keyword, the headline), acc, acc_norm, acc_bytes per benchmark, and the
+        validation hold-out's loss (`val_loss`) in each entry; with task.data.eval_split=validation, the
+        hold-out's answer accuracy and `loss` instead (see `validation_metrics`)."""
         batch_size = min(batch_size, int(self.cfg.data.get("score_batch_size") or batch_size))
         if self.eval_split == "validation":
             return {VALIDATION: self.validation_metrics(model, batch_size)}
@@ -330,21 +331,23 @@ class CommonsenseTask(Task):
         return total / max(1, count)
 
     def validation_metrics(self, model: nn.Module, batch_size: int) -> dict[str, float]:
-        """The validation hold-out (120 examples of the training file) scored as the benchmarks are: `accuracy`
-        = the answer keyword the model finds likeliest among those its instruction lists ("Answer format:
-        true/false"), the primary metric hyper-parameters are chosen on (higher is better); `loss` beside it."""
+        """The validation hold-out (120 examples of the training file) scored as the benchmarks are:
+        `accuracy` = the answer keyword the model finds likeliest among those its instruction lists ("Answer
+        format: true/false"), the primary metric hyper-parameters are chosen on (higher is better); `loss`
+        beside it."""
         if self.val_set is None:
             raise ValueError("task.data.eval_split=validation needs the validation hold-out; set "
                              "task.data.val_set_size > 0")
         d, tok = self.cfg.data, self.tokenizer
         rows = list(self.val_set)
         keywords = [answer_keywords(row[d.instruction_column]) for row in rows]
-        pairs = [encode_pair(tok, self.eval_context(row), k) for row, ks in zip(rows, keywords) for k in ks]
+        pairs = [encode_pair(tok, self.eval_context(row), k)
+                 for row, ks in zip(rows, keywords, strict=True) for k in ks]
         with eval_mode(model):
             lls = iter(continuation_logprobs(model, pairs, tok.pad_token_id, batch_size))
             loss = self.validation_loss(model, batch_size)
         correct = 0
-        for row, ks in zip(rows, keywords):
+        for row, ks in zip(rows, keywords, strict=True):
             scores = [next(lls) for _ in ks]
             correct += int(ks[int(np.argmax(scores))] == str(row[d.answer_column]))
         return {"accuracy": correct / len(rows), "loss": float(loss)}
@@ -384,11 +387,13 @@ class CommonsenseTask(Task):
         texts = forgetting.generic_texts_or_reason(self.cfg.forgetting.text)
         if isinstance(texts, str):
             return texts
-        return [(ids, list(ids)) for ids in (tok(t, truncation=True, max_length=limit)["input_ids"] for t in texts)]
+        return [(ids, list(ids))
+                for ids in (tok(t, truncation=True, max_length=limit)["input_ids"] for t in texts)]
 
     def forgetting_probe(self, model: nn.Module, batch_size: int = 256, untrained: bool = False
                          ) -> dict[str, float | str] | None:
-        """Causal-LM loss per token on held-out generic text, PEFT's forgetting measure (tasks/forgetting.py)."""
+        """Causal-LM loss per token on held-out generic text, PEFT's forgetting measure
+        (tasks/forgetting.py)."""
         if not self.cfg.forgetting.enabled:
             return None
         if isinstance(self._forgetting_rows, str):

@@ -22,7 +22,8 @@ never trains on, with the same code for every method; the runner turns the two i
 Generic text (`task.forgetting.text`): `path: null` is the embedded passages (tasks/assets/text/
 generic_passages.json, written for rankbench, offline and identical at every size); else a local
 `save_to_disk` folder, a .json/.jsonl/.txt file or a hub id (streamed, first `rows` rows). PEFT's choice is
-HuggingFaceFW/finewiki, split train, column text, first 100 rows (method_comparison/MetaMathQA/data.py:112-117).
+HuggingFaceFW/finewiki, split train, column text, first 100 rows
+(method_comparison/MetaMathQA/data.py:112-117).
 """
 from __future__ import annotations
 
@@ -51,10 +52,10 @@ SIGNS = {"accuracy": 1.0, "loss": -1.0}
 
 def forgetting_metrics(before: dict[str, float | str] | None, after: dict[str, float | str] | None,
                        metric: str) -> dict[str, Any]:
-    """`forgetting` (mean over the probe sets measured, positive = knowledge lost) and `forgetting_per_dataset`
-    ({set: {before, after}}); a set whose value is a string could not be loaded: it is recorded as
-    {before: null, after: null, missing: <why>} and left out of the mean (null when none was measured).
-    Empty when the task defines no probe."""
+    """`forgetting` (mean over the probe sets measured, positive = knowledge lost) and
+    `forgetting_per_dataset` ({set: {before, after}}); a set whose value is a string could not be loaded:
+    it is recorded as {before: null, after: null, missing: <why>} and left out of the mean (null when none
+    was measured). Empty when the task defines no probe."""
     if before is None or after is None:
         return {}
     if metric not in SIGNS:
@@ -110,7 +111,8 @@ def generic_texts(text_cfg: DictConfig) -> list[str]:
         texts = _corpus_rows(str(text_cfg.path), text_cfg, rows)
     texts = [t for t in texts if t and t.strip()][:rows]
     if len(texts) < 2:
-        raise ValueError(f"task.forgetting.text gave {len(texts)} non-empty texts; the probe needs at least 2")
+        raise ValueError(f"task.forgetting.text gave {len(texts)} non-empty texts; "
+                         "the probe needs at least 2")
     return texts
 
 
@@ -155,7 +157,8 @@ def sentence_pairs(texts: list[str]) -> list[tuple[str, str]]:
         if len(parts) == 2 and parts[1].strip():
             pairs.append((parts[0], parts[1]))
     if len(pairs) < 2:
-        raise ValueError(f"the contrastive forgetting probe needs >= 2 texts of two or more sentences; got {len(pairs)}")
+        raise ValueError("the contrastive forgetting probe needs >= 2 texts of two or more sentences; "
+                         f"got {len(pairs)}")
     return pairs
 
 
@@ -173,7 +176,8 @@ class EncoderProbe:
 
     def __init__(self, cfg: DictConfig, model_path: str, tokenizer: Any) -> None:
         if cfg.objective not in self.OBJECTIVES:
-            raise ValueError(f"task.forgetting.objective={cfg.objective!r}; valid: {', '.join(self.OBJECTIVES)}")
+            raise ValueError(f"task.forgetting.objective={cfg.objective!r}; "
+                             f"valid: {', '.join(self.OBJECTIVES)}")
         self.cfg, self.model_path, self.tokenizer = cfg, model_path, tokenizer
         self.texts = generic_texts_or_reason(cfg.text)
         self._head: nn.Module | None = None
@@ -192,8 +196,8 @@ class EncoderProbe:
             head = self.mlm_head()
             if head is None:
                 return None
-            masked = masked_inputs(self.tokenizer, self.texts, int(self.cfg.max_length), float(self.cfg.mask_prob),
-                                   int(self.cfg.seed))
+            masked = masked_inputs(self.tokenizer, self.texts, int(self.cfg.max_length),
+                                   float(self.cfg.mask_prob), int(self.cfg.seed))
             return {GENERIC: mlm_loss(model, head, masked, self.tokenizer.pad_token_id, batch_size)}
 
     def mlm_head(self) -> nn.Module | None:
@@ -216,7 +220,8 @@ def contrastive_loss(model: nn.Module, encode: Encode, pairs: list[tuple[str, st
 def _embed(model: nn.Module, encode: Encode, texts: list[str], batch_size: int) -> torch.Tensor:
     device, out = model_device(model), []
     for i in range(0, len(texts), batch_size):
-        inputs = {k: v.to(device) for k, v in encode(texts[i : i + batch_size]).items() if k != "token_type_ids"}
+        inputs = {k: v.to(device) for k, v in encode(texts[i : i + batch_size]).items()
+                  if k != "token_type_ids"}
         out.append(model.features(**inputs).float())
     return torch.cat(out)
 
@@ -231,12 +236,13 @@ def masked_inputs(tokenizer: Any, texts: list[str], max_length: int, mask_prob: 
     gen, out = torch.Generator().manual_seed(seed), []
     for text in texts:
         ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-        special = torch.tensor(tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True), dtype=torch.bool)
+        special = torch.tensor(tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True),
+                               dtype=torch.bool)
         pick = (torch.rand(len(ids), generator=gen) < mask_prob) & ~special
         if not pick.any():
             pick[int(torch.nonzero(~special)[0])] = True
-        masked = [tokenizer.mask_token_id if p else t for t, p in zip(ids, pick.tolist())]
-        out.append((masked, [t if p else -100 for t, p in zip(ids, pick.tolist())]))
+        masked = [tokenizer.mask_token_id if p else t for t, p in zip(ids, pick.tolist(), strict=True)]
+        out.append((masked, [t if p else -100 for t, p in zip(ids, pick.tolist(), strict=True)]))
     return out
 
 
@@ -256,7 +262,8 @@ def mlm_loss(model: nn.Module, head: nn.Module, rows: list[tuple[list[int], list
     return total / max(1, count)
 
 
-def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pad(rows: list[tuple[list[int], list[int]]],
+         pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -280,8 +287,9 @@ def pretrained_mlm_head(path: str) -> nn.Module | None:
     names = [n for n, _ in mlm.named_children() if n != mlm.base_model_prefix]
     missing = [k for k in info["missing_keys"] if k.split(".")[0] in names]
     if len(names) != 1 or missing:
-        log.warning("forgetting not measured: %s has no pretrained MLM head (missing %s); the mlm probe needs "
-                    "one (task.forgetting.objective=contrastive works without)", path, missing[:3] or names)
+        log.warning("forgetting not measured: %s has no pretrained MLM head (missing %s); the mlm probe "
+                    "needs one (task.forgetting.objective=contrastive works without)",
+                    path, missing[:3] or names)
         return None
     head = mlm.get_submodule(names[0]).requires_grad_(False).eval()
     log.info("forgetting probe: frozen pretrained MLM head %r of %s", names[0], path)

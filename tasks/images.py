@@ -150,7 +150,8 @@ SPECS: dict[str, ImageSpec] = {
 
 
 def features(classes: list[str]) -> Features:
-    return Features({"image": Array3D((render.SIZE, render.SIZE, 3), "uint8"), "label": ClassLabel(names=classes)})
+    return Features({"image": Array3D((render.SIZE, render.SIZE, 3), "uint8"),
+                     "label": ClassLabel(names=classes)})
 
 
 def split_rng(seed: int, name: str, split: str) -> np.random.Generator:

@@ -49,7 +49,8 @@ def is_regression(pair: SplitPair) -> bool:
 
 @register("language")
 class LanguageTask(EpochPlanMixin, Task):
-    """Encoder + `heads.<dataset>` heads over the sentence suite; top-1 (or the primary metric) per dataset."""
+    """Encoder + `heads.<dataset>` heads over the sentence suite; top-1 (or the primary metric) per
+    dataset."""
 
     @property
     def datasets(self) -> list[str]:
@@ -66,8 +67,8 @@ class LanguageTask(EpochPlanMixin, Task):
         head, std = str(m.get("head") or "linear"), m.get("head_init_std")
         log.info("language task: %s, %s head per dataset: %s", m.path, head, ", ".join(outputs))
         return HeadedModel(backbone, backbone.config.hidden_size, outputs, pool=m.get("pool", "mean"),
-                           seed=int(self.cfg.data.get("seed", 0)), head=head, bias=bool(m.get("head_bias", True)),
-                           init_std=0.02 if std is None else float(std))
+                           seed=int(self.cfg.data.get("seed", 0)), head=head,
+                           bias=bool(m.get("head_bias", True)), init_std=0.02 if std is None else float(std))
 
     @cached_property
     def suite(self) -> dict[str, SplitPair]:
@@ -95,7 +96,8 @@ class LanguageTask(EpochPlanMixin, Task):
 
     def train_data(self) -> TrainData:
         """Map-style training data over the pre-tokenised tensors (in memory: no worker processes)."""
-        return TrainData({k: len(d["train"][2]) for k, d in self.data.items()}, self.train_batch, in_memory=True)
+        return TrainData({k: len(d["train"][2]) for k, d in self.data.items()}, self.train_batch,
+                         in_memory=True)
 
     def train_batch(self, name: str, rows: list[int], epoch: int) -> Batch:
         ids, mask, y = (t[rows] for t in self.data[name]["train"])
@@ -107,7 +109,8 @@ class LanguageTask(EpochPlanMixin, Task):
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         device = model_device(model)
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-        return self._head_loss(batch["dataset"], model(batch["dataset"], **inputs), batch["labels"].to(device))
+        return self._head_loss(batch["dataset"], model(batch["dataset"], **inputs),
+                               batch["labels"].to(device))
 
     def _head_loss(self, name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the class logits, or MSE of the score for a regression dataset (STS-B)."""
@@ -121,7 +124,8 @@ class LanguageTask(EpochPlanMixin, Task):
         device, (ids, mask, _) = model_device(model), self.data[name]["eval"]
         outs = []
         for i in range(0, len(ids), batch_size):
-            inputs = {k: v.to(device) for k, v in trim(ids[i : i + batch_size], mask[i : i + batch_size]).items()}
+            inputs = {k: v.to(device)
+                      for k, v in trim(ids[i : i + batch_size], mask[i : i + batch_size]).items()}
             outs.append(model(name, **inputs).float().cpu())
         return torch.cat(outs)
 
@@ -156,6 +160,7 @@ class LanguageTask(EpochPlanMixin, Task):
     def forgetting_probe(self, model: nn.Module, batch_size: int = 256, untrained: bool = False
                          ) -> dict[str, float] | None:
         """The encoder's own pretraining loss on held-out generic text (`task.forgetting.objective`: MLM
-        through the checkpoint's frozen MLM head, or MiniLM's in-batch contrastive loss); tasks/forgetting.py."""
+        through the checkpoint's frozen MLM head, or MiniLM's in-batch contrastive loss);
+        tasks/forgetting.py."""
         probe = self._forgetting
         return None if probe is None else probe(model, min(batch_size, int(self.cfg.forgetting.batch_size)))

@@ -37,7 +37,7 @@ def sample_indices(labels: np.ndarray, shots: int | None, fraction: float | None
     n = len(labels)
     if not shots and (fraction is None or float(fraction) >= 1.0):
         return np.arange(n)
-    if shots is not None and int(shots) <= 0 or fraction is not None and not 0.0 < float(fraction) <= 1.0:
+    if (shots is not None and int(shots) <= 0) or (fraction is not None and not 0.0 < float(fraction) <= 1.0):
         raise ValueError(f"invalid data regime shots={shots} fraction={fraction}: shots is a positive int "
                          "(1, 2, 4, 16), fraction is in (0, 1]")
     rng = np.random.default_rng(seed)

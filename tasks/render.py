@@ -106,7 +106,8 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def caption(rng: np.random.Generator, shape: str, color: str, size: str, position: str) -> tuple[str, dict[str, str]]:
+def caption(rng: np.random.Generator, shape: str, color: str, size: str,
+            position: str) -> tuple[str, dict[str, str]]:
     """A caption naming a random subset of the attributes (so each one is grounded on its own), and
     that subset, which tells the contrastive loss which other images the caption also describes."""
     said: dict[str, str] = {}

@@ -48,7 +48,8 @@ class ClipImageEncoder(nn.Module):
 
     def __init__(self, clip: nn.Module) -> None:
         super().__init__()
-        self.vision_model, self.visual_projection, self.config = clip.vision_model, clip.visual_projection, clip.config
+        self.vision_model, self.visual_projection = clip.vision_model, clip.visual_projection
+        self.config = clip.config
 
     def forward(self, pixel_values: torch.Tensor) -> SimpleNamespace:
         emb = self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
@@ -79,12 +80,13 @@ class VisionTask(ImageSuiteTask):
     def build_model(self) -> nn.Module:
         if self.cfg.model.get("head", "linear") == "prompts":
             return self._clip_with_prompt_heads()
-        backbone = enable_memory_savers(load_vision_backbone(self.cfg.model.path, **load_kwargs(self.cfg.model)),
-                                        self.cfg.model)
+        backbone = load_vision_backbone(self.cfg.model.path, **load_kwargs(self.cfg.model))
+        backbone = enable_memory_savers(backbone, self.cfg.model)
         classes = {name: len(pair.classes) for name, pair in self.suite.items()}
         log.info("vision task: %s, datasets %s", self.cfg.model.path, ", ".join(classes))
-        return HeadedModel(backbone, hidden_size(backbone), classes, pool=self.cfg.model.get("pool", "pooler"),
-                           seed=int(self.cfg.data.get("seed", 0)), bias=bool(self.cfg.model.get("head_bias", True)),
+        return HeadedModel(backbone, hidden_size(backbone), classes,
+                           pool=self.cfg.model.get("pool", "pooler"), seed=int(self.cfg.data.get("seed", 0)),
+                           bias=bool(self.cfg.model.get("head_bias", True)),
                            init_std=float(self.cfg.model.get("head_init_std", 0.02)))
 
     def _clip_with_prompt_heads(self) -> nn.Module:
@@ -116,8 +118,10 @@ class VisionTask(ImageSuiteTask):
                 for name, pair in self.suite.items()}
 
     def train_data(self) -> TrainData:
-        """Map-style training data (runners/data.py feeds it to a DataLoader); lazy pixels decode in workers."""
-        return TrainData({k: len(d[1]) for k, d in self.data.items()}, self.train_batch, in_memory=not self.lazy)
+        """Map-style training data (runners/data.py feeds it to a DataLoader); lazy pixels decode in
+        workers."""
+        return TrainData({k: len(d[1]) for k, d in self.data.items()}, self.train_batch,
+                         in_memory=not self.lazy)
 
     def train_batch(self, name: str, rows: list[int], epoch: int) -> Batch:
         x, y = self.data[name][:2]

@@ -49,7 +49,8 @@ def inject_lora(model: nn.Module, targets: list[str], r: int) -> int:
 def set_trainable(model: nn.Module, mode: str, heads: list[str]) -> int:
     for n, p in model.named_parameters():
         is_head = any(n.startswith(h) for h in heads)
-        p.requires_grad = mode == "full" or is_head or (mode == "lora" and re.search(r"\.(A|B)$", n) is not None)
+        p.requires_grad = (mode == "full" or is_head
+                           or (mode == "lora" and re.search(r"\.(A|B)$", n) is not None))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -74,10 +75,12 @@ def run(task_name: str, mode: str, steps: int, batch_size: int | None, lr: float
         train_loop(task, model, params, steps, bs, lr, seed)
     t2 = time.time()
     after = task.evaluate(model)
-    return {"before": before, "after": after, "trainable": n_train, "train_s": t2 - t1, "total_s": time.time() - t0}
+    return {"before": before, "after": after, "trainable": n_train, "train_s": t2 - t1,
+            "total_s": time.time() - t0}
 
 
-def train_loop(task: tasks.Task, model: nn.Module, params: list, steps: int, bs: int, lr: float, seed: int) -> None:
+def train_loop(task: tasks.Task, model: nn.Module, params: list, steps: int, bs: int, lr: float,
+               seed: int) -> None:
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
     warm = 10
     sched = torch.optim.lr_scheduler.LambdaLR(

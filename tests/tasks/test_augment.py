@@ -25,7 +25,8 @@ def test_fallback_of_an_extreme_image_is_a_centred_crop_of_an_allowed_ratio():
 
 
 def test_the_same_batch_gets_the_same_crops_and_flips():
-    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)) for i in range(4)]
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+              for i in range(4)]
     aug = Augment(32, (0.5, 1.0), 0.5)
     a = aug(images, batch_rng(0, [3, 1, 4, 1]))
     b = aug(images, batch_rng(0, [3, 1, 4, 1]))

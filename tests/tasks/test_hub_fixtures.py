@@ -42,7 +42,8 @@ def test_every_configured_copy_has_its_published_facts_with_sources() -> None:
     for name, facts in GLUE.items():
         src = glue[name]
         assert (src.path, src.config) == (facts["repo"], facts["config"]), name
-        assert [src.text_column, src.get("text_pair_column")][: len(facts["text_columns"])] == facts["text_columns"]
+        columns = [src.text_column, src.get("text_pair_column")]
+        assert columns[: len(facts["text_columns"])] == facts["text_columns"]
 
 
 def test_no_configured_copy_ships_a_loading_script_by_its_published_files() -> None:
@@ -51,12 +52,13 @@ def test_no_configured_copy_ships_a_loading_script_by_its_published_files() -> N
     for name, facts in CLIP.items():
         assert preflight.loading_script(facts["repo"], facts["files"]) is None, name
     assert "script.py" in CLIP["cub200"]["files"]
-    assert preflight.loading_script("ILSVRC/imagenet-1k", ["imagenet-1k.py", "classes.py"]) == "imagenet-1k.py"
+    assert (preflight.loading_script("ILSVRC/imagenet-1k", ["imagenet-1k.py", "classes.py"])
+            == "imagenet-1k.py")
 
 
 def test_raw_voc_names_align_by_their_space_free_form() -> None:
-    """clip-benchmark/wds_voc2007's classnames.txt holds VOC's raw names (diningtable, pottedplant, tvmonitor):
-    the official names reach them only through their space-free form."""
+    """clip-benchmark/wds_voc2007's classnames.txt holds VOC's raw names (diningtable, pottedplant,
+    tvmonitor): the official names reach them only through their space-free form."""
     raw = CLIP["pascal_voc"]["names"]["values"]
     aligned = align_classes("pascal_voc", curated("pascal_voc"), raw)
     assert [aligned[raw.index(r)] for r in ("diningtable", "pottedplant", "tvmonitor")] == [
@@ -64,8 +66,8 @@ def test_raw_voc_names_align_by_their_space_free_form() -> None:
     assert aligned == curated("pascal_voc"), "VOC's raw order is the official order"
     assert align_classes("x", ["tv monitor", "sofa"], ["sofa", "tvmonitor"]) == ["sofa", "tv monitor"]
     with pytest.raises(ValueError, match="3 of 20 unmatched"):  # what spelling-only matching did with them
-        align_classes("pascal_voc", curated("pascal_voc"), [r + "s" if r in ("diningtable", "pottedplant", "tvmonitor")
-                                                            else r for r in raw])
+        align_classes("pascal_voc", curated("pascal_voc"),
+                      [r + "s" if r in ("diningtable", "pottedplant", "tvmonitor") else r for r in raw])
 
 
 @pytest.fixture(scope="module")
@@ -91,15 +93,17 @@ def test_the_suite_loads_from_its_published_shapes(hub_copies) -> None:
         assert sorted(pair.classes) == sorted(curated(name)), name
         if CLIP[name]["names"]["complete"]:  # each prompt name is its label's published name, respelled
             published = published_names(name, CLIP[name])
-            assert all(set(_name_keys(c)) & set(_name_keys(p)) for c, p in zip(pair.classes, published)), name
+            assert all(set(_name_keys(c)) & set(_name_keys(p))
+                       for c, p in zip(pair.classes, published, strict=True)), name
         for split in (pair.train, pair.test):
             ys = labels(split)
-            assert 0 <= int(ys.min()) and int(ys.max()) < len(pair.classes), name
+            assert int(ys.min()) >= 0 and int(ys.max()) < len(pair.classes), name
     raw = hub_copies["caltech256"]
     hub_labels = json.loads((raw / "dataset_dict.json").read_text())["splits"]
     assert hub_labels == list(CLIP["caltech256"]["splits"])
     caltech = suite["caltech256"].test
-    first, last = caltech.filter(lambda r: r["text"] == "ak47"), caltech.filter(lambda r: r["text"] == "clutter")
+    first = caltech.filter(lambda r: r["text"] == "ak47")
+    last = caltech.filter(lambda r: r["text"] == "clutter")
     assert suite["caltech256"].classes[first["label"][0]] == "ak47", "hub label 1 is the first class"
     assert suite["caltech256"].classes[last["label"][0]] == "clutter", "hub label 257 is the last"
 
@@ -133,8 +137,9 @@ def test_row_names_that_contradict_the_prompts_are_one_clear_error(hub_copies, s
     with pytest.raises(ValueError) as err:
         _ = tasks.build(cfg.task).suite
     assert str(err.value).startswith(
-        "dataset 'caltech256', split 'train': 8 of 8 labels disagree with their 'text' names (label 0 is named "
-        "'american flag' but prompted as 'ak47'): the labels are shifted or the names are in another order")
+        "dataset 'caltech256', split 'train': 8 of 8 labels disagree with their 'text' names (label 0 is "
+        "named 'american flag' but prompted as 'ak47'): the labels are shifted or the names are in another "
+        "order")
     assert "set task.data.sources.caltech256.label_offset or" in str(err.value)
     src = cfg.task.data.sources.caltech256
     problems = preflight.check_dataset("caltech256", src, cfg.task).problems
@@ -154,8 +159,9 @@ def test_preflight_reads_each_split_label_range_of_local_copies(hub_copies, monk
     src.label_offset = 0
     assert preflight.check_dataset("caltech256", src, cfg.task).problems == [
         f"split {s!r}: label 257 is outside [0, 257) (labels span 1..257, 257 class names); set "
-        "task.data.sources.caltech256.label_offset=-1 (labels start at 1) or task.data.sources.caltech256.classes="
-        "[...] naming every label in order" for s in ("train", "test", "validation")]
+        "task.data.sources.caltech256.label_offset=-1 (labels start at 1) or "
+        "task.data.sources.caltech256.classes=[...] naming every label in order"
+        for s in ("train", "test", "validation")]
 
 
 def test_preflight_names_a_classes_file_that_does_not_align(hub_copies, tmp_path, monkeypatch) -> None:
@@ -209,6 +215,7 @@ def test_preflight_takes_a_classlabel_range_from_the_card_and_streams_the_rest(m
     assert preflight._hub_labels("tanganke/stanford_cars", src, card, rec) == {
         s: {"dtype": "ClassLabel", "min": 0, "max": 2, "from": "card"} for s in ("train", "test")}
     streamed = []
-    monkeypatch.setattr(preflight, "_stream_labels", lambda path, src, split, column: streamed.append(split) or {})
+    monkeypatch.setattr(preflight, "_stream_labels",
+                        lambda path, src, split, column: streamed.append(split) or {})
     preflight._hub_labels("tanganke/stanford_cars", src, Features({"label": Value("int64")}), rec)
     assert streamed == ["train", "test"]

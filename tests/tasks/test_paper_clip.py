@@ -30,9 +30,11 @@ def standins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("paper_images")
     facts = hub_facts("clip22")
     out = {"clip": clip_model(root / "clip"), "dinov2": dinov2_model(root / "dinov2")}
-    rows = {"cars": 196, "cifar100": 100, "cub200": 200, "country211": 211, "pascal_voc": 20, "caltech101": 202}
+    rows = {"cars": 196, "cifar100": 100, "cub200": 200, "country211": 211, "pascal_voc": 20,
+            "caltech101": 202}
     for name, n in rows.items():
-        out[name] = hub_standin(root / name, name, facts[name], rows=n, mode="L" if name == "cifar100" else "RGB")
+        out[name] = hub_standin(root / name, name, facts[name], rows=n,
+                                mode="L" if name == "cifar100" else "RGB")
     return out
 
 
@@ -53,9 +55,11 @@ def test_base_config_is_the_official_protocol() -> None:
         assert set(cfg.task.data.sources) == set(PAPER21) | {"ucf101"}
         assert cfg.trainer.batch_size * cfg.trainer.grad_accum == 128 and cfg.trainer.weight_decay == 0.1
         assert cfg.trainer.lr == 1e-3 and cfg.trainer.method_lr.full == 1e-5 and cfg.trainer.bf16
-        assert (cfg.trainer.warmup_steps, cfg.trainer.schedule, cfg.trainer.final_lr_ratio) == (0, "cosine", 0.01)
+        assert ((cfg.trainer.warmup_steps, cfg.trainer.schedule, cfg.trainer.final_lr_ratio)
+                == (0, "cosine", 0.01))
         assert list(cfg.task.model.target_modules) == ["q_proj", "k_proj", "v_proj", "fc1", "fc2"]
-        assert cfg.task.objective.prompts.train == "An image of {}" and cfg.task.objective.logit_scale == "raw"
+        assert cfg.task.objective.prompts.train == "An image of {}"
+        assert cfg.task.objective.logit_scale == "raw"
         assert cfg.task.objective.loss == "in_batch" and cfg.task.data.sample_seed == 8539
         assert cfg.task.data.augment.scale == [0.5, 1.0] and cfg.task.data.augment.flip == 0.5
         assert cfg.task.data.sources.cars.epochs == 35 and cfg.task.data.sources.dtd.epochs == 76
@@ -79,18 +83,21 @@ def test_no_default_suite_names_a_source_without_a_path() -> None:
 
 def test_curated_class_names_follow_each_copys_own_label_order(standins, tmp_path) -> None:
     cfg = compose_task("clip", "size=base", "method=lora", f"task.model.path={standins['clip']}",
-                       *_overrides(standins, tmp_path, ["cars", "cifar100", "cub200", "country211", "pascal_voc"]))
+                       *_overrides(standins, tmp_path,
+                                   ["cars", "cifar100", "cub200", "country211", "pascal_voc"]))
     suite = tasks.build(cfg.task).suite
     assert suite["cars"].classes[:2] == ["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]
     hub_cifar = suite["cifar100"].train.features["label"].names
-    assert suite["cifar100"].classes[hub_cifar.index("cra")] == "crab"  # the hub typo maps to the official name
+    # the hub typo maps to the official name
+    assert suite["cifar100"].classes[hub_cifar.index("cra")] == "crab"
     assert suite["cifar100"].classes[hub_cifar.index("apple")] == "apple"
     assert suite["cifar100"].classes[0] == hub_cifar[0]
     assert suite["cub200"].classes[0] == "Black footed Albatross"
     assert suite["country211"].classes[:2] == ["Andorra", "United Arab Emirates"]
     # the copy's classnames.txt holds the raw VOC names; prompts use the official ones, in the copy's order
     assert (standins["pascal_voc"] / "classnames.txt").read_text().split()[10] == "diningtable"
-    assert suite["pascal_voc"].classes[10] == "dining table" and suite["pascal_voc"].classes[-1] == "tv monitor"
+    assert suite["pascal_voc"].classes[10] == "dining table"
+    assert suite["pascal_voc"].classes[-1] == "tv monitor"
     assert len(suite["cub200"].ensemble) == 1 and len(suite["cifar100"].ensemble) == 18  # templates.py lists
 
 
@@ -114,8 +121,8 @@ def test_clip_base_runs_on_local_standins(standins, tiny_overrides, tmp_path) ->
 def test_k_shot_regime_is_deterministic_per_seed_and_cached(standins, tmp_path) -> None:
     def suite(seed: int, *extra: str) -> dict:
         # no validation hold-out: this copy has one image per class, which a 10% hold-out would thin out
-        cfg = compose_task("clip", "size=base", f"seed={seed}", "task.data.shots=2", "task.data.val_fraction=0",
-                           *_overrides(standins, tmp_path, ["cars"]), *extra)
+        cfg = compose_task("clip", "size=base", f"seed={seed}", "task.data.shots=2",
+                           "task.data.val_fraction=0", *_overrides(standins, tmp_path, ["cars"]), *extra)
         return tasks.build(cfg.task).suite["cars"].train
 
     a, b = suite(0), suite(0)
@@ -136,21 +143,23 @@ def test_k_shot_regime_is_deterministic_per_seed_and_cached(standins, tmp_path) 
 
 def test_vision_base_runs_dinov2_standin_with_memory_savers(standins, tiny_overrides, tmp_path) -> None:
     cfg = compose_task("vision", "size=base", "method=loha", f"task.model.path={standins['dinov2']}",
-                       "task.model.gradient_checkpointing=true", *_overrides(standins, tmp_path, ["cars", "cifar100"]),
-                       *DINO_28, *tiny_overrides)
+                       "task.model.gradient_checkpointing=true",
+                       *_overrides(standins, tmp_path, ["cars", "cifar100"]), *DINO_28, *tiny_overrides)
     task = tasks.build(cfg.task)
     model = task.build_model()
     assert model.backbone.is_activation_checkpointing
     assert model.heads["cars"].bias is None and 0.005 < float(model.heads["cars"].weight.std()) < 0.015
-    assert list(task.processor.image_mean) == [0.48145466, 0.4578275, 0.40821073]  # CLIP statistics, as official
+    # CLIP statistics, as official
+    assert list(task.processor.image_mean) == [0.48145466, 0.4578275, 0.40821073]
     assert task.memory_savers == {"gradient_checkpointing": True, "base_dtype": "float32"}
     record = run(cfg)
-    assert record["run"]["status"] == "success" and set(record["metrics"]["per_dataset"]) == {"cars", "cifar100"}
+    assert record["run"]["status"] == "success"
+    assert set(record["metrics"]["per_dataset"]) == {"cars", "cifar100"}
 
 
 def test_bf16_base_weights_load_in_bf16(standins, tmp_path) -> None:
-    cfg = compose_task("vision", "size=base", f"task.model.path={standins['dinov2']}", "task.model.dtype=bfloat16",
-                       *_overrides(standins, tmp_path, ["cars"]), *DINO_28)
+    cfg = compose_task("vision", "size=base", f"task.model.path={standins['dinov2']}",
+                       "task.model.dtype=bfloat16", *_overrides(standins, tmp_path, ["cars"]), *DINO_28)
     task = tasks.build(cfg.task)
     model = task.build_model()
     assert model.backbone.embeddings.patch_embeddings.projection.weight.dtype == torch.bfloat16
@@ -220,7 +229,8 @@ def test_official_objective_is_an_in_batch_loss_with_the_raw_logit_scale() -> No
         txt = class_embeddings(model, d.prompts, len(d.classes))[batch["labels"]]
         expected = F.cross_entropy(model.logit_scale * img @ txt.T, torch.tensor([0, 1, 0, 3, 1, 0]))
         assert torch.allclose(task.loss(model, batch), expected, atol=1e-6)
-    assert task.tokenizer.decode(d.prompts["input_ids"][0], skip_special_tokens=True).startswith("an image of")
+    assert (task.tokenizer.decode(d.prompts["input_ids"][0], skip_special_tokens=True)
+            .startswith("an image of"))
 
 
 def test_prompt_ensemble_averages_normalised_template_embeddings() -> None:

@@ -21,7 +21,8 @@ BENCH = ["boolq", "piqa", "winogrande"]
 
 # Verbatim from the official code (RandLoRA@4ac565e commonsense_reasoning/), whitespace included.
 INDENT = " " * 16
-LEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+LEAD = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.")
 TRAIN_PROMPT = (f"{LEAD}  \n\n{INDENT}### Instruction:\n{INDENT}{{instruction}}\n{INDENT}\n"
                 f"{INDENT}### Response:\n{INDENT}{{output}}")              # finetune.py:439-445
 EVAL_PROMPT = (f"{LEAD} \n\n{INDENT}### Instruction:\n{INDENT}{{instruction}}\n\n"
@@ -72,7 +73,8 @@ def test_configs_follow_the_official_commonsense_protocol() -> None:
     assert list(base.task.data.datasets) == ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e",
                                              "arc_c", "obqa"]
     t, d = base.trainer, base.task.data
-    schedule = (t.lr, t.weight_decay, t.warmup_steps, t.warmup_ratio, t.schedule, t.final_lr_ratio, t.grad_clip)
+    schedule = (t.lr, t.weight_decay, t.warmup_steps, t.warmup_ratio, t.schedule, t.final_lr_ratio,
+                t.grad_clip)
     assert schedule == (1e-4, 0.0, 100, None, "linear", 0.0, 1.0)
     assert (t.batch_size, t.grad_accum, large.trainer.batch_size, large.trainer.grad_accum) == (16, 1, 4, 4)
     assert (d.epochs, d.max_length, d.val_set_size, d.val_seed, d.train_on_inputs) == (1, 256, 120, 42, True)
@@ -108,7 +110,7 @@ def test_train_on_inputs_false_labels_the_response_and_eos_only(standins) -> Non
     ids, labels = task.encode_train(row)
     user = len(task.tokenizer(task.train_text(row, output=""))["input_ids"])
     assert labels[:user] == [IGNORE] * user and labels[user:] == ids[user:]
-    text = task.tokenizer.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
+    text = task.tokenizer.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE])
     assert text.startswith("the correct answer is") and text.endswith("</s>") and "instruction" not in text
 
 
@@ -127,7 +129,8 @@ def test_validation_hold_out_is_the_official_split_outside_training(standins, tm
     train, val = task.train_set["instruction"], task.val_set["instruction"]
     assert len(val) == 120 and len(train) == 180 and not set(train) & set(val) and set(train) | set(val) == {
         r["instruction"] for r in rows}
-    official = Dataset.from_list(rows).train_test_split(test_size=120, shuffle=True, seed=42)  # finetune.py:352
+    # finetune.py:352
+    official = Dataset.from_list(rows).train_test_split(test_size=120, shuffle=True, seed=42)
     assert val == official["test"]["instruction"]
     assert task.planned_steps(16) == 12  # 1 epoch of the 180 training rows at batch 16
     small = _task(standins)  # 12 rows: half held out, with a warning
@@ -178,7 +181,8 @@ def test_encode_pair_moves_trailing_spaces_to_the_continuation(standins) -> None
 
 
 def test_option_texts_of_llm_adapters_instructions() -> None:
-    wino = "Please choose ... so _ always won.\n\nOption1: Sarah Option2: Maria Answer format: option1/option2"
+    wino = ("Please choose ... so _ always won.\n\nOption1: Sarah Option2: Maria Answer format: "
+            "option1/option2")
     piqa = "Please choose the correct solution: q?\n\nSolution1: a b.\n\nSolution2: c\n\nAnswer format: x"
     assert option_texts(wino, "Option") == {1: "Sarah", 2: "Maria"}
     assert option_texts(piqa, "Solution") == {1: "a b.", 2: "c"}
@@ -199,7 +203,7 @@ def test_acc_and_acc_norm_differ_when_options_differ_in_length(standins, tmp_pat
     path = _save(tmp_path / "piqa", rows, "test")
     task = _task(standins, f"task.data.sources.piqa.path={path}", "dataset=piqa", "task.data.val_set_size=0")
     # the log-prob source: -1 per continuation token (the long option loses on the sum, wins per character)
-    monkeypatch.setattr(cs, "continuation_logprobs", 
+    monkeypatch.setattr(cs, "continuation_logprobs",
                         lambda model, pairs, pad, bs: [-1.0 * len(c) for _, c in pairs])
     metrics = task.evaluate_metrics(torch.nn.Linear(1, 1), 8)["piqa"]
     assert (metrics["acc"], metrics["acc_norm"], metrics["acc_bytes"]) == (0.0, 1.0, 1.0)

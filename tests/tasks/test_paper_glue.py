@@ -53,8 +53,8 @@ def test_glue_config_has_the_official_protocol() -> None:
         assert (t.batch_size, t.grad_accum, t.lr, t.weight_decay) == (64, 1, 1e-4, 0.0)
         assert (t.warmup_ratio, t.schedule, t.final_lr_ratio, t.grad_clip) == (0.06, "linear", 0.0, 1.0)
         primary = {n: d.sources[n].primary for n in d.datasets}
-        assert primary == {"sst2": "accuracy", "mrpc": "accuracy", "cola": "matthews_corr", "qnli": "accuracy",
-                           "rte": "accuracy", "stsb": "pearson_spearman_mean"}
+        assert primary == {"sst2": "accuracy", "mrpc": "accuracy", "cola": "matthews_corr",
+                           "qnli": "accuracy", "rte": "accuracy", "stsb": "pearson_spearman_mean"}
         assert set(d.sources.stsb.metrics) == {"pearson_spearman_mean", "pearson", "spearman"}
         assert "f1" in d.sources.mrpc.metrics
         protocol = cfg.task.protocol
@@ -86,7 +86,7 @@ def test_glue_metrics_against_hand_computed_values() -> None:
     assert metrics.spearman(pred, gold) == pytest.approx(0.8)
     both = metrics.compute(["pearson_spearman_mean", "pearson", "spearman"], pred, gold)
     assert both["pearson_spearman_mean"] == pytest.approx((13 / math.sqrt(250) + 0.8) / 2)
-    with pytest.raises(ValueError, match="unknown metric.*valid"):
+    with pytest.raises(ValueError, match=r"unknown metric.*valid"):
         metrics.compute(["bleu"], p, y)
 
 
@@ -104,7 +104,8 @@ def test_roberta_head_is_trained_and_only_backbone_layers_get_adapters(glue, tmp
     assert len(adaptation.wrapped) == 2 * 6 and all(n.startswith("backbone.") for n in adaptation.wrapped)
     assert not isinstance(head.dense, methods.AdapterLayer)
     # the same layers of a bare RobertaModel (the skeleton runners.preflight checks)
-    assert len(methods.find_targets(RobertaModel.from_pretrained(glue["model"]), task.target_modules)) == 2 * 6
+    skeleton = RobertaModel.from_pretrained(glue["model"])
+    assert len(methods.find_targets(skeleton, task.target_modules)) == 2 * 6
     assert adaptation.head_trainable == (HIDDEN * HIDDEN + HIDDEN) + (HIDDEN * 2 + 2)
     assert all(p.requires_grad for p in head.parameters())
     batch = next(task.train_batches(8, torch.Generator().manual_seed(0)))
@@ -112,7 +113,8 @@ def test_roberta_head_is_trained_and_only_backbone_layers_get_adapters(glue, tmp
     assert head.dense.weight.grad.abs().sum() > 0 and head.out_proj.weight.grad.abs().sum() > 0
 
 
-def test_glue_base_cola_run_reports_matthews_corr_with_a_linear_schedule(glue, tiny_overrides, tmp_path) -> None:
+def test_glue_base_cola_run_reports_matthews_corr_with_a_linear_schedule(glue, tiny_overrides,
+                                                                          tmp_path) -> None:
     cfg = compose_task("language", "size=base", "method=lora", "dataset=cola", *_overrides(glue, tmp_path),
                        *tiny_overrides, "trainer.max_steps=5", "trainer.log_every=1")
     record = run(cfg)
@@ -143,7 +145,8 @@ def test_glue_base_builds_pairs_regression_and_task_metrics(glue, tiny_overrides
     for name in ("cola", "stsb"):  # the eval loss is the training loss (cross-entropy; MSE for STS-B) on eval
         ids, mask, y = task.data[name]["eval"]
         with torch.no_grad(), eval_mode(model):
-            train_loss = task.loss(model, {"dataset": name, "input_ids": ids, "attention_mask": mask, "labels": y})
+            batch = {"dataset": name, "input_ids": ids, "attention_mask": mask, "labels": y}
+            train_loss = task.loss(model, batch)
         assert scores[name]["loss"] == pytest.approx(train_loss.item(), rel=1e-5), name
     assert task.evaluate(model, 16)["stsb"] == scores["stsb"]["pearson_spearman_mean"]
     assert task.primary_metric("cola") == "matthews_corr" and task.primary_metric("mrpc") == "accuracy"
@@ -164,9 +167,11 @@ def test_unreachable_roberta_and_glue_are_one_clear_error(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     task = tasks.build(compose_task("language", "size=base", "dataset=rte").task)
-    with pytest.raises(ModelNotFoundError, match=r"FacebookAI/roberta-base.*could not be reached.*task\.model\.path"):
+    with pytest.raises(ModelNotFoundError,
+                       match=r"FacebookAI/roberta-base.*could not be reached.*task\.model\.path"):
         task.build_model()
-    with pytest.raises(FileNotFoundError, match=r"nyu-mll/glue.*could not be reached.*task\.data\.sources\.rte\.path"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"nyu-mll/glue.*could not be reached.*task\.data\.sources\.rte\.path"):
         _ = task.suite
 
 
@@ -179,10 +184,12 @@ def test_preflight_reads_the_glue_label_ranges(glue, tmp_path, monkeypatch) -> N
     cfg = compose_task("language", "size=base", *_overrides(glue, tmp_path))
     records = {n: preflight.check_dataset(n, cfg.task.data.sources[n], cfg.task) for n in GLUE}
     assert {n: r.problems for n, r in records.items() if r.problems} == {}
-    assert (records["cola"].labels["validation"]["min"], records["cola"].labels["validation"]["max"]) == (0, 1)
-    assert records["stsb"].labels["validation"]["dtype"] == "float32" and "min" not in records["stsb"].labels["validation"]
+    cola, stsb = records["cola"].labels["validation"], records["stsb"].labels["validation"]
+    assert (cola["min"], cola["max"]) == (0, 1)
+    assert stsb["dtype"] == "float32" and "min" not in stsb
     src = cfg.task.data.sources.cola.copy()
     src.test_split = "test"
     assert preflight.check_dataset("cola", src, cfg.task).problems == [(
-        "split 'test': label -1 is outside [0, 2) (labels span -1..-1, 2 class names); negative labels mark "
-        "unlabelled examples: point task.data.sources.cola.train_split / test_split / val_split at a labelled split")]
+        "split 'test': label -1 is outside [0, 2) (labels span -1..-1, 2 class names); negative labels "
+        "mark unlabelled examples: point task.data.sources.cola.train_split / test_split / val_split at a "
+        "labelled split")]

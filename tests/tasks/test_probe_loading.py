@@ -51,14 +51,16 @@ def files_opened(root: Path) -> Iterator[list[str]]:
 
 
 def _jpeg(label: int, rng: np.random.Generator) -> bytes:
-    pixels = np.full((24, 24, 3), 40 + 50 * (label % 4), dtype=np.uint8) + rng.integers(0, 30, (24, 24, 3), np.uint8)
+    pixels = (np.full((24, 24, 3), 40 + 50 * (label % 4), dtype=np.uint8)
+              + rng.integers(0, 30, (24, 24, 3), np.uint8))
     out = io.BytesIO()
     PILImage.fromarray(pixels).save(out, format="JPEG")
     return out.getvalue()
 
 
 def hub_webdataset(root: Path, classnames: list[str], shards: dict[str, int], per_shard: int = 8) -> Path:
-    """A clip-benchmark/wds_* layout: <split>/<n>.tar holding <key>.jpg + <key>.cls, classnames.txt at the root."""
+    """A clip-benchmark/wds_* layout: <split>/<n>.tar holding <key>.jpg + <key>.cls, classnames.txt at the
+    root."""
     rng = np.random.default_rng(0)
     for split, count in shards.items():
         (root / split).mkdir(parents=True)
@@ -120,7 +122,8 @@ def test_a_probe_reads_the_test_shards_alone_and_the_same_examples(copies) -> No
                                  "val_fraction": 0.1, "val_max": 5000, "val_seed": 0})
     with files_opened(copies["country211"]) as probe_files:
         probe = data.load_test_split("country211", data_cfg, generate=None)
-    assert probe_files and all(f.startswith("test/") or f == "classnames.txt" for f in probe_files), probe_files
+    assert probe_files, probe_files
+    assert all(f.startswith("test/") or f == "classnames.txt" for f in probe_files), probe_files
     assert len(probe.train) == 0 and len(probe.test) == 12
     with files_opened(copies["country211"]) as run_files:
         whole = data.load_suite(data_cfg, ["country211"], generate=None)["country211"]
@@ -143,8 +146,9 @@ def test_a_one_dataset_run_probes_test_splits_only_and_survives_a_broken_probe_s
                                                                                   tmp_path) -> None:
     names = ["cars", "country211", "fgvc_aircraft"]
     sources = [f"task.data.sources.{n}.path={copies[n]}" for n in ("cars", "country211")]
-    cfg = compose_task("clip", "size=base", "method=lora", "dataset=cars", f"task.model.path={copies['clip']}",
-                       f"task.data.datasets=[{','.join(names)}]", *sources, "task.data.sources.cars.prompts=null",
+    cfg = compose_task("clip", "size=base", "method=lora", "dataset=cars",
+                       f"task.model.path={copies['clip']}", f"task.data.datasets=[{','.join(names)}]",
+                       *sources, "task.data.sources.cars.prompts=null",
                        f"task.data.sources.fgvc_aircraft.path={tmp_path / 'not_there'}",
                        f"task.data.cache_dir={tmp_path / 'regimes'}", "trainer.batch_size=8", "device=cpu",
                        *tiny_overrides)
@@ -154,7 +158,8 @@ def test_a_one_dataset_run_probes_test_splits_only_and_survives_a_broken_probe_s
     per = record["metrics"]["forgetting_per_dataset"]
     assert isinstance(per["country211"]["before"], float) and isinstance(per["country211"]["after"], float)
     assert per["fgvc_aircraft"]["before"] is None and "not_there" in per["fgvc_aircraft"]["missing"]
-    assert record["metrics"]["forgetting"] == pytest.approx(per["country211"]["before"] - per["country211"]["after"])
+    assert (record["metrics"]["forgetting"]
+            == pytest.approx(per["country211"]["before"] - per["country211"]["after"]))
     assert not [f for f in probe_files if f.startswith("train/")], probe_files
     assert not [f for f in own_files if Path(f).name.split("-")[0] in CORRUPTIONS], own_files
     saved = json.loads((Path(cfg.out_dir) / "results.json").read_text())

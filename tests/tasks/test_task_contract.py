@@ -35,7 +35,8 @@ def test_target_modules_name_linear_layers(built) -> None:
 
 def test_batches_are_consistent_and_loss_backprops(built) -> None:
     task, model = built
-    batches = list(itertools.islice(task.train_batches(16, torch.Generator().manual_seed(0)), 2 * len(task.datasets)))
+    batches = list(itertools.islice(task.train_batches(16, torch.Generator().manual_seed(0)),
+                                    2 * len(task.datasets)))
     assert [b["dataset"] for b in batches] == task.datasets * 2  # round robin, homogeneous batches
     for b in batches:
         n = len(b["labels"])
@@ -97,7 +98,7 @@ def test_same_seed_same_batches(built) -> None:
 def test_dataset_override_restricts_the_suite(name: str, one: str) -> None:
     task = tasks.build(compose_task(name, f"dataset={one}", *SMALL).task)
     assert task.datasets == [one]
-    with pytest.raises(ValueError, match="unknown dataset 'nope'.*valid"):
+    with pytest.raises(ValueError, match=r"unknown dataset 'nope'.*valid"):
         _ = tasks.build(compose_task(name, "dataset=nope").task).datasets
 
 
@@ -132,5 +133,5 @@ def test_a_configured_source_loads_with_load_from_disk(tmp_path) -> None:
     assert task.suite["shapes"].classes == images.SPECS["shapes"].classes
     assert task.data["shapes"][0].shape == (len(pair.train), 3, 32, 32)
     bad = compose_task("vision", "dataset=shapes", "+task.data.sources.shapes={path: /nonexistent/x}")
-    with pytest.raises(FileNotFoundError, match="/nonexistent/x.*save_to_disk"):
+    with pytest.raises(FileNotFoundError, match=r"/nonexistent/x.*save_to_disk"):
         _ = tasks.build(bad.task).suite
