@@ -85,10 +85,12 @@ class TrainLoader:
     def __init__(self, data: TrainData, sampler: ResumableSampler, workers: int, pin_memory: bool,
                  seed: int, waits: list[float]) -> None:
         self.sampler, self.workers, self.waits = sampler, workers, waits
-        context = "fork" if workers and sys.platform == "linux" else None  # the task is inherited, not pickled
+        # the task is inherited, not pickled
+        context = "fork" if workers and sys.platform == "linux" else None
         self.loader = DataLoader(BatchDataset(data), batch_size=None, sampler=sampler, num_workers=workers,
                                  pin_memory=pin_memory, persistent_workers=workers > 0,
-                                 worker_init_fn=_seed_worker if workers else None, multiprocessing_context=context,
+                                 worker_init_fn=_seed_worker if workers else None,
+                                 multiprocessing_context=context,
                                  generator=torch.Generator().manual_seed(seed))
         self._it: Iterator[dict[str, Any]] | None = None
 

@@ -1,6 +1,7 @@
 """Where a run happens and what produced it: device, seeding, git commit, package versions."""
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import os
@@ -78,10 +79,8 @@ def git_state() -> tuple[str | None, bool | None]:
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in _VERSIONED:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return versions
 
 
@@ -96,4 +95,5 @@ def gpu_info(device: torch.device) -> dict[str, Any] | None:
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()} threads={torch.get_num_threads()}"
+    return (f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()} "
+            f"threads={torch.get_num_threads()}")

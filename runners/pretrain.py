@@ -69,7 +69,8 @@ def image_processor() -> CLIPImageProcessor:
 def make_pool(n: int, seed: int) -> tuple[torch.Tensor, list[dict[str, str]]]:
     """n rendered scenes (normalised pixels) and their attributes; captions are redrawn every batch."""
     rng = np.random.default_rng(seed)
-    imgs, attrs = zip(*(render.sample_scene(rng) for _ in tqdm(range(n), desc="render", leave=False)))
+    scenes = [render.sample_scene(rng) for _ in tqdm(range(n), desc="render", leave=False)]
+    imgs, attrs = zip(*scenes, strict=True)
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x, list(attrs)
 
@@ -83,7 +84,8 @@ def consistency(attrs: list[dict[str, str]], said: list[dict[str, str]]) -> torc
     return m
 
 
-def contrastive_loss(model: CLIPModel, pixels: torch.Tensor, tokens: dict, match: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(model: CLIPModel, pixels: torch.Tensor, tokens: dict,
+                     match: torch.Tensor) -> torch.Tensor:
     """Symmetric CLIP loss with multi-positive targets (captions that also describe other images)."""
     img = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output), dim=-1)
     txt = F.normalize(model.text_projection(model.text_model(**tokens).pooler_output), dim=-1)
@@ -93,7 +95,8 @@ def contrastive_loss(model: CLIPModel, pixels: torch.Tensor, tokens: dict, match
     return (i2t + t2i) / 2
 
 
-def train(steps: int, batch_size: int, lr: float, pool_size: int, seed: int) -> tuple[CLIPModel, PreTrainedTokenizerFast]:
+def train(steps: int, batch_size: int, lr: float, pool_size: int,
+          seed: int) -> tuple[CLIPModel, PreTrainedTokenizerFast]:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     model = CLIPModel(build_config(len(tokenizer)))
@@ -109,7 +112,7 @@ def train(steps: int, batch_size: int, lr: float, pool_size: int, seed: int) -> 
     for step in bar:
         idx = torch.randint(len(attrs), (batch_size,), generator=gen)
         batch_attrs = [attrs[i] for i in idx.tolist()]
-        texts, said = zip(*(render.caption(rng, **a) for a in batch_attrs))
+        texts, said = zip(*(render.caption(rng, **a) for a in batch_attrs), strict=True)
         tokens = tokenizer(list(texts), padding=True, return_tensors="pt")
         x = augment(pixels[idx], gen)
         loss = contrastive_loss(model, x, dict(tokens), consistency(batch_attrs, list(said)))
