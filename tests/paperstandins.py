@@ -85,7 +85,8 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hub"
 
 
 def hub_facts(suite: str) -> dict[str, dict]:
-    """tests/fixtures/hub/<suite>.json: per dataset, what its hub copy publishes, each fact with its source."""
+    """tests/fixtures/hub/<suite>.json: per dataset, what its hub copy publishes, each fact with its
+    source."""
     return {k: v for k, v in read_json(FIXTURES / f"{suite}.json").items() if not k.startswith("_")}
 
 
@@ -99,7 +100,8 @@ def published_names(name: str, facts: dict) -> list[str]:
 
 
 def _spread(low: int, high: int, n: int) -> list[int]:
-    """n labels in low..high: every label in turn when n covers them all, else evenly spaced, both ends included."""
+    """n labels in low..high: every label in turn when n covers them all, else evenly spaced, both ends
+    included."""
     count = high - low + 1
     if n >= count or n < 2:
         return [low + i % count for i in range(n)]
@@ -108,8 +110,9 @@ def _spread(low: int, high: int, n: int) -> list[int]:
 
 def hub_standin(path: Path, name: str, facts: dict, rows: int = 8, mode: str = "RGB", seed: int = 0) -> Path:
     """A save_to_disk copy shaped as its fixture says the hub copy is: its split names, image and label
-    columns, label dtype and range (caltech256's 1..257 included), ClassLabel names, a `text` column of names,
-    or a webdataset's integer `cls` plus its classnames.txt. `rows` examples per split span the label range."""
+    columns, label dtype and range (caltech256's 1..257 included), ClassLabel names, a `text` column of
+    names, or a webdataset's integer `cls` plus its classnames.txt. `rows` examples per split span the label
+    range."""
     rng = np.random.default_rng(seed)
     names, kind = published_names(name, facts), facts["names"]["kind"]
     low, high = facts["label"]["min"], facts["label"]["max"]
@@ -144,7 +147,8 @@ def clip_model(path: Path) -> Path:
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
         vision_config=dict(TINY, image_size=32, patch_size=8), projection_dim=32)
     CLIPModel(config).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -162,7 +166,8 @@ def dinov2_model(path: Path) -> Path:
 
 # --- GLUE --------------------------------------------------------------------------------------------
 
-GLUE_WORDS = ["the", "movie", "was", "good", "bad", "great", "awful", "fine", "a", "cat", "sat", "on", "mat", "dog", "ran", "is", "it", "true", "that", "yes", "no"]
+GLUE_WORDS = ["the", "movie", "was", "good", "bad", "great", "awful", "fine", "a", "cat", "sat", "on", "mat",
+              "dog", "ran", "is", "it", "true", "that", "yes", "no"]
 
 
 def glue_standin(path: Path, facts: dict, seed: int = 0) -> Path:
@@ -199,12 +204,13 @@ def roberta_model(path: Path) -> Path:
     """A random tiny RobertaModel + a word-level RoBERTa-style tokenizer (<s> A </s></s> B </s>)."""
     from transformers import RobertaConfig, RobertaModel
 
-    tok = word_tokenizer([" ".join(GLUE_WORDS)], {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>",
-                                                  "unk_token": "<unk>", "cls_token": "<s>", "sep_token": "</s>"},
-                         pair_template=True)
+    specials = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+                "cls_token": "<s>", "sep_token": "</s>"}
+    tok = word_tokenizer([" ".join(GLUE_WORDS)], specials, pair_template=True)
     torch.manual_seed(0)
-    config = RobertaConfig(**TINY, vocab_size=len(tok), max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, type_vocab_size=1)
+    config = RobertaConfig(**TINY, vocab_size=len(tok), max_position_embeddings=64,
+                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, type_vocab_size=1)
     RobertaModel(config, add_pooling_layer=False).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -258,10 +264,12 @@ def causal_lm(path: Path, words: list[str], arch: str = "llama") -> Path:
     tok = word_tokenizer([" ".join(words)], {"unk_token": "<unk>", "pad_token": "<pad>", "bos_token": "<s>",
                                              "eos_token": "</s>"})
     tok.backend_tokenizer.normalizer = normalizers.Lowercase()
-    cls, config_cls = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[arch]
+    cls, config_cls = {"llama": (LlamaForCausalLM, LlamaConfig),
+                       "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[arch]
     torch.manual_seed(0)
     config = config_cls(**TINY, num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
-                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id)
     cls(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path

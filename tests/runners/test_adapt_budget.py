@@ -65,8 +65,8 @@ def test_native_is_the_configured_count_and_references_ignore_it():
     cfg = {"name": "randlora", "r": 4, "alpha": 80.0, "dropout": 0.0, "seed": 0, "sparse": False}
     a = adapt(model, OmegaConf.create(cfg), ".*", [], "native")
     expected = methods.num_params_model(stack(), "randlora", ".*", r=4)
-    assert (a.budget_target, a.backbone_trainable, a.budget_error, a.budget_reached) == (expected, expected, 0.0,
-                                                                                           True)
+    assert ((a.budget_target, a.backbone_trainable, a.budget_error, a.budget_reached)
+            == (expected, expected, 0.0, True))
     assert (a.hp["r"], a.hp["alpha"]) == (4, 80.0) and a.per_layer is None
     ref = adapt(stack(), OmegaConf.create({"name": "none"}), ".*", [], "native")
     assert ref.budget_target is None and ref.budget_reached is None

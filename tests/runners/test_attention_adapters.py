@@ -1,5 +1,5 @@
-"""task=clip task.attention_adapters=counted_untrained: the official CLIP code's effective setting (its attention
-adapters never train, tests/methods/test_official_code.py) through the real runner."""
+"""task=clip task.attention_adapters=counted_untrained: the official CLIP code's effective setting (its
+attention adapters never train, tests/methods/test_official_code.py) through the real runner."""
 from __future__ import annotations
 
 import pytest
@@ -40,5 +40,5 @@ def test_counted_untrained_attention_adapters_keep_their_init_and_the_count(tiny
 def test_unknown_attention_mode_is_one_clear_error(tiny_overrides):
     from runners.train import RunFailed
 
-    with pytest.raises((RunFailed, ValueError), match="task.attention_adapters='some' is not valid"):
+    with pytest.raises((RunFailed, ValueError), match=r"task\.attention_adapters='some' is not valid"):
         run(compose_config(["method=lora", "task=clip", "task.attention_adapters=some", *tiny_overrides]))

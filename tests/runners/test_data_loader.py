@@ -1,4 +1,5 @@
-"""The training data stream: resumable sampler, DataLoader with workers, data wait, per-example augmentation."""
+"""The training data stream: resumable sampler, DataLoader with workers, data wait, per-example
+augmentation."""
 import itertools
 
 import numpy as np
@@ -13,7 +14,8 @@ SIZES = {"a": 10, "b": 7}
 
 
 def counting_data(in_memory: bool = True, keep_last: bool = False) -> tuple[TrainData, list]:
-    """TrainData whose batches carry their own key, and the list of keys it was asked for (in this process)."""
+    """TrainData whose batches carry their own key, and the list of keys it was asked for (in this
+    process)."""
     fetched = []
 
     def fetch(name: str, rows: list[int], epoch: int) -> dict:
@@ -75,7 +77,8 @@ def test_a_kept_last_batch_too_small_to_share_is_dropped_under_ddp():
     alone = keys(ResumableSampler({"a": 9}, 4, seed=0, keep_last=True), 3)
     pair = keys(ResumableSampler({"a": 9}, 4, seed=0, keep_last=True, rank=1, world=2), 3)
     assert [len(rows) for _, rows, _ in alone] == [4, 4, 1] and [e for *_, e in alone] == [0, 0, 0]
-    assert [len(rows) for _, rows, _ in pair] == [2, 2, 2] and [e for *_, e in pair] == [0, 0, 1]  # no empty batch
+    # no empty batch
+    assert [len(rows) for _, rows, _ in pair] == [2, 2, 2] and [e for *_, e in pair] == [0, 0, 1]
 
 
 def test_resume_fetches_no_earlier_batch():
@@ -101,7 +104,8 @@ def test_workers_give_the_same_batches_and_prefetching_does_not_move_the_state()
         for _ in range(6):
             a, b = next(inline), next(workers)
             assert a["dataset"] == b["dataset"] and torch.equal(a["rows"], b["rows"])
-        assert workers.workers == 2 and workers.state_dict()["position"] == 6  # workers ran ahead; state did not
+        # the workers ran ahead; the state did not
+        assert workers.workers == 2 and workers.state_dict()["position"] == 6
     finally:
         workers.close()
 
@@ -124,7 +128,7 @@ def test_bad_num_workers_is_one_clear_error(bad):
 
 def test_batch_size_must_split_over_the_processes():
     data, _ = counting_data()
-    with pytest.raises(ValueError, match="trainer.batch_size=6 is not divisible by the 4 processes"):
+    with pytest.raises(ValueError, match=r"trainer\.batch_size=6 is not divisible by the 4 processes"):
         make_loader(data, 6, seed=0, num_workers=0, device=CPU, world=4)
 
 

@@ -18,8 +18,8 @@ from tasks.common import gather_rows, per_process_share
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 ARGS = ["method=lora", "task=clip", "dataset=shapes", "trainer.max_steps=6", "trainer.batch_size=16",
-        "task.data.train_size=64", "task.data.test_size=32", "logger=none", "threads=1", "trainer.log_every=1",
-        "trainer.timing_warmup=1", "trainer.checkpoint_every=2"]
+        "task.data.train_size=64", "task.data.test_size=32", "logger=none", "threads=1",
+        "trainer.log_every=1", "trainer.timing_warmup=1", "trainer.checkpoint_every=2"]
 KILL_IN_STEP = 3  # both ranks die in step 3; the checkpoint of step 2 is where the rerun resumes
 
 # run.py with every rank killed (SIGKILL, like a node lost) in its optimizer step KILL_IN_STEP
@@ -84,22 +84,25 @@ def test_ddp_run_resumes_after_a_kill_and_matches_one_process(tmp_path):
     single = run(compose_config([*ARGS, f"out_dir={tmp_path / 'single'}"]))  # batch 16 = 2 ranks x 8
     assert single["run"]["world_size"] == 1
     assert [h["step"] for h in ddp["history"]] == [h["step"] for h in single["history"]]
-    assert [h["loss"] for h in ddp["history"]] == pytest.approx([h["loss"] for h in single["history"]], rel=1e-5)
+    assert ([h["loss"] for h in ddp["history"]]
+            == pytest.approx([h["loss"] for h in single["history"]], rel=1e-5))
     assert ddp["metrics"]["per_dataset"] == pytest.approx(single["metrics"]["per_dataset"], abs=1e-9)
 
 
-def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_anything_starts(tmp_path, monkeypatch):
+def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_anything_starts(tmp_path,
+                                                                                          monkeypatch):
     from runners.train import RunFailed
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node=2 sets it
-    with pytest.raises(RunFailed, match=r"^trainer.batch_size=15 is not divisible by the 2 processes of this run; "
-                                        r"use a multiple of 2"):
+    with pytest.raises(RunFailed, match=r"^trainer.batch_size=15 is not divisible by the 2 processes of this "
+                                        r"run; use a multiple of 2"):
         run(compose_config([*ARGS, "trainer.batch_size=15", f"out_dir={tmp_path / 'run'}"]))
     assert not (tmp_path / "run").exists()
 
 
-def _contrast(mine: torch.Tensor, every: torch.Tensor, labels: torch.Tensor, every_label: torch.Tensor) -> torch.Tensor:
+def _contrast(mine: torch.Tensor, every: torch.Tensor, labels: torch.Tensor,
+              every_label: torch.Tensor) -> torch.Tensor:
     """ClipTask's `in_batch` objective on features: each row against every row, target = first same label."""
     first = (every_label[None, :] == labels[:, None]).int().argmax(1)
     return torch.nn.functional.cross_entropy(10 * mine @ every.T, first)
@@ -114,7 +117,8 @@ LOSSES = {"in_batch": lambda x, labels: _contrast(x, gather_rows(x), labels, gat
           "token_mean": lambda x, mask: _token_mean(x.sum(-1).pow(2), mask)}
 
 
-def _spawned(rank: int, world: int, port: int, loss: str, rows: torch.Tensor, aux: torch.Tensor, queue: Any) -> None:
+def _spawned(rank: int, world: int, port: int, loss: str, rows: torch.Tensor, aux: torch.Tensor,
+             queue: Any) -> None:
     """One process of a gloo group: `loss` on its slice of the rows, the gradient averaged over the
     processes as DDP averages it; plain values back through the queue (they outlive the process)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -131,7 +135,8 @@ def _spawned(rank: int, world: int, port: int, loss: str, rows: torch.Tensor, au
 
 @pytest.mark.parametrize("loss, aux", [
     ("in_batch", torch.tensor([0, 1, 0, 2, 1, 1, 3, 0])),
-    ("token_mean", torch.tensor([1, 1, 1, 1, 1, 0, 0, 0], dtype=torch.float64)),  # 4 tokens on rank 0, 1 on rank 1
+    # 4 tokens on rank 0, 1 on rank 1
+    ("token_mean", torch.tensor([1, 1, 1, 1, 1, 0, 0, 0], dtype=torch.float64)),
 ])
 def test_data_parallel_losses_equal_the_single_process_loss_and_gradient(loss, aux):
     """CLIP's in-batch contrast sees the whole global batch (gather_rows) and the per-token mean counts the
@@ -153,7 +158,8 @@ def test_data_parallel_losses_equal_the_single_process_loss_and_gradient(loss, a
     for p in procs:
         p.join(timeout=60)
     assert (results[0][0] + results[1][0]) / 2 == pytest.approx(expected.item(), rel=1e-12)
-    assert torch.allclose(torch.tensor(results[0][1], dtype=torch.float64), single.grad, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(torch.tensor(results[0][1], dtype=torch.float64), single.grad,
+                          rtol=1e-10, atol=1e-12)
     halves = [LOSSES[loss](rows[s].clone(), aux[s]).item() for s in (slice(0, 4), slice(4, 8))]  # no group
     assert sum(halves) / 2 != pytest.approx(expected.item(), rel=1e-3)  # what each process computed before
 

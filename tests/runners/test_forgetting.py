@@ -34,13 +34,15 @@ def _run(tmp_path: Path, *overrides: str, steps: int = 4) -> dict:
 def test_forgetting_is_positive_when_knowledge_is_lost() -> None:
     acc = forgetting.forgetting_metrics({"a": 0.8, "b": 0.5}, {"a": 0.6, "b": 0.6}, "accuracy")
     assert acc["forgetting"] == pytest.approx((0.2 - 0.1) / 2)
-    assert acc["forgetting_per_dataset"] == {"a": {"before": 0.8, "after": 0.6}, "b": {"before": 0.5, "after": 0.6}}
+    assert acc["forgetting_per_dataset"] == {"a": {"before": 0.8, "after": 0.6},
+                                             "b": {"before": 0.5, "after": 0.6}}
     assert forgetting.forgetting_metrics({"t": 2.0}, {"t": 2.5}, "loss")["forgetting"] == pytest.approx(0.5)
     assert forgetting.forgetting_metrics(None, None, "loss") == {}
 
 
 def test_clip_probe_is_the_suite_minus_the_trained_dataset_capped() -> None:
-    cfg = compose_config(["task=clip", "dataset=shapes", "task.data.test_size=32", "task.forgetting.max_examples=10"])
+    cfg = compose_config(["task=clip", "dataset=shapes", "task.data.test_size=32",
+                          "task.forgetting.max_examples=10"])
     sub = forgetting.other_datasets_config(cfg.task)
     assert list(sub.data.datasets) == CLIP_OTHERS and sub.dataset is None and sub.data.test_size == 10
     tuning = compose_config(["task=clip", "dataset=shapes", "task.data.eval_split=validation"]).task
@@ -56,7 +58,8 @@ def test_clip_probe_is_the_suite_minus_the_trained_dataset_capped() -> None:
 
 def test_a_probe_set_that_cannot_be_loaded_is_recorded_missing_and_left_out_of_the_mean() -> None:
     before = {"a": 0.8, "b": "FileNotFoundError: no such folder"}
-    out = forgetting.forgetting_metrics(before, {"a": 0.5, "b": "FileNotFoundError: no such folder"}, "accuracy")
+    after = {"a": 0.5, "b": "FileNotFoundError: no such folder"}
+    out = forgetting.forgetting_metrics(before, after, "accuracy")
     assert out["forgetting"] == pytest.approx(0.3)
     assert out["forgetting_per_dataset"]["b"] == {"before": None, "after": None,
                                                   "missing": "FileNotFoundError: no such folder"}
@@ -72,9 +75,11 @@ def test_generic_text_from_a_local_corpus_and_clear_errors(tmp_path: Path) -> No
     text = {"path": str(tmp_path / "wiki"), "config": None, "split": "train", "column": "body", "rows": 2}
     assert forgetting.generic_texts(OmegaConf.create(text)) == ["First one. Second one.", "Third. Fourth."]
     assert forgetting.sentence_pairs(rows[2:]) == [("Third.", "Fourth."), ("Fifth.", "Sixth.")]
-    with pytest.raises(ValueError, match=r"path='someone/corpus' is a hub corpus: set task\.forgetting\.text\.rows"):
+    with pytest.raises(ValueError,
+                       match=r"path='someone/corpus' is a hub corpus: set task\.forgetting\.text\.rows"):
         forgetting.generic_texts(OmegaConf.create({**text, "path": "someone/corpus", "rows": None}))
-    with pytest.raises(FileNotFoundError, match=r"could not read the forgetting probe's text .*column 'text'"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"could not read the forgetting probe's text .*column 'text'"):
         forgetting.generic_texts(OmegaConf.create({**text, "column": "text"}))
 
 
@@ -91,7 +96,8 @@ def test_clip_run_probes_the_other_datasets_as_an_independent_evaluation_does(tm
     record = _run(tmp_path, "task=clip", "method=lora", "dataset=shapes")
     per = record["metrics"]["forgetting_per_dataset"]
     assert list(per) == CLIP_OTHERS  # never the dataset it trained on
-    others = tasks.build(compose_config([*FAST, "task=clip", f"task.data.datasets=[{','.join(CLIP_OTHERS)}]"]).task)
+    others = tasks.build(
+        compose_config([*FAST, "task=clip", f"task.data.datasets=[{','.join(CLIP_OTHERS)}]"]).task)
     model = others.build_model()
     torch.set_num_threads(1)
     assert others.evaluate(model) == {k: v["before"] for k, v in per.items()}
@@ -111,14 +117,17 @@ def test_untrained_zero_shot_scores_are_evaluated_once_per_process(tmp_path: Pat
     monkeypatch.setattr(clip, "UNTRAINED_ACCURACY", {})
     probed, real = [], clip.ClipTask.evaluate
     monkeypatch.setattr(clip.ClipTask, "evaluate", lambda self, model, batch_size=256, names=None:
-                        (probed.append(list(names)) if names is not None else None) or real(self, model, batch_size, names))
+                        (probed.append(list(names)) if names is not None else None)
+                        or real(self, model, batch_size, names))
     _run(tmp_path / "a", "task=clip", "method=lora", "dataset=shapes")
-    second = _run(tmp_path / "b", "task=clip", "method=randlora", "dataset=colors")["metrics"]["forgetting_per_dataset"]
+    second = _run(tmp_path / "b", "task=clip", "method=randlora",
+                  "dataset=colors")["metrics"]["forgetting_per_dataset"]
     second_others = ["shapes", "digits", "textures", "counts"]
     # before, after of run 1; before of run 2 (only shapes: the others came from run 1), after of run 2
     assert probed == [CLIP_OTHERS, CLIP_OTHERS, ["shapes"], second_others]
     everything = ["shapes", *CLIP_OTHERS]
-    fresh = tasks.build(compose_config([*FAST, "task=clip", f"task.data.datasets=[{','.join(everything)}]"]).task)
+    fresh = tasks.build(
+        compose_config([*FAST, "task=clip", f"task.data.datasets=[{','.join(everything)}]"]).task)
     model = fresh.build_model()
     torch.set_num_threads(1)
     scores = real(fresh, model)
@@ -170,7 +179,8 @@ def test_high_lr_full_fine_tuning_forgets_more_than_head_only(tmp_path: Path) ->
     usual lr moves it and the probe must see that. A probe that ignores the encoder fails one of the two."""
     base = ["task=language", "dataset=sentiment"]
     head_only = _run(tmp_path / "none", *base, "method=none")["metrics"]["forgetting"]
-    full = _run(tmp_path / "full", *base, "method=full", "trainer.method_lr.full=1e-3")["metrics"]["forgetting"]
+    full = _run(tmp_path / "full", *base, "method=full",
+                "trainer.method_lr.full=1e-3")["metrics"]["forgetting"]
     assert head_only == 0.0
     assert full > 0.05  # 0.34 measured (4 steps, seed 0)
 
@@ -206,8 +216,8 @@ def _tiny_roberta(path: Path, with_mlm_head: bool) -> Path:
                 "cls_token": "<s>", "sep_token": "</s>", "mask_token": "<mask>"}
     tok = word_tokenizer([" ".join(passages)], specials, pair_template=True)
     torch.manual_seed(0)
-    config = RobertaConfig(**TINY, vocab_size=len(tok), max_position_embeddings=160, pad_token_id=tok.pad_token_id,
-                           type_vocab_size=1)
+    config = RobertaConfig(**TINY, vocab_size=len(tok), max_position_embeddings=160,
+                           pad_token_id=tok.pad_token_id, type_vocab_size=1)
     model = RobertaForMaskedLM(config) if with_mlm_head else RobertaModel(config, add_pooling_layer=False)
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -227,7 +237,8 @@ def test_mlm_probe_is_the_checkpoints_own_masked_lm_loss(tmp_path: Path) -> None
     rows = forgetting.masked_inputs(tok, probe.texts, 128, 0.15, 0)
     ids, labels, mask = forgetting._pad(rows, tok.pad_token_id)
     with torch.no_grad():  # the reference: the whole pretrained MLM model's own loss on the same masks
-        reference = RobertaForMaskedLM.from_pretrained(path).eval()(input_ids=ids, attention_mask=mask, labels=labels)
+        reference = RobertaForMaskedLM.from_pretrained(path).eval()(input_ids=ids, attention_mask=mask,
+                                                                    labels=labels)
     assert value == pytest.approx(float(reference.loss), rel=1e-5)
 
 
@@ -256,7 +267,8 @@ def _synthetic_runs(with_forgetting: bool = True) -> pd.DataFrame:
                              "seed": seed, "status": "success", "source": f"{method}-{budget}-{seed}",
                              "dataset": "shapes", "accuracy": 0.5, "accuracy_before": 0.4,
                              "mean_accuracy": 0.5 + 0.1 * m + 0.01 * seed, "mean_accuracy_before": 0.4,
-                             "forgetting": budget / 1e5 + 0.01 * m + 0.002 * seed, "trainable_params": budget})
+                             "forgetting": budget / 1e5 + 0.01 * m + 0.002 * seed,
+                             "trainable_params": budget})
     df = pd.DataFrame(rows)
     return df if with_forgetting else df.drop(columns="forgetting")
 
@@ -266,10 +278,12 @@ def test_forgetting_figure_plots_gain_against_forgetting_per_method_and_budget()
 
     fig = plots.fig_forgetting(_synthetic_runs())
     ax = fig.axes[0]
-    bars = {name: h for h, name in zip(*ax.get_legend_handles_labels()) if isinstance(h, ErrorbarContainer)}
+    bars = {name: h for h, name in zip(*ax.get_legend_handles_labels(), strict=True)
+            if isinstance(h, ErrorbarContainer)}
     assert set(bars) == {"LORA", "RANDLORA"}  # each method under its recorded label
     x, y = bars["RANDLORA"].lines[0].get_data()
-    assert sorted(np.asarray(x, dtype=float)) == pytest.approx([100 * (0.01 + 0.01 + 0.001), 100 * (0.04 + 0.01 + 0.001)])
+    assert sorted(np.asarray(x, dtype=float)) == pytest.approx([100 * (0.01 + 0.01 + 0.001),
+                                                                100 * (0.04 + 0.01 + 0.001)])
     assert np.allclose(y, 100 * (0.6 + 0.005 - 0.4))  # gain = after - before, seed mean, in points
     assert bars["RANDLORA"].has_xerr and bars["RANDLORA"].has_yerr
     assert "accuracy lost" in ax.get_xlabel() and "tiny-clip" in ax.get_title()
@@ -292,7 +306,8 @@ def test_an_unreadable_generic_corpus_is_a_missing_probe_not_a_failed_run(tmp_pa
     scores = probe(torch.nn.Linear(1, 1), 8)
     assert list(scores) == [forgetting.GENERIC] and "gone.jsonl" in scores[forgetting.GENERIC]
     assert "recorded as missing" in caplog.text
-    entry = forgetting.forgetting_metrics(scores, scores, "loss")["forgetting_per_dataset"][forgetting.GENERIC]
+    per = forgetting.forgetting_metrics(scores, scores, "loss")["forgetting_per_dataset"]
+    entry = per[forgetting.GENERIC]
     assert entry["before"] is None and "gone.jsonl" in entry["missing"]
     bad = compose_config(["task=language", "task.forgetting.text.rows=0"]).task  # a bad setting still stops
     with pytest.raises(ValueError, match="rows=0"):

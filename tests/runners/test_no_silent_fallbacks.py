@@ -36,7 +36,8 @@ def test_cpu_run_records_no_gpu():
 
 def _launcher(name: str):
     with initialize_config_dir(str(cli.CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["+sweep=budget", f"hydra/launcher={name}"], return_hydra_config=True)
+        cfg = compose("config", overrides=["+sweep=budget", f"hydra/launcher={name}"],
+                      return_hydra_config=True)
     return cfg.hydra.launcher
 
 

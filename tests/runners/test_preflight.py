@@ -19,14 +19,15 @@ def copies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     copies = {name: hub_standin(root / name, name, facts[name], rows=n)
               for name, n in (("cars", 196), ("cifar100", 100), ("country211", 211))}
     # dtd with an image column the config does not name: the problem the preflight must report
-    copies["dtd"] = image_dataset(root / "dtd", curated("dtd"), {"train": 47, "test": 47}, image_column="picture")
+    copies["dtd"] = image_dataset(root / "dtd", curated("dtd"), {"train": 47, "test": 47},
+                                  image_column="picture")
     return {"clip": clip_model(root / "clip"), **copies}
 
 
 def _overrides(copies: dict[str, Path], *names: str) -> list[str]:
     local = [f"task.data.sources.{n}.path={copies[n]}" for n in names if n in copies]
-    return ["task=clip", "size=base", f"task.model.path={copies['clip']}", f"task.data.datasets=[{','.join(names)}]",
-            *local]
+    return ["task=clip", "size=base", f"task.model.path={copies['clip']}",
+            f"task.data.datasets=[{','.join(names)}]", *local]
 
 
 def test_a_suite_is_checked_from_metadata_with_every_problem_listed(copies, monkeypatch):
@@ -41,7 +42,8 @@ def test_a_suite_is_checked_from_metadata_with_every_problem_listed(copies, monk
     assert records["country211"].classes[:1] == ["Andorra"] and not records["country211"].problems
     assert records["dtd"].problems == [
         "no column 'image' (has picture, label); set task.data.sources.dtd.image_column"]
-    assert "hub unreachable" in records["gtsrb"].problems[0] and "tanganke/gtsrb" in records["gtsrb"].problems[0]
+    gtsrb = records["gtsrb"].problems[0]
+    assert "hub unreachable" in gtsrb and "tanganke/gtsrb" in gtsrb
     assert records["ucf101"].problems == [
         "no path: no verified public copy is configured; set task.data.sources.ucf101.path=<folder or file>"]
     model = cars.model
@@ -56,8 +58,8 @@ def test_a_suite_is_checked_from_metadata_with_every_problem_listed(copies, monk
         if "problem" in count:  # a structure that cannot reach lora8 here (VeRA: r + out per layer)
             assert "above the largest count" in count["problem"]
             continue
-        assert count["achieved"] == methods.num_params_model(skeleton, method, list(cfg.task.model.target_modules),
-                                                             **count["hp"])
+        targets = list(cfg.task.model.target_modules)
+        assert count["achieved"] == methods.num_params_model(skeleton, method, targets, **count["hp"])
     assert len(preflight.problems(list(records.values()))) == 3
 
 
@@ -67,15 +69,15 @@ def test_a_script_based_hub_repo_is_named_as_such(monkeypatch):
     src = cfg.task.data.sources.imagenet.copy()
     src.path = "ILSVRC/imagenet-1k"
     record = preflight.check_dataset("imagenet", src, cfg.task)
-    assert record.problems == [("ILSVRC/imagenet-1k ships a loading script (imagenet-1k.py), which datasets>=4 "
-                                "refuses: use a parquet/webdataset copy")]
+    assert record.problems == [("ILSVRC/imagenet-1k ships a loading script (imagenet-1k.py), which "
+                                "datasets>=4 refuses: use a parquet/webdataset copy")]
 
 
 def test_cli_prints_one_table_writes_json_and_exits_nonzero_on_problems(copies, tmp_path):
     out = tmp_path / "preflight.json"
     proc = subprocess.run([sys.executable, "-m", "runners.preflight", *_overrides(copies, "cars", "ucf101"),
-                           "preflight.budgets=[lora4]", f"preflight.out={out}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, check=False)
+                           "preflight.budgets=[lora4]", f"preflight.out={out}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "1 problem(s):" in proc.stdout and "ucf101: no path" in proc.stdout
     assert proc.stdout.splitlines()[0].split()[:4] == ["dataset", "source", "splits", "classes"]
@@ -88,8 +90,8 @@ def test_cli_prints_one_table_writes_json_and_exits_nonzero_on_problems(copies, 
 
 def test_a_clean_suite_exits_zero(copies):
     proc = subprocess.run([sys.executable, "-m", "runners.preflight", *_overrides(copies, "cars"),
-                           "preflight.budgets=[lora4]"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          check=False)
+                           "preflight.budgets=[lora4]"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
     assert proc.returncode == 0 and "0 problem(s): ready to launch" in proc.stdout, proc.stdout + proc.stderr
 
 
@@ -104,10 +106,11 @@ def test_facts_no_source_confirms_are_printed():
 
 @pytest.mark.parametrize("bad", ["dataset=nosuch", "task=clpi", "trainer.lr=-1"])
 def test_the_preflights_bad_input_is_the_one_line_run_py_gives(bad, tmp_path):
-    """`python -m runners.preflight task=clip dataset=nosuch` ends as `python run.py` does: one line, exit 1."""
+    """`python -m runners.preflight task=clip dataset=nosuch` ends as `python run.py` does: one line,
+    exit 1."""
     def stderr_lines(*cmd: str) -> tuple[int, list[str]]:
-        proc = subprocess.run([sys.executable, *cmd, "task=clip", bad], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=120, check=False)
+        proc = subprocess.run([sys.executable, *cmd, "task=clip", bad], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120, check=False)
         return proc.returncode, [line for line in proc.stderr.splitlines() if line.strip()]
 
     code, lines = stderr_lines("-m", "runners.preflight")

@@ -91,10 +91,14 @@ def test_schema_1_keeps_a_recorded_lr_and_fills_the_rest_explicitly():
     ([1, 2], "top level is list, expected an object"),
     ({"schema": 3, "run": {"method": "lora"}}, "unknown results schema 3; this rankbench reads 1 and 2"),
     ({"schema": 2, "params": {}}, "record.run is missing"),
-    ({"schema": 2, "run": {"method": "lora", "learning_rate": 1e-3}}, "record.run.learning_rate is not a field"),
-    ({"schema": 2, "run": {"method": "lora", "lr": "fast"}}, "record.run.lr is str 'fast', expected float or null"),
-    ({"schema": 2, "run": {"method": "lora", "status": "done"}}, "record.run.status is 'done'; valid: 'running'"),
-    ({"schema": 2, "run": {"method": "lora"}, "cost": {"peak_rss_bytes": True}}, "record.cost.peak_rss_bytes is bool"),
+    ({"schema": 2, "run": {"method": "lora", "learning_rate": 1e-3}},
+     "record.run.learning_rate is not a field"),
+    ({"schema": 2, "run": {"method": "lora", "lr": "fast"}},
+     "record.run.lr is str 'fast', expected float or null"),
+    ({"schema": 2, "run": {"method": "lora", "status": "done"}},
+     "record.run.status is 'done'; valid: 'running'"),
+    ({"schema": 2, "run": {"method": "lora"}, "cost": {"peak_rss_bytes": True}},
+     "record.cost.peak_rss_bytes is bool"),
     ({"schema": 2, "run": {"method": "lora"}, "metrics": {"per_dataset": {"cars": None}}},
      "record.metrics.per_dataset.cars is NoneType None, expected float"),
 ])
@@ -114,12 +118,13 @@ def _errors(value: Any, schema: dict[str, Any], root: dict[str, Any], where: str
     if "anyOf" in schema:
         ok = any(not _errors(value, s, root, where) for s in schema["anyOf"])
         return [] if ok else [f"{where}: {value!r} matches none of anyOf"]
-    if "const" in schema and value != schema["const"] or "enum" in schema and value not in schema["enum"]:
+    if (("const" in schema and value != schema["const"])
+            or ("enum" in schema and value not in schema["enum"])):
         return [f"{where}: {value!r} not allowed"]
-    kinds = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list,
-             "null": type(None)}
+    kinds = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict,
+             "array": list, "null": type(None)}
     if "type" in schema and (not isinstance(value, kinds[schema["type"]])
-                             or isinstance(value, bool) and schema["type"] != "boolean"):
+                             or (isinstance(value, bool) and schema["type"] != "boolean")):
         return [f"{where}: {type(value).__name__} is not {schema['type']}"]
     if isinstance(value, dict):
         return _object_errors(value, schema, root, where)
@@ -145,7 +150,8 @@ def test_the_validator_finds_what_it_should():
     schema = json_schema()
     good = Record(run=Run(method="lora")).to_dict()
     assert _errors(good, schema, schema) == []
-    bad = {**good, "run": {**good["run"], "lr": "fast", "extra": 1}, "params": {}, "cost": {"peak_mem_bytes": 1.5}}
+    bad = {**good, "run": {**good["run"], "lr": "fast", "extra": 1}, "params": {},
+           "cost": {"peak_mem_bytes": 1.5}}
     assert sorted(_errors(bad, schema, schema))[:2] == ["$.cost.peak_mem_bytes: 1.5 matches none of anyOf",
                                                         "$.params: missing adapter_file_bytes"]
     assert "$.run: unexpected extra" in _errors(bad, schema, schema)
@@ -182,5 +188,6 @@ def test_hub_revisions_are_the_commits_the_hub_cache_resolves(tmp_path):
             "print(hub_revision('org/model'), source_revision(OmegaConf.create({'path': 'org/data'})), "
             "source_revision(OmegaConf.create({'path': 'tasks'})))")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True)
     assert out.stdout.split() == ["a" * 40, "b" * 40, "None"]

@@ -51,7 +51,8 @@ def test_a_failing_dataset_does_not_stop_the_others(tiny_overrides, tmp_path):
     # (by design: a partial probe would mix means over different datasets)
     cfg = compose_config(["method=lora", TWO, "+task.data.sources.digits.path=/no/such/folder",
                           "task.forgetting.enabled=false", *tiny_overrides])
-    with pytest.raises(RunFailed, match="run failed on 1 of 2 datasets of the suite \\(digits: FileNotFoundError"):
+    with pytest.raises(RunFailed,
+                       match=r"run failed on 1 of 2 datasets of the suite \(digits: FileNotFoundError"):
         run(cfg)
     out = tmp_path / "run"
     assert _read(out / "shapes" / "results.json")["run"]["status"] == "success"
@@ -88,7 +89,8 @@ def test_tuned_sweep_finals_with_each_datasets_own_lr_form_one_suite(tiny_overri
                 out.mkdir(parents=True)
                 (out / TUNING_FILE).write_text(json.dumps({"metric": "accuracy", "split": "validation",
                                                            "chosen_lr": lr, "candidates": []}))
-            run(compose_config(["method=lora", f"dataset={dataset}", f"++method.lr={lr}", *base, f"out_dir={out}"]))
+            run(compose_config(["method=lora", f"dataset={dataset}", f"++method.lr={lr}", *base,
+                                f"out_dir={out}"]))
     df = load_results(tmp_path / "True")
     assert df["source"].nunique() == 1 and sorted(df["dataset"]) == ["digits", "shapes"]
     assert df["lr"].isna().all() and df["mean_accuracy"].iloc[0] == pytest.approx(df["accuracy"].mean())

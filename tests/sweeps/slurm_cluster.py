@@ -11,6 +11,7 @@ slurmdbd + MariaDB are part of the cluster. Settings below are the ones measured
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -165,7 +166,8 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
 # --- daemons ---------------------------------------------------------------------------------------
 
 def start(root: Path = DEFAULT_DIR, timeout: float = 120) -> Cluster:
-    """Install if needed, then start munged, MariaDB, slurmdbd, slurmctld and slurmd; wait for an idle node."""
+    """Install if needed, then start munged, MariaDB, slurmdbd, slurmctld and slurmd; wait for an idle
+    node."""
     ensure_installed()
     c = Cluster(Path(root))
     stop(c.root)
@@ -217,10 +219,12 @@ def _start_mysql(c: Cluster, deadline: float) -> None:
     _run(["mysql_install_db", "--user=root", f"--datadir={data}", "--auth-root-authentication-method=normal",
           "--skip-test-db"], timeout=120, check=True)
     cmd = ["mariadbd", "--no-defaults", "--user=root", f"--datadir={data}", f"--port={PORTS['mysql']}",
-           "--bind-address=127.0.0.1", f"--socket={c.root}/run/mysql.sock", f"--pid-file={c.pidfile('mysql')}",
-           f"--log-error={c.log('mysql')}", "--skip-grant-tables", "--innodb-buffer-pool-size=64M"]
+           "--bind-address=127.0.0.1", f"--socket={c.root}/run/mysql.sock",
+           f"--pid-file={c.pidfile('mysql')}", f"--log-error={c.log('mysql')}", "--skip-grant-tables",
+           "--innodb-buffer-pool-size=64M"]
     with open(c.log("mysql").with_suffix(".out"), "w") as out:
-        subprocess.Popen(cmd, env={**os.environ, "PATH": _path()}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        subprocess.Popen(cmd, env={**os.environ, "PATH": _path()}, stdout=out, stderr=subprocess.STDOUT,
+                         start_new_session=True)
     _wait(lambda: _port_open(PORTS["mysql"]), deadline, "MariaDB to listen", c.log("mysql"))
 
 
@@ -315,10 +319,8 @@ def _alive(pid: int) -> bool:
 
 
 def _signal(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 if __name__ == "__main__":

@@ -73,8 +73,8 @@ def test_a_suite_sweep_is_one_job_per_dataset_with_its_own_directory():
     """The papers train a fresh adapter per dataset: the sweeper adds the task's suite as an axis."""
     from runners.suite import sweep_datasets
 
-    cfg = sweep_config("budget", "task=clip", "sweep.methods=[lora]", "sweep.budgets=[lora8]", "sweep.seeds=[0]",
-                       "sweep.references=[full]")
+    cfg = sweep_config("budget", "task=clip", "sweep.methods=[lora]", "sweep.budgets=[lora8]",
+                       "sweep.seeds=[0]", "sweep.references=[full]")
     datasets = sweep_datasets(cfg)
     assert datasets == list(cfg.task.data.datasets) and len(datasets) == 5
     jobs = expand({**OmegaConf.to_container(cfg.sweep, resolve=True), "datasets": datasets})
@@ -87,7 +87,8 @@ def test_a_suite_sweep_is_one_job_per_dataset_with_its_own_directory():
 def test_command_line_narrows_every_axis():
     jobs = expand(spec("budget", "sweep.methods=[lora,randlora]", "sweep.budgets=[lora4,lora8]",
                        "sweep.seeds=[0]", "sweep.references=[]"))
-    assert [j.name for j in jobs] == ["lora-lora4-s0", "lora-lora8-s0", "randlora-lora4-s0", "randlora-lora8-s0"]
+    assert [j.name for j in jobs] == ["lora-lora4-s0", "lora-lora8-s0", "randlora-lora4-s0",
+                                      "randlora-lora8-s0"]
 
 
 def test_ranks_sweep_uses_each_methods_own_knob_without_budget():
@@ -121,7 +122,8 @@ def test_lr_sweep_gives_each_method_its_own_learning_rates():
 
 def test_hp_factors_scale_each_methods_default_and_skip_methods_without_it():
     hp = factor_axes({"hp": {"lora": {"r": [3]}}, "hp_factors": {"r": [0.5, 1, 2], "lr": [1, 10]}},
-                     {"lora": {"r": 8, "lr": 1e-3}, "newmethod": {"r": 1, "lr": 0.02}, "full": {"r": None, "lr": 1e-4}})
+                     {"lora": {"r": 8, "lr": 1e-3}, "newmethod": {"r": 1, "lr": 0.02},
+                      "full": {"r": None, "lr": 1e-4}})
     assert hp == {"lora": {"r": [3], "lr": [0.001, 0.01]}, "newmethod": {"r": [1, 2], "lr": [0.02, 0.2]},
                   "full": {"lr": [0.0001, 0.001]}}
 
@@ -148,7 +150,8 @@ def test_slurm_launcher_config_has_the_cluster_keys():
         cfg = sweep_config("budget", "hydra/launcher=slurm", f"hydra.launcher.gpus_per_node={gpus}")
         assert cfg.hydra.launcher.tasks_per_node == tasks
     for name in ("submitit_local", "local"):
-        assert sweep_config("budget", f"hydra/launcher={name}").hydra.launcher._target_.endswith("LocalLauncher")
+        launcher = sweep_config("budget", f"hydra/launcher={name}").hydra.launcher
+        assert launcher._target_.endswith("LocalLauncher")
 
 
 def test_the_registry_is_what_validation_checks_against():
@@ -157,7 +160,8 @@ def test_the_registry_is_what_validation_checks_against():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"methods": ["lora", "lroa"]}, "unknown method 'lroa' in sweep.methods; valid: loha, lokr, lora, randlora"),
+    ({"methods": ["lora", "lroa"]},
+     "unknown method 'lroa' in sweep.methods; valid: loha, lokr, lora, randlora"),
     ({"methods": "lora"}, "sweep.methods must be a list or all"),
     ({"hp_factors": {"lr": [0, 1]}}, "sweep.hp_factors.lr must be a list of positive numbers"),
     ({"hp_factors": {"r": "2"}}, "sweep.hp_factors.r must be a list of positive numbers"),
@@ -173,7 +177,7 @@ def test_bad_axes_are_one_clear_line(bad, message):
 
 
 def test_a_method_without_config_file_is_rejected():
-    with pytest.raises(SweepError, match="no conf/method/lora.yaml"):
+    with pytest.raises(SweepError, match=r"no conf/method/lora\.yaml"):
         validate({"methods": ["lora"], "seeds": [0]}, ADAPTERS, REFERENCES, ["loha"])
 
 

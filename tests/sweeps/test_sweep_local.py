@@ -22,8 +22,8 @@ from sweephelpers import (
     (["+sweep=budget", "method=lora"], "rankbench: method= is set per run by +sweep=budget"),
     pytest.param(["+sweep=budget", "hydra/launcher=slurm", "sweep.preflight=false", "sweep.methods=[lora]",
                   "sweep.budgets=[lora8]", "sweep.seeds=[0]", "sweep.references=[]", "dataset=shapes"],
-                 "rankbench: hydra.launcher.constraint is null, so SLURM may run this sweep's jobs on different GPU "
-                 "types", marks=pytest.mark.slow),
+                 "rankbench: hydra.launcher.constraint is null, so SLURM may run this sweep's jobs on "
+                 "different GPU types", marks=pytest.mark.slow),
 ])
 def test_bad_sweep_command_is_one_clear_line(args, line, tmp_path):
     result = run_py(["-m", *args, f"sweep.root={tmp_path}"], cwd=tmp_path, timeout=120)
@@ -36,13 +36,15 @@ def test_bad_sweep_command_is_one_clear_line(args, line, tmp_path):
 
 def test_a_slurm_sweep_runs_the_preflight_before_submitting(tmp_path):
     """Problems of the suite stop the sweep on the submitting machine, in one line, before any job."""
-    result = run_py(["-m", "+sweep=budget", "task=clip", "size=base", "hydra/launcher=slurm", "sweep.methods=[lora]",
-                     "sweep.budgets=[lora8]", "sweep.seeds=[0]", "sweep.references=[]",
-                     "task.data.datasets=[cars,ucf101]", f"sweep.root={tmp_path}"], cwd=tmp_path, timeout=120,
+    result = run_py(["-m", "+sweep=budget", "task=clip", "size=base", "hydra/launcher=slurm",
+                     "sweep.methods=[lora]", "sweep.budgets=[lora8]", "sweep.seeds=[0]",
+                     "sweep.references=[]", "task.data.datasets=[cars,ucf101]", f"sweep.root={tmp_path}"],
+                    cwd=tmp_path, timeout=120,
                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode != 0
     errors = [ln for ln in result.stdout.splitlines() if ln.startswith("rankbench:")]
-    assert len(errors) == 1 and "preflight found 3 problem(s) before submitting" in errors[0], result.stdout[-3000:]
+    assert len(errors) == 1, result.stdout[-3000:]
+    assert "preflight found 3 problem(s) before submitting" in errors[0], result.stdout[-3000:]
     assert "set task.data.sources.ucf101.path" in result.stdout and "Traceback" not in result.stdout
     assert not list(tmp_path.rglob("results.json")) and not list(tmp_path.rglob(".submitit"))
 
@@ -75,7 +77,8 @@ def test_basic_launcher_sweep_skips_finished_runs_and_reruns_a_deleted_one(tmp_p
 
 @pytest.mark.slow
 def test_submitit_local_sweep_runs_each_job_in_its_own_process(tmp_path):
-    sweep = ["-m", *SMALL_SWEEP, *TINY, "hydra/launcher=submitit_local", f"sweep.root={tmp_path / 'multirun'}"]
+    sweep = ["-m", *SMALL_SWEEP, *TINY, "hydra/launcher=submitit_local",
+             f"sweep.root={tmp_path / 'multirun'}"]
     sweep_dir = tmp_path / "multirun" / "budget" / "clip-tiny"
 
     assert_small_sweep_succeeded(run_py(sweep, cwd=tmp_path), sweep_dir)

@@ -56,7 +56,8 @@ def test_paper_sweep_jobs_run_the_official_scaling():
 
 def test_a_task_without_a_published_comparison_is_one_line():
     spec = OmegaConf.to_container(sweep_config("paper").sweep, resolve=True)
-    with pytest.raises(SweepError, match="no published comparison for task=clip size=tiny; it has: task=clip size=base"):
+    with pytest.raises(SweepError,
+                       match="no published comparison for task=clip size=tiny; it has: task=clip size=base"):
         select_grid(spec, "clip", "tiny")
     narrowed = select_grid({**spec, "methods": ["lora"]}, "language", "base")
     assert narrowed["methods"] == ["lora"] and narrowed["seeds"] == [1, 2, 3, 4, 5]

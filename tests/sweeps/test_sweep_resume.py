@@ -1,4 +1,5 @@
-"""Interrupt-and-resume equals uninterrupted, in-process (the SLURM preemption version is in test_sweep_slurm)."""
+"""Interrupt-and-resume equals uninterrupted, in-process (the SLURM preemption version is in
+test_sweep_slurm)."""
 from __future__ import annotations
 
 import json
@@ -91,7 +92,9 @@ def test_narrowing_a_sweep_keeps_the_run_identity():
     """A run checkpointed under `sweep.seeds=[0]` must resume when the full sweep is re-run."""
     one = tiny(Path("/tmp/x"), "+sweep=budget", "method=lora", "sweep.seeds=[0]")
     full = tiny(Path("/tmp/x"), "+sweep=budget", "method=lora")
-    hash_of = lambda cfg: runners.train._config_hash(runners.train._config_dict(cfg))
+    def hash_of(cfg):
+        return runners.train._config_hash(runners.train._config_dict(cfg))
+
     assert hash_of(one) == hash_of(full)
 
 

@@ -1,4 +1,5 @@
-"""Sweeps through `hydra/launcher=slurm` on a real single-node SLURM cluster started by the `slurm` fixture."""
+"""Sweeps through `hydra/launcher=slurm` on a real single-node SLURM cluster started by the `slurm`
+fixture."""
 from __future__ import annotations
 
 import os
@@ -111,7 +112,8 @@ def test_preempted_slurm_job_requeues_and_resumes_to_identical_metrics(slurm, tm
     for name, proc in procs.items():
         assert proc.returncode == 0, outputs[name][-3000:]
 
-    submitit_logs = "".join(p.read_text() for p in (run_dirs["preempted"].parents[1] / ".submitit").rglob("*_log.*"))
+    submitit_dir = run_dirs["preempted"].parents[1] / ".submitit"
+    submitit_logs = "".join(p.read_text() for p in submitit_dir.rglob("*_log.*"))
     assert "this job is preempted" in submitit_logs, "USR2 arrived after the run ended; raise PREEMPT_STEPS"
     assert "Requeued" in submitit_logs or "requeue" in submitit_logs.lower()
     assert "resuming from" in submitit_logs + (run_dirs["preempted"] / "run.log").read_text()

@@ -44,7 +44,8 @@ def test_stage_one_runs_every_candidate_at_the_first_seed_on_validation():
             "seeds": [3, 4], "lr_factors": [0.5, 2.0], "datasets": ["shapes"]}
     defaults = {m: default_lr(m) for m in methods + REFERENCES}
     groups = tuned_groups(spec, defaults)
-    assert [(g.method, g.budget) for g in groups] == [(m, "lora4") for m in methods] + [(r, None) for r in REFERENCES]
+    assert ([(g.method, g.budget) for g in groups]
+            == [(m, "lora4") for m in methods] + [(r, None) for r in REFERENCES])
     for group in groups:
         if group.method in untuned:
             assert group.candidates == ()
@@ -71,7 +72,8 @@ def candidate(root: Path, name: str, accuracy: float, split: str = "validation",
     """A hand-made stage-1 result (with its validation loss, if given)."""
     per = {"shapes": {"accuracy": accuracy, "loss": loss}} if loss is not None else {}
     write_results(root / name, {"run": {"status": status},
-                                "metrics": {"accuracy": accuracy, "eval_split": split, "per_dataset_metrics": per}})
+                                "metrics": {"accuracy": accuracy, "eval_split": split,
+                                            "per_dataset_metrics": per}})
     return root / name
 
 
@@ -88,15 +90,17 @@ def test_the_validation_winner_is_chosen_never_a_test_score_or_a_failed_run(tmp_
 def test_a_tie_goes_to_the_lower_validation_loss_then_the_smaller_lr(tmp_path):
     # a saturated validation split: three lrs at 100%; the loss tells them apart
     runs = {1e-3: candidate(tmp_path, "a", 1.0, loss=0.30), 2e-3: candidate(tmp_path, "b", 1.0, loss=0.05),
-            4e-3: candidate(tmp_path, "c", 1.0, loss=0.10), 8e-3: candidate(tmp_path, "d", 0.9, loss=0.01)}  # the lowest loss, but a lower score
+            4e-3: candidate(tmp_path, "c", 1.0, loss=0.10),
+            8e-3: candidate(tmp_path, "d", 0.9, loss=0.01)}  # the lowest loss, but a lower score
     scores = [(lr, candidate_score(path)) for lr, path in runs.items()]
     assert scores[1][1] == (1.0, 0.05)
     assert choose_lr(scores) == 2e-3
-    assert choose_lr([(4e-3, (0.8, None)), (1e-3, (0.8, None)), (2e-3, (0.5, None))]) == 1e-3  # no loss: smaller lr
+    # no loss: the smaller lr
+    assert choose_lr([(4e-3, (0.8, None)), (1e-3, (0.8, None)), (2e-3, (0.5, None))]) == 1e-3
     assert choose_lr([(4e-3, (0.8, 0.2)), (1e-3, (0.8, None))]) == 1e-3  # a loss compares only with losses
     record = tuning_record(2e-3, [(lr, s, "dir") for lr, s in scores])
-    assert record["tie_break"] == "loss" and record["candidates"][1] == {"lr": 2e-3, "score": 1.0, "loss": 0.05,
-                                                                        "run_dir": "dir"}
+    assert record["tie_break"] == "loss"
+    assert record["candidates"][1] == {"lr": 2e-3, "score": 1.0, "loss": 0.05, "run_dir": "dir"}
 
 
 def test_all_failed_chooses_nothing():
@@ -106,8 +110,9 @@ def test_all_failed_chooses_nothing():
 
 @pytest.mark.slow
 def test_a_tuned_sweep_runs_the_validation_winner_and_a_rerun_launches_nothing(tmp_path):
-    sweep = ["-m", "+sweep=tuned", "task=clip", "sweep.methods=[lora]", f"sweep.references=[{REFERENCES[-1]}]",
-             "sweep.seeds=[0,1]", "sweep.lr_factors=[0.5,2]", *TINY, f"sweep.root={tmp_path / 'multirun'}"]
+    sweep = ["-m", "+sweep=tuned", "task=clip", "sweep.methods=[lora]",
+             f"sweep.references=[{REFERENCES[-1]}]", "sweep.seeds=[0,1]", "sweep.lr_factors=[0.5,2]", *TINY,
+             f"sweep.root={tmp_path / 'multirun'}"]
     sweep_dir = tmp_path / "multirun" / "tuned" / "clip-tiny"
     dry = run_py([*sweep, "sweep.dry_run=true"], cwd=tmp_path)
     assert dry.returncode == 0 and "stage 1: 2 of 2 runs would launch; stage 2: up to 4 finals" in dry.stdout
@@ -130,11 +135,14 @@ def test_a_tuned_sweep_runs_the_validation_winner_and_a_rerun_launches_nothing(t
         assert sorted((c["lr"], c["score"]) for c in tuning["candidates"]) == sorted(scores)
         head_only = records[f"shapes/{REFERENCES[-1]}-s{seed}"]
         assert head_only["run"]["tuning"] is None and head_only["metrics"]["eval_split"] == "test"
-    assert set(records) == set(stage1) | {f"shapes/{m}-s{s}" for m in ("lora-lora8", REFERENCES[-1]) for s in (0, 1)}
+    assert set(records) == set(stage1) | {f"shapes/{m}-s{s}"
+                                          for m in ("lora-lora8", REFERENCES[-1]) for s in (0, 1)}
 
     before = mtimes(sweep_dir)
     again = run_py(sweep, cwd=tmp_path)
-    assert again.returncode == 0 and "stage 1 (lr on validation): 2 runs, 2 finished, launching 0" in again.stdout
+    assert again.returncode == 0
+    assert "stage 1 (lr on validation): 2 runs, 2 finished, launching 0" in again.stdout
     assert "stage 2 (winners on test): 4 runs, 4 finished, launching 0" in again.stdout
     assert mtimes(sweep_dir) == before
-    assert json.loads((sweep_dir / "shapes" / "lora-lora8-s0" / "tuning.json").read_text())["chosen_lr"] == best
+    written = json.loads((sweep_dir / "shapes" / "lora-lora8-s0" / "tuning.json").read_text())
+    assert written["chosen_lr"] == best
