@@ -15,7 +15,7 @@ from sweephelpers import (
 
 
 @pytest.mark.parametrize("args, line", [
-    (["+sweep=bugdet"], "rankbench: unknown sweep 'bugdet'; valid: budget, lr, ranks"),
+    (["+sweep=bugdet"], "rankbench: unknown sweep 'bugdet'; valid: budget, lr, paper, ranks, tuned"),
     (["+sweep=budget", "sweep.methods=[lora,lroa]"],
      "rankbench: unknown method 'lroa' in sweep.methods; valid: loha, lokr, lora, randlora"),
     (["+sweep=budget", "hydra/launcher=ray"], "rankbench: unknown hydra/launcher 'ray'; valid: basic, "),
