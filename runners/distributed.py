@@ -117,6 +117,14 @@ def setup(device: torch.device) -> tuple[World, torch.device]:
     return world, device
 
 
+STRATEGIES = ("ddp", "fsdp")
+
+
+def strategy_name(configured: str) -> str:
+    """How this process trains: `single` alone, else the configured `trainer.strategy`."""
+    return "single" if _CURRENT.size == 1 else str(configured)
+
+
 def agree(value: Any) -> Any:
     """Rank 0's `value` on every rank (e.g. the run directory: Hydra's timestamped one can differ)."""
     if _CURRENT.size == 1:

@@ -38,6 +38,7 @@ from runners.cli import check_values
 from runners.data import batch_split_problem, make_loader, wait_summary
 from runners.export import import_peft_adapter, save_head
 from runners.logger import make_logger
+from runners.memplan import predicted_cost
 from runners.metrics import PeakMemory, SavedActivations, StepTimer, matrix_ranks, state_bytes
 from runners.results import SCHEMA, is_complete, read_results, write_results
 from runners.schema import Params, Record, Run
@@ -76,7 +77,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         world, device = distributed.setup(env.resolve_device(cfg.device, _size(cfg)))  # cuda:<local rank>
         env.set_threads(cfg.get("threads"))
         record["run"].update(device=env.device_description(device), gpu=env.gpu_info(device),
-                             world_size=world.size)
+                             world_size=world.size, strategy=distributed.strategy_name(cfg.trainer.strategy))
         generator = env.seed_everything(cfg.seed)
         task = tasks.build(cfg.task)
         model = task.build_model()
@@ -97,6 +98,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             import_peft_adapter(model, cfg.init_adapter)
         record["cost"], record["history"] = train(model, task, cfg, device, generator, run_dir, logger,
                                                   record["run"]["config_hash"], record["run"]["max_steps"])
+        record["cost"].update(predicted_cost(cfg, world.size, gpu=device.type == "cuda"))  # runners/memplan.py
         _evaluate(task, model, cfg, device, record["metrics"], suffix="")
         record["metrics"].update(forgetting_metrics(probe_before, _probe(task, model, cfg, device),
                                                     task.forgetting_metric))
@@ -482,7 +484,7 @@ def _config_dict(cfg: DictConfig) -> dict[str, Any]:
 
 def _config_hash(config: dict[str, Any]) -> str:
     """Identity of a run: everything that changes its numbers (not where or how it is logged)."""
-    keep = {k: v for k, v in config.items() if k not in ("logger", "out_dir", "sweep")}
+    keep = {k: v for k, v in config.items() if k not in ("logger", "out_dir", "sweep", "plan")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
