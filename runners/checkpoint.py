@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +46,40 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     return path
 
 
+class CheckpointUnreadable(RuntimeError):
+    """A checkpoint exists but cannot be read, and `trainer.on_bad_checkpoint=stop`; one line for the user."""
+
+
+def unreadable(path: Path, err: BaseException, on_bad: str) -> None:
+    """A checkpoint that cannot be read (a node lost mid-write, a truncated or foreign file): one line naming
+    it and why, the file (or folder) moved aside beside it -- never deleted -- by rank 0 once every rank
+    has tried it; then the run starts over (`restart`) or stops (`stop`, CheckpointUnreadable)."""
+    from runners import distributed
+
+    aside = path.with_name(f"{path.name}.unreadable-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}")
+    distributed.barrier()  # no rank may still be reading it
+    if distributed.is_main():
+        os.replace(path, aside)
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    line = f"checkpoint {path} cannot be read ({type(err).__name__}: {reason}); moved to {aside.name}"
+    if on_bad == "stop":
+        raise CheckpointUnreadable(f"{line}; stopping (trainer.on_bad_checkpoint=stop; restart trains from step 0)")
+    log.warning("%s; training from the start (trainer.on_bad_checkpoint=restart)", line)
+
+
 def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, config_hash: str) -> dict[str, Any] | None:
-    """Restore state saved by `save_checkpoint` for the same config; None when there is nothing to resume."""
+                    scheduler: Any, config_hash: str, on_bad: str = "restart") -> dict[str, Any] | None:
+    """Restore state saved by `save_checkpoint` for the same config; None when there is nothing to resume
+    (or the file cannot be read and `on_bad` is restart, see `unreadable`)."""
     path = Path(run_dir) / FILENAME
     if not path.exists():
         return None
-    # memory-mapped: a full fine-tuning checkpoint of an 8B model (~45 GiB with AdamW state) is paged in
-    # tensor by tensor as it is copied, never read whole into a job's RAM
-    payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:  # memory-mapped: a full fine-tuning checkpoint of an 8B model (~45 GiB with AdamW state) is paged
+        # in tensor by tensor as it is copied, never read whole into a job's RAM
+        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any failure to read is the same: the file is unusable
+        unreadable(path, err, on_bad)
+        return None
     if payload.get("config_hash") != config_hash:
         log.warning("ignoring %s: it was written by a different configuration", path)
         return None

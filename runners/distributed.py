@@ -125,6 +125,12 @@ def strategy_name(configured: str) -> str:
     return "single" if _CURRENT.size == 1 else str(configured)
 
 
+def barrier() -> None:
+    """Wait for every process of the run (nothing to wait for alone)."""
+    if _CURRENT.size > 1:
+        dist.barrier()
+
+
 def agree(value: Any) -> Any:
     """Rank 0's `value` on every rank (e.g. the run directory: Hydra's timestamped one can differ)."""
     if _CURRENT.size == 1:

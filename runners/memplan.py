@@ -103,7 +103,8 @@ class Plan:
 
 
 def gb(n: float) -> str:
-    return f"{n / GiB:.1f} GiB"
+    """Bytes for people: GiB from 1 GiB up, MiB below."""
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
 # --- building the job on the meta device ----------------------------------------------------------
@@ -131,14 +132,15 @@ def model_config(path: str) -> Any:
     return LlamaConfig(**spec)
 
 
-def skeleton(task_cfg: DictConfig) -> nn.Module:
-    """The task's backbone on the meta device, its frozen weights in `task.model.dtype`."""
+def skeleton(task_cfg: DictConfig, device: str = "meta") -> nn.Module:
+    """The task's backbone on the meta device (no memory), its frozen weights in `task.model.dtype`;
+    gradient checkpointing stays off (`trace_activations` derives it per block)."""
     from transformers import AutoModel, AutoModelForCausalLM, CLIPModel, CLIPVisionModel
 
     from tasks.common import base_dtype
 
     config = model_config(str(task_cfg.model.path))
-    with torch.device("meta"):
+    with torch.device(device):
         if task_cfg.kind == "clip":
             model = CLIPModel(config)
         elif task_cfg.kind == "commonsense":
@@ -252,8 +254,6 @@ def trace_activations(model: nn.Module, batch: dict[str, Any], checkpointing: bo
         traced.to(torch.bfloat16)
         batch = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
                  for k, v in batch.items()}
-    if getattr(traced, "is_gradient_checkpointing", False):
-        traced.gradient_checkpointing_disable()  # the per-block split derives it
     traced.train()
     trace = BlockTrace(traced, blocks)
     with trace.recording():
@@ -393,5 +393,6 @@ def over_card(jobs: list[tuple[str, DictConfig]], plan_cfg: DictConfig, processe
 
 def _plan_key(cfg: DictConfig) -> str:
     """What a job's plan depends on: its config less the seed and where or how it is run and logged."""
-    keep = {k: cfg[k] for k in ("task", "method", "budget", "budget_alpha", "trainer", "size")}
-    return json.dumps(OmegaConf.to_container(OmegaConf.create(keep), resolve=True), sort_keys=True, default=str)
+    keep = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v := cfg.get(k), DictConfig) else v
+            for k in ("task", "method", "budget", "budget_alpha", "trainer", "size")}
+    return json.dumps(keep, sort_keys=True, default=str)

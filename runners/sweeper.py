@@ -484,8 +484,8 @@ class RankbenchSweeper(BasicSweeper):
                    for job, _ in todo]
         over = over_card(configs, self.config.plan, processes_per_job(self.config.hydra.launcher))
         if over and str(self.config.plan.over) != "skip":
-            raise SweepError(f"{len(over)} job(s) cannot fit the GPU; first: {over[0]}; or set plan.over=skip "
-                             "to launch the others")
+            raise SweepError(f"{len(over)} job(s) cannot fit the GPU, nothing submitted; first: {over[0]}. "
+                             "To launch the others, set plan.over=skip")
         for line in over:
             log.warning("sweep %s: not launching %s", spec.get("name"), line)
         names = {line.split(":", 1)[0] for line in over}

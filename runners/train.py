@@ -196,7 +196,7 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
     optimizer = adamw(groups, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, max_steps))
     timer = StepTimer(device, t.timing_warmup)
-    state = load_checkpoint(run_dir, model, optimizer, scheduler, config_hash) or {}
+    state = load_checkpoint(run_dir, model, optimizer, scheduler, config_hash, t.on_bad_checkpoint) or {}
     if "cost" in state:  # requeued after its last step: training is done, only the evaluation was left
         return state["cost"], state["history"]
     start, history = state.get("step", 0), state.get("history", [])
