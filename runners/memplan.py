@@ -45,6 +45,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from runners.distributed import transformer_blocks
+
 log = logging.getLogger(__name__)
 
 GiB = 2**30
@@ -151,20 +153,6 @@ def skeleton(task_cfg: DictConfig, device: str = "meta") -> nn.Module:
             model = AutoModel.from_config(config, **dict(task_cfg.model.get("kwargs") or {}))
     dtype = base_dtype(task_cfg.model)
     return model.to(dtype) if dtype is not None else model
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks: modules of the classes transformers names in `_no_split_modules`
-    (LlamaDecoderLayer, CLIPEncoderLayer, ...), the unit FSDP shards and gradient checkpointing recomputes.
-    ValueError when the model names none."""
-    names = set()
-    for module in model.modules():
-        names |= set(getattr(module, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has no transformer blocks to shard (no module class listed in "
-                         "_no_split_modules); FSDP needs a transformers model with repeated blocks")
-    return blocks
 
 
 def example_batch(model: nn.Module, task_cfg: DictConfig, micro_batch: int) -> dict[str, Any]:
