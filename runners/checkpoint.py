@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: any rank's read failure
 
 from runners.results import write_json
 
@@ -123,12 +124,15 @@ def unreadable(path: Path, err: BaseException, on_bad: str) -> None:
     """A checkpoint that cannot be read (a node lost mid-write, a truncated or foreign file, a missing shard):
     one line naming it and why, the file (or folder) moved aside beside it -- never deleted -- by rank 0
     once every rank has tried it; then the run starts over (`restart`) or stops (`stop`, CheckpointUnreadable)."""
+    from runners import distributed
+
     aside = _move_aside(path)
     reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
     line = f"checkpoint {path} cannot be read ({type(err).__name__}: {reason}); moved to {aside.name}"
     if on_bad == "stop":
         raise CheckpointUnreadable(f"{line}; stopping (trainer.on_bad_checkpoint=stop; restart trains from step 0)")
-    log.warning("%s; training from the start (trainer.on_bad_checkpoint=restart)", line)
+    if distributed.is_main():  # one line, not one per rank
+        log.warning("%s; training from the start (trainer.on_bad_checkpoint=restart)", line)
 
 
 def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -150,7 +154,7 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     if payload.get("sharded"):
         try:
             load_sharded(Path(run_dir) / payload["sharded"], model, optimizer)
-        except Exception as err:  # noqa: BLE001 - a missing or truncated shard: the checkpoint is unusable
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - a missing or truncated shard
             _move_aside(path)
             unreadable(Path(run_dir) / payload["sharded"], err, on_bad)
             return None

@@ -289,9 +289,14 @@ def plan_job(cfg: DictConfig, processes: int = 1, gpu: bool = True) -> Plan:
     checkpointing = bool(cfg.task.model.get("gradient_checkpointing", False))
     micro = max(1, int(cfg.trainer.batch_size) // processes)
     batch = example_batch(model, cfg.task, micro)
-    activations = trace_activations(model, batch, checkpointing, bf16=gpu and bool(cfg.trainer.bf16))
-    blocks = transformer_blocks(model)
-    block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
+    return plan_model(model, batch, checkpointing, bf16=gpu and bool(cfg.trainer.bf16))
+
+
+def plan_model(model: nn.Module, batch: dict[str, Any], checkpointing: bool, bf16: bool) -> Plan:
+    """The plan of an adapted meta `model` trained on `batch` (its first dimension: the micro-batch)."""
+    activations = trace_activations(model, batch, checkpointing, bf16)
+    block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in transformer_blocks(model))
+    micro = next(v.shape[0] for v in batch.values() if torch.is_tensor(v))
     return Plan(frozen_bytes(model), state_bytes(model), activations, block, micro, checkpointing)
 
 

@@ -3,7 +3,6 @@ equal one process's, a torchrun run trains as one process does (LoRA and full fi
 sharded checkpoint after a kill, and a checkpoint with a missing shard is moved aside with one line."""
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -94,7 +93,8 @@ def test_fsdp_run_trains_as_one_process(method, tmp_path):
     assert fsdp["cost"]["state_bytes"] < 0.6 * one["cost"]["state_bytes"]  # each rank holds half the state
     if method == "lora":  # the exported adapters: same tensors
         a, b = (load_file(next((tmp_path / d / "adapter").glob("*.safetensors"))) for d in ("fsdp", "single"))
-        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+        scale = max(float(t.abs().max()) for t in b.values())  # AdamW normalises away the scale of a tiny
+        assert a.keys() == b.keys() and all(float((a[k] - b[k]).abs().max()) <= 1e-4 * scale for k in a)  # grad
 
 
 @pytest.mark.slow
@@ -131,8 +131,8 @@ def test_a_sharded_checkpoint_missing_a_shard_is_moved_aside_and_the_run_restart
     lines = [x for x in rerun.stderr.splitlines() if "cannot be read" in x]
     assert len(lines) == 1 and f"checkpoint {shards} cannot be read (" in lines[0]
     assert lines[0].endswith("training from the start (trainer.on_bad_checkpoint=restart)")
-    assert [p.name.split(".unreadable-")[0] for p in out.glob("*.unreadable-*")] == [shards.name] or \
-        sorted(p.name.split(".unreadable-")[0] for p in out.glob("*.unreadable-*")) == ["checkpoint-2.dcp", "checkpoint.pt"]
+    kept = sorted(p.name.split(".unreadable-")[0] for p in out.glob("*.unreadable-*"))
+    assert kept == [shards.name, "checkpoint.pt"]  # the shards and the file pointing to them, both kept
     assert json.loads((out / "results.json").read_text())["history"][0]["step"] == 1
 
 
