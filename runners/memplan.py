@@ -364,11 +364,13 @@ def predicted_cost(cfg: DictConfig, processes: int, gpu: bool) -> dict[str, int 
             "predicted_state_bytes": math.ceil(plan.state / shards)}
 
 
-def over_card(jobs: list[tuple[str, DictConfig]], plan_cfg: DictConfig, processes: int) -> list[str]:
+def over_card(jobs: list[tuple[str, DictConfig]], plan_cfg: DictConfig, processes: int, show: bool = False
+              ) -> list[str]:
     """One line per job whose predicted per-GPU peak + allowance exceeds the card; [] when every job fits
-    or the card's memory is unknown (no `plan.gpu_memory_gb`, no GPU here: logged, nothing checked)."""
+    or the card's memory is unknown (no `plan.gpu_memory_gb`, no GPU here: nothing checked, each job's plan
+    logged all the same when `show`, as a dry run does)."""
     card = card_bytes(plan_cfg)
-    if card is None:
+    if card is None and not show:
         log.info("memory plan not checked: set plan.gpu_memory_gb=<GiB per GPU> (no GPU on this machine)")
         return []
     allowance = int(float(plan_cfg.allowance_gb) * GiB)
@@ -376,8 +378,9 @@ def over_card(jobs: list[tuple[str, DictConfig]], plan_cfg: DictConfig, processe
     for name, cfg in jobs:
         key = _plan_key(cfg)
         plan, peak = seen[key] if key in seen else seen.setdefault(key, job_plan(cfg, processes))
-        log.info("memory plan %s: %s per GPU (+ %s allowance) of %s", name, gb(peak), gb(allowance), gb(card))
-        if peak + allowance > card:
+        log.info("memory plan %s: %s per GPU (+ %s allowance) of %s", name, gb(peak), gb(allowance),
+                 "an unknown card (set plan.gpu_memory_gb)" if card is None else gb(card))
+        if card is not None and peak + allowance > card:
             lines.append(verdict(name, plan, card, allowance) if processes == 1 else
                          f"{name}: predicted peak {gb(peak)} + {gb(allowance)} allowance > {gb(card)} per GPU "
                          f"over {processes} GPUs; would fit with {advice(plan, card, allowance)}")
@@ -389,3 +392,17 @@ def _plan_key(cfg: DictConfig) -> str:
     keep = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v := cfg.get(k), DictConfig) else v
             for k in ("task", "method", "budget", "budget_alpha", "trainer", "size")}
     return json.dumps(keep, sort_keys=True, default=str)
+
+
+def summary(cfg: DictConfig) -> tuple[str, list[str]]:
+    """One run's plan in one line, and [its verdict] when it cannot fit the card (the preflight's)."""
+    processes = 1
+    plan, peak = job_plan(cfg, processes)
+    allowance = int(float(cfg.plan.allowance_gb) * GiB)
+    card = card_bytes(cfg.plan)
+    line = (f"memory plan ({cfg.method.name}, budget {cfg.budget}, micro-batch {plan.micro_batch}): weights "
+            f"{gb(plan.weights)} + state {gb(plan.state)} + activations {gb(plan.activations)} = {gb(peak)} per GPU, "
+            f"+ {gb(allowance)} allowance; " + ("card unknown (set plan.gpu_memory_gb)" if card is None else
+                                                f"card {gb(card)}: " + ("fits" if peak + allowance <= card else "DOES NOT FIT")))
+    over = None if card is None else verdict(f"{cfg.method.name} at budget {cfg.budget}", plan, card, allowance)
+    return line, [over] if over else []

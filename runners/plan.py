@@ -36,7 +36,11 @@ def rows(overrides: list[str], methods: list[str], budgets: list[str], gpus: int
         cfg = compose_config([*overrides, f"method={method}", f"budget={budget or 'null'}"])
         card = memplan.card_bytes(cfg.plan)
         allowance = int(float(cfg.plan.allowance_gb) * memplan.GiB)
-        plan, peak = memplan.job_plan(cfg, gpus)
+        try:
+            plan, peak = memplan.job_plan(cfg, gpus)
+        except ValueError as err:  # a budget this structure cannot reach: the sweep skips it too
+            out.append([f"{method}@{budget}", f"not planned: {str(err).splitlines()[0]}", *[""] * 5])
+            continue
         fits = "?" if card is None else "yes" if peak + allowance <= card else "NO"
         need = "-" if card is None or fits == "yes" else str(plan.fsdp_gpus(card, allowance) or ">64")
         out.append([f"{method}" + (f"@{budget}" if budget else ""), memplan.gb(plan.weights), memplan.gb(plan.state),

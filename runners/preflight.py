@@ -317,6 +317,16 @@ def unchecked_facts(cfg: DictConfig) -> list[str]:
     return ["not checked against a public source (task.protocol.notes):\n  " + "\n  ".join(notes)] if notes else []
 
 
+def memory_plan(cfg: DictConfig) -> tuple[str, list[str]]:
+    """(the run's memory plan in one line, [the problem] when it cannot fit the card): runners/memplan.py."""
+    from runners import memplan
+
+    try:
+        return memplan.summary(cfg)
+    except Exception as err:  # noqa: BLE001 - the plan is a report: any failure is shown, never fatal
+        return f"memory plan: unavailable ({type(err).__name__}: {_first_line(err)})", []
+
+
 def main(argv: list[str]) -> int:
     from runners.cli import compose_config
 
@@ -324,8 +334,9 @@ def main(argv: list[str]) -> int:
     budgets = next((a.split("=", 1)[1].strip("[]").split(",") for a in argv if a.startswith("preflight.budgets=")), None)
     cfg = compose_config([a for a in argv if not a.startswith("preflight.")])
     records = run_preflight(cfg, budgets)
-    found = problems(records)
-    report = [table(records), model_table(records[0].model) if records else "no datasets", *unchecked_facts(cfg),
+    plan, over = memory_plan(cfg)
+    found = problems(records) + over
+    report = [table(records), model_table(records[0].model) if records else "no datasets", plan, *unchecked_facts(cfg),
               f"{len(found)} problem(s)" + (":\n  " + "\n  ".join(found) if found else ": ready to launch")]
     sys.stdout.write("\n".join(report) + "\n")  # the report is this command's output, not a log
     if out:

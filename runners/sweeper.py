@@ -360,7 +360,7 @@ class RankbenchSweeper(BasicSweeper):
         jobs returned): each group's winner at every seed, scored on test. Finished runs are skipped in both."""
         units = [(base, group) for base in base_jobs for group in tuned_groups(spec, self._default_lrs(spec, base))]
         stage1 = [self._based(job, base, base_jobs) for base, group in units for _, job in group.candidates]
-        todo = self._pending(stage1)
+        todo = self._within_memory(spec, self._pending(stage1))
         if spec.get("dry_run"):
             return self._dry_run_tuned(spec, units, base_jobs, todo, len(stage1))
         self._preflight(spec)
@@ -482,7 +482,8 @@ class RankbenchSweeper(BasicSweeper):
         loader = self.hydra_context.config_loader
         configs = [(job.name, loader.load_sweep_config(self.config, [*job.overrides, f"hydra.sweep.subdir={job.name}"]))
                    for job, _ in todo]
-        over = over_card(configs, self.config.plan, processes_per_job(self.config.hydra.launcher))
+        over = over_card(configs, self.config.plan, processes_per_job(self.config.hydra.launcher),
+                         show=bool(spec.get("dry_run")))
         if over and str(self.config.plan.over) != "skip":
             raise SweepError(f"{len(over)} job(s) cannot fit the GPU, nothing submitted; first: {over[0]}. "
                              "To launch the others, set plan.over=skip")

@@ -85,3 +85,13 @@ def test_a_job_over_the_card_gets_one_line_saying_what_would_fit():
 def test_a_model_without_blocks_is_refused_in_one_line():
     with pytest.raises(ValueError, match="no transformer blocks to shard"):
         memplan.transformer_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_the_preflight_prints_the_plan_and_counts_a_job_over_the_card_as_a_problem():
+    from runners.preflight import memory_plan
+
+    line, over = memory_plan(compose_config(["task=clip", "method=full", "plan.gpu_memory_gb=0.001"]))
+    assert line.startswith("memory plan (full, budget None, micro-batch 64): weights ") and "DOES NOT FIT" in line
+    assert len(over) == 1 and over[0].startswith("full at budget None: predicted peak ")
+    line, over = memory_plan(compose_config(["task=clip", "method=lora", "budget=lora4", "plan.gpu_memory_gb=80"]))
+    assert line.endswith("card 80.0 GiB: fits") and over == []
