@@ -226,6 +226,8 @@ class BlockTrace:
     def activation_bytes(self, checkpointing: bool) -> int:
         """All saved bytes; with checkpointing, those outside the blocks + every block's input + the largest
         block's saved bytes (its recomputation in backward)."""
+        if not self.saved:  # nothing trained (head-only with no head): no graph, nothing kept
+            return 0
         per_block = [sum(v.values()) for k, v in self.saved.items() if k is not None]
         outside = sum(self.saved.get(None, {}).values())
         if not checkpointing:

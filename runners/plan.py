@@ -27,7 +27,9 @@ def jobs(methods: list[str], budgets: list[str]) -> list[tuple[str, str | None]]
     return [(m, None) if m in REFERENCES else (m, b) for m in methods for b in ([None] if m in REFERENCES else budgets)]
 
 
-def rows(overrides: list[str], methods: list[str], budgets: list[str], gpus: int) -> list[list[str]]:
+def rows(overrides: list[str], methods: list[str], budgets: list[str], gpus: int, notes: list[str]
+         ) -> list[list[str]]:
+    """The table's rows (a header first); jobs that cannot be planned get dashes and a line in `notes`."""
     from runners.cli import compose_config
 
     head = ["job", "weights", "state", "activations", "peak/GPU", "fits", "FSDP GPUs"]
@@ -39,7 +41,8 @@ def rows(overrides: list[str], methods: list[str], budgets: list[str], gpus: int
         try:
             plan, peak = memplan.job_plan(cfg, gpus)
         except ValueError as err:  # a budget this structure cannot reach: the sweep skips it too
-            out.append([f"{method}@{budget}", f"not planned: {str(err).splitlines()[0]}", *[""] * 5])
+            out.append([f"{method}@{budget}", "-", "-", "-", "-", "-", "-"])
+            notes.append(f"{method}@{budget} not planned: {str(err).splitlines()[0]}")
             continue
         fits = "?" if card is None else "yes" if peak + allowance <= card else "NO"
         need = "-" if card is None or fits == "yes" else str(plan.fsdp_gpus(card, allowance) or ">64")
@@ -65,10 +68,12 @@ def main(argv: list[str]) -> int:
     if unknown:
         sys.stderr.write(f"rankbench: plan.methods names {', '.join(unknown)}; valid: {', '.join(method_names())}\n")
         return 2
+    notes: list[str] = []
     table = rows(overrides, methods, _listed(_value(argv, "plan.budgets=")) or BUDGETS,
-                 int(_value(argv, "plan.gpus=") or 1))
+                 int(_value(argv, "plan.gpus=") or 1), notes)
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    sys.stdout.write("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in table) + "\n")
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    sys.stdout.write("\n".join(lines + notes) + "\n")
     return 0
 
 

@@ -95,3 +95,14 @@ def test_the_preflight_prints_the_plan_and_counts_a_job_over_the_card_as_a_probl
     assert len(over) == 1 and over[0].startswith("full at budget None: predicted peak ")
     line, over = memory_plan(compose_config(["task=clip", "method=lora", "budget=lora4", "plan.gpu_memory_gb=80"]))
     assert line.endswith("card 80.0 GiB: fits") and over == []
+
+
+def test_the_plan_command_tables_each_job_with_its_fit_and_fsdp_gpus(capsys):
+    from runners import plan
+
+    code = plan.main(["task=clip", "trainer.batch_size=16", "plan.gpu_memory_gb=0.025", "plan.allowance_gb=0",
+                      "plan.methods=[lora,full]", "plan.budgets=[lora8]"])
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert code == 0 and set(rows) == {"lora@lora8", "full"}
+    assert rows["lora@lora8"][-2:] == ["yes", "-"] and rows["full"][-2:] == ["NO", "2"]
+    assert plan.main(["plan.methods=[lorra]"]) == 2
