@@ -249,7 +249,8 @@ def trace_activations(model: nn.Module, batch: dict[str, Any], checkpointing: bo
     with trace.recording():
         out = traced(**batch)
         _ = out.loss if getattr(out, "loss", None) is not None else out[0].float().mean()
-    return trace.activation_bytes(checkpointing) + casts
+    saved = trace.activation_bytes(checkpointing)
+    return saved + casts if saved else 0  # nothing trained: no graph keeps the casts either
 
 
 def _autocast_copies(model: nn.Module, blocks: list[nn.Module], checkpointing: bool) -> int:
