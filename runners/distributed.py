@@ -267,6 +267,8 @@ def strategy_problem(strategy: str, processes: int, task_cfg: Any) -> str | None
 
     try:
         transformer_blocks(skeleton(task_cfg))
+    except LookupError:  # the config is unreadable here: loading the model will say so, in one line
+        return None
     except ValueError as err:
         return str(err)
     return None
