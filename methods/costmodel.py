@@ -128,7 +128,7 @@ class CostModel:
         autocast (which runs both in its dtype). Required by `fused_forward`."""
         no_dropout = isinstance(self.adapter_dropout, nn.Identity) or not self.training
         same_dtype = x.dtype == self.base_layer.weight.dtype == self.adapter_dtype
-        return no_dropout and (same_dtype or torch.is_autocast_enabled(x.device.type))
+        return no_dropout and (same_dtype or autocast_dtype(x) is not None)
 
     def joins_base(self, x: torch.Tensor) -> bool:
         """dW can join the base matmul: the same input, and no autocast (in bf16, W + dW would round a

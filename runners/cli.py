@@ -114,6 +114,12 @@ VALUE_CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
      "use a number in [0, 1): the share of train held out for validation (0: none)"),
     ("task.data.val_max", _positive_int, "use an integer >= 1: the most examples held out for validation"),
     ("task.data.val_seed", _is_int, "use an integer, e.g. task.data.val_seed=0"),
+    ("trainer.on_bad_checkpoint", lambda v: v in ("restart", "stop"),
+     "use restart (move the unreadable file aside and train from the start) or stop"),
+    ("trainer.strategy", lambda v: v in ("ddp", "fsdp"), "use ddp (replicas) or fsdp (sharded, FSDP2)"),
+    ("plan.gpu_memory_gb", _optional(_positive), "use the GiB of one GPU (a number > 0), or null for this node's"),
+    ("plan.allowance_gb", _non_negative, "use a number of GiB >= 0"),
+    ("plan.over", lambda v: v in ("refuse", "skip"), "use refuse (stop the sweep) or skip (launch the jobs that fit)"),
     ("sweep.lr_factors", lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0 and all(_positive(x) for x in v),
      "use a non-empty list of numbers > 0, e.g. sweep.lr_factors=[0.25,0.5,1,2,4]"),
 ]

@@ -117,6 +117,20 @@ def setup(device: torch.device) -> tuple[World, torch.device]:
     return world, device
 
 
+STRATEGIES = ("ddp", "fsdp")
+
+
+def strategy_name(configured: str) -> str:
+    """How this process trains: `single` alone, else the configured `trainer.strategy`."""
+    return "single" if _CURRENT.size == 1 else str(configured)
+
+
+def barrier() -> None:
+    """Wait for every process of the run (nothing to wait for alone)."""
+    if _CURRENT.size > 1:
+        dist.barrier()
+
+
 def agree(value: Any) -> Any:
     """Rank 0's `value` on every rank (e.g. the run directory: Hydra's timestamped one can differ)."""
     if _CURRENT.size == 1:
@@ -138,22 +152,126 @@ class TaskLoss(nn.Module):
         return self.task.loss(self.model, batch)
 
 
-def wrap(model: nn.Module, task: Any, device: torch.device, find_unused: bool) -> nn.Module:
-    """The module a training step calls: `TaskLoss`, inside DDP when several processes train. Only
-    trainable parameters are reduced. `find_unused`: some trainable parameters get no gradient in a
-    step (one head per dataset of a round-robin suite); otherwise DDP would wait for them forever."""
+def wrap(model: nn.Module, task: Any, device: torch.device, find_unused: bool, strategy: str = "ddp") -> nn.Module:
+    """The module a training step calls: `TaskLoss`, inside DDP or FSDP when several processes train.
+    Only trainable parameters are reduced. `find_unused` (DDP): some trainable parameters get no gradient
+    in a step (one head per dataset of a round-robin suite); otherwise DDP would wait for them forever.
+    FSDP replaces the model's parameters by sharded ones: build the optimizer after this."""
     loss = TaskLoss(model, task)
     if _CURRENT.size == 1:
         return loss
+    if strategy == "fsdp":
+        return shard(loss, model)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(loss, device_ids=ids, find_unused_parameters=find_unused)
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: modules of the classes transformers names in `_no_split_modules`
+    (LlamaDecoderLayer, CLIPEncoderLayer, ...), the unit FSDP shards and gradient checkpointing recomputes.
+    ValueError when the model names none."""
+    names = set()
+    for module in model.modules():
+        names |= set(getattr(module, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no transformer blocks to shard (no module class listed in "
+                         "_no_split_modules); trainer.strategy=fsdp needs a transformers model with repeated blocks")
+    return blocks
+
+
+def shard(loss: TaskLoss, model: nn.Module) -> nn.Module:
+    """FSDP2 (`fully_shard`): each transformer block one unit -- its weights, gradients and optimizer state
+    split over the processes, gathered for its forward and backward only -- and the rest (embeddings, heads)
+    with the root, the module whose forward every step calls. Precision stays the trainer's (bf16 autocast
+    on CUDA), as under DDP, so the strategies compute the same thing."""
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.no_grad():
+        for param in model.parameters():  # FSDP2 shards row-major storage only; LoRA keeps B column-major
+            if not param.is_contiguous():  # for speed (methods/lora.py), a layout, not a value
+                param.data = param.data.contiguous()
+    scalars = {p for p in model.parameters() if p.dim() == 0}  # FSDP2 refuses them (CLIP's logit_scale)
+    for param in scalars:
+        if param.requires_grad:  # left whole on every rank: its gradient is averaged here
+            param.register_post_accumulate_grad_hook(_average_gradient)
+    for block in transformer_blocks(model):
+        fully_shard(block, ignored_params=scalars)
+    return fully_shard(loss, ignored_params=scalars)
+
+
+def _average_gradient(param: torch.Tensor) -> None:
+    """All-reduce a replicated parameter's gradient to its mean after each micro-batch's backward; the mean
+    is linear, so averaging again after the next micro-batch adds that micro-batch's mean."""
+    param.grad.div_(_CURRENT.size)
+    dist.all_reduce(param.grad)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP holds this model's parameters as shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def gather_for_evaluation(model: nn.Module) -> None:
+    """After FSDP training: every parameter whole again, a plain tensor on every rank, and FSDP's hooks
+    and classes removed, so evaluation, update ranks and the adapter export see the model as one process
+    does (the model is then held whole, as DDP holds it). A no-op for an unsharded model."""
+    if not is_sharded(model):
+        return
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for module in model.modules():  # the same order on every rank: full_tensor() all-gathers
+            for name, p in list(module._parameters.items()):
+                if isinstance(p, DTensor):
+                    module._parameters[name] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+            if isinstance(module, FSDPModule):
+                module._forward_pre_hooks.clear()
+                module._forward_hooks.clear()
+                module.__class__ = type(module).__bases__[1]  # FSDP<Cls>(FSDPModule, Cls) -> Cls
+
+
 def accumulating(module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
-    """DDP's `no_sync()` for every micro-batch of a step but the last: gradients are averaged once."""
-    if last or not isinstance(module, nn.parallel.DistributedDataParallel):
+    """For every micro-batch of a step but the last, no gradient exchange (DDP's `no_sync()`, FSDP's
+    `set_requires_gradient_sync(False)`): gradients are averaged (FSDP: reduce-scattered) once."""
+    if last:
         return contextlib.nullcontext()
-    return module.no_sync()
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        return module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):
+        return _without_gradient_sync(module)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _without_gradient_sync(module: Any) -> Any:
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def strategy_problem(strategy: str, processes: int, task_cfg: Any) -> str | None:
+    """One line for a strategy this run cannot use, checked before anything is built: FSDP alone (nothing
+    to shard over) or on a model whose blocks the wrapping policy cannot find (its meta skeleton)."""
+    if strategy != "fsdp":
+        return None
+    if processes == 1:
+        return ("trainer.strategy=fsdp needs several processes (torchrun --nproc_per_node=N run.py ..., or "
+                "hydra.launcher.gpus_per_node=N); one process trains unsharded: use trainer.strategy=ddp")
+    from runners.memplan import skeleton
+
+    try:
+        transformer_blocks(skeleton(task_cfg))
+    except LookupError:  # the config is unreadable here: loading the model will say so, in one line
+        return None
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def mean_and_any(loss: float, flag: bool, device: torch.device) -> tuple[float, bool]:

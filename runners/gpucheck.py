@@ -138,6 +138,8 @@ class Row:
     trainable: int
     step_times_s: list[float] = field(default_factory=list)
     peak_growth_bytes: int | None = None
+    peak_bytes: int | None = None            # torch.cuda.max_memory_allocated over the steps
+    predicted_peak_bytes: int | None = None  # runners/memplan.py's plan of the same configuration
     rank: dict[str, float] | None = None
     failures: list[str] = field(default_factory=list)
 
@@ -206,7 +208,23 @@ def train_row(row: Row, model: nn.Module, shape: Shape, device: torch.device, st
             row.failures.append(f"loss is {float(loss)} at step {step + 1}")
             break
     if cuda:
-        row.peak_growth_bytes = torch.cuda.max_memory_allocated(device) - start_bytes
+        row.peak_bytes = torch.cuda.max_memory_allocated(device)
+        row.peak_growth_bytes = row.peak_bytes - start_bytes
+
+
+def predicted_peak(shape: Shape, mode: str, method: str, hp: dict[str, Any]) -> int:
+    """The memory plan's peak (runners/memplan.py) of this configuration, traced on the meta device. The
+    check's optimizer is the unfused AdamW, whose step counters stay on the CPU (4 bytes each, noise)."""
+    from runners import memplan
+
+    with torch.device("meta"):
+        model = shape.build()
+    model.requires_grad_(False)
+    if mode == "bf16-base":
+        model.to(torch.bfloat16)
+    methods.inject(model, method, shape.targets, **hp)
+    batch = make_batch(model, shape, torch.device("meta"), torch.Generator().manual_seed(0))
+    return memplan.plan_model(model, batch, checkpointing=mode == "bf16-base", bf16=mode == "bf16-amp").peak
 
 
 def gradient_failures(model: nn.Module, impl: str) -> list[str]:
@@ -252,6 +270,7 @@ def run_shape(shape: Shape, modes: list[str], names: list[str], device: torch.de
                     train_row(row, model, shape, device, steps, warmup)
                     if impl == "ours":
                         check_rank(row, model)
+                        row.predicted_peak_bytes = predicted_peak(shape, mode, method, hp)
                 except Exception as err:  # one failing configuration must not hide the others
                     row.failures.append(f"{type(err).__name__}: {err}")
                 rows.append(row)
@@ -264,19 +283,28 @@ def run_shape(shape: Shape, modes: list[str], names: list[str], device: torch.de
 
 
 def ddp_check(device_count: int) -> list[str]:
-    """With >= 2 GPUs: a tiny DDP run through torchrun must finish with one results.json, world size 2."""
+    """With >= 2 GPUs: a tiny DDP run and a tiny FSDP run through torchrun must each finish with one
+    results.json, world size 2; their planned and measured peaks are logged."""
     if device_count < 2:
         return []
+    return [f for strategy in ("ddp", "fsdp") for f in _two_gpu_run(strategy)]
+
+
+def _two_gpu_run(strategy: str) -> list[str]:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "run.py",
-               "method=lora", "task=clip", "trainer.max_steps=20", "logger=none", "device=cuda",
-               f"out_dir={out}"]
+               "method=lora", "task=clip", "dataset=shapes", "trainer.max_steps=20", "logger=none",
+               "device=cuda", f"trainer.strategy={strategy}", f"out_dir={out}"]
         done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
         record = Path(out, "results.json")
         if done.returncode != 0 or not record.is_file():
-            return [f"DDP run failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"]
-        run = json.loads(record.read_text())["run"]
-        return [] if run.get("world_size") == 2 else [f"DDP run recorded world_size {run.get('world_size')}"]
+            return [f"{strategy} run failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"]
+        saved = json.loads(record.read_text())
+        cost = saved["cost"]
+        log.info("%s over 2 GPUs: peak %s MiB, planned %s MiB", strategy, _mib(cost.get("peak_mem_bytes")),
+                 _mib(cost.get("predicted_peak_bytes")))
+        world = saved["run"].get("world_size")
+        return [] if world == 2 else [f"{strategy} run recorded world_size {world}"]
 
 
 def describe(row: Row) -> str:
@@ -289,17 +317,17 @@ def describe(row: Row) -> str:
 def table(rows: list[Row]) -> str:
     """Markdown: one line per (model, mode, method), ours next to PEFT's with the ratios."""
     peft = {(r.model, r.mode, r.method): r for r in rows if r.impl == "peft"}
-    lines = ["| model | mode | method | hp | trainable | ours ms | PEFT ms | ours/PEFT | ours MiB | PEFT MiB "
-             "| rank(dW) | checks |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    head = ("| model | mode | method | hp | trainable | ours ms | PEFT ms | ours/PEFT | ours MiB | PEFT MiB | "
+            "peak MiB | planned MiB | rank(dW) | checks |")
+    lines = [head, "|---" * head.count(" | ") + "|---|"]
     for r in (r for r in rows if r.impl == "ours"):
         p = peft.get((r.model, r.mode, r.method))
         ratio = r.step_time_s / p.step_time_s if p and p.step_time_s and r.step_time_s else None
         lines.append("| " + " | ".join([
             r.model, r.mode, r.method, f"r={r.hp.get('r')}", f"{r.trainable:,}", _ms(r.step_time_s),
             _ms(p.step_time_s if p else None), f"{ratio:.2f}" if ratio else "-", _mib(r.peak_growth_bytes),
-            _mib(p.peak_growth_bytes if p else None), str(r.rank["rank"]) if r.rank else "-",
-            _checks(r, p)]) + " |")
+            _mib(p.peak_growth_bytes if p else None), _mib(r.peak_bytes), _mib(r.predicted_peak_bytes),
+            str(r.rank["rank"]) if r.rank else "-", _checks(r, p)]) + " |")
     return "\n".join(lines)
 
 

@@ -113,14 +113,22 @@ class PeakMemory:
         return figures["peak_mem_bytes" if self.device.type == "cuda" else "peak_rss_bytes"]
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: an FSDP shard (DTensor) as its local tensor, others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
-    return str(t.device), t.untyped_storage().data_ptr()
+    return str(t.device), local(t).untyped_storage().data_ptr()
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind `tensors` (views and repeats counted once)."""
+    """Bytes of the distinct storages behind `tensors` (views and repeats counted once; FSDP: this
+    process's shards)."""
     seen: dict[tuple[str, int], int] = {}
-    for t in tensors:
+    for t in map(local, tensors):
         seen.setdefault(_storage_key(t), t.untyped_storage().nbytes())
     return sum(seen.values())
 
@@ -164,12 +172,12 @@ class SavedActivations:
 
 def state_bytes(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> int | None:
     """Trainable parameters + one gradient per parameter (same shape and dtype) + every tensor of the
-    optimizer's state (AdamW: two moments per element and a step counter per tensor). None before the
-    optimizer has state (nothing trained yet)."""
+    optimizer's state (AdamW: two moments per element and a step counter per tensor), of this process
+    (FSDP: its shards). None before the optimizer has state (nothing trained yet)."""
     moments = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     if not moments:
         return None
-    weights = sum(p.numel() * p.element_size() for p in params)
+    weights = sum(local(p).numel() * p.element_size() for p in params)
     return 2 * weights + storage_bytes(moments)
 
 

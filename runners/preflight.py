@@ -417,6 +417,16 @@ def unchecked_facts(cfg: DictConfig) -> list[str]:
     return ["not checked against a public source (task.protocol.notes):\n  " + "\n  ".join(notes)] if notes else []
 
 
+def memory_plan(cfg: DictConfig) -> tuple[str, list[str]]:
+    """(the run's memory plan in one line, [the problem] when it cannot fit the card): runners/memplan.py."""
+    from runners import memplan
+
+    try:
+        return memplan.summary(cfg)
+    except Exception as err:  # noqa: BLE001 - the plan is a report: any failure is shown, never fatal
+        return f"memory plan: unavailable ({type(err).__name__}: {_first_line(err)})", []
+
+
 def main(argv: list[str]) -> int:
     from runners.cli import compose_config
 
@@ -427,8 +437,10 @@ def main(argv: list[str]) -> int:
         records = run_preflight(cfg, budgets)
     except (ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError) as err:  # nothing to list per dataset
         raise SystemExit(f"rankbench: preflight could not start: {_first_line(err)}") from err
-    found = problems(records)
-    report = [table(records), model_table(records[0].model) if records else "no datasets", *unchecked_facts(cfg),
+    plan, over = memory_plan(cfg)
+    found = problems(records) + over
+    report = [table(records), model_table(records[0].model) if records else "no datasets", plan,
+              *unchecked_facts(cfg),
               f"{len(found)} problem(s)" + (":\n  " + "\n  ".join(found) if found else ": ready to launch")]
     sys.stdout.write("\n".join(report) + "\n")  # the report is this command's output, not a log
     if out:

@@ -63,6 +63,7 @@ class Run:
     max_steps: int | dict[str, int | None] | None = None  # a suite: per dataset
     memory_savers: dict[str, Any] | None = None
     world_size: int | None = None
+    strategy: str | None = None  # trainer.strategy the processes trained under: single | ddp | fsdp
     tuning: dict[str, Any] | None = None  # +sweep=tuned: {metric, tie_break, split, chosen_lr, candidates}
     val_holdout: Any = None
     protocol: dict[str, Any] | None = None
@@ -115,6 +116,9 @@ class Cost:
     train_time_s: float | None = NOT_MEASURED
     data_wait_s: float | None = NOT_MEASURED       # median wait for a step's batches, outside step_time_s
     data_wait_p90_s: float | None = NOT_MEASURED
+    predicted_peak_bytes: int | None = NOT_MEASURED        # runners.memplan: the plan's peak per process
+    predicted_activation_bytes: int | None = NOT_MEASURED  # its activations (compare activation_bytes)
+    predicted_state_bytes: int | None = NOT_MEASURED       # its exact state (compare state_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         """The figures as results.json holds them: those measured."""

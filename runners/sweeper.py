@@ -46,7 +46,7 @@ from runners.suite import sweep_datasets
 log = logging.getLogger(__name__)
 
 AXIS_KEYS = ("method", "budget", "seed")  # set per job by the sweep, never on its command line
-IGNORED_IN_DIFF = ("logger", "out_dir", "sweep")  # do not change a run's numbers
+IGNORED_IN_DIFF = ("logger", "out_dir", "sweep", "plan")  # do not change a run's numbers
 PLUGIN_MODULE = "hydra_plugins.rankbench_sweeper"
 
 
@@ -359,7 +359,7 @@ class RankbenchSweeper(BasicSweeper):
             return self._sweep_tuned(spec, base_jobs)
         jobs = [Job(_with_suffix(job.name, base, base_jobs), tuple(base) + job.overrides)
                 for base in base_jobs for job in expand(spec)]
-        todo = self._pending(jobs)
+        todo = self._within_memory(spec, self._pending(jobs))
         if spec.get("dry_run"):
             for job, run_dir in todo:
                 log.info("would launch %s -> %s", job.name, run_dir)
@@ -381,7 +381,7 @@ class RankbenchSweeper(BasicSweeper):
         jobs returned): each group's winner at every seed, scored on test. Finished runs are skipped in both."""
         units = [(base, group) for base in base_jobs for group in tuned_groups(spec, self._default_lrs(spec, base))]
         stage1 = [self._based(job, base, base_jobs) for base, group in units for _, job in group.candidates]
-        todo = self._pending(stage1)
+        todo = self._within_memory(spec, self._pending(stage1))
         if spec.get("dry_run"):
             return self._dry_run_tuned(spec, units, base_jobs, todo, len(stage1))
         self._preflight(spec)
@@ -494,6 +494,24 @@ class RankbenchSweeper(BasicSweeper):
             else:
                 todo.append((job, run_dir))
         return todo
+
+    def _within_memory(self, spec: dict[str, Any], todo: list[tuple[Job, Path]]) -> list[tuple[Job, Path]]:
+        """The jobs the memory plan lets through (runners/memplan.py): one over the card stops the sweep
+        before anything is submitted (`plan.over=refuse`) or is skipped with its line (`plan.over=skip`)."""
+        from runners.memplan import over_card
+
+        loader = self.hydra_context.config_loader
+        configs = [(job.name, loader.load_sweep_config(self.config, [*job.overrides, f"hydra.sweep.subdir={job.name}"]))
+                   for job, _ in todo]
+        over = over_card(configs, self.config.plan, processes_per_job(self.config.hydra.launcher),
+                         show=bool(spec.get("dry_run")))
+        if over and str(self.config.plan.over) != "skip":
+            raise SweepError(f"{len(over)} job(s) cannot fit the GPU, nothing submitted; first: {over[0]}. "
+                             "To launch the others, set plan.over=skip")
+        for line in over:
+            log.warning("sweep %s: not launching %s", spec.get("name"), line)
+        names = {line.split(":", 1)[0] for line in over}
+        return [(job, run_dir) for job, run_dir in todo if job.name not in names]
 
     def _preflight(self, spec: dict[str, Any]) -> None:
         """On the submitting machine, before a job array is queued: the suite's data and model checked
@@ -609,6 +627,13 @@ def mixed_gpu_problem(launcher: DictConfig) -> str | None:
     return ("hydra.launcher.constraint is null, so SLURM may run this sweep's jobs on different GPU types, whose "
             "step times and memory do not compare; set hydra.launcher.constraint=<your cluster's GPU feature> "
             "(`sinfo -o '%N %f'` lists them), or accept mixed types with hydra.sweeper.mixed_gpu_types=true")
+
+
+def processes_per_job(launcher: DictConfig) -> int:
+    """GPUs (processes) one job runs on: SLURM tasks per node x nodes; 1 for local launchers."""
+    if not str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
+        return 1
+    return int(launcher.get("tasks_per_node") or 1) * int(launcher.get("nodes") or 1)
 
 
 def _is_local(config: DictConfig) -> bool:

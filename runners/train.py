@@ -26,18 +26,18 @@ import tasks
 from runners import distributed, env
 from runners.adapt import Adaptation, adapt, is_head, method_info, method_names
 from runners.checkpoint import (
-    BEFORE,
     PreemptionGuard,
     load_before,
     load_checkpoint,
+    remove_checkpoints,
     save_before,
     save_checkpoint,
 )
-from runners.checkpoint import FILENAME as CHECKPOINT
 from runners.cli import check_values
 from runners.data import batch_split_problem, make_loader, wait_summary
 from runners.export import import_peft_adapter, save_head
 from runners.logger import log_suite, make_logger
+from runners.memplan import predicted_cost
 from runners.metrics import PeakMemory, SavedActivations, StepTimer, matrix_ranks, state_bytes
 from runners.results import SCHEMA, is_complete, read_results, write_results
 from runners.schema import Params, Record, Run
@@ -61,6 +61,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise RunFailed(problem)  # refused before anything is built; nothing is written
     if (problem := batch_split_problem(cfg.trainer.batch_size, distributed.planned().size)) is not None:
         raise RunFailed(problem)  # a data-parallel run splits each batch evenly over its processes
+    if (problem := distributed.strategy_problem(cfg.trainer.strategy, distributed.planned().size, cfg.task)):
+        raise RunFailed(problem)  # FSDP alone, or on a model without blocks to shard
     distributed.setup(env.resolve_device(cfg.device, _size(cfg)))  # DDP (torchrun / SLURM tasks): join the group
     run_dir = distributed.agree(output_dir(cfg))  # rank 0's: Hydra's timestamped dirs may differ by rank
     if is_complete(run_dir):
@@ -76,7 +78,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         world, device = distributed.setup(env.resolve_device(cfg.device, _size(cfg)))  # cuda:<local rank>
         env.set_threads(cfg.get("threads"))
         record["run"].update(device=env.device_description(device), gpu=env.gpu_info(device),
-                             world_size=world.size)
+                             world_size=world.size, strategy=distributed.strategy_name(cfg.trainer.strategy))
         generator = env.seed_everything(cfg.seed)
         task = tasks.build(cfg.task)
         model = task.build_model()
@@ -97,6 +99,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             import_peft_adapter(model, cfg.init_adapter)
         record["cost"], record["history"] = train(model, task, cfg, device, generator, run_dir, logger,
                                                   record["run"]["config_hash"], record["run"]["max_steps"])
+        record["cost"].update(predicted_cost(cfg, world.size, gpu=device.type == "cuda"))  # runners/memplan.py
+        distributed.gather_for_evaluation(model)  # FSDP: whole parameters again, for evaluation and export
         _evaluate(task, model, cfg, device, record["metrics"], suffix="")
         record["metrics"].update(forgetting_metrics(probe_before, _probe(task, model, cfg, device),
                                                     task.forgetting_metric))
@@ -108,8 +112,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         _finish(record, "success", None)
         logger.summary({k: record[k] for k in ("params", "cost", "metrics")})
         write_results(run_dir, record)
-        for name in (CHECKPOINT, BEFORE):
-            (run_dir / name).unlink(missing_ok=True)
+        remove_checkpoints(run_dir)
         log.info("%s", summary_table(record))
         return record
     except Exception as err:
@@ -190,26 +193,27 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
                             "data_wait_s": None, "data_wait_p90_s": None, "train_time_s": 0.0}
     if not params:  # zero-shot CLIP: nothing to train
         return cost, []
+    world, data = distributed.current(), task.train_data()
+    # FSDP re-registers the parameters as shards: the module is wrapped before the optimizer is built
+    step_module = distributed.wrap(model, task, device, len(data.sizes) > 1, t.strategy)
+    params = [p for p in model.parameters() if p.requires_grad]
     lr = method_lr(cfg)
     groups = param_groups(model, task.head_prefixes, backbone_lr=lr, head_lr=t.lr)
     optimizer = adamw(groups, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, max_steps))
     timer = StepTimer(device, t.timing_warmup)
-    state = load_checkpoint(run_dir, model, optimizer, scheduler, config_hash) or {}
+    state = load_checkpoint(run_dir, model, optimizer, scheduler, config_hash, t.on_bad_checkpoint) or {}
     if "cost" in state:  # requeued after its last step: training is done, only the evaluation was left
         return state["cost"], state["history"]
     start, history = state.get("step", 0), state.get("history", [])
     timer.times, train_time = state.get("step_times", []), state.get("train_time_s", 0.0)
-    world, data = distributed.current(), task.train_data()
     seed = int(torch.randint(0, 2**62, (), generator=generator))  # the data order's seed, same on every rank
     loader = make_loader(data, t.batch_size, seed, t.num_workers, device, state.get("data"), world.rank, world.size)
-    step_module = distributed.wrap(model, task, device, find_unused=len(data.sizes) > 1)
 
-    def checkpoint(done: int, **final: Any) -> None:
-        if world.main:
-            save_checkpoint(run_dir, model, optimizer, scheduler,
-                            {"step": done, "history": history, "step_times": timer.times, "data": loader.state_dict(),
-                             "train_time_s": train_time, "config_hash": config_hash, **final})
+    def checkpoint(done: int, **final: Any) -> None:  # every rank: FSDP's shards are written by each
+        save_checkpoint(run_dir, model, optimizer, scheduler,
+                        {"step": done, "history": history, "step_times": timer.times, "data": loader.state_dict(),
+                         "train_time_s": train_time, "config_hash": config_hash, **final})
 
     model.train()
     activations = SavedActivations(model)  # recorded in this process's first step (see _optimizer_step)
@@ -483,7 +487,7 @@ def _config_dict(cfg: DictConfig) -> dict[str, Any]:
 
 def _config_hash(config: dict[str, Any]) -> str:
     """Identity of a run: everything that changes its numbers (not where or how it is logged)."""
-    keep = {k: v for k, v in config.items() if k not in ("logger", "out_dir", "sweep")}
+    keep = {k: v for k, v in config.items() if k not in ("logger", "out_dir", "sweep", "plan")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
