@@ -101,7 +101,7 @@ class LoKr(AdapterLayer):
 
     @classmethod
     def budget_candidates(cls, shapes: list[tuple[int, int]], fixed: dict[str, Any]) -> list[dict]:
-        out = []
+        out: list[dict[str, int]] = []
         for f in SOLVER_FACTORS:
             # beyond half the largest factor dimension every weight is full and r no longer changes counts
             top = max(max(*factorization(i, f), *factorization(o, f)) for i, o in shapes)
@@ -245,7 +245,7 @@ class _KronLinear(torch.autograd.Function):
             return _KronLinear._forward(ctx, x, weight, bias, w1, right, left)
         # under autocast: everything in its dtype, as autocast's own matmuls would run; autograd casts the
         # returned gradients back to the inputs' dtypes
-        cast = [None if t is None else t.to(half) for t in (x, weight, bias, w1, right, left)]
+        cast: list[Any] = [None if t is None else t.to(half) for t in (x, weight, bias, w1, right, left)]
         with torch.autocast(x.device.type, enabled=False):
             return _KronLinear._forward(ctx, *cast)
 

@@ -46,6 +46,9 @@ class RandomBases(nn.Module):
     and n_layer bases of r_layer columns of B (methods/inject.py `rank_pattern`).
     """
 
+    randlora_A: torch.Tensor
+    randlora_B: torch.Tensor
+
     def __init__(self, out_features: int, in_features: int, r: int, seed: int, sparse: bool,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  r_min: int | None = None) -> None:
@@ -106,6 +109,8 @@ def peft_alpha(hp: dict[str, Any]) -> float:
 @register("randlora")
 class RandLoRA(AdapterLayer):
     """Trainable lambda (r x n) and gamma (n x min(in, out)); n = ceil(min / r) grows as r shrinks."""
+
+    bases: RandomBases
 
     label: ClassVar[str] = "RandLoRA"
 

@@ -46,6 +46,9 @@ def kaiming_uniform(shape: tuple[int, int], gen: torch.Generator) -> torch.Tenso
 class VeraBases(nn.Module):
     """The shared frozen A (r, in_max) and B (out_max, r), as non-persistent buffers."""
 
+    vera_A: torch.Tensor
+    vera_B: torch.Tensor
+
     def __init__(self, out_features: int, in_features: int, r: int, seed: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -71,6 +74,8 @@ def _to_peft(hp: dict[str, Any]) -> dict[str, Any]:
 @register("vera")
 class VeRA(AdapterLayer):
     """Trainable lambda_d (r) and lambda_b (out) scale frozen shared random bases."""
+
+    bases: VeraBases
 
     label: ClassVar[str] = "VeRA"
 
