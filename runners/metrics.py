@@ -9,6 +9,11 @@
 * on every device, two deterministic figures that need no allocator: `activation_bytes` (what autograd
   saves for backward in one forward, each storage once, the model's own weights excluded) and
   `state_bytes` (trainable parameters, their gradients and the optimizer's state);
+* on every device, two deterministic figures of arithmetic and overhead (`StepCounts`):
+  `flops_per_step` (torch's own FLOP counter, `torch.utils.flop_counter.FlopCounterMode`, over the forward,
+  backward and optimizer update of one optimizer step) and `ops_per_step` (aten operators dispatched in that
+  step, views included: on a GPU each non-view one is a kernel launch, so a method that is cheap in FLOPs
+  but issues many small operators shows it here before any GPU is lent);
 * delta rank: numerical and effective rank of the learned weight update of sampled layers.
 """
 from __future__ import annotations
@@ -22,6 +27,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 _STATUS = Path("/proc/self/status")
 
@@ -42,10 +49,13 @@ class StepTimer:
         self._sync()
         self._t0 = time.perf_counter()
 
-    def stop(self) -> float:
+    def stop(self, timed: bool = True) -> float:
+        """The step's wall time; `timed=False` keeps it out of the statistics (a step the runner slowed
+        down to count it, or one that compiled the model)."""
         self._sync()
         dt = time.perf_counter() - self._t0
-        self.times.append(dt)
+        if timed:
+            self.times.append(dt)
         return dt
 
     def summary(self, samples_per_step: int) -> dict[str, float | None]:
@@ -160,6 +170,46 @@ class SavedActivations:
     @property
     def bytes(self) -> int:
         return sum(self._saved.values())
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts every aten operator dispatched while active (below autograd: the forward's and the
+    backward's operators, a custom autograd function's included), by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_op: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's API)
+        name = str(func.overloadpacket)
+        self.by_op[name] = self.by_op.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+class StepCounts:
+    """FLOPs and dispatched operators of what runs inside `counting()`: `flops_per_step`, `ops_per_step`.
+
+    Deterministic on every device (shapes decide them, not the clock). The counting modes run Python per
+    operator, so the step they watch is slower: the runner counts a step whose time it does not use.
+    FlopCounterMode counts matrix products and convolutions (2 per multiply-add, torch's convention);
+    element-wise work has no FLOPs there and shows in the operator count instead."""
+
+    def __init__(self) -> None:
+        self.flops: int | None = None
+        self.ops: int | None = None
+        self.by_op: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[None]:
+        flops, ops = FlopCounterMode(display=False), _OpCounter()
+        with flops, ops:
+            yield
+        self.flops, self.ops = int(flops.get_total_flops()), sum(ops.by_op.values())
+        self.by_op = dict(sorted(ops.by_op.items(), key=lambda kv: -kv[1]))
+
+    def figures(self) -> dict[str, int | None]:
+        """The `cost` entries: None until a step was counted."""
+        return {"flops_per_step": self.flops, "ops_per_step": self.ops}
 
 
 def state_bytes(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> int | None:
