@@ -22,13 +22,14 @@ import contextlib
 import re
 import statistics
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
 _STATUS = Path("/proc/self/status")
 
@@ -186,12 +187,37 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _formula_of(op: Any) -> Callable[..., int]:
+    """The FLOP formula torch registers for `op`, in the raw form FlopCounterMode's custom_mapping takes."""
+    registered = flop_counter.flop_registry[op]
+
+    def formula(*args: Any, **kwargs: Any) -> int:
+        return registered(*args, **kwargs)
+
+    formula._get_raw = True  # already shape-wrapped by torch's registration
+    return formula
+
+
+_aten = torch.ops.aten
+#: Operators torch's FLOP registry (torch 2.13, torch/utils/flop_counter.py) has no formula for, counted
+#: like their registered twins: the in-place products the adapters' fast paths accumulate with
+#: (`addmm_`, `baddbmm_`), and the CPU kernels of scaled-dot-product attention (the registry names the
+#: CUDA ones only), so that a CPU count equals a GPU count of the same step.
+EXTRA_FLOP_FORMULAS = {
+    _aten.addmm_: _formula_of(_aten.addmm), _aten.baddbmm_: _formula_of(_aten.baddbmm),
+    _aten._scaled_dot_product_flash_attention_for_cpu: _formula_of(_aten._scaled_dot_product_flash_attention),
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        _formula_of(_aten._scaled_dot_product_flash_attention_backward),
+}
+
+
 class StepCounts:
     """FLOPs and dispatched operators of what runs inside `counting()`: `flops_per_step`, `ops_per_step`.
 
     Deterministic on every device (shapes decide them, not the clock). The counting modes run Python per
     operator, so the step they watch is slower: the runner counts a step whose time it does not use.
-    FlopCounterMode counts matrix products and convolutions (2 per multiply-add, torch's convention);
+    FlopCounterMode counts matrix products, convolutions and attention (2 per multiply-add, torch's
+    convention; `EXTRA_FLOP_FORMULAS` adds what its registry lacks);
     element-wise work has no FLOPs there and shows in the operator count instead."""
 
     def __init__(self) -> None:
@@ -201,7 +227,7 @@ class StepCounts:
 
     @contextlib.contextmanager
     def counting(self) -> Iterator[None]:
-        flops, ops = FlopCounterMode(display=False), _OpCounter()
+        flops, ops = flop_counter.FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS), _OpCounter()
         with flops, ops:
             yield
         self.flops, self.ops = int(flops.get_total_flops()), sum(ops.by_op.values())
