@@ -181,7 +181,7 @@ class _OpCounter(TorchDispatchMode):
         super().__init__()
         self.by_op: dict[str, int] = {}
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's API)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
         self.by_op[name] = self.by_op.get(name, 0) + 1
         return func(*args, **(kwargs or {}))

@@ -7,6 +7,7 @@ Method-specific behaviour lives in `methods/` and `runners.adapt`, never in this
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -224,10 +225,11 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
         for step in bar:
             micro_batches = loader.take(t.grad_accum)  # data wait timed apart: step time is compute only
             timer.start()
+            one_step = functools.partial(_optimizer_step, micro_batches=micro_batches, optimizer=optimizer,
+                                         params=params, t=t, device=device,
+                                         activations=activations if step == start else None)
             with counts.counting() if step == counted else contextlib.nullcontext():
-                loss = runner.run(lambda m: _optimizer_step(m, micro_batches, optimizer, params, t, device,  # noqa: B023
-                                                            activations if step == start else None),
-                                  eager=step in (start, counted))
+                loss = runner.run(one_step, eager=step in (start, counted))  # the measured steps run eager
             scheduler.step()
             dt = timer.stop(timed=runner.steady and step != counted)
             train_time += dt
