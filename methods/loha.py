@@ -129,20 +129,20 @@ class _HadaLinear(torch.autograd.Function):
         h = x2 @ q.T
         out = F.linear(x2, weight, bias).addmm_(h, p_t, alpha=scale)
         ctx.scale = scale
-        ctx.save_for_backward(x2, h, p_t, q, weight, w1a, w1b, w2a, w2b)
-        ctx.x_shape = x.shape
-        return out.view(*x.shape[:-1], out.shape[-1])
+        ctx.save_for_backward(x, h, p_t, q, weight, w1a, w1b, w2a, w2b)   # x itself: torch.compile refuses
+        return out.view(*x.shape[:-1], out.shape[-1])                     # a saved view of an input
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        x2, h, p_t, q, weight, w1a, w1b, w2a, w2b = ctx.saved_tensors
+        x, h, p_t, q, weight, w1a, w1b, w2a, w2b = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g2, s = grad_out.reshape(-1, grad_out.shape[-1]), ctx.scale
         gh = torch.addmm(h, g2, p_t.T, beta=0, alpha=s)            # s g P, (T x r^2); h only lends its shape
         grad_pt = torch.addmm(p_t, h.T, g2, beta=0, alpha=s)       # s h^T g, (r^2 x out)
         grad_q = gh.T @ x2                                          # (r^2 x in)
-        grad_x = (g2 @ weight).addmm_(gh, q).view(ctx.x_shape) if need_x else None
+        grad_x = (g2 @ weight).addmm_(gh, q).view(x.shape) if need_x else None
         grad_w = g2.T @ x2 if need_w else None
         grad_b = g2.sum(0) if need_b else None
         g1a, g2a = _khatri_rao_grads(grad_pt, w1a.T, w2a.T)
