@@ -135,7 +135,10 @@ class _MergedLinear(torch.autograd.Function):
         else:
             out, grad_weight = _merged_forward(layer, x2, weight, bias, half, keep, ctx.needs_input_grad[0])
         x_for_w = x2 if ctx.needs_input_grad[1] and right is not None else None   # base unfrozen
-        ctx.save_for_backward(u, weight, grad_weight, x_for_w)
+        # a view of the input is saved as the input itself (backward flattens it): torch.compile refuses
+        # to save a view of an input made inside the function
+        u_saved = x if right is None and half is None else u
+        ctx.save_for_backward(u_saved, weight, grad_weight, x if x_for_w is not None and half is None else x_for_w)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -149,6 +152,8 @@ class _MergedLinear(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         u, weight, kept, x2 = ctx.saved_tensors
+        u = u.reshape(-1, u.shape[-1])
+        x2 = None if x2 is None else x2.reshape(-1, x2.shape[-1])
         layer: AdapterLayer = ctx.layer
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         needs_p = ctx.needs_input_grad[4:]
