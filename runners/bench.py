@@ -15,7 +15,7 @@ version of the method gets the same solved values. Configurations:
 Timing: all configurations live in one process and are interleaved (rep 1: all configs, rep 2: all
 configs in another order, ...), each rep with its own warm-up; medians and p90 pool the timed steps of all
 reps, and every ratio is the median over reps of the ratio inside one rep (robust to load changing
-between reps). Step time noise between processes reached 25% on the 2-core dev machine, so only the ratios inside
+between reps), printed with its range over the reps: `1.03 (0.98-1.08)`. Step time noise between processes reached 25% on the 2-core dev machine, so only the ratios inside
 one table are meaningful. On a machine other jobs share, `--clock cpu --threads 1` times the process's CPU
 time instead of wall time, which time spent waiting for a core does not inflate.
 
@@ -26,6 +26,12 @@ Memory, two figures per configuration:
 * `peak_MiB`: training-only peak, measured in a fresh subprocess per configuration (peaks of several
   configurations in one process interact): peak-RSS growth on CPU (`peak_rss`), the allocator's
   `max_memory_allocated` after a reset on CUDA (`peak_mem`). Covers transient buffers and optimizer state.
+
+`GFLOP` and `ops`: FLOPs and dispatched aten operators of one training step (runners.metrics.StepCounts,
+the runner's `cost.flops_per_step` / `cost.ops_per_step`), with their ratios to our LoRA: deterministic, so
+they hold on a machine other jobs share and on a GPU, where every non-view operator is a kernel launch.
+Under each table, RandLoRA's FLOPs next to its floor's (full fine-tuning's FLOPs plus one dW build and one
+projection per target call).
 
 `adapter_macs`: multiply-adds our adapters add to a training step over the frozen target linears' own
 (forward + input gradient), from the cost model the layers choose their path with -- the part of a
