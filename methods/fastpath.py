@@ -152,8 +152,7 @@ class _MergedLinear(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         u, weight, kept, x2 = ctx.saved_tensors
-        u = u.reshape(-1, u.shape[-1])
-        x2 = None if x2 is None else x2.reshape(-1, x2.shape[-1])
+        u, x2 = _flat(u), _flat(x2)
         layer: AdapterLayer = ctx.layer
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         needs_p = ctx.needs_input_grad[4:]
@@ -176,6 +175,11 @@ class _MergedLinear(torch.autograd.Function):
         if need_b:
             grad_b = g2.sum(0).to(weight.dtype)
         return (grad_x, grad_w, grad_b, None, *param_grads)
+
+
+def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A saved input as the 2-D (tokens x features) matrix backward multiplies (no operator if it is one)."""
+    return t if t is None or t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
 def _grad_of_p(g2: torch.Tensor, u: torch.Tensor, left: torch.Tensor | None, gl: torch.Tensor | None,
