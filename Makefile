@@ -35,6 +35,12 @@ test-deps:
 	  { apt-get install -y -qq chromium >/dev/null 2>&1 || \
 	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }; }; } || \
 	echo "make: chromium is missing and apt-get as root is unavailable or failed; the browser test will skip"
+	@# trainer.compile on the CPU builds C++ kernels (inductor): g++ as above; without it the compile test skips
+	@command -v g++ >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && export DEBIAN_FRONTEND=noninteractive && \
+	  { apt-get install -y -qq g++ >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq g++ >/dev/null 2>&1; }; }; } || \
+	echo "make: g++ is missing and apt-get as root is unavailable or failed; the torch.compile test will skip"
 
 # `make lint`: ruff's rule set and mypy's scope are in pyproject.toml ([tool.ruff.lint], [tool.mypy]).
 lint: setup

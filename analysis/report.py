@@ -205,19 +205,29 @@ def _save_figure(fn: Callable[[pd.DataFrame], Figure], part: pd.DataFrame, out: 
 def summary_frame(part: pd.DataFrame) -> pd.DataFrame:
     """Per (method, budget): params, accuracy, gain over before-training, cost and cost ratio to LoRA."""
     mem = memory_column(part)
-    costs = [c for c in ("step_time_s", mem) if c]
+    costs = [c for c in ("step_time_s", *_counted(part), mem) if c]
     runs = normalise_to_lora(per_run(part), costs)
     metrics = ["trainable_params", "mean_accuracy", "mean_accuracy_before", *costs,
                *(f"{c}_rel" for c in costs)]
     return aggregate_seeds(runs, metrics, keys=SETTING_KEYS)
 
 
+def _counted(part: pd.DataFrame) -> list[str]:
+    """The device-independent cost columns (FLOPs and operators per step) that some run recorded."""
+    return [c for c in COUNT_COLUMNS if c in part and part[c].notna().any()]
+
+
+#: cost figures a GPU cannot change (runners.metrics.StepCounts), shown as ratios to LoRA beside step time
+COUNT_COLUMNS = {"flops_per_step": "FLOPs ×LoRA", "ops_per_step": "ops ×LoRA"}
+
+
 def _summary_table(part: pd.DataFrame) -> Block:
     agg = summary_frame(part)
     mem = memory_column(part)
+    counted = _counted(part)
     best = _best_per_budget(agg)
     headers = ["method", "budget", "trainable params", "accuracy (%)", "gain (pp)", "seeds", "step time (ms)",
-               "step time ×LoRA"]
+               "step time ×LoRA", *(COUNT_COLUMNS[c] for c in counted)]
     if mem:
         headers += [f"{'GPU peak' if mem == 'peak_mem_bytes' else 'CPU peak RSS'} (MiB)", "memory ×LoRA"]
     rows = []
@@ -228,12 +238,15 @@ def _summary_table(part: pd.DataFrame) -> Block:
                Cell(_pm(100 * r["mean_accuracy_mean"], 100 * r["mean_accuracy_ci95"]), bold=i in best),
                Cell(_num(gain, "+.1f")), Cell(str(int(r["n_runs"]))),
                Cell(_num(1000 * r["step_time_s_mean"], ".1f")),
-               Cell(_num(r.get("step_time_s_rel_mean"), ".2f"))]
+               Cell(_num(r.get("step_time_s_rel_mean"), ".2f")),
+               *(Cell(_num(r.get(f"{c}_rel_mean"), ".2f")) for c in counted)]
         if mem:
             row += [Cell(_num(r[f"{mem}_mean"] / 2**20, ".0f")), Cell(_num(r.get(f"{mem}_rel_mean"), ".2f"))]
         rows.append(row)
     caption = ("accuracy: mean ± 95% CI over seeds (bold: best adapter at each budget); gain: accuracy minus "
-               "accuracy before training, percentage points; ×LoRA: ratio to LoRA at the same budget.")
+               "accuracy before training, percentage points; ×LoRA: ratio to LoRA at the same budget"
+               + ("; FLOPs and ops: torch's FLOP count and the aten operators dispatched in one optimizer step, "
+                  "the same on every device." if counted else "."))
     return Block("table", table=Table(headers, rows, caption))
 
 

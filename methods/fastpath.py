@@ -135,7 +135,10 @@ class _MergedLinear(torch.autograd.Function):
         else:
             out, grad_weight = _merged_forward(layer, x2, weight, bias, half, keep, ctx.needs_input_grad[0])
         x_for_w = x2 if ctx.needs_input_grad[1] and right is not None else None   # base unfrozen
-        ctx.save_for_backward(u, weight, grad_weight, x_for_w)
+        # a view of the input is saved as the input itself (backward flattens it): torch.compile refuses
+        # to save a view of an input made inside the function
+        u_saved = x if right is None and half is None else u
+        ctx.save_for_backward(u_saved, weight, grad_weight, x if x_for_w is not None and half is None else x_for_w)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -149,6 +152,7 @@ class _MergedLinear(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         u, weight, kept, x2 = ctx.saved_tensors
+        u, x2 = _flat(u), _flat(x2)
         layer: AdapterLayer = ctx.layer
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         needs_p = ctx.needs_input_grad[4:]
@@ -171,6 +175,11 @@ class _MergedLinear(torch.autograd.Function):
         if need_b:
             grad_b = g2.sum(0).to(weight.dtype)
         return (grad_x, grad_w, grad_b, None, *param_grads)
+
+
+def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A saved input as the 2-D (tokens x features) matrix backward multiplies (no operator if it is one)."""
+    return t if t is None or t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
 def _grad_of_p(g2: torch.Tensor, u: torch.Tensor, left: torch.Tensor | None, gl: torch.Tensor | None,

@@ -15,7 +15,7 @@ version of the method gets the same solved values. Configurations:
 Timing: all configurations live in one process and are interleaved (rep 1: all configs, rep 2: all
 configs in another order, ...), each rep with its own warm-up; medians and p90 pool the timed steps of all
 reps, and every ratio is the median over reps of the ratio inside one rep (robust to load changing
-between reps). Step time noise between processes reached 25% on the 2-core dev machine, so only the ratios inside
+between reps), printed with its range over the reps: `1.03 (0.98-1.08)`. Step time noise between processes reached 25% on the 2-core dev machine, so only the ratios inside
 one table are meaningful. On a machine other jobs share, `--clock cpu --threads 1` times the process's CPU
 time instead of wall time, which time spent waiting for a core does not inflate.
 
@@ -26,6 +26,12 @@ Memory, two figures per configuration:
 * `peak_MiB`: training-only peak, measured in a fresh subprocess per configuration (peaks of several
   configurations in one process interact): peak-RSS growth on CPU (`peak_rss`), the allocator's
   `max_memory_allocated` after a reset on CUDA (`peak_mem`). Covers transient buffers and optimizer state.
+
+`GFLOP` and `ops`: FLOPs and dispatched aten operators of one training step (runners.metrics.StepCounts,
+the runner's `cost.flops_per_step` / `cost.ops_per_step`), with their ratios to our LoRA: deterministic, so
+they hold on a machine other jobs share and on a GPU, where every non-view operator is a kernel launch.
+Under each table, RandLoRA's FLOPs next to its floor's (full fine-tuning's FLOPs plus one dW build and one
+projection per target call).
 
 `adapter_macs`: multiply-adds our adapters add to a training step over the frozen target linears' own
 (forward + input gradient), from the cost model the layers choose their path with -- the part of a
@@ -44,6 +50,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -57,7 +64,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import methods
-from runners.metrics import PeakMemory, StepTimer, median_and_p90
+from methods.inject import RANK_PATTERN
+from runners.metrics import PeakMemory, StepCounts, StepTimer, median_and_p90
 from runners.train import adamw
 
 log = logging.getLogger("rankbench.bench")
@@ -190,27 +198,37 @@ class Config:
     label: str          # "floor", "full", "ours:lora", "peft:loha", ...
     method: str | None  # None for the floor and full fine-tuning
     hp: dict[str, Any]
+    pattern: dict[str, int] = dataclasses.field(default_factory=dict)  # layers with their own r
 
     @property
     def impl(self) -> str:
         return self.label.split(":")[0]
 
 
-def peft_config(method: str, targets: list[str], hp: dict[str, Any]):
-    """Our resolved hyper-parameters spelled as PEFT's config of the same method (the class's `peft` spec)."""
-    return methods.get_method(method).peft.config(hp, targets)
+def peft_config(method: str, targets: list[str], hp: dict[str, Any], pattern: dict[str, int] | None = None):
+    """Our resolved hyper-parameters spelled as PEFT's config of the same method (the class's `peft` spec);
+    layers with their own r as PEFT's rank_pattern, whose keys are regular expressions matched against the
+    end of a module name (peft 0.21.2 peft/utils/other.py get_pattern_key), hence escaped exact names."""
+    spec = methods.get_method(method).peft
+    if not pattern:
+        return spec.config(hp, targets)
+    import peft
+    fields = {**spec.to_peft(hp), "rank_pattern": {re.escape(n): r for n, r in pattern.items()}}
+    return getattr(peft, spec.config_class)(target_modules=targets, **fields)
 
 
 def make_configs(work: Workload, budget: str, method_names: list[str], with_peft: bool) -> list[Config]:
     configs = [Config("floor", None, {}), Config("full", None, {})]
     for name in method_names:
-        # one r for all layers: PEFT's configs of RandLoRA/VeRA have no rank_pattern, and both sides run
-        # the same solved values
-        solved = methods.solve_budget(work.model, name, work.targets, budget, per_layer=False)
-        hp = methods.get_method(name).resolve_hp(solved)
-        configs.append(Config(f"ours:{name}", name, hp))
+        # per-layer ranks where PEFT's config can express them (rank_pattern), as a sweep solves them;
+        # one r for all layers otherwise (PEFT's RandLoRA/VeRA), so both sides run the same solved values
+        cls = methods.get_method(name)
+        solved = methods.solve_budget(work.model, name, work.targets, budget, per_layer=cls.peft.patterns)
+        pattern = solved.pop(RANK_PATTERN, {})
+        hp = cls.resolve_hp(solved)
+        configs.append(Config(f"ours:{name}", name, hp, pattern))
         if with_peft:
-            configs.append(Config(f"peft:{name}", name, hp))
+            configs.append(Config(f"peft:{name}", name, hp, pattern))
     return configs
 
 
@@ -221,10 +239,10 @@ def instantiate(work: Workload, cfg: Config) -> nn.Module:
         for linear in methods.find_targets(model, work.targets).values():
             linear.requires_grad_(True)
     elif cfg.impl == "ours":
-        methods.inject(model, cfg.method, work.targets, **cfg.hp)
+        methods.inject(model, cfg.method, work.targets, **cfg.hp, **({RANK_PATTERN: cfg.pattern} if cfg.pattern else {}))
     elif cfg.impl == "peft":
         import peft
-        model = peft.get_peft_model(model, peft_config(cfg.method, work.targets, cfg.hp))
+        model = peft.get_peft_model(model, peft_config(cfg.method, work.targets, cfg.hp, cfg.pattern))
     return model
 
 
@@ -305,6 +323,23 @@ def target_calls(work: Workload) -> list[tuple[int, int, int]]:
     for hook in hooks:
         hook.remove()
     return calls
+
+
+def step_counts(trainer: Trainer) -> StepCounts:
+    """FLOPs and dispatched operators of one training step (runners.metrics.StepCounts: deterministic,
+    untouched by other jobs on the machine), counted on a step after the first, which also creates the
+    optimizer's state."""
+    trainer.step()
+    counts = StepCounts()
+    with counts.counting():
+        trainer.step()
+    return counts
+
+
+def full_rank_floor_flops(work: Workload, full_flops: int) -> int:
+    """FLOPs of RandLoRA's arithmetic floor: full fine-tuning's step plus one dW build and one projection
+    B^T G per target call (min * in * out multiply-adds each, 2 FLOPs per multiply-add)."""
+    return full_flops + sum(2 * 2 * min(i, o) * i * o for _, i, o in target_calls(work))
 
 
 def full_rank_floor(work: Workload) -> float:
@@ -454,23 +489,35 @@ def _outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- table
+RATIOS = ("x_our_lora", "x_peft", "x_floor", "x_full", "x_full_cpu")
+
+
 def format_table(rows: list[dict[str, Any]], memory_key: str) -> str:
+    """One row per configuration; each step-time ratio as its median over repetitions (min-max)."""
     head = ["config", "trainable", "hp", "median_s", "p90_s", "rep_medians_s", "saved_MiB",
-            f"{memory_key}_MiB", "x_our_lora", "x_peft", "x_floor", "x_full", "x_full_cpu", "adapter_macs"]
+            f"{memory_key}_MiB", *RATIOS, "adapter_macs", "GFLOP", "flops_x_lora", "ops", "ops_x_lora"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["config"], f"{r['trainable']:,}", _hp(r["hp"]), f"{r['median_s']:.3f}", f"{r['p90_s']:.3f}",
-                 "/".join(f"{v:.2f}" for v in r["rep_medians_s"]), _mib(r["saved_bytes"]),
-                 _mib(r["peak_bytes"]), _ratio(r.get("x_our_lora")), _ratio(r.get("x_peft")),
-                 _ratio(r.get("x_floor")), _ratio(r.get("x_full")), _ratio(r.get("x_full_cpu")),
-                 _ratio(r.get("adapter_macs"))]
+        cells = [r["config"], f"{r['trainable']:,}", _hp(r["hp"], r.get("pattern")), f"{r['median_s']:.3f}",
+                 f"{r['p90_s']:.3f}", "/".join(f"{v:.2f}" for v in r["rep_medians_s"]), _mib(r["saved_bytes"]),
+                 _mib(r["peak_bytes"]), *(_spread(r, key) for key in RATIOS), _ratio(r.get("adapter_macs")),
+                 f"{r['flops'] / 1e9:.2f}", _ratio(r.get("flops_x_lora")), str(r["ops"]), _ratio(r.get("ops_x_lora"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _hp(hp: dict[str, Any]) -> str:
+def _spread(row: dict[str, Any], key: str) -> str:
+    """'median (min-max)' of a ratio over the repetitions; the median alone where the range is one value."""
+    low, high = row.get(f"{key}_range") or (None, None)
+    if low is None or low == high:
+        return _ratio(row.get(key))
+    return f"{_ratio(row.get(key))} ({low:.2f}-{high:.2f})"
+
+
+def _hp(hp: dict[str, Any], pattern: dict[str, int] | None = None) -> str:
     keep = {k: v for k, v in hp.items() if k in ("r", "factor")}
-    return ",".join(f"{k}={v}" for k, v in keep.items()) or "-"
+    own = f" ({len(pattern)} layers r={','.join(map(str, sorted(set(pattern.values()))))})" if pattern else ""
+    return ",".join(f"{k}={v}" for k, v in keep.items()) + own or "-"
 
 
 def _mib(value: int | None) -> str:
@@ -481,29 +528,46 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.2f}"
 
 
+def _rep_ratios(row: dict[str, Any], ref: dict[str, Any], key: str = "rep_medians_s") -> list[float]:
+    """The within-repetition ratios of medians: the load of a shared machine changes between repetitions
+    far more than within one, so ratios are formed before pooling."""
+    return [a / b for a, b in zip(row[key], ref[key], strict=True)]
+
+
 def _ratio_of(row: dict[str, Any], ref: dict[str, Any], key: str = "rep_medians_s") -> float:
-    """Median over repetitions of the within-repetition ratio of medians: the load of a shared machine
-    changes between repetitions far more than within one, so ratios are formed before pooling."""
-    return statistics.median(a / b for a, b in zip(row[key], ref[key], strict=True))
+    """Median over repetitions of the within-repetition ratio (see `_rep_ratios`)."""
+    return statistics.median(_rep_ratios(row, ref, key))
+
+
+def _set_ratio(row: dict[str, Any], name: str, ref: dict[str, Any] | None, key: str = "rep_medians_s") -> None:
+    """row[name] = the median ratio to `ref` over repetitions, row[name + '_range'] = [min, max]."""
+    if ref is None:
+        row[name], row[f"{name}_range"] = None, None
+        return
+    ratios = _rep_ratios(row, ref, key)
+    row[name], row[f"{name}_range"] = statistics.median(ratios), [min(ratios), max(ratios)]
 
 
 def add_ratios(rows: list[dict[str, Any]], cpu_clock: bool = True) -> None:
-    """x_* columns in place; `cpu_clock`: also x_full by CPU time (meaningful on the CPU device only)."""
+    """x_* columns in place (median over repetitions, and its range); `cpu_clock`: also x_full by CPU time
+    (meaningful on the CPU device only); FLOPs and operators per step relative to our LoRA."""
     by_label = {r["config"]: r for r in rows}
     floor, full, lora = by_label.get("floor"), by_label.get("full"), by_label.get("ours:lora")
     for r in rows:
-        r["x_floor"] = _ratio_of(r, floor) if floor else None
-        r["x_full"] = _ratio_of(r, full) if full else None
+        _set_ratio(r, "x_floor", floor)
+        _set_ratio(r, "x_full", full)
         # the same steps by the process's CPU time: where it agrees with x_full, nothing but the work
         # differs; where it does not, the wall clock also timed waiting (another job, a descheduled thread)
-        r["x_full_cpu"] = _ratio_of(r, full, "cpu_rep_medians_s") if full and cpu_clock else None
+        _set_ratio(r, "x_full_cpu", full if cpu_clock else None, "cpu_rep_medians_s")
+        for count in ("flops", "ops"):
+            r[f"{count}_x_lora"] = r[count] / lora[count] if lora and r.get(count) and lora.get(count) else None
         if r["config"] in ("floor", "full"):
             continue
-        r["x_our_lora"] = _ratio_of(r, lora) if lora else None
+        _set_ratio(r, "x_our_lora", lora)
         impl, name = r["config"].split(":")
         twin = by_label.get(f"peft:{name}")
         if impl == "ours" and twin:
-            r["x_peft"] = _ratio_of(r, twin)
+            _set_ratio(r, "x_peft", twin)
 
 
 # ----------------------------------------------------------------------------- main
@@ -517,18 +581,22 @@ def bench_one(args: argparse.Namespace, model_name: str, budget: str, device: to
     trainers = [Trainer(work, cfg, device, args.clock) for cfg in configs]
     saved = {t.cfg.label: saved_tensor_bytes(t) for t in trainers}
     work_ratio = {t.cfg.label: adapter_work(t) for t in trainers}
+    counts = {t.cfg.label: step_counts(t) for t in trainers}
     args.current_model = model_name
     peaks = {t.cfg.label: (peak_memory_child(args, t.cfg) if args.peak_memory else None) for t in trainers}
     timing = time_interleaved(trainers, args.repeats, args.warmup, args.steps)
     rows = [{"config": t.cfg.label, "trainable": t.trainable, "hp": t.cfg.hp, **timing[t.cfg.label],
-             "saved_bytes": saved[t.cfg.label], "peak_bytes": peaks[t.cfg.label],
-             "adapter_macs": work_ratio[t.cfg.label]} for t in trainers]
+             "saved_bytes": saved[t.cfg.label], "peak_bytes": peaks[t.cfg.label], "pattern": t.cfg.pattern,
+             "adapter_macs": work_ratio[t.cfg.label], "flops": counts[t.cfg.label].flops,
+             "ops": counts[t.cfg.label].ops} for t in trainers]
     add_ratios(rows, cpu_clock=device.type == "cpu")
     profiles = {t.cfg.label: profile_table(t, args.steps) for t in trainers if t.cfg.label in args.profile}
     merged = (merged_inference_check(work, trainers, args.repeats, max(3, args.steps // 2))
               if args.merged_check else [])
     return {"model": model_name, "budget": budget, "description": work.description, "rows": rows,
             "merged": merged, "profiles": profiles, "full_rank_floor": floor_vs_full,
+            "full_rank_floor_flops": (full_rank_floor_flops(work, counts["full"].flops) if "full" in counts
+                                      else None),
             "device": str(device) + (", bf16 autocast" if args.bf16 else ""), "threads": torch.get_num_threads(),
             "clock": args.clock}
 
@@ -539,6 +607,7 @@ def print_result(res: dict[str, Any], memory_key: str) -> None:
     print(format_table(res["rows"], memory_key))
     print(f"\nfull-rank floor (RandLoRA x full: 1 + 2 min / (3 T) over the targets): "
           f"{res['full_rank_floor']:.3f}")
+    print(floor_flops_line(res))
     for label, table in res["profiles"].items():
         print(f"\nprofile of {label} ({res['budget']}), self time per operator:\n\n```\n{table}\n```")
     if res["merged"]:
@@ -549,6 +618,19 @@ def print_result(res: dict[str, Any], memory_key: str) -> None:
             print(f"| {m['method']} | {m['max_rel_diff']:.1e} | {m['adapter_effect']:.1e} | "
                   f"{m['fwd_median_s']:.3f} | {m['bare_fwd_median_s']:.3f} | {m['ratio_to_bare']:.2f} |")
     sys.stdout.flush()
+
+
+def floor_flops_line(res: dict[str, Any]) -> str:
+    """RandLoRA's FLOPs per step next to its floor's (full fine-tuning + one dW build and one projection
+    per target call), both relative to full fine-tuning's FLOPs."""
+    rows = {r["config"]: r for r in res["rows"]}
+    full, floor = rows.get("full"), res.get("full_rank_floor_flops")
+    if not full or not floor:
+        return ""
+    ours = [f"{label} {r['flops'] / 1e9:.2f} GFLOP = {r['flops'] / full['flops']:.3f} x full"
+            for label, r in rows.items() if label.endswith(":randlora")]
+    return (f"full-rank floor FLOPs: {floor / 1e9:.2f} GFLOP = {floor / full['flops']:.3f} x full fine-tuning's "
+            f"{full['flops'] / 1e9:.2f}" + ("; " + "; ".join(ours) if ours else ""))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

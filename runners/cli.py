@@ -102,6 +102,7 @@ VALUE_CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.weight_decay", _non_negative, "use a number >= 0"),
     ("trainer.grad_clip", _optional(_non_negative), "use a number >= 0 (0 or null: off)"),
     ("trainer.timing_warmup", _count, "use an integer >= 0"),
+    ("trainer.compile", lambda v: isinstance(v, bool), "use true or false"),
     ("trainer.log_every", _positive_int, "use an integer >= 1"),
     ("trainer.checkpoint_every", _optional(_count), "use an integer >= 0 (0: never)"),
     ("trainer.num_workers", lambda v: v == "auto" or _count(v),

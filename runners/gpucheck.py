@@ -14,7 +14,10 @@ the check is about arithmetic, memory and speed, not accuracy) and each precisio
 every registered method is injected at the `lora8` budget (`methods.solve_budget`, one rank for every
 layer, as PEFT's configs of RandLoRA and VeRA can express) and trained for a few
 AdamW steps on random batches, once as ours and once as PEFT's same configuration, interleaved in one
-process. Checks, each a failure line when violated: the loss is finite at every step, every adapter
+process; in the `--compile-modes` (default on CUDA: bf16-amp, how `trainer.bf16` trains) also ours under
+`torch.compile` (`trainer.compile`), whose first step's time beyond the median step is its compile time and
+whose losses must match ours eager (fp32: 1e-3 relative, bf16: 3e-2); a model that cannot be compiled is a
+failure line naming why. Checks, each a failure line when violated: the loss is finite at every step, every adapter
 parameter has a non-zero gradient after the first backward (B = 0 at init makes A's first gradient zero
 for LoRA-style methods, so the check runs after the second), and the update's rank stays within the
 structure's bound where it has one (LoRA r, LoHa r^2; measured in fp32 on `delta_weight()`).
@@ -133,7 +136,7 @@ class Row:
     model: str
     mode: str
     method: str
-    impl: str                   # "ours" | "peft"
+    impl: str                   # "ours" | "peft" | "compiled" (ours under torch.compile)
     hp: dict[str, Any]
     trainable: int
     step_times_s: list[float] = field(default_factory=list)
@@ -142,6 +145,15 @@ class Row:
     predicted_peak_bytes: int | None = None  # runners/memplan.py's plan of the same configuration
     rank: dict[str, float] | None = None
     failures: list[str] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    first_step_s: float | None = None   # the first step, compile included for `compiled` rows
+
+    @property
+    def compile_time_s(self) -> float | None:
+        """The first step's time beyond the median step (compiled rows only)."""
+        if self.impl != "compiled" or self.first_step_s is None or self.step_time_s is None:
+            return None
+        return max(0.0, self.first_step_s - self.step_time_s)
 
     @property
     def step_time_s(self) -> float | None:
@@ -160,10 +172,14 @@ def prepare_base(shape: Shape, mode: str, device: torch.device) -> nn.Module:
 
 
 def wrap(base: nn.Module, shape: Shape, method: str, impl: str, hp: dict[str, Any]) -> nn.Module:
-    """A copy of `base` with the method injected, ours or PEFT's (same solved hyper-parameters)."""
+    """A copy of `base` with the method injected, ours or PEFT's (same solved hyper-parameters); seeded,
+    so ours eager and compiled start from the same adapter weights."""
     model = copy.deepcopy(base)
-    if impl == "ours":
+    torch.manual_seed(0)
+    if impl in ("ours", "compiled"):
         methods.inject(model, method, shape.targets, **hp)
+        if impl == "compiled":
+            model.compile()   # nn.Module.compile: in place, parameter names unchanged
         return model
     import peft
 
@@ -204,6 +220,9 @@ def train_row(row: Row, model: nn.Module, shape: Shape, device: torch.device, st
             torch.cuda.synchronize(device)
         if step >= warmup:
             row.step_times_s.append(time.perf_counter() - t0)
+        elif step == 0:
+            row.first_step_s = time.perf_counter() - t0
+        row.losses.append(float(loss))
         if not math.isfinite(float(loss)):
             row.failures.append(f"loss is {float(loss)} at step {step + 1}")
             break
@@ -243,6 +262,15 @@ def rank_bound(layer: methods.AdapterLayer) -> int:
     return type(layer).max_rank(layer.in_features, layer.out_features, **layer.hp)
 
 
+def compile_failures(row: Row, eager: Row | None) -> list[str]:
+    """A compiled row's losses against ours eager on the same batches from the same weights."""
+    if row.impl != "compiled" or eager is None or not eager.losses:
+        return []
+    tol = 1e-3 if row.mode == "fp32" else 3e-2
+    worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(row.losses, eager.losses, strict=False))
+    return [f"compiled losses differ from eager by {worst:.1e} relative (tolerance {tol:g})"] if worst > tol else []
+
+
 def check_rank(row: Row, model: nn.Module) -> None:
     """rank(dW) of the first adapted layer, in fp32, against the structure's bound."""
     layer = next(iter(methods.adapter_layers(model).values()))
@@ -254,7 +282,7 @@ def check_rank(row: Row, model: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- the check
 def run_shape(shape: Shape, modes: list[str], names: list[str], device: torch.device, steps: int, warmup: int,
-              with_peft: bool) -> list[Row]:
+              with_peft: bool, compile_modes: tuple[str, ...] = ()) -> list[Row]:
     """Every method in every mode on one model, ours and PEFT's interleaved per method."""
     rows = []
     for mode in modes:
@@ -263,16 +291,21 @@ def run_shape(shape: Shape, modes: list[str], names: list[str], device: torch.de
             # one setting for every layer: PEFT's RandLoRA and VeRA configs have no per-layer rank pattern
             hp = methods.solve_budget(base, method, shape.targets, "lora8", per_layer=False)
             hp = {**methods.get_method(method).resolve_hp({}), **hp}
-            for impl in ("ours", "peft") if with_peft else ("ours",):
+            impls = ("ours", *(("peft",) if with_peft else ()), *(("compiled",) if mode in compile_modes else ()))
+            for impl in impls:
                 row = Row(shape.name, mode, method, impl, hp, 0)
                 try:
                     model = wrap(base, shape, method, impl, hp)
                     train_row(row, model, shape, device, steps, warmup)
-                    if impl == "ours":
+                    if impl != "peft":
                         check_rank(row, model)
                         row.predicted_peak_bytes = predicted_peak(shape, mode, method, hp)
+                    row.failures += compile_failures(row, next((r for r in rows if r.mode == mode and
+                                                                r.method == method and r.impl == "ours"), None))
                 except Exception as err:  # one failing configuration must not hide the others
-                    row.failures.append(f"{type(err).__name__}: {err}")
+                    why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                    row.failures.append(f"cannot be compiled ({why})" if impl == "compiled" else
+                                        f"{type(err).__name__}: {err}")
                 rows.append(row)
                 log.info("%s", describe(row))
                 model = None
@@ -320,15 +353,22 @@ def table(rows: list[Row]) -> str:
     head = ("| model | mode | method | hp | trainable | ours ms | PEFT ms | ours/PEFT | ours MiB | PEFT MiB | "
             "peak MiB | planned MiB | rank(dW) | checks |")
     lines = [head, "|---" * head.count(" | ") + "|---|"]
-    for r in (r for r in rows if r.impl == "ours"):
-        p = peft.get((r.model, r.mode, r.method))
+    for r in (r for r in rows if r.impl != "peft"):
+        p = peft.get((r.model, r.mode, r.method)) if r.impl == "ours" else None
         ratio = r.step_time_s / p.step_time_s if p and p.step_time_s and r.step_time_s else None
         lines.append("| " + " | ".join([
-            r.model, r.mode, r.method, f"r={r.hp.get('r')}", f"{r.trainable:,}", _ms(r.step_time_s),
+            r.model, r.mode, r.method + _compiled_note(r), f"r={r.hp.get('r')}", f"{r.trainable:,}",
+            _ms(r.step_time_s),
             _ms(p.step_time_s if p else None), f"{ratio:.2f}" if ratio else "-", _mib(r.peak_growth_bytes),
             _mib(p.peak_growth_bytes if p else None), _mib(r.peak_bytes), _mib(r.predicted_peak_bytes),
             str(r.rank["rank"]) if r.rank else "-", _checks(r, p)]) + " |")
     return "\n".join(lines)
+
+
+def _compiled_note(row: Row) -> str:
+    if row.impl != "compiled":
+        return ""
+    return " (compiled)" if row.compile_time_s is None else f" (compiled, {row.compile_time_s:.1f} s to compile)"
 
 
 def _checks(ours: Row, peft: Row | None) -> str:
@@ -356,6 +396,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed steps first (>= 2: the gradient check runs at step 2)")
     p.add_argument("--no-peft", action="store_true", help="skip PEFT's rows")
+    p.add_argument("--compile-modes", nargs="*", choices=MODES, default=None,
+                   help="modes that also train ours under torch.compile (default: bf16-amp on CUDA, none on CPU)")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     return p.parse_args(argv)
 
@@ -369,10 +411,13 @@ def main(argv: list[str] | None = None) -> int:
                   "or --device cpu --shapes small for the CPU check")
         return 2
     names = args.methods or methods.available()
+    compile_modes = args.compile_modes if args.compile_modes is not None else (
+        ["bf16-amp"] if device.type == "cuda" else [])
     chosen = [s for s in shapes(args.shapes == "small") if not args.models or s.name in args.models]
     rows: list[Row] = []
     for shape in chosen:
-        rows += run_shape(shape, args.modes, names, device, args.steps, max(2, args.warmup), not args.no_peft)
+        rows += run_shape(shape, args.modes, names, device, args.steps, max(2, args.warmup), not args.no_peft,
+                          tuple(compile_modes))
     failures = [f"{r.model} {r.mode} {r.impl}:{r.method}: {f}" for r in rows for f in r.failures]
     failures += ddp_check(torch.cuda.device_count() if device.type == "cuda" else 0)
     sys.stdout.write(table(rows) + "\n")  # the table is the output; progress goes to the log (stderr)

@@ -9,6 +9,11 @@
 * on every device, two deterministic figures that need no allocator: `activation_bytes` (what autograd
   saves for backward in one forward, each storage once, the model's own weights excluded) and
   `state_bytes` (trainable parameters, their gradients and the optimizer's state);
+* on every device, two deterministic figures of arithmetic and overhead (`StepCounts`):
+  `flops_per_step` (torch's own FLOP counter, `torch.utils.flop_counter.FlopCounterMode`, over the forward,
+  backward and optimizer update of one optimizer step) and `ops_per_step` (aten operators dispatched in that
+  step, views included: on a GPU each non-view one is a kernel launch, so a method that is cheap in FLOPs
+  but issues many small operators shows it here before any GPU is lent);
 * delta rank: numerical and effective rank of the learned weight update of sampled layers.
 """
 from __future__ import annotations
@@ -17,11 +22,14 @@ import contextlib
 import re
 import statistics
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _STATUS = Path("/proc/self/status")
 
@@ -42,10 +50,13 @@ class StepTimer:
         self._sync()
         self._t0 = time.perf_counter()
 
-    def stop(self) -> float:
+    def stop(self, timed: bool = True) -> float:
+        """The step's wall time; `timed=False` keeps it out of the statistics (a step the runner slowed
+        down to count it, or one that compiled the model)."""
         self._sync()
         dt = time.perf_counter() - self._t0
-        self.times.append(dt)
+        if timed:
+            self.times.append(dt)
         return dt
 
     def summary(self, samples_per_step: int) -> dict[str, float | None]:
@@ -168,6 +179,71 @@ class SavedActivations:
     @property
     def bytes(self) -> int:
         return sum(self._saved.values())
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts every aten operator dispatched while active (below autograd: the forward's and the
+    backward's operators, a custom autograd function's included), by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_op: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.by_op[name] = self.by_op.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _formula_of(op: Any) -> Callable[..., int]:
+    """The FLOP formula torch registers for `op`, in the raw form FlopCounterMode's custom_mapping takes."""
+    registered = flop_counter.flop_registry[op]
+
+    def formula(*args: Any, **kwargs: Any) -> int:
+        return registered(*args, **kwargs)
+
+    formula._get_raw = True  # already shape-wrapped by torch's registration
+    return formula
+
+
+_aten = torch.ops.aten
+#: Operators torch's FLOP registry (torch 2.13, torch/utils/flop_counter.py) has no formula for, counted
+#: like their registered twins: the in-place products the adapters' fast paths accumulate with
+#: (`addmm_`, `baddbmm_`), and the CPU kernels of scaled-dot-product attention (the registry names the
+#: CUDA ones only), so that a CPU count equals a GPU count of the same step.
+EXTRA_FLOP_FORMULAS = {
+    _aten.addmm_: _formula_of(_aten.addmm), _aten.baddbmm_: _formula_of(_aten.baddbmm),
+    _aten._scaled_dot_product_flash_attention_for_cpu: _formula_of(_aten._scaled_dot_product_flash_attention),
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        _formula_of(_aten._scaled_dot_product_flash_attention_backward),
+}
+
+
+class StepCounts:
+    """FLOPs and dispatched operators of what runs inside `counting()`: `flops_per_step`, `ops_per_step`.
+
+    Deterministic on every device (shapes decide them, not the clock). The counting modes run Python per
+    operator, so the step they watch is slower: the runner counts a step whose time it does not use.
+    FlopCounterMode counts matrix products, convolutions and attention (2 per multiply-add, torch's
+    convention; `EXTRA_FLOP_FORMULAS` adds what its registry lacks);
+    element-wise work has no FLOPs there and shows in the operator count instead."""
+
+    def __init__(self) -> None:
+        self.flops: int | None = None
+        self.ops: int | None = None
+        self.by_op: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[None]:
+        flops, ops = flop_counter.FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS), _OpCounter()
+        with flops, ops:
+            yield
+        self.flops, self.ops = int(flops.get_total_flops()), sum(ops.by_op.values())
+        self.by_op = dict(sorted(ops.by_op.items(), key=lambda kv: -kv[1]))
+
+    def figures(self) -> dict[str, int | None]:
+        """The `cost` entries: None until a step was counted."""
+        return {"flops_per_step": self.flops, "ops_per_step": self.ops}
 
 
 def state_bytes(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> int | None:

@@ -119,6 +119,13 @@ class Cost:
     predicted_peak_bytes: int | None = NOT_MEASURED        # runners.memplan: the plan's peak per process
     predicted_activation_bytes: int | None = NOT_MEASURED  # its activations (compare activation_bytes)
     predicted_state_bytes: int | None = NOT_MEASURED       # its exact state (compare state_bytes)
+    # runners.metrics.StepCounts, one optimizer step (forward, backward, update); float: a suite's mean
+    flops_per_step: float | None = NOT_MEASURED   # torch.utils.flop_counter.FlopCounterMode's total
+    ops_per_step: float | None = NOT_MEASURED     # aten operators dispatched
+    # trainer.compile (runners.compiled): whether step_time_s timed the compiled model, and the first
+    # compiled step's time beyond the median step (None when compiling failed and the run trained eager)
+    compiled: bool | None = NOT_MEASURED
+    compile_time_s: float | None = NOT_MEASURED
 
     def to_dict(self) -> dict[str, Any]:
         """The figures as results.json holds them: those measured."""
@@ -199,6 +206,8 @@ def suite_cost(costs: list[Cost]) -> Cost:
             out[f.name] = None if written else NOT_MEASURED
         elif f.name == "train_time_s":
             out[f.name] = sum(values)
+        elif isinstance(values[0], bool):
+            out[f.name] = all(values)
         elif f.name.endswith("_bytes"):
             out[f.name] = max(values)
         else:

@@ -7,6 +7,7 @@ Method-specific behaviour lives in `methods/` and `runners.adapt`, never in this
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -34,11 +35,12 @@ from runners.checkpoint import (
     save_checkpoint,
 )
 from runners.cli import check_values
+from runners.compiled import StepRunner
 from runners.data import batch_split_problem, make_loader, wait_summary
 from runners.export import import_peft_adapter, save_head
 from runners.logger import log_suite, make_logger
 from runners.memplan import predicted_cost
-from runners.metrics import PeakMemory, SavedActivations, StepTimer, matrix_ranks, state_bytes
+from runners.metrics import PeakMemory, SavedActivations, StepCounts, StepTimer, matrix_ranks, state_bytes
 from runners.results import SCHEMA, is_complete, read_results, write_results
 from runners.schema import Params, Record, Run
 from runners.suite import run_suite, suite_datasets
@@ -190,7 +192,9 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
     memory = PeakMemory(device)
     cost: dict[str, Any] = {"step_time_s": None, "step_time_p90_s": None, "samples_per_s": None,
                             **dict.fromkeys(memory.keys), "activation_bytes": None, "state_bytes": None,
-                            "data_wait_s": None, "data_wait_p90_s": None, "train_time_s": 0.0}
+                            "data_wait_s": None, "data_wait_p90_s": None, "train_time_s": 0.0,
+                            "flops_per_step": None, "ops_per_step": None,
+                            **({"compiled": False, "compile_time_s": None} if t.compile else {})}
     if not params:  # zero-shot CLIP: nothing to train
         return cost, []
     world, data = distributed.current(), task.train_data()
@@ -209,6 +213,8 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
     timer.times, train_time = state.get("step_times", []), state.get("train_time_s", 0.0)
     seed = int(torch.randint(0, 2**62, (), generator=generator))  # the data order's seed, same on every rank
     loader = make_loader(data, t.batch_size, seed, t.num_workers, device, state.get("data"), world.rank, world.size)
+    runner = StepRunner(step_module, bool(t.compile), device, cfg.method.name)  # trainer.compile
+    counts, counted = StepCounts(), counted_step(start, max_steps)
 
     def checkpoint(done: int, **final: Any) -> None:  # every rank: FSDP's shards are written by each
         save_checkpoint(run_dir, model, optimizer, scheduler,
@@ -224,10 +230,13 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
         for step in bar:
             micro_batches = loader.take(t.grad_accum)  # data wait timed apart: step time is compute only
             timer.start()
-            loss = _optimizer_step(step_module, micro_batches, optimizer, params, t, device,
-                                   activations if step == start else None)
+            one_step = functools.partial(_optimizer_step, micro_batches=micro_batches, optimizer=optimizer,
+                                         params=params, t=t, device=device,
+                                         activations=activations if step == start else None)
+            with counts.counting() if step == counted else contextlib.nullcontext():
+                loss = runner.run(one_step, eager=step in (start, counted))  # the measured steps run eager
             scheduler.step()
-            dt = timer.stop()
+            dt = timer.stop(timed=runner.steady and step != counted)
             train_time += dt
             loss, stop = distributed.mean_and_any(loss, preemption.requested, device)  # same on every rank
             if not math.isfinite(loss):
@@ -250,10 +259,20 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
     cost.update(memory.figures())
     if start < max_steps:
         cost.update(activation_bytes=activations.bytes, state_bytes=state_bytes(params, optimizer))
+        cost.update(counts.figures())
+    if t.compile:
+        cost.update(compiled=runner.status() == "compiled", compile_time_s=runner.compile_time_s(cost["step_time_s"]))
+        log.info("trainer.compile: %s", runner.status())
     cost["train_time_s"] = train_time
     if t.checkpoint_every and start < max_steps:  # the final evaluation can be preempted too
         checkpoint(max_steps, cost=cost)
     return cost, history
+
+
+def counted_step(start: int, max_steps: int) -> int:
+    """The step whose FLOPs and operators are counted (runners.metrics.StepCounts): the process's second,
+    since the first also creates the optimizer's state; its first when it runs one only."""
+    return start + 1 if start + 1 < max_steps else start
 
 
 def method_lr(cfg: DictConfig) -> float:

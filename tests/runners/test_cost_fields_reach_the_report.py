@@ -52,3 +52,29 @@ def test_cost_ratios_to_lora_never_divide_across_device_types():
     rel = normalise_to_lora(per_run(df), ["step_time_s"]).set_index(["method", "device_type"])
     assert rel.loc[("randlora", "H100"), "step_time_s_rel"] == pytest.approx(1.5)
     assert rel.loc[("lora", "A100"), "step_time_s_rel"] == pytest.approx(1.0)
+
+
+def test_flops_and_operators_per_step_reach_the_summary_table_relative_to_lora():
+    """The device-independent figures stand beside step time, each as its ratio to LoRA at the budget."""
+    from analysis.report import _summary_table
+
+    def cost(step: float, flops: int, ops: int) -> dict:
+        return {"step_time_s": step, "peak_rss_bytes": 2**20, "flops_per_step": flops, "ops_per_step": ops}
+
+    df = _frame_of([_record("lora", "cpu", None, cost(0.10, 2_000_000, 400)),
+                    _record("loha", "cpu", None, cost(0.12, 3_000_000, 600)),
+                    _record("randlora", "cpu", None, cost(0.15, 5_000_000, 500))])
+    table = _summary_table(df).table
+    col = {h: i for i, h in enumerate(table.headers)}
+    assert col["step time ×LoRA"] < col["FLOPs ×LoRA"] < col["ops ×LoRA"]
+    rows = {r[0].text: r for r in table.rows}
+    assert [rows["LoHa"][col[h]].text for h in ("FLOPs ×LoRA", "ops ×LoRA")] == ["1.50", "1.50"]
+    assert [rows["RandLoRA"][col[h]].text for h in ("FLOPs ×LoRA", "ops ×LoRA")] == ["2.50", "1.25"]
+    assert "operators dispatched" in table.caption
+
+
+def test_runs_without_counts_show_no_count_columns():
+    from analysis.report import _summary_table
+
+    df = _frame_of([_record("lora", "cpu", None, {"step_time_s": 0.1, "peak_rss_bytes": 2**20})])
+    assert not {"FLOPs ×LoRA", "ops ×LoRA"} & set(_summary_table(df).table.headers)

@@ -59,3 +59,23 @@ def test_cuda_requested_without_cuda_is_one_line(caplog) -> None:
         pytest.skip("this machine has CUDA")
     assert gpucheck.main(["--device", "cuda"]) == 2
     assert "no CUDA device here" in caplog.text
+
+
+@pytest.mark.slow
+def test_compiled_rows_match_ours_eager(tmp_path, capsys) -> None:
+    """`--compile-modes`: ours under torch.compile beside ours eager, losses compared, compile time shown."""
+    out = tmp_path / "rows.json"
+    code = gpucheck.main(["--device", "cpu", "--shapes", "small", "--models", "llama-1.1b", "--steps", "2",
+                          "--methods", "lora", "--modes", "fp32", "--no-peft", "--compile-modes", "fp32",
+                          "--out", str(out)])
+    rows = {r["impl"]: r for r in json.loads(out.read_text())}
+    assert code == 0, capsys.readouterr().err
+    assert set(rows) == {"ours", "compiled"} and rows["compiled"]["losses"] == pytest.approx(rows["ours"]["losses"],
+                                                                                             rel=1e-3)
+    assert "(compiled," in capsys.readouterr().out
+
+
+def test_compiled_losses_that_drift_are_a_failure() -> None:
+    eager = gpucheck.Row("m", "fp32", "lora", "ours", {}, 0, losses=[1.0, 0.9])
+    drifted = gpucheck.Row("m", "fp32", "lora", "compiled", {}, 0, losses=[1.0, 0.95])
+    assert gpucheck.compile_failures(drifted, eager) and not gpucheck.compile_failures(eager, eager)

@@ -1,0 +1,65 @@
+"""`trainer.compile`: the training step through `torch.compile`, its compile time apart from step time.
+
+The first compiled step traces and compiles the forward and the backward (inductor; on the CPU it builds
+C++ kernels, so a C++ compiler must be installed); it is timed on its own and kept out of the step-time
+statistics: `cost.compile_time_s` is that step's time minus the median step time. A model that cannot be
+compiled (a backend error, an unsupported construct) is named in one log line, and the run trains eager
+from that step on (`run.compile` records which happened). The steps the runner measures with counting
+modes or saved-tensor hooks (runners.metrics) run eager: those modes watch what eager dispatches.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from runners.metrics import StepTimer
+
+log = logging.getLogger(__name__)
+
+
+class StepRunner:
+    """Runs one optimizer step with the module eager or compiled (`trainer.compile`)."""
+
+    def __init__(self, module: nn.Module, enabled: bool, device: torch.device, label: str) -> None:
+        self.eager, self.label = module, label
+        self.compiled: nn.Module | None = torch.compile(module) if enabled else None
+        self.requested = enabled
+        self.timer = StepTimer(device, warmup=0)   # the first compiled step alone
+        self.error: str | None = None
+        self.steady = True                         # the last step's time belongs to step-time statistics
+
+    def run(self, step: Callable[[nn.Module], Any], eager: bool = False) -> Any:
+        """`step(module)` with the eager or the compiled module; the first compiled step is timed here."""
+        if self.compiled is None or eager:
+            self.steady = True
+            return step(self.eager)
+        if self.timer.times:
+            self.steady = True
+            return step(self.compiled)
+        self.steady = False
+        self.timer.start()
+        try:
+            out = step(self.compiled)
+        except Exception as err:  # noqa: BLE001 (any compile failure falls back to eager, named in one line)
+            self.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err) else ''}"
+            log.warning("trainer.compile: %s cannot be compiled (%s); training eager", self.label, self.error)
+            self.compiled = None
+            return step(self.eager)
+        self.timer.stop()
+        return out
+
+    def status(self) -> str | None:
+        """`run.compile`: None (off), "compiled", or "eager: <why>" when compiling failed."""
+        if not self.requested:
+            return None
+        return "compiled" if self.error is None else f"eager: {self.error}"
+
+    def compile_time_s(self, median_step_s: float | None) -> float | None:
+        """The first compiled step's time minus the median step time (None: nothing compiled)."""
+        if not self.timer.times or self.error is not None:
+            return None
+        return max(0.0, self.timer.times[0] - (median_step_s or 0.0))

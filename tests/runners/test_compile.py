@@ -1,0 +1,61 @@
+"""`trainer.compile`: compiled training matches eager, compile time is kept apart from step time, and a
+model that cannot be compiled trains eager after one log line."""
+import logging
+import shutil
+
+import pytest
+import torch
+from rbtest import compose_config
+
+import methods
+from runners import compiled
+from runners.train import run
+
+RUN = ["dataset=shapes", "trainer.log_every=1", "trainer.max_steps=5", "trainer.timing_warmup=0"]
+
+
+def test_counts_and_compile_fields_are_recorded_only_as_asked(tiny_overrides):
+    record = run(compose_config(["method=lora", *RUN, *tiny_overrides]))
+    cost = record["cost"]
+    assert cost["flops_per_step"] > 0 and cost["ops_per_step"] > 0
+    assert "compiled" not in cost and "compile_time_s" not in cost  # trainer.compile is off by default
+
+
+def test_a_model_that_cannot_be_compiled_trains_eager_after_one_line(tiny_overrides, monkeypatch, caplog):
+    class Refusing(torch.nn.Module):
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("backend failed\nsecond line of a long trace")
+
+    monkeypatch.setattr(compiled.torch, "compile", Refusing)
+    eager = run(compose_config(["method=lora", *RUN, *[o.replace("/run", "/eager") for o in tiny_overrides]]))
+    with caplog.at_level(logging.WARNING, logger="runners.compiled"):
+        record = run(compose_config(["method=lora", "trainer.compile=true", *RUN, *tiny_overrides]))
+    assert record["run"]["status"] == "success"
+    assert record["cost"]["compiled"] is False and record["cost"]["compile_time_s"] is None
+    (line,) = [r.getMessage() for r in caplog.records if "cannot be compiled" in r.getMessage()]
+    assert "RuntimeError: backend failed" in line and "second line" not in line
+    assert [h["loss"] for h in record["history"]] == [h["loss"] for h in eager["history"]]
+
+
+def test_compile_must_be_a_boolean(tiny_overrides):
+    from runners.cli import check_values
+    assert "trainer.compile=yes is not valid" in check_values(compose_config(["trainer.compile=yes", *tiny_overrides]))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on the CPU builds C++ kernels: install g++ (make setup does)")
+@pytest.mark.parametrize("method", methods.available())
+def test_compiled_training_matches_eager(method, tiny_overrides):
+    """The same losses step by step (inductor reorders float sums: within 1e-4 relative), the compile
+    time recorded apart from the step time."""
+    eager = run(compose_config([f"method={method}", *RUN, *[o.replace("/run", "/eager") for o in tiny_overrides]]))
+    record = run(compose_config([f"method={method}", "trainer.compile=true", *RUN, *tiny_overrides]))
+    cost = record["cost"]
+    assert cost["compiled"] is True, "compiling failed: see the log line"
+    assert cost["compile_time_s"] > cost["step_time_s"] > 0
+    assert [h["loss"] for h in record["history"]] == pytest.approx([h["loss"] for h in eager["history"]], rel=1e-4)
