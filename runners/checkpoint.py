@@ -41,9 +41,10 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     if not sharded and not distributed.is_main():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)  # an `out_dir` run has no Hydra-made directory yet
-    tensors: dict[str, Any] = {"sharded": save_sharded(run_dir, model, optimizer, state["step"])} if sharded else {
-        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict()}
+    tensors: dict[str, Any] = (
+        {"sharded": save_sharded(run_dir, model, optimizer, state["step"])} if sharded else {
+            "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": optimizer.state_dict()})
     if distributed.is_main():
         payload = {**tensors, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, **state}
@@ -85,7 +86,8 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
 
 
 def _shard_options() -> Any:
-    """What a sharded checkpoint holds: trainable tensors only (the frozen base is reloaded from its files)."""
+    """What a sharded checkpoint holds: trainable tensors only (the frozen base is reloaded from its
+    files)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(ignore_frozen_params=True, strict=False)
@@ -123,14 +125,16 @@ def _move_aside(path: Path) -> Path:
 def unreadable(path: Path, err: BaseException, on_bad: str) -> None:
     """A checkpoint that cannot be read (a node lost mid-write, a truncated or foreign file, a missing shard):
     one line naming it and why, the file (or folder) moved aside beside it -- never deleted -- by rank 0
-    once every rank has tried it; then the run starts over (`restart`) or stops (`stop`, CheckpointUnreadable)."""
+    once every rank has tried it; then the run starts over (`restart`) or stops (`stop`,
+    CheckpointUnreadable)."""
     from runners import distributed
 
     aside = _move_aside(path)
     reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
     line = f"checkpoint {path} cannot be read ({type(err).__name__}: {reason}); moved to {aside.name}"
     if on_bad == "stop":
-        raise CheckpointUnreadable(f"{line}; stopping (trainer.on_bad_checkpoint=stop; restart trains from step 0)")
+        raise CheckpointUnreadable(f"{line}; stopping (trainer.on_bad_checkpoint=stop; "
+                                   "restart trains from step 0)")
     if distributed.is_main():  # one line, not one per rank
         log.warning("%s; training from the start (trainer.on_bad_checkpoint=restart)", line)
 
@@ -145,7 +149,7 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     try:  # memory-mapped: a full fine-tuning checkpoint of an 8B model (~45 GiB with AdamW state) is paged
         # in tensor by tensor as it is copied, never read whole into a job's RAM
         payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # noqa: BLE001 - any failure to read is the same: the file is unusable
+    except Exception as err:  # any failure to read is the same: the file is unusable
         unreadable(path, err, on_bad)
         return None
     if payload.get("config_hash") != config_hash:
@@ -154,7 +158,7 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     if payload.get("sharded"):
         try:
             load_sharded(Path(run_dir) / payload["sharded"], model, optimizer)
-        except (Exception, CheckpointException) as err:  # noqa: BLE001 - a missing or truncated shard
+        except (Exception, CheckpointException) as err:  # a missing or truncated shard
             _move_aside(path)
             unreadable(Path(run_dir) / payload["sharded"], err, on_bad)
             return None
@@ -173,7 +177,8 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     return payload
 
 
-def save_before(run_dir: Path, config_hash: str, metrics: dict[str, Any], probe: dict[str, float] | None) -> None:
+def save_before(run_dir: Path, config_hash: str, metrics: dict[str, Any],
+                probe: dict[str, float] | None) -> None:
     """Atomically keep the evaluation of the untrained model: on a large suite it takes as long as many
     training steps, and a requeued job would otherwise repeat it on every requeue."""
     write_json(Path(run_dir) / BEFORE, {"config_hash": config_hash, "metrics": metrics, "probe": probe})
@@ -215,7 +220,7 @@ class PreemptionGuard:
         self.requested = False
         self._previous: Any = None
 
-    def __enter__(self) -> PreemptionGuard:  # noqa: PYI034
+    def __enter__(self) -> PreemptionGuard:
         try:
             self._previous = signal.signal(self.signum, self._handle)
         except ValueError:  # not the main thread

@@ -76,7 +76,8 @@ def from_env(env: Mapping[str, str]) -> tuple[World, dict[str, str]]:
     if "WORLD_SIZE" in env and "RANK" in env:
         return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))), {}
     if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:  # srun's tasks (submitit runs them so)
-        world = World(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", 0)))
+        world = World(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
+                      int(env.get("SLURM_LOCALID", 0)))
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
         return world, _master(first_host(nodes), env.get("SLURM_JOB_ID", "0"))
     if "SUBMITIT_LOCAL_NTASKS" in env:
@@ -106,7 +107,8 @@ def setup(device: torch.device) -> tuple[World, torch.device]:
             os.environ.setdefault(key, value)
         if device.type == "cuda":
             torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank, world_size=world.size)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank,
+                                world_size=world.size)
         atexit.register(dist.destroy_process_group)
         log.info("data-parallel run: rank %d of %d (%s)", world.rank, world.size, dist.get_backend())
         if not world.main:  # one process reports; the others say only what goes wrong
@@ -152,7 +154,8 @@ class TaskLoss(nn.Module):
         return self.task.loss(self.model, batch)
 
 
-def wrap(model: nn.Module, task: Any, device: torch.device, find_unused: bool, strategy: str = "ddp") -> nn.Module:
+def wrap(model: nn.Module, task: Any, device: torch.device, find_unused: bool,
+         strategy: str = "ddp") -> nn.Module:
     """The module a training step calls: `TaskLoss`, inside DDP or FSDP when several processes train.
     Only trainable parameters are reduced. `find_unused` (DDP): some trainable parameters get no gradient
     in a step (one head per dataset of a round-robin suite); otherwise DDP would wait for them forever.
@@ -175,8 +178,9 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
         names |= set(getattr(module, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has no transformer blocks to shard (no module class listed in "
-                         "_no_split_modules); trainer.strategy=fsdp needs a transformers model with repeated blocks")
+        raise ValueError(f"{type(model).__name__} has no transformer blocks to shard (no module class "
+                         "listed in _no_split_modules); trainer.strategy=fsdp needs a transformers model "
+                         "with repeated blocks")
     return blocks
 
 

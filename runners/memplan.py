@@ -215,7 +215,8 @@ class BlockTrace:
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
         handles = [h for i, b in enumerate(self._blocks)
-                   for h in (b.register_forward_pre_hook(self._enter(i)), b.register_forward_hook(self._leave))]
+                   for h in (b.register_forward_pre_hook(self._enter(i)),
+                             b.register_forward_hook(self._leave))]
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
                 yield
@@ -314,7 +315,8 @@ def advice(plan: Plan, card: int, allowance: int) -> str:
         per_sample = plan.activations / plan.micro_batch
         fits = int(room // per_sample) if per_sample else plan.micro_batch
         if 1 <= fits < plan.micro_batch:
-            options.append(f"trainer.batch_size<={fits} with trainer.grad_accum raised to keep the effective batch")
+            options.append(f"trainer.batch_size<={fits} with trainer.grad_accum raised to keep the "
+                           "effective batch")
     gpus = plan.fsdp_gpus(card, allowance)
     options.append(f"FSDP over {gpus} GPUs (trainer.strategy=fsdp, hydra.launcher.gpus_per_node={gpus})"
                    if gpus else "more than 64 GPUs under FSDP")
@@ -359,7 +361,7 @@ def predicted_cost(cfg: DictConfig, processes: int, gpu: bool) -> dict[str, int 
     when its architecture cannot be planned, which never fails the run."""
     try:
         plan, peak = job_plan(cfg, processes, gpu)
-    except Exception as err:  # noqa: BLE001 - a prediction is a report, not a requirement
+    except Exception as err:  # a prediction is a report, not a requirement
         log.warning("memory plan unavailable for this run (%s: %s)", type(err).__name__, err)
         return dict.fromkeys(PREDICTED)
     shards = processes if processes > 1 and str(cfg.trainer.strategy) == "fsdp" else 1
@@ -385,8 +387,8 @@ def over_card(jobs: list[tuple[str, DictConfig]], plan_cfg: DictConfig, processe
                  "an unknown card (set plan.gpu_memory_gb)" if card is None else gb(card))
         if card is not None and peak + allowance > card:
             lines.append(verdict(name, plan, card, allowance) if processes == 1 else
-                         f"{name}: predicted peak {gb(peak)} + {gb(allowance)} allowance > {gb(card)} per GPU "
-                         f"over {processes} GPUs; would fit with {advice(plan, card, allowance)}")
+                         f"{name}: predicted peak {gb(peak)} + {gb(allowance)} allowance > {gb(card)} "
+                         f"per GPU over {processes} GPUs; would fit with {advice(plan, card, allowance)}")
     return lines
 
 
@@ -404,8 +406,10 @@ def summary(cfg: DictConfig) -> tuple[str, list[str]]:
     allowance = int(float(cfg.plan.allowance_gb) * GiB)
     card = card_bytes(cfg.plan)
     line = (f"memory plan ({cfg.method.name}, budget {cfg.budget}, micro-batch {plan.micro_batch}): weights "
-            f"{gb(plan.weights)} + state {gb(plan.state)} + activations {gb(plan.activations)} = {gb(peak)} per GPU, "
-            f"+ {gb(allowance)} allowance; " + ("card unknown (set plan.gpu_memory_gb)" if card is None else
-                                                f"card {gb(card)}: " + ("fits" if peak + allowance <= card else "DOES NOT FIT")))
-    over = None if card is None else verdict(f"{cfg.method.name} at budget {cfg.budget}", plan, card, allowance)
+            f"{gb(plan.weights)} + state {gb(plan.state)} + activations {gb(plan.activations)} = {gb(peak)} "
+            f"per GPU, + {gb(allowance)} allowance; "
+            + ("card unknown (set plan.gpu_memory_gb)" if card is None else
+               f"card {gb(card)}: " + ("fits" if peak + allowance <= card else "DOES NOT FIT")))
+    over = (None if card is None else
+            verdict(f"{cfg.method.name} at budget {cfg.budget}", plan, card, allowance))
     return line, [over] if over else []

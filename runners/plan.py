@@ -24,7 +24,8 @@ def jobs(methods: list[str], budgets: list[str]) -> list[tuple[str, str | None]]
     """(method, budget) rows: every adapter at every budget, each reference once."""
     from runners.adapt import REFERENCES
 
-    return [(m, None) if m in REFERENCES else (m, b) for m in methods for b in ([None] if m in REFERENCES else budgets)]
+    return [(m, None) if m in REFERENCES else (m, b)
+            for m in methods for b in ([None] if m in REFERENCES else budgets)]
 
 
 def rows(overrides: list[str], methods: list[str], budgets: list[str], gpus: int, notes: list[str]
@@ -46,8 +47,8 @@ def rows(overrides: list[str], methods: list[str], budgets: list[str], gpus: int
             continue
         fits = "?" if card is None else "yes" if peak + allowance <= card else "NO"
         need = "-" if card is None or fits == "yes" else str(plan.fsdp_gpus(card, allowance) or ">64")
-        out.append([f"{method}" + (f"@{budget}" if budget else ""), memplan.gb(plan.weights), memplan.gb(plan.state),
-                    memplan.gb(plan.activations), memplan.gb(peak), fits, need])
+        out.append([f"{method}" + (f"@{budget}" if budget else ""), memplan.gb(plan.weights),
+                    memplan.gb(plan.state), memplan.gb(plan.activations), memplan.gb(peak), fits, need])
     return out
 
 
@@ -66,13 +67,14 @@ def main(argv: list[str]) -> int:
     methods = _listed(_value(argv, "plan.methods=")) or method_names()
     unknown = sorted(set(methods) - set(method_names()))
     if unknown:
-        sys.stderr.write(f"rankbench: plan.methods names {', '.join(unknown)}; valid: {', '.join(method_names())}\n")
+        sys.stderr.write(f"rankbench: plan.methods names {', '.join(unknown)}; "
+                         f"valid: {', '.join(method_names())}\n")
         return 2
     notes: list[str] = []
     table = rows(overrides, methods, _listed(_value(argv, "plan.budgets=")) or BUDGETS,
                  int(_value(argv, "plan.gpus=") or 1), notes)
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
     sys.stdout.write("\n".join(lines + notes) + "\n")
     return 0
 

@@ -74,7 +74,8 @@ def expand(spec: Mapping[str, Any]) -> list[Job]:
             for method, budget in _adapter_axes(spec):
                 jobs += [_job(method, budget, seed, combo, dataset) for combo in _hp_combos(hp.get(method))]
             for reference in spec.get("references") or []:
-                jobs += [_job(reference, None, seed, combo, dataset) for combo in _hp_combos(hp.get(reference))]
+                jobs += [_job(reference, None, seed, combo, dataset)
+                         for combo in _hp_combos(hp.get(reference))]
     return jobs
 
 
@@ -82,7 +83,8 @@ def _adapter_axes(spec: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """(method, budget) pairs of the sweep, less those in `spec["unreachable"]` (a structure that cannot
     reach the budget on this model: such a run would only fail with that line, see `unreachable_pairs`)."""
     skip = {(m, str(b)) for m, b in spec.get("unreachable") or []}
-    return [(m, b) for m in spec.get("methods") or [] for b in spec.get("budgets") or [None] if (m, str(b)) not in skip]
+    return [(m, b) for m in spec.get("methods") or [] for b in spec.get("budgets") or [None]
+            if (m, str(b)) not in skip]
 
 
 def _hp_combos(axes: Mapping[str, Sequence[Any]] | None) -> list[tuple[tuple[str, Any], ...]]:
@@ -90,16 +92,16 @@ def _hp_combos(axes: Mapping[str, Sequence[Any]] | None) -> list[tuple[tuple[str
     if not axes:
         return [()]
     keys = list(axes)
-    return [tuple(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
+    return [tuple(zip(keys, values, strict=True)) for values in itertools.product(*(axes[k] for k in keys))]
 
 
 def _job(method: str, budget: Any, seed: int, combo: tuple[tuple[str, Any], ...],
          dataset: str | None = None) -> Job:
     """A job named `[<dataset>/]<method>[-<budget>][-<hp><value>]-s<seed>` (its directory)."""
-    parts = [method] + ([str(budget)] if budget is not None else []) + [f"{k}{v}" for k, v in combo]
+    parts = [method, *([str(budget)] if budget is not None else []), *(f"{k}{v}" for k, v in combo)]
     overrides = [f"method={method}", f"budget={'null' if budget is None else budget}", f"seed={seed}"]
     overrides += [f"++method.{k}={v}" for k, v in combo] + ([f"dataset={dataset}"] if dataset else [])
-    return Job((f"{dataset}/" if dataset else "") + "-".join(parts + [f"s{seed}"]), tuple(overrides))
+    return Job((f"{dataset}/" if dataset else "") + "-".join([*parts, f"s{seed}"]), tuple(overrides))
 
 
 def validate(spec: Mapping[str, Any], adapters: Iterable[str], references: Iterable[str],
@@ -109,8 +111,8 @@ def validate(spec: Mapping[str, Any], adapters: Iterable[str], references: Itera
     for key, valid in (("methods", adapters), ("references", references)):
         values = spec.get(key) or []
         if isinstance(values, str) or not isinstance(values, Sequence):
-            raise SweepError(f"sweep.{key} must be a list or {ALL}, e.g. sweep.{key}=[{','.join(valid[:2])}]; "
-                             f"got {values!r}")
+            raise SweepError(f"sweep.{key} must be a list or {ALL}, "
+                             f"e.g. sweep.{key}=[{','.join(valid[:2])}]; got {values!r}")
         for name in values:
             if name not in valid:
                 raise SweepError(f"unknown method {name!r} in sweep.{key}; valid: {', '.join(valid)}")
@@ -118,7 +120,8 @@ def validate(spec: Mapping[str, Any], adapters: Iterable[str], references: Itera
                 raise SweepError(f"method {name!r} in sweep.{key} has no conf/method/{name}.yaml")
     for name in (spec.get("hp") or {}):
         if name not in adapters and name not in references:
-            raise SweepError(f"unknown method {name!r} in sweep.hp; valid: {', '.join(adapters + references)}")
+            raise SweepError(f"unknown method {name!r} in sweep.hp; "
+                             f"valid: {', '.join(adapters + references)}")
     validate_factors(spec)
     if not expand(spec):
         raise SweepError("the sweep is empty: sweep.methods and sweep.references are both empty")
@@ -135,7 +138,8 @@ def registered_methods() -> tuple[list[str], list[str]]:
 ALL = "all"  # sweep.methods / sweep.references: every registered adapter / every reference point
 
 
-def resolve_methods(spec: Mapping[str, Any], adapters: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+def resolve_methods(spec: Mapping[str, Any], adapters: Sequence[str],
+                    references: Sequence[str]) -> dict[str, Any]:
     """The spec with `all` in sweep.methods / sweep.references replaced by every registered name, so a
     new method joins every sweep by registering itself."""
     out = dict(spec)
@@ -188,8 +192,8 @@ def select_grid(spec: Mapping[str, Any], task: str, size: str) -> dict[str, Any]
     grid = (grids.get(task) or {}).get(size)
     if grid is None:
         have = ", ".join(f"task={t} size={z}" for t, sizes in grids.items() for z in sizes)
-        raise SweepError(f"+sweep={spec.get('name')} has no published comparison for task={task} size={size}; "
-                         f"it has: {have}")
+        raise SweepError(f"+sweep={spec.get('name')} has no published comparison for task={task} "
+                         f"size={size}; it has: {have}")
     out = {k: v for k, v in spec.items() if k != "grids"}
     return {**out, **{k: grid.get(k) for k in GRID_KEYS if out.get(k) is None}}
 
@@ -198,7 +202,8 @@ def select_grid(spec: Mapping[str, Any], task: str, size: str) -> dict[str, Any]
 
 TUNING_FILE = "tuning.json"  # read by runners.train.read_tuning (kept equal to runners.train.TUNING_FILE)
 TUNED_METRIC = "accuracy"    # results' metrics.accuracy: each dataset's primary metric (CoLA: Matthews corr.)
-TIE_BREAK = "loss"           # per_dataset_metrics.<dataset>.loss, the eval split's loss: lower wins a tied score
+TIE_BREAK = "loss"           # per_dataset_metrics.<dataset>.loss, the eval split's loss:
+                             # lower wins a tied score
 
 
 @dataclass(frozen=True)
@@ -217,7 +222,8 @@ class TuneGroup:
 
 
 def candidate_lrs(default: float, factors: Sequence[float]) -> list[float]:
-    """sweep.lr_factors x the method's default lr, rounded to 6 significant digits (clean run names), sorted."""
+    """sweep.lr_factors x the method's default lr, rounded to 6 significant digits (clean run names),
+    sorted."""
     return sorted({float(f"{float(default) * float(f):.6g}") for f in factors})
 
 
@@ -238,7 +244,7 @@ def tuned_groups(spec: Mapping[str, Any], default_lrs: Mapping[str, float]) -> l
 
 def _validation_job(method: str, budget: Any, seed: int, lr: float, dataset: str | None) -> Job:
     job = _job(method, budget, seed, (("lr", lr),), dataset)
-    return Job(f"{job.name}-val", job.overrides + ("task.data.eval_split=validation",))
+    return Job(f"{job.name}-val", (*job.overrides, "task.data.eval_split=validation"))
 
 
 def final_jobs(group: TuneGroup, seeds: Sequence[int], lr: float | None) -> list[Job]:
@@ -285,8 +291,9 @@ def tuning_record(chosen: float, candidates: Sequence[tuple[float, Score | None,
     """What a final records as run.tuning: the metric, tie-break and split it was chosen on, the lr, every
     candidate."""
     return {"metric": TUNED_METRIC, "tie_break": TIE_BREAK, "split": "validation", "chosen_lr": chosen,
-            "candidates": [{"lr": lr, "score": None if s is None else s[0], "loss": None if s is None else s[1],
-                            "run_dir": run_dir} for lr, s, run_dir in candidates]}
+            "candidates": [{"lr": lr, "score": None if s is None else s[0],
+                            "loss": None if s is None else s[1], "run_dir": run_dir}
+                           for lr, s, run_dir in candidates]}
 
 
 # --- what already ran --------------------------------------------------------------------------------
@@ -306,13 +313,14 @@ def config_diff(stored: Mapping[str, Any], current: Mapping[str, Any], prefix: s
 
 
 def job_config(cfg: DictConfig) -> dict[str, Any] | None:
-    """The resolved config the runner will record (hydra node removed), JSON-normalised; None if unresolvable."""
+    """The resolved config the runner will record (hydra node removed), JSON-normalised; None if
+    unresolvable."""
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.pop("hydra", None)
     try:
         return json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
-    except Exception:  # noqa: BLE001 - an interpolation only the job can resolve: compare nothing
+    except Exception:  # an interpolation only the job can resolve: compare nothing
         return None
 
 
@@ -331,7 +339,8 @@ def already_done(run_dir: Path, config: dict[str, Any] | None) -> bool:
 # --- the Hydra sweeper -----------------------------------------------------------------------------
 
 class RankbenchSweeper(BasicSweeper):
-    """BasicSweeper that expands the `sweep` node, names job dirs deterministically and skips finished jobs."""
+    """BasicSweeper that expands the `sweep` node, names job dirs deterministically and skips finished
+    jobs."""
 
     def __init__(self, max_batch_size: int | None = None, mixed_gpu_types: bool = False,
                  params: dict[str, str] | None = None) -> None:
@@ -372,14 +381,16 @@ class RankbenchSweeper(BasicSweeper):
             return []
         log.info("sweep %s: %d runs, %d finished, launching %d", spec.get("name"), len(jobs),
                  len(jobs) - len(todo), len(todo))
-        return self._launch([list(job.overrides) + [f"hydra.sweep.subdir={job.name}"] for job, _ in todo])
+        return self._launch([[*job.overrides, f"hydra.sweep.subdir={job.name}"] for job, _ in todo])
 
     # --- +sweep=tuned: two stages ---------------------------------------------------------------------
 
     def _sweep_tuned(self, spec: dict[str, Any], base_jobs: list[list[str]]) -> Any:
         """Stage 1: every lr candidate at the first seed, scored on validation; stage 2 (after stage 1's
-        jobs returned): each group's winner at every seed, scored on test. Finished runs are skipped in both."""
-        units = [(base, group) for base in base_jobs for group in tuned_groups(spec, self._default_lrs(spec, base))]
+        jobs returned): each group's winner at every seed, scored on test. Finished runs are skipped in
+        both."""
+        units = [(base, group) for base in base_jobs
+                 for group in tuned_groups(spec, self._default_lrs(spec, base))]
         stage1 = [self._based(job, base, base_jobs) for base, group in units for _, job in group.candidates]
         todo = self._within_memory(spec, self._pending(stage1))
         if spec.get("dry_run"):
@@ -389,7 +400,7 @@ class RankbenchSweeper(BasicSweeper):
         log.info("sweep %s, stage 1 (lr on validation): %d runs, %d finished, launching %d", spec.get("name"),
                  len(stage1), len(stage1) - len(todo), len(todo))
         if todo:
-            self._launch([list(job.overrides) + [f"hydra.sweep.subdir={job.name}"] for job, _ in todo])
+            self._launch([[*job.overrides, f"hydra.sweep.subdir={job.name}"] for job, _ in todo])
         finals = [job for base, group in units for job in self._finals(spec, base, group, base_jobs)]
         todo = self._pending([job for job, _ in finals])
         tuning = dict(finals)
@@ -401,7 +412,7 @@ class RankbenchSweeper(BasicSweeper):
                  len(finals), len(finals) - len(todo), len(todo))
         if not todo:
             return []
-        return self._launch([list(job.overrides) + [f"hydra.sweep.subdir={job.name}"] for job, _ in todo])
+        return self._launch([[*job.overrides, f"hydra.sweep.subdir={job.name}"] for job, _ in todo])
 
     def _finals(self, spec: dict[str, Any], base: list[str], group: TuneGroup, base_jobs: list[list[str]]
                 ) -> list[tuple[Job, dict[str, Any] | None]]:
@@ -417,7 +428,8 @@ class RankbenchSweeper(BasicSweeper):
             log.error("sweep %s: no final for %s: all %d lr candidates failed (see %s)", spec.get("name"),
                       group.label, len(scores), scored[0][1].parent)
             return []
-        record = tuning_record(chosen, [(lr, score, str(run_dir)) for (lr, score), (_, run_dir) in zip(scores, scored)])
+        record = tuning_record(chosen, [(lr, score, str(run_dir))
+                                        for (lr, score), (_, run_dir) in zip(scores, scored, strict=True)])
         log.info("sweep %s: %s lr %g chosen on validation (%s)", spec.get("name"), group.label, chosen,
                  ", ".join(f"{lr:g}: {_score_text(s)}" for lr, s in scores))
         return [(self._based(job, base, base_jobs), record) for job in final_jobs(group, seeds, chosen)]
@@ -478,7 +490,8 @@ class RankbenchSweeper(BasicSweeper):
         loader, out = self.hydra_context.config_loader, {}
         for method in [*(spec.get("methods") or []), *(spec.get("references") or [])]:
             cfg = loader.load_sweep_config(self.config, [f"method={method}"])
-            out[method] = {key: method_lr(cfg) if key == "lr" else cfg.method.get(key) for key in spec["hp_factors"]}
+            out[method] = {key: method_lr(cfg) if key == "lr" else cfg.method.get(key)
+                           for key in spec["hp_factors"]}
         return out
 
     def _pending(self, jobs: list[Job]) -> list[tuple[Job, Path]]:
@@ -486,7 +499,7 @@ class RankbenchSweeper(BasicSweeper):
         loader = self.hydra_context.config_loader
         todo = []
         for job in jobs:
-            overrides = list(job.overrides) + [f"hydra.sweep.subdir={job.name}"]
+            overrides = [*job.overrides, f"hydra.sweep.subdir={job.name}"]
             cfg = loader.load_sweep_config(self.config, overrides)
             run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
             if already_done(run_dir, job_config(cfg)):
@@ -501,7 +514,8 @@ class RankbenchSweeper(BasicSweeper):
         from runners.memplan import over_card
 
         loader = self.hydra_context.config_loader
-        configs = [(job.name, loader.load_sweep_config(self.config, [*job.overrides, f"hydra.sweep.subdir={job.name}"]))
+        configs = [(job.name,
+                    loader.load_sweep_config(self.config, [*job.overrides, f"hydra.sweep.subdir={job.name}"]))
                    for job, _ in todo]
         over = over_card(configs, self.config.plan, processes_per_job(self.config.hydra.launcher),
                          show=bool(spec.get("dry_run")))
@@ -521,7 +535,8 @@ class RankbenchSweeper(BasicSweeper):
             raise SweepError(f"preflight found {len(problems)} problem(s) before submitting: {problems[0]}"
                              + (f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else "")
                              + "; fix them, or set sweep.preflight=false")
-        if not self.mixed_gpu_types and (problem := mixed_gpu_problem(self.config.hydra.launcher)) is not None:
+        problem = None if self.mixed_gpu_types else mixed_gpu_problem(self.config.hydra.launcher)
+        if problem is not None:
             raise SweepError(problem)
 
     def _save_multirun_yaml(self) -> None:
@@ -563,7 +578,8 @@ def unreachable_pairs(config: DictConfig, spec: Mapping[str, Any]) -> list[tuple
         log.warning("sweep %s: could not check which budgets each method reaches (%s)", spec.get("name"),
                     model["problems"][0])
         return []
-    pairs = [(m, b, v["problem"]) for m, per in model["counts"].items() for b, v in per.items() if "problem" in v]
+    pairs = [(m, b, v["problem"]) for m, per in model["counts"].items() for b, v in per.items()
+             if "problem" in v]
     for method, budget, why in pairs:
         log.warning("sweep %s: not launching %s at budget %s: %s", spec.get("name"), method, budget, why)
     return [(m, b) for m, b, _ in pairs]
@@ -622,11 +638,13 @@ def mixed_gpu_problem(launcher: DictConfig) -> str | None:
     and an H100 do not compare. Opting in (hydra.sweeper.mixed_gpu_types=true) keeps them apart in the
     report by the recorded device type."""
     target = str(launcher.get("_target_", ""))
-    if not target.endswith("SlurmLauncher") or not launcher.get("gpus_per_node") or launcher.get("constraint"):
+    if (not target.endswith("SlurmLauncher") or not launcher.get("gpus_per_node")
+            or launcher.get("constraint")):
         return None
-    return ("hydra.launcher.constraint is null, so SLURM may run this sweep's jobs on different GPU types, whose "
-            "step times and memory do not compare; set hydra.launcher.constraint=<your cluster's GPU feature> "
-            "(`sinfo -o '%N %f'` lists them), or accept mixed types with hydra.sweeper.mixed_gpu_types=true")
+    return ("hydra.launcher.constraint is null, so SLURM may run this sweep's jobs on different GPU types, "
+            "whose step times and memory do not compare; set hydra.launcher.constraint=<your cluster's GPU "
+            "feature> (`sinfo -o '%N %f'` lists them), or accept mixed types with "
+            "hydra.sweeper.mixed_gpu_types=true")
 
 
 def processes_per_job(launcher: DictConfig) -> int:
@@ -645,7 +663,8 @@ def _is_local(config: DictConfig) -> bool:
 # --- registration with Hydra -----------------------------------------------------------------------
 
 def register() -> None:
-    """Publish RankbenchSweeper as `hydra_plugins.rankbench_sweeper.RankbenchSweeper` (Hydra's plugin rule)."""
+    """Publish RankbenchSweeper as `hydra_plugins.rankbench_sweeper.RankbenchSweeper` (Hydra's plugin
+    rule)."""
     from hydra.core.plugins import Plugins
 
     module = sys.modules.get(PLUGIN_MODULE)

@@ -19,7 +19,8 @@ FSDP = ["trainer.strategy=fsdp"]
 
 
 class FeatureLoss:
-    """A per-example loss (mean over the rows), so half the rows on each of 2 processes average to the whole."""
+    """A per-example loss (mean over the rows), so half the rows on each of 2 processes average to the
+    whole."""
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         img = model.visual_projection(model.vision_model(pixel_values=batch["pixel_values"]).pooler_output)
@@ -48,7 +49,8 @@ def _sharded_grads(rank: int, world: int, port: int, queue: Any) -> None:
     rows = slice(rank * 2, rank * 2 + 2)
     loss = step({k: v[rows] for k, v in _batch().items()})
     loss.backward()
-    grads = {n: None if p.grad is None else (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).tolist()
+    grads = {n: None if p.grad is None else
+             (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).tolist()
              for n, p in model.named_parameters()}
     queue.put((rank, float(loss.detach()), grads, distributed.is_sharded(model)))
 
@@ -67,7 +69,8 @@ def test_sharded_gradients_equal_one_process():
     procs = [ctx.Process(target=_sharded_grads, args=(r, 2, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = {r: (loss, grads, sharded) for r, loss, grads, sharded in (queue.get(timeout=300) for _ in procs)}
+    results = {r: (loss, grads, sharded)
+               for r, loss, grads, sharded in (queue.get(timeout=300) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
     assert results[0][2] and results[1][2]
@@ -75,7 +78,8 @@ def test_sharded_gradients_equal_one_process():
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     scale = max(float(g.abs().max()) for g in grads.values())  # k_proj biases get ~0 (softmax ignores them)
     assert grads.keys() == {n for n, g in results[0][1].items() if g is not None}
-    assert all(torch.allclose(torch.tensor(results[0][1][n]), g, rtol=1e-4, atol=1e-6 * scale) for n, g in grads.items())
+    assert all(torch.allclose(torch.tensor(results[0][1][n]), g, rtol=1e-4, atol=1e-6 * scale)
+               for n, g in grads.items())
     assert results[0][1] == results[1][1]  # every rank gathers the same gradients
 
 
@@ -87,14 +91,17 @@ def test_fsdp_run_trains_as_one_process(method, tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     fsdp = json.loads((tmp_path / "fsdp" / "results.json").read_text())
     one = run(compose_config([*ARGS, *args, f"out_dir={tmp_path / 'single'}"]))
-    assert (fsdp["run"]["strategy"], fsdp["run"]["world_size"], one["run"]["strategy"]) == ("fsdp", 2, "single")
-    assert [h["loss"] for h in fsdp["history"]] == pytest.approx([h["loss"] for h in one["history"]], rel=1e-5)
+    assert ((fsdp["run"]["strategy"], fsdp["run"]["world_size"], one["run"]["strategy"])
+            == ("fsdp", 2, "single"))
+    assert ([h["loss"] for h in fsdp["history"]]
+            == pytest.approx([h["loss"] for h in one["history"]], rel=1e-5))
     assert fsdp["metrics"]["per_dataset"] == pytest.approx(one["metrics"]["per_dataset"], abs=1e-9)
     assert fsdp["cost"]["state_bytes"] < 0.6 * one["cost"]["state_bytes"]  # each rank holds half the state
     if method == "lora":  # the exported adapters: same tensors
         a, b = (load_file(next((tmp_path / d / "adapter").glob("*.safetensors"))) for d in ("fsdp", "single"))
-        scale = max(float(t.abs().max()) for t in b.values())  # AdamW normalises away the scale of a tiny
-        assert a.keys() == b.keys() and all(float((a[k] - b[k]).abs().max()) <= 1e-4 * scale for k in a)  # grad
+        scale = max(float(t.abs().max()) for t in b.values())  # AdamW normalises away a tiny grad's scale
+        assert a.keys() == b.keys()
+        assert all(float((a[k] - b[k]).abs().max()) <= 1e-4 * scale for k in a)
 
 
 @pytest.mark.slow

@@ -12,8 +12,9 @@ from runners.memplan import GiB, Plan
 from runners.metrics import SavedActivations
 from runners.train import run
 
-ONE_STEP = ["trainer.max_steps=1", "trainer.checkpoint_every=0", "trainer.batch_size=16", "task.data.train_size=32",
-            "task.data.test_size=16", "threads=1", "logger=none", "trainer.timing_warmup=0"]
+ONE_STEP = ["trainer.max_steps=1", "trainer.checkpoint_every=0", "trainer.batch_size=16",
+            "task.data.train_size=32", "task.data.test_size=16", "threads=1", "logger=none",
+            "trainer.timing_warmup=0"]
 
 # predicted / measured activation bytes on the tiny models (CPU, fp32). The meta device's attention is the
 # math path (it saves the attention weights; the CPU kernel saves O(S)) and the plan's CLIP batch carries one
@@ -25,8 +26,8 @@ ACTIVATION_RATIO = {"vision": (1.0, 1.3), "clip": (1.0, 3.0)}
 @pytest.mark.parametrize("task", ["vision", "clip"])
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_a_run_records_its_prediction_beside_what_it_measured(task, method, tmp_path):
-    record = run(compose_config([f"task={task}", f"method={method}", "budget=lora8", "dataset=shapes", *ONE_STEP,
-                                 f"out_dir={tmp_path}"]))
+    record = run(compose_config([f"task={task}", f"method={method}", "budget=lora8", "dataset=shapes",
+                                 *ONE_STEP, f"out_dir={tmp_path}"]))
     cost = record["cost"]
     head = record["params"]["head_trainable"] * 4 * 4 + (4 if record["params"]["head_trainable"] else 0)
     # exact: the same tensors, counted from shapes and dtypes on meta (the vision head is not in the skeleton)
@@ -34,11 +35,13 @@ def test_a_run_records_its_prediction_beside_what_it_measured(task, method, tmp_
     low, high = ACTIVATION_RATIO[task]
     assert low <= cost["predicted_activation_bytes"] / cost["activation_bytes"] <= high
     assert cost["predicted_peak_bytes"] > cost["predicted_activation_bytes"] + cost["predicted_state_bytes"]
-    assert json.loads((tmp_path / "results.json").read_text())["cost"]["predicted_peak_bytes"] == cost["predicted_peak_bytes"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["cost"]["predicted_peak_bytes"] == cost["predicted_peak_bytes"]
 
 
 def test_the_meta_trace_counts_what_a_real_forward_saves():
-    """The same batch through the same architecture: on meta (the plan) and on the CPU (the runner's counter)."""
+    """The same batch through the same architecture: on meta (the plan) and on the CPU (the runner's
+    counter)."""
     cfg = compose_config(["task=vision", "method=lora", "budget=lora4"])
     meta = memplan.skeleton(cfg.task)
     real = memplan.skeleton(cfg.task, device="cpu")
@@ -58,7 +61,8 @@ def test_checkpointing_keeps_block_inputs_and_one_block():
     full = memplan.trace_activations(model, batch, checkpointing=False, bf16=False)
     kept = memplan.trace_activations(model, batch, checkpointing=True, bf16=False)
     blocks = len(memplan.transformer_blocks(model))
-    hidden = 8 * (1 + (32 // model.config.patch_size) ** 2) * model.config.hidden_size * 4  # one block's input
+    # one block's input
+    hidden = 8 * (1 + (32 // model.config.patch_size) ** 2) * model.config.hidden_size * 4
     assert blocks * hidden < kept < full
 
 
@@ -67,7 +71,8 @@ def test_llama3_8b_full_fine_tuning_does_not_fit_one_80gb_card_and_lora_does():
     full = memplan.job_plan(compose_config(["task=commonsense", "size=large", "method=full"]), 1)[0]
     assert full.state == pytest.approx(8.03e9 * 16, rel=0.01)
     assert full.peak + 2 * GiB > 80 * GiB and full.fsdp_gpus(80 * GiB, 2 * GiB) == 2
-    lora = memplan.job_plan(compose_config(["task=commonsense", "size=large", "method=lora", "budget=lora16"]), 1)[0]
+    lora = memplan.job_plan(compose_config(["task=commonsense", "size=large", "method=lora",
+                                            "budget=lora16"]), 1)[0]
     assert lora.weights == pytest.approx(8.03e9 * 2, rel=0.01)  # frozen in bf16 (task.model.dtype)
     assert lora.peak + 2 * GiB < 80 * GiB
 
@@ -91,9 +96,11 @@ def test_the_preflight_prints_the_plan_and_counts_a_job_over_the_card_as_a_probl
     from runners.preflight import memory_plan
 
     line, over = memory_plan(compose_config(["task=clip", "method=full", "plan.gpu_memory_gb=0.001"]))
-    assert line.startswith("memory plan (full, budget None, micro-batch 64): weights ") and "DOES NOT FIT" in line
+    assert line.startswith("memory plan (full, budget None, micro-batch 64): weights ")
+    assert "DOES NOT FIT" in line
     assert len(over) == 1 and over[0].startswith("full at budget None: predicted peak ")
-    line, over = memory_plan(compose_config(["task=clip", "method=lora", "budget=lora4", "plan.gpu_memory_gb=80"]))
+    line, over = memory_plan(compose_config(["task=clip", "method=lora", "budget=lora4",
+                                             "plan.gpu_memory_gb=80"]))
     assert line.endswith("card 80.0 GiB: fits") and over == []
 
 

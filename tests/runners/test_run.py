@@ -108,9 +108,10 @@ BAD_VALUES = [  # (override, the one line run.py prints)
     ("trainer.batch_size=0", "trainer.batch_size=0 is not valid: use an integer >= 1"),
     ("trainer.max_steps=-3", "trainer.max_steps=-3 is not valid: use an integer >= 0 (0: evaluate only)"),
     ("seed=abc", "seed=abc is not valid: use an integer, e.g. seed=0"),
-    ("dataset=nosuch", "dataset=nosuch is not valid: task clip (size=tiny) has shapes, colors, digits, textures, "
-                       "counts; name one of them, or null for the whole suite"),
-    ("trainer.strategy=zero3", "trainer.strategy=zero3 is not valid: use ddp (replicas) or fsdp (sharded, FSDP2)"),
+    ("dataset=nosuch", "dataset=nosuch is not valid: task clip (size=tiny) has shapes, colors, digits, "
+                       "textures, counts; name one of them, or null for the whole suite"),
+    ("trainer.strategy=zero3",
+     "trainer.strategy=zero3 is not valid: use ddp (replicas) or fsdp (sharded, FSDP2)"),
     ("trainer.on_bad_checkpoint=delete", "trainer.on_bad_checkpoint=delete is not valid: use restart"),
     ("plan.over=ignore", "plan.over=ignore is not valid: use refuse (stop the sweep) or skip"),
 ]
@@ -341,8 +342,8 @@ def test_checkpoints_load_memory_mapped(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("on_bad", ["restart", "stop"])
-def test_an_unreadable_checkpoint_is_named_moved_aside_and_the_run_restarts_or_stops(on_bad, tiny_overrides, tmp_path,
-                                                                                    caplog):
+def test_an_unreadable_checkpoint_is_named_moved_aside_and_the_run_restarts_or_stops(on_bad, tiny_overrides,
+                                                                                    tmp_path, caplog):
     """Junk in checkpoint.pt (a node lost mid-write): one line naming the file, the file kept beside it, then
     training from step 0 (restart) or a failed run saying so (stop); torch's own mmap error never surfaces."""
     from runners.train import RunFailed
@@ -350,7 +351,8 @@ def test_an_unreadable_checkpoint_is_named_moved_aside_and_the_run_restarts_or_s
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint\n" * 64)
-    cfg = compose_config(["method=lora", "dataset=shapes", *tiny_overrides, f"trainer.on_bad_checkpoint={on_bad}"])
+    cfg = compose_config(["method=lora", "dataset=shapes", *tiny_overrides,
+                          f"trainer.on_bad_checkpoint={on_bad}"])
     if on_bad == "stop":
         with pytest.raises(RunFailed, match=r"checkpoint .*checkpoint\.pt cannot be read \(.*\); moved to "
                                             r"checkpoint\.pt\.unreadable-\d{8}T\d{6}; stopping"):
@@ -359,7 +361,8 @@ def test_an_unreadable_checkpoint_is_named_moved_aside_and_the_run_restarts_or_s
         record = run(cfg)
         assert record["run"]["status"] == "success" and record["history"][-1]["step"] == 4
         warned = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
-        assert len(warned) == 1 and warned[0].endswith("training from the start (trainer.on_bad_checkpoint=restart)")
+        assert len(warned) == 1
+        assert warned[0].endswith("training from the start (trainer.on_bad_checkpoint=restart)")
     kept = list(run_dir.glob("checkpoint.pt.unreadable-*"))
     assert len(kept) == 1 and kept[0].read_bytes() == b"not a checkpoint\n" * 64
     assert not (run_dir / "checkpoint.pt").exists()
