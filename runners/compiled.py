@@ -44,7 +44,7 @@ class StepRunner:
         self.timer.start()
         try:
             out = step(self.compiled)
-        except Exception as err:  # noqa: BLE001 (any compile failure falls back to eager, named in one line)
+        except Exception as err:
             self.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err) else ''}"
             log.warning("trainer.compile: %s cannot be compiled (%s); training eager", self.label, self.error)
             self.compiled = None
