@@ -108,6 +108,8 @@ class AdapterLayer(CostModel, nn.Module):
     peft: ClassVar[PeftSpec]
     #: hyper-parameters the budget solver searches (values passed for them are overridden).
     budget_knobs: ClassVar[tuple[str, ...]] = ("r",)
+    #: layers may take their own `r` (a `rank_pattern`) when the budget solver needs it
+    layer_patterns: ClassVar[bool] = True
     #: hyper-parameter name -> (default, validator); `r`, `alpha` and `dropout` are common to all methods.
     hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = {}
 
@@ -139,6 +141,12 @@ class AdapterLayer(CostModel, nn.Module):
     def max_rank(cls, in_features: int, out_features: int, **hp: Any) -> int:
         """Structural upper bound on rank(dW), reached by generic (random) adapter weights."""
         return min(in_features, out_features)
+
+    @classmethod
+    def knob_limit(cls, in_features: int, out_features: int) -> int:
+        """The largest valid `r` on Linear(in, out): its larger dimension (a rank above it adds parameters
+        but no rank or structure); a method whose `r` is no rank (FourierFT's frequencies) says otherwise."""
+        return max(in_features, out_features)
 
     @classmethod
     def make_shared(cls, linears: list[nn.Linear], hp: dict[str, Any]) -> nn.Module | None:

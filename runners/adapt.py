@@ -18,7 +18,7 @@ import methods
 
 log = logging.getLogger(__name__)
 
-_NOT_HP = ("name", "lr")
+_NOT_HP = ("name", "lr", "peft")  # peft: a PEFT-backed method's definition (methods/peft_backed.py)
 
 
 @dataclass
