@@ -85,6 +85,11 @@ class PeftLayer(AdapterLayer):
     knob_max: ClassVar[str] = "max"
     #: rank(dW) <= rank_per_knob * r; 0: full rank (min(in, out))
     rank_per_knob: ClassVar[int] = 0
+    #: the count is a + b r on each shape (declared in the config with its source, checked at 3 values)
+    count_linear: ClassVar[bool] = False
+    #: the tuner layer's attribute holding the knob per adapter: a value PEFT adjusts (OFT picks another
+    #: block size that divides in_features) is refused instead of recorded wrongly
+    knob_attr: ClassVar[str] = ""
     #: valid `r` are multiples of this (HRA: PEFT's identity init pairs the reflections), and why
     knob_multiple: ClassVar[int] = 1
     knob_note: ClassVar[str] = ""
@@ -111,6 +116,12 @@ class PeftLayer(AdapterLayer):
     # -- counting, knobs, structure -------------------------------------------------------------------
     @classmethod
     def num_params(cls, in_features: int, out_features: int, **hp: Any) -> int:
+        """PEFT's own count on a meta Linear; where PEFT's counts at three knob values lie on a line (LoRA,
+        DoRA, FourierFT, HRA), that line, since a build can cost O(in * out) (FourierFT's index draw)."""
+        rest = tuple(sorted((k, v) for k, v in hp.items() if k != "r"))
+        line = _line(cls.method, in_features, out_features, rest) if "r" in hp and cls.count_linear else None
+        if line is not None:
+            return line[0] + line[1] * hp["r"]
         return _meta_count(cls.method, in_features, out_features, tuple(sorted(hp.items())))
 
     @classmethod
@@ -134,7 +145,7 @@ class PeftLayer(AdapterLayer):
     def budget_candidates(cls, shapes: list[tuple[int, int]], fixed: dict[str, Any]) -> list[dict]:
         """Every knob value PEFT accepts on all `shapes` (OFT's block size must divide in_features)."""
         top = min(cls.knob_limit(i, o) for i, o in shapes)
-        return [{"r": r} for r in range(1, top + 1) if _valid_everywhere(cls, shapes, {**fixed, "r": r})]
+        return [{"r": r} for r in knob_grid(top) if _valid_everywhere(cls, shapes, {**fixed, "r": r})]
 
     @classmethod
     def config_fields(cls, hp: dict[str, Any], targets: list[str] | str) -> dict[str, Any]:
@@ -207,6 +218,11 @@ def build_tuner(cls: type[PeftLayer], hp: dict[str, Any], base: nn.Linear) -> nn
     if tuner is base:
         raise PeftConfigError(f"{cls.method}: PEFT's {cls.config_class} left nn.Linear({base.in_features}, "
                               f"{base.out_features}) unwrapped: the tuner does not adapt Linear layers")
+    used = getattr(tuner, cls.knob_attr, {}).get(ADAPTER, hp.get("r")) if cls.knob_attr else hp.get("r")
+    if used != hp.get("r"):
+        raise PeftConfigError(f"{cls.method}: PEFT's {cls.config_class} changed r={hp['r']} ({cls.hp_fields['r']}) "
+                              f"to {used} on Linear({base.in_features}, {base.out_features}); valid values "
+                              f"divide in_features={base.in_features}")
     return tuner
 
 
@@ -220,7 +236,12 @@ def _fp32_adapters(tuner: nn.Module, base_dtype: torch.dtype) -> None:
 
 def peft_config(cls: type[PeftLayer], hp: dict[str, Any], targets: list[str] | str) -> Any:
     """The `peft.<config_class>` for our resolved hp; a field the class lacks is one PeftConfigError line."""
-    config_type = getattr(_peft(), cls.config_class)
+    peft = _peft()
+    config_type = getattr(peft, cls.config_class, None)
+    if not isinstance(config_type, type) or not issubclass(config_type, peft.PeftConfig):
+        known = sorted(n for n in dir(peft) if n.endswith("Config") and n != "PeftConfig")
+        raise PeftConfigError(f"{cls.method}: {cls.config_class!r} is not a PEFT config class (peft "
+                              f"{peft.__version__}); valid: {', '.join(known)}")
     try:
         return config_type(target_modules=targets, **cls.config_fields(hp, targets))
     except (TypeError, ValueError) as err:
@@ -250,6 +271,42 @@ def _meta_count(method: str, in_features: int, out_features: int, hp_items: tupl
     cls = get_method(method)
     tuner = build_tuner(cls, dict(hp_items), nn.Linear(in_features, out_features, device="meta"))
     return sum(p.numel() for _, p in trainable(tuner))
+
+
+#: every knob value up to this is a budget candidate; above it, a grid with GRID_RATIO steps (the
+#: per-layer pattern, where PEFT has one, closes the gap between two grid values)
+DENSE = 1024
+GRID_RATIO = 1.02
+
+
+def knob_grid(top: int) -> list[int]:
+    """1..min(top, DENSE), then values GRID_RATIO apart up to `top` (FourierFT's knob reaches in * out)."""
+    values = list(range(1, min(top, DENSE) + 1))
+    while values[-1] < top:
+        values.append(min(top, max(values[-1] + 1, int(values[-1] * GRID_RATIO))))
+    return values
+
+
+@functools.lru_cache(maxsize=4096)
+def _line(method: str, in_features: int, out_features: int, rest: tuple) -> tuple[int, int] | None:
+    """(a, b) with PEFT's count = a + b r at three valid knob values (the smallest two and the largest), or
+    None where they are not on a line or a probe is refused (OFT: quadratic in its block size)."""
+    from .base import get_method
+
+    cls = get_method(method)
+    step = cls.knob_multiple
+    top = cls.knob_limit(in_features, out_features) // step * step
+    probes = sorted({step, 2 * step, top})
+    try:
+        counts = [_meta_count(method, in_features, out_features, tuple(sorted((*rest, ("r", r)))))
+                  for r in probes]
+    except ValueError:
+        return None
+    if len(probes) < 3:
+        return None
+    b = (counts[1] - counts[0]) // (probes[1] - probes[0])
+    a = counts[0] - b * probes[0]
+    return (a, b) if all(a + b * r == c for r, c in zip(probes, counts)) else None
 
 
 def _valid_everywhere(cls: type[PeftLayer], shapes: list[tuple[int, int]], hp: dict[str, Any]) -> bool:
@@ -314,6 +371,7 @@ def register_config(name: str, config: dict[str, Any]) -> type[PeftLayer]:
         "knob_multiple": int(spec.get("knob_multiple") or 1), "knob_note": spec.get("knob_note", ""),
         "init_exact": bool(spec.get("init_exact", True)),
         "max_rank_exact": bool(spec.get("max_rank_exact", True)),
+        "count_linear": bool(spec.get("count_linear", False)), "knob_attr": spec.get("knob_attr") or "",
         "budget_knobs": ("r",) if knob else (), "layer_patterns": bool(spec.get("pattern")),
         "hp_spec": {k: (v, _validator(k, v)) for k, v in defaults.items()},
         "peft": _LazySpec(),

@@ -192,8 +192,8 @@ def test_rank_of_delta_reaches_structural_bound(method, shape, r, randomize_para
 
 # ----------------------------------------------------------------------------- bad input
 def test_unknown_method_lists_valid_ones():
-    with pytest.raises(ValueError, match="unknown method 'dora'; valid methods: ") as err:
-        methods.num_params("dora", 8, 8)
+    with pytest.raises(ValueError, match="unknown method 'nora'; valid methods: ") as err:
+        methods.num_params("nora", 8, 8)
     assert str(err.value).endswith(", ".join(METHODS))
     with pytest.raises(ValueError, match="valid methods"):
         methods.wrap_linear("LoRA", nn.Linear(4, 4))
