@@ -143,6 +143,16 @@ class AdapterLayer(CostModel, nn.Module):
         return min(in_features, out_features)
 
     @classmethod
+    def tensor_shapes(cls, shape: tuple[int, int], hp: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """(name, shape) of the adapter tensors on Linear(*shape) with resolved `hp`: the method's structure.
+        Built on the meta device, so nothing is allocated."""
+        layer = cls(nn.Linear(*shape, device="meta"), **hp)  # adapters follow the base's device
+        return tuple((n, tuple(p.shape)) for n, p in layer.adapter_parameters())
+
+    #: why `knob_limit` bounds r (the refusal says it)
+    knob_limit_reason: ClassVar[str] = "a rank above a layer's larger dimension adds parameters but no rank"
+
+    @classmethod
     def knob_limit(cls, in_features: int, out_features: int) -> int:
         """The largest valid `r` on Linear(in, out): its larger dimension (a rank above it adds parameters
         but no rank or structure); a method whose `r` is no rank (FourierFT's frequencies) says otherwise."""

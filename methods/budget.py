@@ -180,8 +180,7 @@ def _brackets(table: list[tuple[int, dict[str, Any]]], target: int) -> list[list
 def _tensor_shapes(name: str, shape: Shape, hp_items: tuple) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """The adapter tensors (name, shape) `name` creates on Linear(*shape) with these hp: its structure.
     Built on the meta device, so nothing is allocated."""
-    layer = get_method(name)(_meta_linear(shape), **dict(hp_items))  # adapters follow the base's device
-    return tuple((n, tuple(p.shape)) for n, p in layer.adapter_parameters())
+    return get_method(name).tensor_shapes(shape, dict(hp_items))
 
 
 def _same_structure(name: str, shape: Shape, hp: dict[str, Any], r: int) -> bool:
@@ -190,11 +189,6 @@ def _same_structure(name: str, shape: Shape, hp: dict[str, Any], r: int) -> bool
         return {n for n, _ in _tensor_shapes(name, shape, tuple(sorted(h.items())))}
 
     return names({**hp, LAYER_KNOB: r}) == names(hp)
-
-
-@functools.lru_cache(maxsize=256)
-def _meta_linear(shape: Shape) -> nn.Linear:
-    return nn.Linear(*shape, device="meta")
 
 
 def structure(name: str, shape: Shape, hp: dict[str, Any]) -> dict[str, list[int]]:

@@ -95,8 +95,7 @@ def _check_rank(name: str, hp: dict[str, Any], shapes: dict[str, tuple[int, int]
     if r > limit:
         where = f" ({layer!r})" if layer else ""
         raise ValueError(f"{name}: r={r} is too large for Linear({n_in}, {n_out}){where}: the largest valid "
-                         f"r there is {limit} (a rank above a layer's larger dimension adds parameters but "
-                         f"no rank); valid: 1..{limit}")
+                         f"r there is {limit} ({get_method(name).knob_limit_reason}); valid: 1..{limit}")
 
 
 # ----------------------------------------------------------------------------- per-layer ranks

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -131,6 +132,10 @@ class PeftLayer(AdapterLayer):
             raise ValueError(f"{cls.method}: r must be a multiple of {cls.knob_multiple} ({cls.knob_note}); "
                              f"got {resolved['r']}")
         return resolved
+
+    @classmethod
+    def tensor_shapes(cls, shape: tuple[int, int], hp: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        return meta_tensors(cls.method, *shape, tuple(sorted(hp.items())))
 
     @classmethod
     def knob_limit(cls, in_features: int, out_features: int) -> int:
@@ -266,11 +271,19 @@ def our_name(method: str, peft_name: str) -> str:
 @functools.lru_cache(maxsize=65536)
 def _meta_count(method: str, in_features: int, out_features: int, hp_items: tuple) -> int:
     """Trainable parameters PEFT's layer has on Linear(in, out), built on the meta device (no allocation)."""
+    return sum(math.prod(shape) for _, shape in meta_tensors(method, in_features, out_features, hp_items))
+
+
+@functools.lru_cache(maxsize=65536)
+def meta_tensors(method: str, in_features: int, out_features: int, hp_items: tuple
+                 ) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(our name, shape) of the trainable tensors PEFT's layer has on a meta Linear(in, out): counting and
+    the budget solver's structure check share one build (FourierFT's draws its indices: O(in * out))."""
     from .base import get_method
 
     cls = get_method(method)
     tuner = build_tuner(cls, dict(hp_items), nn.Linear(in_features, out_features, device="meta"))
-    return sum(p.numel() for _, p in trainable(tuner))
+    return tuple((our_name(method, n), tuple(p.shape)) for n, p in trainable(tuner))
 
 
 #: every knob value up to this is a budget candidate; above it, a grid with GRID_RATIO steps (the
@@ -375,6 +388,8 @@ def register_config(name: str, config: dict[str, Any]) -> type[PeftLayer]:
         "budget_knobs": ("r",) if knob else (), "layer_patterns": bool(spec.get("pattern")),
         "hp_spec": {k: (v, _validator(k, v)) for k, v in defaults.items()},
         "peft": _LazySpec(),
+        "knob_limit_reason": f"PEFT's {spec['config']} takes {knob} up to {spec.get('knob_max', 'max')} of the "
+                             f"layer's (in, out)" if knob else "",
         "__doc__": f"{spec['label']}: PEFT's {spec['config']} (conf/method/{name}.yaml).",
     }
     cls = type(f"Peft_{name}", (PeftLayer,), attrs)

@@ -18,7 +18,7 @@ import methods
 
 log = logging.getLogger(__name__)
 
-_NOT_HP = ("name", "lr", "peft")  # peft: a PEFT-backed method's definition (methods/peft_backed.py)
+NOT_HP = ("name", "lr", "peft")  # peft: a PEFT-backed method's definition (methods/peft_backed.py)
 
 
 @dataclass
@@ -88,7 +88,7 @@ def adapt(model: nn.Module, method_cfg: DictConfig, target_modules: Any, head_pr
           budget: int | str | None, budget_alpha: str = "ratio") -> Adaptation:
     """Apply the configured method in place; return its hyper-parameters and trainable counts."""
     name = method_cfg.name
-    hp = {k: v for k, v in OmegaConf.to_container(method_cfg, resolve=True).items() if k not in _NOT_HP}
+    hp = {k: v for k, v in OmegaConf.to_container(method_cfg, resolve=True).items() if k not in NOT_HP}
     if budget_alpha not in ("ratio", "fixed"):
         raise ValueError(f"budget_alpha={budget_alpha!r} is not valid; use ratio or fixed")
     if name not in REFERENCES and name not in methods.available():

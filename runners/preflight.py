@@ -248,10 +248,12 @@ def _method_hp(method: str) -> dict[str, Any]:
     """conf/method/<method>.yaml's hyper-parameters (what `budget=native` means); {} without one."""
     from omegaconf import OmegaConf
 
+    from runners.adapt import NOT_HP
+
     path = Path(__file__).resolve().parent.parent / "conf" / "method" / f"{method}.yaml"
     if not path.exists():
         return {}
-    return {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k not in ("name", "lr")}
+    return {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k not in NOT_HP}
 
 
 # --- the whole suite ---------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from runners.adapt import NOT_HP  # method config keys that are no hyper-parameters
+
 ROOT = Path(__file__).resolve().parents[2]
 
 Built = tuple[nn.Module, Any]
@@ -84,4 +86,4 @@ def build(name: str) -> Built:
 def method_hp(method: str) -> dict[str, Any]:
     """conf/method/<method>.yaml without name/lr: the hp a run passes to the solver ("native" uses them)."""
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "method" / f"{method}.yaml"))
-    return {k: v for k, v in cfg.items() if k not in ("name", "lr")}
+    return {k: v for k, v in cfg.items() if k not in NOT_HP}
