@@ -41,7 +41,7 @@ class PeftSpec:
 
     def pattern_name(self, ours: str) -> str:
         """PEFT's name of our pattern hp (`rank_pattern` -> FourierFT's `n_frequency_pattern`)."""
-        return self.pattern_names.get(ours) or ours
+        return self.pattern_names.get(ours, ours)   # "": PEFT has no such field
 
     def our_tensor(self, peft_leaf: str) -> str | None:
         """Our parameter name for PEFT's state-dict leaf (`lora_A.weight` -> `lora_A`); None if unknown."""
