@@ -108,6 +108,8 @@ class AdapterLayer(CostModel, nn.Module):
     peft: ClassVar[PeftSpec]
     #: hyper-parameters the budget solver searches (values passed for them are overridden).
     budget_knobs: ClassVar[tuple[str, ...]] = ("r",)
+    #: `path_macs` describes this layer's forward (False: PEFT-backed layers run PEFT's own)
+    has_cost_model: ClassVar[bool] = True
     #: layers may take their own `r` (a `rank_pattern`) when the budget solver needs it
     layer_patterns: ClassVar[bool] = True
     #: hyper-parameter name -> (default, validator); `r`, `alpha` and `dropout` are common to all methods.

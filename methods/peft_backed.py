@@ -74,6 +74,7 @@ def _validator(key: str, default: Any) -> Validator:
 class PeftLayer(AdapterLayer):
     """A Linear adapted by one PEFT tuner layer; subclasses are made from config files (`register_config`)."""
 
+    has_cost_model: ClassVar[bool] = False
     #: the PEFT config class (in the `peft` namespace), its fixed fields and our hp -> its field names
     config_class: ClassVar[str] = ""
     fixed: ClassVar[dict[str, Any]] = {}

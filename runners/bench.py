@@ -206,7 +206,10 @@ def make_configs(work: Workload, budget: str, method_names: list[str], with_peft
     for name in method_names:
         # one r for all layers: PEFT's configs of RandLoRA/VeRA have no rank_pattern, and both sides run
         # the same solved values
-        solved = methods.solve_budget(work.model, name, work.targets, budget, per_layer=False)
+        own = budget if methods.get_method(name).budget_knobs else methods.budget.NATIVE
+        if own != budget:
+            log.info("%s has no size knob: benched at its native count, not %s", name, budget)
+        solved = methods.solve_budget(work.model, name, work.targets, own, per_layer=False)
         hp = methods.get_method(name).resolve_hp(solved)
         configs.append(Config(f"ours:{name}", name, hp))
         if with_peft:
@@ -326,6 +329,8 @@ def adapter_work(trainer: Trainer) -> float | None:
     if trainer.cfg.impl != "ours":
         return None
     layers = list(methods.adapter_layers(trainer.model).values())
+    if not all(layer.has_cost_model for layer in layers):   # PEFT-backed layers run PEFT's forward
+        return None
     calls: dict[nn.Module, tuple[int, dict]] = {}   # layer -> (tokens, how dW meets the base matmul)
 
     def record(module: nn.Module, args: tuple) -> None:
