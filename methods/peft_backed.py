@@ -388,13 +388,27 @@ def register_config(name: str, config: dict[str, Any]) -> type[PeftLayer]:
         "count_linear": bool(spec.get("count_linear", False)), "knob_attr": spec.get("knob_attr") or "",
         "budget_knobs": ("r",) if knob else (), "layer_patterns": bool(spec.get("pattern")),
         "hp_spec": {k: (v, _validator(k, v)) for k, v in defaults.items()},
-        "peft": _LazySpec(),
+        "peft": _LazySpec(), "definition": dict(spec),
         "knob_limit_reason": f"PEFT's {spec['config']} takes {knob} up to {spec.get('knob_max', 'max')} of the "
                              f"layer's (in, out)" if knob else "",
         "__doc__": f"{spec['label']}: PEFT's {spec['config']} (conf/method/{name}.yaml).",
     }
     cls = type(f"Peft_{name}", (PeftLayer,), attrs)
     return register(name)(cls)
+
+
+def check_definition(name: str, block: dict[str, Any] | None) -> None:
+    """A run's `method.peft` must be the one `name` was registered from: the registry reads
+    conf/method/<name>.yaml when `methods` is imported, so a command-line change of it would not act."""
+    from .base import get_method
+
+    cls = get_method(name)
+    registered = getattr(cls, "definition", None)
+    if block is not None and block != registered:
+        where = f"conf/method/{name}.yaml" if registered is not None else "a conf/method/<name>.yaml of its own"
+        raise PeftConfigError(f"method.peft of {name} differs from the definition it was registered with; "
+                              f"a PEFT-backed method is defined by its file: edit {where} (or add a new one), "
+                              f"not method.peft on the command line")
 
 
 def _configs(folder: Path) -> dict[str, dict[str, Any]]:
