@@ -170,17 +170,19 @@ class PeftLayer(AdapterLayer):
         return self.tuner(x)
 
     def delta_weight(self) -> torch.Tensor:
-        """dW = (adapted layer's weight) - W, read off the affine map x -> x (W + dW)^T + b with dropout
-        off: the rows of f(I) - f(0). Costs one in x in forward; for rank measurements and tests."""
-        was = self.tuner.training
+        """dW = (adapted layer's weight) - W, read off the linear map x -> x (W + dW)^T that the adapted
+        layer is with its bias set aside and dropout off: its rows at the identity. One in x in forward;
+        for rank measurements and tests. Exact where PEFT leaves W untouched (dW = 0 at init)."""
+        base, was = self.base_layer, self.tuner.training
+        bias = base.bias
         self.tuner.train(False)
+        base.bias = None
         try:
-            probe = torch.eye(self.in_features, dtype=self.base_layer.weight.dtype,
-                              device=self.base_layer.weight.device)
-            rows = self.tuner(probe) - self.tuner(torch.zeros_like(probe[:1]))
+            rows = self.tuner(torch.eye(self.in_features, dtype=base.weight.dtype, device=base.weight.device))
         finally:
+            base.bias = bias
             self.tuner.train(was)
-        return rows.T.to(self.adapter_dtype) - self.base_layer.weight.to(self.adapter_dtype)
+        return rows.T.to(self.adapter_dtype) - base.weight.to(self.adapter_dtype)
 
     def train(self, mode: bool = True) -> PeftLayer:
         self.tuner.train(mode)
