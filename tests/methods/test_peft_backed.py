@@ -23,7 +23,7 @@ TARGETS = ["q_proj", "v_proj", "fc1", "fc2"]
 
 
 def test_the_issue_24_methods_are_registered_from_their_configs():
-    assert {"peft_lora", "dora", "oft", "boft", "fourierft", "hra", "ia3"} <= set(PEFT_BACKED)
+    assert {"peft_lora", "dora", "oft", "boft", "fourierft", "hra", "ia3", "miss", "waveft"} <= set(PEFT_BACKED)
 
 
 # ----------------------------------------------------------------------------- peft_lora == lora
