@@ -21,7 +21,7 @@ import functools
 import logging
 import math
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import yaml
@@ -75,6 +75,8 @@ class PeftLayer(AdapterLayer):
     """A Linear adapted by one PEFT tuner layer; subclasses are made from config files (`register_config`)."""
 
     has_cost_model: ClassVar[bool] = False
+    _spec: ClassVar[PeftSpec]   # built on first use of `peft` (_LazySpec)
+    tuner: Any                  # PEFT's BaseTunerLayer (kept out of the module tree, see __init__)
     #: the PEFT config class (in the `peft` namespace), its fixed fields and our hp -> its field names
     config_class: ClassVar[str] = ""
     fixed: ClassVar[dict[str, Any]] = {}
@@ -176,7 +178,7 @@ class PeftLayer(AdapterLayer):
         base, was = self.base_layer, self.tuner.training
         bias = base.bias
         self.tuner.train(False)
-        base.bias = None
+        base.bias = None  # type: ignore[assignment]  # set aside: the rows are then W + dW alone
         try:
             rows = self.tuner(torch.eye(self.in_features, dtype=base.weight.dtype, device=base.weight.device))
         finally:
@@ -186,7 +188,8 @@ class PeftLayer(AdapterLayer):
 
     def train(self, mode: bool = True) -> PeftLayer:
         self.tuner.train(mode)
-        return super().train(mode)
+        super().train(mode)
+        return self
 
     def _apply(self, fn: Any, recurse: bool = True) -> PeftLayer:
         self.tuner._apply(fn, recurse)   # the tuner's own buffers (BOFT's permutations, OFT's indices)
@@ -284,7 +287,7 @@ def meta_tensors(method: str, in_features: int, out_features: int, hp_items: tup
     the budget solver's structure check share one build (FourierFT's draws its indices: O(in * out))."""
     from .base import get_method
 
-    cls = get_method(method)
+    cls = cast(type[PeftLayer], get_method(method))
     tuner = build_tuner(cls, dict(hp_items), nn.Linear(in_features, out_features, device="meta"))
     return tuple((our_name(method, n), tuple(p.shape)) for n, p in trainable(tuner))
 
@@ -309,7 +312,7 @@ def _line(method: str, in_features: int, out_features: int, rest: tuple) -> tupl
     None where they are not on a line or a probe is refused (OFT: quadratic in its block size)."""
     from .base import get_method
 
-    cls = get_method(method)
+    cls = cast(type[PeftLayer], get_method(method))
     step = cls.knob_multiple
     top = cls.knob_limit(in_features, out_features) // step * step
     probes = sorted({step, 2 * step, top})
@@ -396,7 +399,8 @@ def register_config(name: str, config: dict[str, Any]) -> type[PeftLayer]:
         "__doc__": f"{spec['label']}: PEFT's {spec['config']} (conf/method/{name}.yaml).",
     }
     cls = type(f"Peft_{name}", (PeftLayer,), attrs)
-    return register(name)(cls)
+    register(name)(cls)
+    return cls
 
 
 def check_definition(name: str, block: dict[str, Any] | None) -> None:
