@@ -235,7 +235,6 @@ def test_bad_peft_folders_fail_with_one_line(runs, tmp_path):
     assert not methods.adapter_layers(base)
 
 
-# budgets between two global settings on the tiny CLIP, so the solver gives some layers their own r
 #: a budget between two global ranks on the tiny CLIP; "lora3" unless named (LoRA reaches lora3 with one r)
 PER_LAYER_BUDGET = {"lora": 50176, "peft_lora": 50176}
 
