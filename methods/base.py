@@ -119,6 +119,10 @@ class AdapterLayer(CostModel, nn.Module):
     peft: ClassVar[PeftSpec]
     #: hyper-parameters the budget solver searches (values passed for them are overridden).
     budget_knobs: ClassVar[tuple[str, ...]] = ("r",)
+    #: `path_macs` describes this layer's forward (False: PEFT-backed layers run PEFT's own)
+    has_cost_model: ClassVar[bool] = True
+    #: layers may take their own `r` (a `rank_pattern`) when the budget solver needs it
+    layer_patterns: ClassVar[bool] = True
     #: hyper-parameter name -> (default, validator); `r`, `alpha` and `dropout` are common to all methods.
     hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = {}
 
@@ -153,6 +157,22 @@ class AdapterLayer(CostModel, nn.Module):
     def max_rank(cls, in_features: int, out_features: int, **hp: Any) -> int:
         """Structural upper bound on rank(dW), reached by generic (random) adapter weights."""
         return min(in_features, out_features)
+
+    @classmethod
+    def tensor_shapes(cls, shape: tuple[int, int], hp: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """(name, shape) of the adapter tensors on Linear(*shape) with resolved `hp`: the method's structure.
+        Built on the meta device, so nothing is allocated."""
+        layer = cls(nn.Linear(*shape, device="meta"), **hp)  # adapters follow the base's device
+        return tuple((n, tuple(p.shape)) for n, p in layer.adapter_parameters())
+
+    #: why `knob_limit` bounds r (the refusal says it)
+    knob_limit_reason: ClassVar[str] = "a rank above a layer's larger dimension adds parameters but no rank"
+
+    @classmethod
+    def knob_limit(cls, in_features: int, out_features: int) -> int:
+        """The largest valid `r` on Linear(in, out): its larger dimension (a rank above it adds parameters
+        but no rank or structure); a method whose `r` is no rank (FourierFT's frequencies) says otherwise."""
+        return max(in_features, out_features)
 
     @classmethod
     def make_shared(cls, linears: list[nn.Linear], hp: dict[str, Any]) -> nn.Module | None:

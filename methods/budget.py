@@ -145,7 +145,7 @@ def _table(name: str, shapes: tuple[tuple[Shape, int], ...], base: tuple) -> tup
     """`_count_table`, cached: a sweep solves many budgets on one model (callers copy the knobs)."""
     cls, base = get_method(name), dict(base)
     table = []
-    top = largest_rank([s for s, _ in shapes])
+    top = largest_rank([s for s, _ in shapes], name)
     for knobs in cls.budget_candidates([s for s, _ in shapes], base):
         hp = {**base, **knobs}
         if hp.get("r", 1) > top:
@@ -180,8 +180,7 @@ def _brackets(table: list[tuple[int, dict[str, Any]]], target: int) -> list[list
 def _tensor_shapes(name: str, shape: Shape, hp_items: tuple) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """The adapter tensors (name, shape) `name` creates on Linear(*shape) with these hp: its structure.
     Built on the meta device, so nothing is allocated."""
-    layer = get_method(name)(_meta_linear(shape), **dict(hp_items))  # adapters follow the base's device
-    return tuple((n, tuple(p.shape)) for n, p in layer.adapter_parameters())
+    return get_method(name).tensor_shapes(shape, dict(hp_items))
 
 
 def _same_structure(name: str, shape: Shape, hp: dict[str, Any], r: int) -> bool:
@@ -190,11 +189,6 @@ def _same_structure(name: str, shape: Shape, hp: dict[str, Any], r: int) -> bool
         return {n for n, _ in _tensor_shapes(name, shape, tuple(sorted(h.items())))}
 
     return names({**hp, LAYER_KNOB: r}) == names(hp)
-
-
-@functools.lru_cache(maxsize=256)
-def _meta_linear(shape: Shape) -> nn.Linear:
-    return nn.Linear(*shape, device="meta")
 
 
 def structure(name: str, shape: Shape, hp: dict[str, Any]) -> dict[str, list[int]]:
@@ -210,8 +204,11 @@ def _layer_steps(name: str, shape: Shape, hp: dict[str, Any], others: set[int]) 
     r, here = hp[LAYER_KNOB], cls.num_params(*shape, **hp)
     steps = []
     for other in sorted(others | set(range(r - STEP, r + STEP + 1)) - {r}):
-        if 1 <= other <= largest_rank([shape]):
-            delta = cls.num_params(*shape, **{**hp, LAYER_KNOB: other}) - here
+        if 1 <= other <= largest_rank([shape], name):
+            try:
+                delta = cls.num_params(*shape, **{**hp, LAYER_KNOB: other}) - here
+            except ValueError:   # a value the method refuses on this shape (OFT: a block size not dividing in)
+                continue
             steps += [(other, delta)] if delta else []
     return steps
 
@@ -271,7 +268,8 @@ def _refine(name: str, layers: dict[str, Shape], hp: dict[str, Any], count: int,
             others: set[int]) -> tuple[int, dict[str, int]]:
     """(count, rank_pattern) nearest to `target` from the global `hp`, some layers taking another r
     (`_layer_steps`); which layers of a shape take it: spread evenly over the depth (`_spread`)."""
-    if LAYER_KNOB not in get_method(name).budget_knobs or abs(count - target) <= EXACT * target:
+    cls = get_method(name)
+    if LAYER_KNOB not in cls.budget_knobs or not cls.layer_patterns or abs(count - target) <= EXACT * target:
         return count, {}
     by_shape: dict[Shape, list[str]] = {}
     for layer, shape in layers.items():
@@ -313,6 +311,10 @@ def solve_budget_report(model: nn.Module, name: str, target_modules: Targets, bu
         return _native(name, layers, fixed_hp, resolve_budget(model, target_modules, budget, method=name,
                                                                 hp=fixed_hp))
     target = resolve_budget(model, target_modules, budget)
+    if not get_method(name).budget_knobs:
+        fixed = num_params_model(model, name, target_modules, **fixed_hp)
+        raise ValueError(f"{name} has no size knob (its count is fixed by the targets: {fixed} here), so it runs "
+                         f"at budget=native only, not {budget}")
     table = _count_table(name, Counter(layers.values()), fixed_hp)
     smallest = min(table, key=lambda t: t[0])
     largest = max(table, key=lambda t: t[0])

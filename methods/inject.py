@@ -69,13 +69,15 @@ def find_targets(model: nn.Module, target_modules: Targets) -> dict[str, nn.Line
 
 
 # ----------------------------------------------------------------------------- rank limit
-def largest_rank(shapes: Sequence[tuple[int, int]]) -> int:
-    """The largest valid `r` on Linear layers of these (in, out) shapes: the smallest larger dimension.
+def largest_rank(shapes: Sequence[tuple[int, int]], name: str | None = None) -> int:
+    """The largest valid `r` on Linear layers of these (in, out) shapes: the smallest larger dimension
+    (or the smallest `knob_limit` of method `name`, for a method whose `r` is no rank).
 
     A rank above a layer's larger dimension adds parameters (and memory: LoRA r=100000 on a 128-wide layer
     is 25.6M parameters) but no rank or structure, for every method here, so it is refused, not wrapped.
     """
-    return min(max(i, o) for i, o in shapes)
+    limit = get_method(name).knob_limit if name else lambda i, o: max(i, o)
+    return min(limit(i, o) for i, o in shapes)
 
 
 def check_rank(name: str, hp: dict[str, Any], layers: dict[str, nn.Linear]) -> None:
@@ -88,13 +90,12 @@ def _check_rank(name: str, hp: dict[str, Any], shapes: dict[str, tuple[int, int]
     r = hp.get("r")
     if r is None or not shapes:
         return
-    layer, (n_in, n_out) = min(shapes.items(), key=lambda kv: max(kv[1]))
-    limit = largest_rank([(n_in, n_out)])
+    layer, (n_in, n_out) = min(shapes.items(), key=lambda kv: largest_rank([kv[1]], name))
+    limit = largest_rank([(n_in, n_out)], name)
     if r > limit:
         where = f" ({layer!r})" if layer else ""
         raise ValueError(f"{name}: r={r} is too large for Linear({n_in}, {n_out}){where}: the largest valid "
-                         f"r there is {limit} (a rank above a layer's larger dimension adds parameters but "
-                         f"no rank); valid: 1..{limit}")
+                         f"r there is {limit} ({get_method(name).knob_limit_reason}); valid: 1..{limit}")
 
 
 # ----------------------------------------------------------------------------- per-layer ranks
@@ -129,7 +130,7 @@ def join_pattern(hp: dict[str, Any], per_layer: dict[str, dict[str, Any]]) -> di
     """`hp` plus the patterns of the layers whose r or alpha differ from it (inverse of `layer_hps`)."""
     out = dict(hp)
     for key, knob in PATTERNS.items():
-        pattern = {n: h[knob] for n, h in per_layer.items() if h[knob] != hp[knob]}
+        pattern = {n: h[knob] for n, h in per_layer.items() if knob in h and h[knob] != hp[knob]}
         if pattern:
             out[key] = pattern
     return out
@@ -145,7 +146,7 @@ def layer_hps(name: str, hp: dict[str, Any], overrides: Overrides,
                          f"valid: exact names of targeted layers, e.g. {list(layers)[:2]}")
     cls = get_method(name)
     out = {n: cls.resolve_hp({**hp, **overrides[n]}) if n in overrides else hp for n in layers}
-    for r in sorted({h["r"] for h in out.values()}):  # per rank, the tightest layer is named
+    for r in sorted({h["r"] for h in out.values() if "r" in h}):  # per rank, the tightest layer is named
         _check_rank(name, {"r": r}, {n: (m.in_features, m.out_features) for n, m in layers.items()
                                      if out[n]["r"] == r})
     return out
@@ -154,8 +155,8 @@ def layer_hps(name: str, hp: dict[str, Any], overrides: Overrides,
 def shared_hp(hp: dict[str, Any], per_layer: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The hp `make_shared` sizes shared state with: `r` is the largest layer rank and `r_min` the
     smallest (random bases with the most rows, RandLoRA's with the most bases); the global hp when uniform."""
-    ranks = {h["r"] for h in per_layer.values()}
-    if ranks == {hp["r"]}:
+    ranks = {h["r"] for h in per_layer.values() if "r" in h}
+    if not ranks or ranks == {hp["r"]}:
         return hp
     return {**hp, "r": max(ranks), "r_min": min(ranks)}
 

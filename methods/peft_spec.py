@@ -2,7 +2,7 @@
 
 Export (runners/export.py), the bench (runners/bench.py) and the parity tests read a method's PEFT config
 type, its field mapping and its tensor names from here, so a new method brings its own counterpart and
-no list elsewhere names it. PEFT is a test/bench dependency only: it is imported inside `config`.
+no list elsewhere names it. PEFT is imported inside `config` only (a runtime dependency of the PEFT-backed methods alone).
 Field names are those of PEFT 0.21.2's config dataclasses (peft/tuners/*/config.py) and state dicts
 (`PeftModel.save_pretrained` keys `base_model.model.<module>.<tensor>`), checked by tests/runners/test_export.py.
 """
@@ -28,12 +28,20 @@ class PeftSpec:
     refuse: dict[str, Any] = field(default_factory=dict)  # fields changing outputs in ways we cannot follow
     random: tuple[str, ...] = ()                         # frozen random bases, regenerated from the seed
     patterns: bool = False                               # the config has rank_pattern / alpha_pattern
+    #: our pattern hp -> PEFT's field of that name where it differs (FourierFT: n_frequency_pattern)
+    pattern_names: dict[str, str] = field(default_factory=dict)
+    targets_fields: tuple[str, ...] = ()                 # fields set to the target modules (IA3's feedforward)
 
     def config(self, hp: dict[str, Any], target_modules: list[str] | str, **extra: Any) -> Any:
         """The `peft.<config_class>` for our resolved hp on `target_modules` (imports peft: tests/bench only)."""
         import peft
 
-        return getattr(peft, self.config_class)(target_modules=target_modules, **self.to_peft(hp), **extra)
+        own = {f: target_modules for f in self.targets_fields}
+        return getattr(peft, self.config_class)(target_modules=target_modules, **self.to_peft(hp), **own, **extra)
+
+    def pattern_name(self, ours: str) -> str:
+        """PEFT's name of our pattern hp (`rank_pattern` -> FourierFT's `n_frequency_pattern`)."""
+        return self.pattern_names.get(ours, ours)   # "": PEFT has no such field
 
     def our_tensor(self, peft_leaf: str) -> str | None:
         """Our parameter name for PEFT's state-dict leaf (`lora_A.weight` -> `lora_A`); None if unknown."""

@@ -18,7 +18,7 @@ import methods
 
 log = logging.getLogger(__name__)
 
-_NOT_HP = ("name", "lr")
+NOT_HP = ("name", "lr", "peft")  # peft: a PEFT-backed method's definition (methods/peft_backed.py)
 
 
 @dataclass
@@ -89,11 +89,14 @@ def adapt(model: nn.Module, method_cfg: DictConfig, target_modules: Any, head_pr
     """Apply the configured method in place; return its hyper-parameters and trainable counts. Adapters of
     the layers `untrained` selects are counted but get no gradient (tasks.base.Task.untrained_targets)."""
     name = method_cfg.name
-    hp = {k: v for k, v in OmegaConf.to_container(method_cfg, resolve=True).items() if k not in _NOT_HP}
+    config = OmegaConf.to_container(method_cfg, resolve=True)
+    hp = {k: v for k, v in config.items() if k not in NOT_HP}
     if budget_alpha not in ("ratio", "fixed"):
         raise ValueError(f"budget_alpha={budget_alpha!r} is not valid; use ratio or fixed")
     if name not in REFERENCES and name not in methods.available():
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(method_names())}")
+    if "peft" in config:   # a PEFT-backed method's definition (methods/peft_backed.py)
+        methods.peft_backed.check_definition(name, config["peft"])
 
     budget_target, solution = None, None
     rank_layers = list(methods.find_targets(model, target_modules))

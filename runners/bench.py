@@ -223,7 +223,10 @@ def make_configs(work: Workload, budget: str, method_names: list[str], with_peft
         # per-layer ranks where PEFT's config can express them (rank_pattern), as a sweep solves them;
         # one r for all layers otherwise (PEFT's RandLoRA/VeRA), so both sides run the same solved values
         cls = methods.get_method(name)
-        solved = methods.solve_budget(work.model, name, work.targets, budget, per_layer=cls.peft.patterns)
+        own = budget if cls.budget_knobs else methods.budget.NATIVE
+        if own != budget:
+            log.info("%s has no size knob: benched at its native count, not %s", name, budget)
+        solved = methods.solve_budget(work.model, name, work.targets, own, per_layer=cls.peft.patterns)
         pattern = solved.pop(RANK_PATTERN, {})
         hp = cls.resolve_hp(solved)
         configs.append(Config(f"ours:{name}", name, hp, pattern))
@@ -361,6 +364,8 @@ def adapter_work(trainer: Trainer) -> float | None:
     if trainer.cfg.impl != "ours":
         return None
     layers = list(methods.adapter_layers(trainer.model).values())
+    if not all(layer.has_cost_model for layer in layers):   # PEFT-backed layers run PEFT's forward
+        return None
     calls: dict[nn.Module, tuple[int, dict]] = {}   # layer -> (tokens, how dW meets the base matmul)
 
     def record(module: nn.Module, args: tuple) -> None:

@@ -121,7 +121,8 @@ def peft_config(run: TrainedRun) -> dict[str, Any]:
     base = resolve_model_path(run.record["run"]["config"]["task"]["model"]["path"])
     return {"peft_type": fmt.peft_type, "task_type": None, "base_model_name_or_path": base,
             "target_modules": [_hf_name(m, strip) for m in modules], "inference_mode": True,
-            "modules_to_save": None, **fmt.to_peft(run.adapter["hp"]), **_peft_patterns(run, fmt, strip)}
+            "modules_to_save": None, **fmt.to_peft(run.adapter["hp"]), **_peft_patterns(run, fmt, strip),
+            **{f: [_hf_name(m, strip) for m in modules] for f in fmt.targets_fields}}
 
 
 def _peft_patterns(run: TrainedRun, fmt: PeftSpec, strip: bool) -> dict[str, dict[str, Any]]:
@@ -130,11 +131,12 @@ def _peft_patterns(run: TrainedRun, fmt: PeftSpec, strip: bool) -> dict[str, dic
     `re.match(rf"(.*\.)?({key})$", name)` (peft 0.21.2 peft/utils/other.py:1524-1532, get_pattern_key), so
     every exact module name is escaped and names that one layer only."""
     own = {k: v for k, v in run.adapter["hp"].items() if k in PATTERNS and v}   # most runs have none
-    if own and not fmt.patterns:
+    if own and not (fmt.patterns and all(fmt.pattern_name(k) for k in own)):
         raise ValueError(f"{run.run_dir}: the adapter gives some layers their own r or alpha ({', '.join(sorted(own))}: "
                          f"a budget between two global ranks), and PEFT's {fmt.config_class} has no rank_pattern; "
                          f"export a run with one r for every layer (e.g. budget=native or an explicit method.r)")
-    return {k: {re.escape(_hf_name(m, strip)): number(v) for m, v in p.items()} for k, p in own.items()}
+    return {fmt.pattern_name(k): {re.escape(_hf_name(m, strip)): number(v) for m, v in p.items()}
+            for k, p in own.items()}
 
 
 def peft_tensors(run: TrainedRun) -> dict[str, torch.Tensor]:
@@ -235,32 +237,40 @@ def read_peft_config(path: str | Path) -> tuple[str, dict[str, Any], dict[str, A
     if not (path / PEFT_CONFIG).is_file():
         raise ValueError(f"{path} is not a PEFT adapter folder: it has no {PEFT_CONFIG}")
     config = json.loads((path / PEFT_CONFIG).read_text())
-    by_type = {methods.get_method(name).peft.peft_type: name for name in exportable()}
-    method = by_type.get(config.get("peft_type"))
-    if method is None:
-        raise ValueError(f"{path}: PEFT type {config.get('peft_type')!r} is not supported; valid: "
-                         f"{', '.join(f'{t} ({m})' for t, m in by_type.items())}")
+    of_type = [name for name in exportable() if methods.get_method(name).peft.peft_type == config.get("peft_type")]
+    if not of_type:
+        types = sorted({methods.get_method(name).peft.peft_type for name in exportable()})
+        raise ValueError(f"{path}: PEFT type {config.get('peft_type')!r} is not supported; valid: {', '.join(types)}")
+    # several methods may share a type (LORA: lora, peft_lora, dora): the first, in registry order, whose
+    # fixed settings the file has (`refuse`: DoRA needs use_dora true, LoRA false)
+    method = next((m for m in of_type if not _refused(methods.get_method(m).peft, config)), of_type[0])
     fmt = methods.get_method(method).peft
-    bad = {k: config[k] for k, ok in fmt.refuse.items() if config.get(k) not in (None, [], {}, ok)}
+    bad = _refused(fmt, config)
     if bad:
         raise ValueError(f"{path}: {fmt.peft_type} settings rankbench's {method} cannot evaluate: {bad} "
                          f"(supported: {fmt.refuse})")
     hp = fmt.from_peft(config)
-    for key in PATTERNS:
-        if config.get(key) and not fmt.patterns:
+    for key in (fmt.pattern_name(k) for k in PATTERNS):
+        if key and config.get(key) and not fmt.patterns:
             raise ValueError(f"{path}: {key} is not a field of PEFT's {fmt.config_class}, so this file was not "
                              f"written by PEFT for {fmt.peft_type}; remove it")
     return method, hp, config
 
 
-def our_patterns(config: dict[str, Any], hp: dict[str, Any], names: dict[str, str]) -> dict[str, dict[str, Any]]:
+def _refused(fmt: PeftSpec, config: dict[str, Any]) -> dict[str, Any]:
+    """The file's settings that differ from what the method fixes (`PeftSpec.refuse`)."""
+    return {k: config[k] for k, ok in fmt.refuse.items() if config.get(k) not in (None, [], {}, ok)}
+
+
+def our_patterns(config: dict[str, Any], hp: dict[str, Any], names: dict[str, str],
+                 fmt: PeftSpec | None = None) -> dict[str, dict[str, Any]]:
     r"""PEFT's rank_pattern / alpha_pattern as ours ({our exact module name: value}, layers whose value
     differs from the global one): each module takes the first key that PEFT's get_pattern_key matches,
     `re.match(rf"(.*\.)?({key})$", module)` (peft 0.21.2 peft/utils/other.py:1524-1532).
     `names`: PEFT module name -> ours."""
     out = {}
     for key, knob in PATTERNS.items():
-        pattern = config.get(key) or {}
+        pattern = config.get(fmt.pattern_name(key) if fmt else key) or {}
         own = {}
         for theirs, ours in names.items():
             match = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", theirs)), None)
@@ -282,7 +292,7 @@ def import_peft_adapter(model: nn.Module, path: str | Path) -> list[str]:
     fmt = methods.get_method(method).peft
     weights, bases = _split_peft_tensors(fmt, load_file(str(path / PEFT_WEIGHTS)), path)
     names = _module_names(model, {m for m, _ in weights})
-    hp = {**hp, **our_patterns(config, hp, names)}
+    hp = {**hp, **our_patterns(config, hp, names, fmt)}
     if not methods.adapter_layers(model):
         methods.inject(model, method, "|".join(map(re.escape, sorted(set(names.values())))), **hp)
     layers = methods.adapter_layers(model)

@@ -345,13 +345,15 @@ def _method_hp(method: str, task: Any = None) -> dict[str, Any]:
     convention (task.scaling / task.conventions; None: PEFT's); {} without a method config."""
     from omegaconf import OmegaConf
 
+    from runners.adapt import NOT_HP
+
     path = Path(__file__).resolve().parent.parent / "conf" / "method" / f"{method}.yaml"
     if not path.exists():
         return {}
     task = task if task is not None else {"scaling": "peft", "conventions": {}}
     node = OmegaConf.create({"task": task, "method": OmegaConf.load(path)})
     hp = OmegaConf.to_container(node.method, resolve=True)
-    return {k: v for k, v in hp.items() if k not in ("name", "lr")}
+    return {k: v for k, v in hp.items() if k not in NOT_HP}
 
 
 # --- the whole suite ---------------------------------------------------------------------------------

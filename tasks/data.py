@@ -79,10 +79,14 @@ def load_suite(
 def _generated(name: str, data_cfg: DictConfig, generate: Callable[[str, str, int, int], Dataset],
                template: str) -> SplitPair:
     """A generated dataset; its validation split is a hold-out of the generated train split, so the
-    generated test split is exactly what it was before validation splits existed."""
+    generated test split is exactly what it was before validation splits existed. With
+    `task.data.generated_validation` the held-out examples are replaced by the generator's own
+    "validation" split of the same size (the language suite: held-out words, disjoint from train's and test's)."""
     train = generate(name, "train", int(data_cfg.train_size), data_seed_of(data_cfg))
     test = generate(name, "test", int(data_cfg.test_size), data_seed_of(data_cfg))
     train, validation = hold_out(name, train, {}, data_cfg)
+    if validation is not None and data_cfg.generated_validation:   # held-out words, like test
+        validation = generate(name, "validation", len(validation), data_seed_of(data_cfg))
     return SplitPair(name, train.features["label"].names, template, train, test, validation=validation)
 
 

@@ -1,7 +1,7 @@
 """The embedded sentence-classification datasets, generated deterministically from word lists.
 
-Train and test sentences draw their label-bearing words from *disjoint* lists (test uses synonyms and
-related words never seen in training), so only a pretrained encoder's knowledge of words carries a
+Train, validation and test sentences draw their label-bearing words from three *disjoint* lists
+(validation and test use synonyms and related words never seen in training, each its own), so only a pretrained encoder's knowledge of words carries a
 classifier from one to the other. Negations (sentiment) and distractor words (topic) keep a
 bag-of-words probe from solving the tasks outright, leaving room for adaptation to help.
 """
@@ -14,31 +14,44 @@ from dataclasses import dataclass
 import numpy as np
 from datasets import ClassLabel, Dataset, Features, Value
 
-Words = dict[str, tuple[list[str], list[str]]]  # class -> (train words, test words)
+Words = dict[str, tuple[list[str], list[str], list[str]]]  # class -> (train, test, validation words)
+#: split name -> index into a word-list tuple
+SPLITS = {"train": 0, "test": 1, "validation": 2}
 
 SENTIMENT: Words = {
     "negative": (["bad", "awful", "terrible", "poor", "horrible", "boring", "unpleasant", "dreadful"],
-                 ["atrocious", "dismal", "lousy", "abysmal", "mediocre", "disappointing", "appalling", "tedious"]),
+                 ["atrocious", "dismal", "lousy", "abysmal", "mediocre", "disappointing", "appalling", "tedious"],
+                 ["shoddy", "subpar", "wretched", "lame", "inferior", "unbearable", "bleak", "dire"]),
     "positive": (["good", "great", "nice", "excellent", "wonderful", "enjoyable", "pleasant", "fantastic"],
-                 ["superb", "delightful", "marvelous", "brilliant", "splendid", "lovely", "outstanding", "charming"]),
+                 ["superb", "delightful", "marvelous", "brilliant", "splendid", "lovely", "outstanding", "charming"],
+                 ["terrific", "fabulous", "amazing", "awesome", "exquisite", "stellar", "impressive", "glorious"]),
 }
 NOUNS = (["movie", "meal", "hotel", "service", "book", "concert", "trip", "phone"],
-         ["film", "dinner", "resort", "staff", "novel", "show", "vacation", "camera"])
+         ["film", "dinner", "resort", "staff", "novel", "show", "vacation", "camera"],
+         ["album", "lunch", "hostel", "tour", "podcast", "play", "flight", "museum"])
 TOPIC: Words = {
     "sports": (["football", "goal", "referee", "stadium", "team", "coach", "tennis", "match"],
-               ["basketball", "quarterback", "umpire", "tournament", "athlete", "soccer", "league", "medal"]),
+               ["basketball", "quarterback", "umpire", "tournament", "athlete", "soccer", "league", "medal"],
+               ["hockey", "golf", "baseball", "cricket", "marathon", "olympics", "rugby", "goalkeeper"]),
     "food": (["pasta", "soup", "bread", "chef", "kitchen", "recipe", "cheese", "salad"],
-             ["sushi", "dessert", "bakery", "noodles", "omelette", "restaurant", "sandwich", "cuisine"]),
+             ["sushi", "dessert", "bakery", "noodles", "omelette", "restaurant", "sandwich", "cuisine"],
+             ["pizza", "burger", "steak", "pancake", "curry", "menu", "grill", "breakfast"]),
     "technology": (["computer", "software", "laptop", "internet", "robot", "battery", "chip", "app"],
-                   ["smartphone", "algorithm", "processor", "website", "database", "keyboard", "server", "gadget"]),
+                   ["smartphone", "algorithm", "processor", "website", "database", "keyboard", "server", "gadget"],
+                   ["tablet", "browser", "network", "printer", "monitor", "download", "router", "hardware"]),
     "weather": (["rain", "storm", "snow", "wind", "cloud", "sunshine", "thunder", "fog"],
-                ["hurricane", "blizzard", "drizzle", "hail", "tornado", "humidity", "frost", "monsoon"]),
+                ["hurricane", "blizzard", "drizzle", "hail", "tornado", "humidity", "frost", "monsoon"],
+                ["lightning", "breeze", "sleet", "rainbow", "cyclone", "heatwave", "mist", "downpour"]),
 }
 EMOTION: Words = {
-    "joy": (["happy", "glad", "cheerful", "joyful"], ["elated", "ecstatic", "thrilled", "overjoyed"]),
-    "anger": (["angry", "mad", "furious", "annoyed"], ["irate", "livid", "enraged", "irritated"]),
-    "fear": (["scared", "afraid", "frightened", "nervous"], ["terrified", "petrified", "anxious", "alarmed"]),
-    "sadness": (["sad", "unhappy", "depressed", "gloomy"], ["heartbroken", "sorrowful", "miserable", "downcast"]),
+    "joy": (["happy", "glad", "cheerful", "joyful"], ["elated", "ecstatic", "thrilled", "overjoyed"],
+            ["delighted", "content", "jubilant", "blissful"]),
+    "anger": (["angry", "mad", "furious", "annoyed"], ["irate", "livid", "enraged", "irritated"],
+              ["outraged", "resentful", "indignant", "hostile"]),
+    "fear": (["scared", "afraid", "frightened", "nervous"], ["terrified", "petrified", "anxious", "alarmed"],
+             ["fearful", "panicked", "worried", "uneasy"]),
+    "sadness": (["sad", "unhappy", "depressed", "gloomy"], ["heartbroken", "sorrowful", "miserable", "downcast"],
+                ["tearful", "despondent", "melancholy", "grieving"]),
 }
 PEOPLE = ("she", "he", "my friend", "the teacher", "our neighbour", "my sister", "the driver")
 EVENTS = ("the news arrived", "the letter came", "the door opened", "the phone rang", "the results were posted")
@@ -95,11 +108,14 @@ SPECS: dict[str, SentenceSpec] = {
 
 
 def make_split(name: str, split: str, n: int, seed: int = 0) -> Dataset:
-    """Generate split 'train' or 'test' (held-out vocabulary) of sentence dataset `name`."""
+    """Generate split 'train', 'test' or 'validation' (each of the last two with its own held-out
+    vocabulary) of sentence dataset `name`."""
     if name not in SPECS:
         raise ValueError(f"unknown sentence dataset {name!r}; valid: {', '.join(SPECS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} of sentence dataset {name!r}; valid: {', '.join(SPLITS)}")
     spec = SPECS[name]
     rng = np.random.default_rng([seed, zlib.crc32(name.encode()), zlib.crc32(split.encode())])
-    texts, ys = zip(*(spec.make(rng, 0 if split == "train" else 1) for _ in range(n)))
+    texts, ys = zip(*(spec.make(rng, SPLITS[split]) for _ in range(n)))
     feats = Features({"text": Value("string"), "label": ClassLabel(names=spec.classes)})
     return Dataset.from_dict({"text": list(texts), "label": list(ys)}, features=feats)

@@ -14,6 +14,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from runners.adapt import NOT_HP  # method config keys that are no hyper-parameters
+
 ROOT = Path(__file__).resolve().parents[2]
 
 Built = tuple[nn.Module, Any]
@@ -82,9 +84,9 @@ def build(name: str) -> Built:
 
 
 def method_hp(method: str) -> dict[str, Any]:
-    """conf/method/<method>.yaml without name/lr under PEFT's convention (task.scaling=peft, the tiny suite's):
-    the hp a run passes to the solver ("native" uses them)."""
+    """conf/method/<method>.yaml without name/lr (and a PEFT-backed method's `peft` block) under PEFT's convention
+    (task.scaling=peft, the tiny suite's): the hp a run passes to the solver ("native" uses them)."""
     node = OmegaConf.create({"task": {"scaling": "peft", "conventions": {}},
                              "method": OmegaConf.load(ROOT / "conf" / "method" / f"{method}.yaml")})
     cfg = OmegaConf.to_container(node.method, resolve=True)
-    return {k: v for k, v in cfg.items() if k not in ("name", "lr")}
+    return {k: v for k, v in cfg.items() if k not in NOT_HP}

@@ -28,6 +28,30 @@ def hp_variants(method: str) -> list[dict]:
     return ranks + [{"r": 2, **extra} for extra in EXTRA_HP.get(method, [])]
 
 
+def own(method: str, shapes: list[tuple[int, int]], **hp) -> dict:
+    """`hp` as far as `method` has them (IA3 has no r, HRA no alpha), with `r` moved to the nearest value the
+    method accepts on every shape with a non-empty adapter (OFT's block size must divide in; HRA's r is
+    even). Native methods accept every r asked here, so theirs is unchanged."""
+    cls = methods.get_method(method)
+    hp = {k: v for k, v in hp.items() if k in cls.hp_spec}
+    if "r" not in hp or _nonempty(method, shapes, hp):
+        return hp
+    fixed = {k: v for k, v in hp.items() if k != "r"}
+    valid = [c["r"] for c in cls.budget_candidates(shapes, cls.resolve_hp(fixed))
+             if _nonempty(method, shapes, {**fixed, "r": c["r"]})]
+    return {**hp, "r": min(valid, key=lambda r: (abs(r - hp["r"]), r))}
+
+
+def _nonempty(method: str, shapes: list[tuple[int, int]], hp: dict) -> bool:
+    try:
+        return all(methods.num_params(method, i, o, **hp) > 0 for i, o in shapes)
+    except ValueError:
+        return False
+
+
+TINY_SHAPES = [(12, 12), (12, 30), (30, 12), (12, 20), (20, 12)]   # TinyNet's targeted Linear shapes
+
+
 def test_required_methods_registered():
     assert {"lora", "loha", "lokr", "randlora"} <= set(METHODS)
 
@@ -36,6 +60,7 @@ def test_required_methods_registered():
 @pytest.mark.parametrize("shape", SHAPES)
 def test_closed_form_count_equals_real_count(method, shape):
     for hp in hp_variants(method):
+        hp = own(method, [shape], **hp)
         layer = methods.wrap_linear(method, nn.Linear(*shape), **hp)
         assert methods.count_trainable(layer) == methods.num_params(method, *shape, **hp), hp
 
@@ -45,9 +70,10 @@ def test_closed_form_count_equals_real_count(method, shape):
 def test_identity_at_init_and_forward_equals_merged_weight(method, shape, randomize_params):
     torch.manual_seed(0)
     base = nn.Linear(*shape)
-    layer = methods.wrap_linear(method, copy.deepcopy(base), r=4)
+    layer = methods.wrap_linear(method, copy.deepcopy(base), **own(method, [shape], r=4))
     x = torch.randn(3, 5, shape[0])
-    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
+    exact = getattr(type(layer), "init_exact", True)
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0 if exact else 1e-5)
     randomize_params(layer)
     dw = layer.delta_weight()
     assert dw.shape == (shape[1], shape[0]) and dw.abs().max() > 0
@@ -58,9 +84,10 @@ def test_identity_at_init_and_forward_equals_merged_weight(method, shape, random
 @pytest.mark.parametrize("method", METHODS)
 def test_only_adapter_params_train(method, tiny_net, randomize_params):
     model = tiny_net()
-    names = methods.inject(model, method, TINY_TARGETS, r=2, alpha=2)
+    hp = own(method, TINY_SHAPES, r=2, alpha=2)
+    names = methods.inject(model, method, TINY_TARGETS, **hp)
     assert names == [n for n, m in tiny_net().named_modules() if n.rsplit(".", 1)[-1] in TINY_TARGETS]
-    assert methods.count_trainable(model) == methods.num_params_model(tiny_net(), method, TINY_TARGETS, r=2)
+    assert methods.count_trainable(model) == methods.num_params_model(tiny_net(), method, TINY_TARGETS, **hp)
     prefix = f"{method}_"
     for name, p in model.named_parameters():
         assert p.requires_grad == (name.rsplit(".", 1)[-1].startswith(prefix)), name
@@ -74,11 +101,11 @@ def test_only_adapter_params_train(method, tiny_net, randomize_params):
     assert set(methods.adapter_layers(model)) == set(names)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if "dropout" in methods.get_method(m).hp_spec])
 def test_dropout_acts_on_adapter_input_in_training_only(method, randomize_params):
     torch.manual_seed(0)
     base = nn.Linear(16, 12)
-    layer = methods.wrap_linear(method, copy.deepcopy(base), r=2, dropout=0.5)
+    layer = methods.wrap_linear(method, copy.deepcopy(base), **own(method, [(16, 12)], r=2, dropout=0.5))
     randomize_params(layer)
     x = torch.randn(64, 16)
     expected = F.linear(x, base.weight + layer.delta_weight(), base.bias)
@@ -89,7 +116,7 @@ def test_dropout_acts_on_adapter_input_in_training_only(method, randomize_params
 @pytest.mark.parametrize("method", METHODS)
 def test_merge_unmerge_round_trip(method, tiny_net, randomize_params):
     model = tiny_net()
-    methods.inject(model, method, TINY_TARGETS, r=2, alpha=2)
+    methods.inject(model, method, TINY_TARGETS, **own(method, TINY_SHAPES, r=2, alpha=2))
     randomize_params(model, std=0.1)
     x = torch.randn(4, 12)
     before = model(x)
@@ -106,8 +133,9 @@ def test_merge_unmerge_round_trip(method, tiny_net, randomize_params):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_save_load_round_trip(method, tiny_net, randomize_params, tmp_path):
+    hp = own(method, TINY_SHAPES, r=3, alpha=6)
     model = tiny_net()
-    methods.inject(model, method, TINY_TARGETS, r=3, alpha=6)
+    methods.inject(model, method, TINY_TARGETS, **hp)
     randomize_params(model, std=0.1)
     x = torch.randn(4, 12)
     weights = methods.save_adapter(model, tmp_path)
@@ -122,7 +150,7 @@ def test_save_load_round_trip(method, tiny_net, randomize_params, tmp_path):
     assert methods.load_adapter(fresh, tmp_path) == list(methods.adapter_layers(model))
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
     injected = tiny_net()                   # an already injected model with other adapter values
-    methods.inject(injected, method, TINY_TARGETS, r=3, alpha=6)
+    methods.inject(injected, method, TINY_TARGETS, **hp)
     methods.load_adapter(injected, tmp_path)
     torch.testing.assert_close(injected(x), model(x), rtol=0, atol=0)
 
@@ -152,11 +180,11 @@ def test_random_bases_shared_regenerated_not_saved(method, tiny_net, tmp_path):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shape,r", [((40, 24), 1), ((40, 24), 3), ((30, 50), 2), ((36, 36), 5)])
 def test_rank_of_delta_reaches_structural_bound(method, shape, r, randomize_params):
-    layer = methods.wrap_linear(method, nn.Linear(*shape), r=r)
+    layer = methods.wrap_linear(method, nn.Linear(*shape), **own(method, [shape], r=r))
     randomize_params(layer, seed=r)
     rank = torch.linalg.matrix_rank(layer.delta_weight().detach()).item()
     bound = type(layer).max_rank(*shape, **layer.hp)
-    assert rank == bound
+    assert rank == bound if getattr(type(layer), "max_rank_exact", True) else 0 < rank <= bound
     expected = {"lora": min(r, *shape), "loha": min(r * r, *shape), "randlora": min(shape)}
     if method in expected:
         assert bound == expected[method]
@@ -164,14 +192,17 @@ def test_rank_of_delta_reaches_structural_bound(method, shape, r, randomize_para
 
 # ----------------------------------------------------------------------------- bad input
 def test_unknown_method_lists_valid_ones():
-    with pytest.raises(ValueError, match="unknown method 'dora'; valid methods: ") as err:
-        methods.num_params("dora", 8, 8)
+    with pytest.raises(ValueError, match="unknown method 'nora'; valid methods: ") as err:
+        methods.num_params("nora", 8, 8)
     assert str(err.value).endswith(", ".join(METHODS))
     with pytest.raises(ValueError, match="valid methods"):
         methods.wrap_linear("LoRA", nn.Linear(4, 4))
 
 
-@pytest.mark.parametrize("method", METHODS)
+KNOBBED = [m for m in METHODS if "r" in methods.get_method(m).hp_spec]
+
+
+@pytest.mark.parametrize("method", KNOBBED)
 @pytest.mark.parametrize("r", [0, -3, 2.5, 8.0, "8", True, None])
 def test_bad_rank(method, r):
     with pytest.raises(ValueError, match=r"r must be a positive integer .*got"):
@@ -180,7 +211,7 @@ def test_bad_rank(method, r):
         methods.num_params(method, 8, 8, r=r)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", KNOBBED)
 def test_unknown_hyper_parameter_lists_valid_ones(method):
     with pytest.raises(ValueError, match=r"unknown hyper-parameter.*rank.*valid: .*'r'"):
         methods.num_params(method, 8, 8, rank=4)
@@ -191,7 +222,7 @@ def test_unknown_hyper_parameter_lists_valid_ones(method):
 def test_target_matching_nothing_names_existing_linears(method, targets, tiny_net):
     model = tiny_net()
     with pytest.raises(ValueError, match=r"matched no nn.Linear.*'fc1'.*'q_proj'"):
-        methods.inject(model, method, targets, r=2)
+        methods.inject(model, method, targets, **own(method, TINY_SHAPES, r=2))
     assert methods.count_trainable(model) == sum(p.numel() for p in model.parameters())  # untouched
 
 
@@ -203,11 +234,11 @@ def test_regex_targets_and_no_double_injection(tiny_net):
         methods.inject(model, "lora", ["fc1"], r=2)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if methods.get_method(m).budget_knobs])
 def test_budget_below_smallest_says_smallest(method, tiny_net):
     model = tiny_net()
     with pytest.raises(ValueError, match=rf"below the smallest count {method} can achieve") as err:
-        methods.solve_budget(model, method, TINY_TARGETS, 10)
+        methods.solve_budget(model, method, TINY_TARGETS, 1)
     smallest = int(re.search(r"can achieve on these targets: (\d+)", str(err.value)).group(1))
     assert methods.solve_budget_report(model, method, TINY_TARGETS, smallest).achieved == smallest
     with pytest.raises(ValueError, match=f"budget {smallest - 1} is below the smallest.*: {smallest} "):
@@ -232,12 +263,14 @@ def test_real_transformers_clip(method, randomize_params):
     torch.manual_seed(0)
     model = transformers.CLIPModel(config).eval()
     targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-    expected = methods.num_params_model(model, method, targets, r=4)
+    hp = own(method, [(32, 32), (32, 64), (64, 32), (48, 48), (48, 96), (96, 48)], r=4)
+    expected = methods.num_params_model(model, method, targets, **hp)
     batch = {"input_ids": torch.randint(2, 100, (2, 8)), "pixel_values": torch.randn(2, 3, 32, 32)}
     before = model(**batch).logits_per_image
-    assert len(methods.inject(model, method, targets, r=4)) == 24
+    assert len(methods.inject(model, method, targets, **hp)) == 24
     assert methods.count_trainable(model) == expected
-    torch.testing.assert_close(model(**batch).logits_per_image, before, rtol=0, atol=0)
+    exact = getattr(methods.get_method(method), "init_exact", True)
+    torch.testing.assert_close(model(**batch).logits_per_image, before, rtol=0, atol=0 if exact else 1e-5)
     randomize_params(model, std=0.01)
     adapted = model(**batch).logits_per_image
     methods.merge(model)
@@ -248,7 +281,7 @@ def test_real_transformers_clip(method, randomize_params):
 def test_half_precision_base_trains_fp32_adapter(method, randomize_params):
     """A bf16 frozen base (memory saver for large models) keeps fp32 adapter weights, as PEFT does."""
     base = nn.Linear(24, 40).to(torch.bfloat16)
-    layer = methods.wrap_linear(method, base, r=4)
+    layer = methods.wrap_linear(method, base, **own(method, [(24, 40)], r=4))
     randomize_params(layer, std=0.1)
     assert all(p.dtype == torch.float32 for _, p in layer.adapter_parameters())
     x = torch.randn(3, 24, dtype=torch.bfloat16)

@@ -11,7 +11,8 @@ from torch import nn
 
 import methods
 
-METHODS = methods.available()
+# methods whose forward is ours (the factored and merged paths under test); PEFT-backed layers run PEFT's
+METHODS = [m for m in methods.available() if methods.get_method(m).has_cost_model]
 # (in, out) and hp: in > out, out > in, awkward widths; LoKr full / low-rank / decompose_both factors
 CASES = [((40, 24), {"r": 3}), ((24, 40), {"r": 5}), ((36, 100), {"r": 2})]
 EXTRA = {"lokr": [((48, 64), {"r": 2, "factor": 4}),

@@ -131,3 +131,18 @@ def test_step_counts_and_randlora_floor_flops():
     calls = bench.target_calls(work)
     assert full.flops - floor.flops == sum(2 * t * i * o for t, i, o in calls) and full.ops > floor.ops
     assert bench.full_rank_floor_flops(work, full.flops) == full.flops + sum(4 * min(i, o) * i * o for _, i, o in calls)
+
+
+def test_bench_takes_peft_backed_methods_against_our_lora(caplog):
+    """PEFT-backed methods are benched like the native ones (x_our_lora), each against get_peft_model of
+    the same config (x_peft); a method without a size knob (IA3) runs at its native count, saying so."""
+    pytest.importorskip("peft")
+    with caplog.at_level("INFO"):
+        (res,) = bench.main([*TINY, "--methods", "lora", "peft_lora", "ia3", "--no-peak-memory",
+                             "--no-merged-check"])
+    rows = {r["config"]: r for r in res["rows"]}
+    assert rows["ours:peft_lora"]["trainable"] == rows["ours:lora"]["trainable"] == rows["peft:peft_lora"]["trainable"]
+    assert rows["ours:peft_lora"]["x_our_lora"] > 0 and rows["ours:peft_lora"]["x_peft"] > 0
+    assert rows["ours:peft_lora"]["adapter_macs"] is None   # PEFT's forward: no cost model of ours
+    assert rows["ours:ia3"]["trainable"] == 5 * 768 + 3072 == rows["peft:ia3"]["trainable"]   # in per layer
+    assert "ia3 has no size knob: benched at its native count, not lora8" in caplog.text

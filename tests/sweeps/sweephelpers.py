@@ -11,6 +11,8 @@ from pathlib import Path
 
 import slurm_cluster
 
+from runners.adapt import NOT_HP  # method config keys that are no hyper-parameters
+
 ROOT = Path(__file__).resolve().parents[2]
 # Tiny runs: 2 cores are shared with other work, so a sweep job must take seconds (one dataset, small
 # splits). Budgets depend on the model only, so they are the real ones.
@@ -86,7 +88,7 @@ def solver_answer(config: dict, target: int):
     from methods.budget import solve_budget_report
 
     model, targets = _model_and_targets(json.dumps(config["task"], sort_keys=True))
-    fixed = {k: v for k, v in config["method"].items() if k not in ("name", "lr")}
+    fixed = {k: v for k, v in config["method"].items() if k not in NOT_HP}
     return solve_budget_report(model, config["method"]["name"], targets, target, **fixed)
 
 def assert_small_sweep_succeeded(proc: subprocess.CompletedProcess, sweep_dir: Path) -> dict[str, dict]:

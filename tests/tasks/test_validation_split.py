@@ -43,9 +43,27 @@ def test_generated_validation_is_a_hold_out_of_train_and_test_is_unchanged(task:
         full = GENERATORS[task](name, "train", len(pair.train) + len(pair.validation), int(cfg.seed))
         test = GENERATORS[task](name, "test", int(cfg.test_size), int(cfg.seed))
         assert len(pair.validation) == max(1, int(cfg.val_fraction * len(full))), name
-        assert row_keys(pair.train) + row_keys(pair.validation) == row_keys(full), name  # a partition of train
+        if cfg.generated_validation:   # train minus the hold-out; validation generated like test instead
+            assert not row_keys(pair.train) - row_keys(full), name
+            generated = GENERATORS[task](name, "validation", len(pair.validation), int(cfg.seed))
+            assert row_keys(pair.validation) == row_keys(generated), name
+        else:
+            assert row_keys(pair.train) + row_keys(pair.validation) == row_keys(full), name  # a partition
         assert row_keys(pair.test) == row_keys(test), name  # the generated test split as before
         assert not set(row_keys(pair.validation)) & set(row_keys(pair.test)), name
+
+
+def test_language_validation_words_are_disjoint_from_train_and_test_words() -> None:
+    """Validation is generated like test: its label-bearing words are a third list, so a validation score
+    measures transfer to unseen words as test does (a hold-out of train shared train's words)."""
+    lists = {"sentiment": [*sentences.SENTIMENT.values(), sentences.NOUNS], "topic": list(sentences.TOPIC.values()),
+             "emotion": list(sentences.EMOTION.values())}
+    for name, pair in suite("language").items():
+        words = [{w for group in lists[name] for w in group[sentences.SPLITS[split]]}
+                 for split in ("train", "test", "validation")]
+        assert not (words[0] & words[2]) and not (words[1] & words[2]), name
+        seen = {w for text in pair.validation["text"] for w in text.split()}
+        assert seen & words[2] and not seen & (words[0] | words[1]), name
 
 
 @pytest.mark.parametrize("task", ["clip", "vision"])
