@@ -245,8 +245,8 @@ def _summary_table(part: pd.DataFrame) -> Block:
         rows.append(row)
     caption = ("accuracy: mean ± 95% CI over seeds (bold: best adapter at each budget); gain: accuracy minus "
                "accuracy before training, percentage points; ×LoRA: ratio to LoRA at the same budget"
-               + ("; FLOPs and ops: torch's FLOP count and the aten operators dispatched in one optimizer step, "
-                  "the same on every device." if counted else "."))
+               + ("; FLOPs and ops: torch's FLOP count and the aten operators dispatched in one optimizer "
+                  "step, the same on every device." if counted else "."))
     return Block("table", table=Table(headers, rows, caption))
 
 
@@ -380,13 +380,14 @@ def _paper_section(df: pd.DataFrame, tables: list[dict]) -> list[Block]:
         rows = [[Cell(r["row"]), Cell(r["side"])] + [Cell(_paper_cell(r[c], r["side"])) for c in cols]
                 for _, r in frame.iterrows()]
         missing = [r["label"] for r in table["rows"] if not r.get("values")]
-        note = (f" Not transcribed yet (n/a): {', '.join(missing)} (analysis/paper/{table['file']})." if missing else "")
+        note = (f" Not transcribed yet (n/a): {', '.join(missing)} (analysis/paper/{table['file']})."
+                if missing else "")
         caption = (f"{table['source']}. Ours: seed means of the runs with the same method and r (percent). "
-                   "mean: the paper's as published where given, else (and for ours and the difference) over the "
-                   f"datasets both sides have.{note}")
+                   "mean: the paper's as published where given, else (and for ours and the difference) over "
+                   f"the datasets both sides have.{note}")
         blocks += [Block("h3", f"{table['name']} ({table['task']}, {table['size']}, {table['regime']})"),
                    Block("table", table=Table(["row", "", *cols], rows, caption))]
-    return ([Block("h2", "Beside the paper's published numbers")] + blocks) if blocks else []
+    return [Block("h2", "Beside the paper's published numbers"), *blocks] if blocks else []
 
 
 def _paper_cell(value: object, side: str) -> str:

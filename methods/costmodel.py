@@ -16,7 +16,7 @@ A new method needs none of it to be correct: it only changes how fast the method
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -29,6 +29,22 @@ if TYPE_CHECKING:
 
 class CostModel:
     """Path choice and merged-path hooks of `AdapterLayer` (see the module docstring)."""
+
+    if TYPE_CHECKING:   # provided by `AdapterLayer` (methods/base.py), the one class that mixes this in
+        training: bool
+        base_layer: nn.Linear
+        adapter_dropout: nn.Module
+        adapter_dtype: torch.dtype
+
+        @property
+        def in_features(self) -> int: ...
+        @property
+        def out_features(self) -> int: ...
+        def delta_weight(self) -> torch.Tensor: ...
+        def adapter_forward(self, x: torch.Tensor) -> torch.Tensor: ...
+        def adapter_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+        def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None: ...
+        def adapter_parameters(self) -> list[tuple[str, nn.Parameter]]: ...
 
     # -- the merged path (methods/fastpath.py): what a method may define --------------------------------
     def delta_split(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -101,8 +117,8 @@ class CostModel:
         its input gradient another unless the adapter shares the base's input (autocast: the input
         gradient uses W + dW; adapter dropout: it cannot).
         """
-        factored = self.factored_macs(tokens)
-        factored = math.inf if factored is None else factored * (3 if grad else 1)
+        forward = self.factored_macs(tokens)
+        factored = math.inf if forward is None else forward * (3 if grad else 1)
         dense = tokens * self.out_features * self.in_features
         keep = self.keeps_delta(half)
         merged = self.merged_forward_macs(tokens, backward_builds=grad and joins_base and not keep)
@@ -136,7 +152,7 @@ class CostModel:
         return self.shares_input(x) and autocast_dtype(x) is None
 
     # -- the choice, applied ----------------------------------------------------------------------------
-    def routed_forward(self: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
+    def routed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """`layer(x)` of an unmerged layer, through the path `use_merged_path` picks for this call."""
         tokens = x.numel() // max(1, x.shape[-1])
         grad = torch.is_grad_enabled() and any(p.requires_grad for _, p in self.adapter_parameters())
@@ -144,10 +160,10 @@ class CostModel:
         half, shares = route["half"], route["shares_input"]
         if self.use_merged_path(tokens, grad, **route):
             if shares:   # fp32: dW rides in the base matmul; autocast: beside it (see methods/fastpath.py)
-                return merged_linear(self, x)
+                return merged_linear(cast("AdapterLayer", self), x)
             out = self.base_layer(x)                       # adapter dropout: x' dW^T on its own
             xa = self.adapter_dropout(x.to(self.adapter_dtype))
-            return out + merged_linear(self, xa, alone=True).to(out.dtype)
+            return out + merged_linear(cast("AdapterLayer", self), xa, alone=True).to(out.dtype)
         if shares:
             fused = self.fused_forward(x)
             if fused is not None:

@@ -138,7 +138,8 @@ class _MergedLinear(torch.autograd.Function):
         # a view of the input is saved as the input itself (backward flattens it): torch.compile refuses
         # to save a view of an input made inside the function
         u_saved = x if right is None and half is None else u
-        ctx.save_for_backward(u_saved, weight, grad_weight, x if x_for_w is not None and half is None else x_for_w)
+        ctx.save_for_backward(u_saved, weight, grad_weight,
+                              x if x_for_w is not None and half is None else x_for_w)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -151,21 +152,25 @@ class _MergedLinear(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        u, weight, kept, x2 = ctx.saved_tensors
-        u, x2 = _flat(u), _flat(x2)
+        saved_u, weight, kept, saved_x = ctx.saved_tensors
+        u, x2 = _flat(saved_u), _flat(saved_x)
+        assert u is not None   # forward always saves u: x, or x Q^T
         layer: AdapterLayer = ctx.layer
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         needs_p = ctx.needs_input_grad[4:]
         g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(u.dtype)
         grad_x = grad_w = grad_b = rebuilt = None
         if need_w:                                         # G (out x in): the gradient of W
-            grad_w = (g2.T @ (u if ctx.identity_right else x2)).to(weight.dtype)
+            x_w = u if ctx.identity_right else x2
+            assert x_w is not None   # forward saves x when W needs a gradient and Q is not the identity
+            grad_w = (g2.T @ x_w).to(weight.dtype)
         left = layer.delta_left()                          # dW = L P Q with L frozen (None: identity)
         left = None if left is None else left.to(g2.dtype)
         # dW not kept: g L serves both gradients, so dW is not built a second time (where that is cheaper)
         gl = mm(g2, left) if (need_x and kept is None and left is not None and ctx.identity_right
-                              and factored_backward(g2.shape[0], *left.shape, u.shape[1])) else None
-        param_grads = [None] * len(needs_p)
+                              and factored_backward(g2.shape[0], left.shape[0], left.shape[1],
+                                                    u.shape[1])) else None
+        param_grads: list[torch.Tensor | None] = [None] * len(needs_p)
         if any(needs_p):
             grad_p = _grad_of_p(g2, u, left, gl, grad_w if ctx.identity_right else None)
             param_grads, rebuilt = _param_grads(layer, grad_p, needs_p)
@@ -250,11 +255,11 @@ def _param_grads(layer: AdapterLayer, grad_left: torch.Tensor, needs: tuple[bool
     them (None with a closed form): the input gradient reuses it instead of building dW once more."""
     closed = layer.delta_param_grads(grad_left)
     if closed is not None:
-        return [g if need else None for g, need in zip(closed, needs)], None
+        return [g if need else None for g, need in zip(closed, needs, strict=True)], None
     params = [p for _, p in layer.adapter_parameters()]
     with torch.enable_grad():
         left, _ = layer.delta_split()
-    grads = iter(torch.autograd.grad(left, [p for p, need in zip(params, needs) if need],
+    grads = iter(torch.autograd.grad(left, [p for p, need in zip(params, needs, strict=True) if need],
                                      grad_left.to(left.dtype)))
     return [next(grads) if need else None for need in needs], left.detach()
 

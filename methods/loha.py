@@ -30,7 +30,8 @@ class LoHa(AdapterLayer):
         "LOHA", "LoHaConfig",
         {"loha_w1a": "hada_w1_a", "loha_w1b": "hada_w1_b", "loha_w2a": "hada_w2_a", "loha_w2b": "hada_w2_b"},
         lambda hp: {"r": hp["r"], "alpha": number(hp["alpha"]), "rank_dropout": 0.0, "module_dropout": 0.0,
-                    "use_effective_conv2d": False, "init_weights": True, "rank_pattern": {}, "alpha_pattern": {}},
+                    "use_effective_conv2d": False, "init_weights": True, "rank_pattern": {},
+                    "alpha_pattern": {}},
         lambda c: {"r": c.get("r", 8), "alpha": c.get("alpha", 8)},
         NO_EXTRA_MODULES,
         patterns=True)  # peft 0.21.2 peft/tuners/lycoris_utils.py LycorisConfig.rank_pattern/alpha_pattern
@@ -100,7 +101,8 @@ class LoHa(AdapterLayer):
         return self.out_features * self.in_features * (2 * self.hp["r"] + 2)
 
 
-def _khatri_rao_grads(grad: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _khatri_rao_grads(grad: torch.Tensor, left: torch.Tensor, right: torch.Tensor
+                      ) -> tuple[torch.Tensor, ...]:
     """Gradients of `left` and `right` (r x n each) from the gradient of their Khatri-Rao product
     (r^2 x n, row k r + l = left[k] * right[l])."""
     g = grad.view(left.shape[0], right.shape[0], -1)

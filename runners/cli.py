@@ -108,7 +108,8 @@ VALUE_CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.num_workers", lambda v: v == "auto" or _count(v),
      "use auto (the job's CPUs less one; 0 for in-memory data) or an integer >= 0"),
     ("task.model.dtype", lambda v: v in (None, "float32", "bfloat16"),
-     "use float32, bfloat16 or null (float16 weights need loss scaling, which the training loop does not do)"),
+     "use float32, bfloat16 or null (float16 weights need loss scaling, which the training loop does not "
+     "do)"),
     ("task.data.eval_split", lambda v: v in ("test", "validation"),
      "use test (the reported split) or validation (the split hyper-parameters are chosen on)"),
     ("task.data.val_fraction", lambda v: _is_number(v) and 0 <= v < 1,
@@ -118,10 +119,13 @@ VALUE_CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.on_bad_checkpoint", lambda v: v in ("restart", "stop"),
      "use restart (move the unreadable file aside and train from the start) or stop"),
     ("trainer.strategy", lambda v: v in ("ddp", "fsdp"), "use ddp (replicas) or fsdp (sharded, FSDP2)"),
-    ("plan.gpu_memory_gb", _optional(_positive), "use the GiB of one GPU (a number > 0), or null for this node's"),
+    ("plan.gpu_memory_gb", _optional(_positive),
+     "use the GiB of one GPU (a number > 0), or null for this node's"),
     ("plan.allowance_gb", _non_negative, "use a number of GiB >= 0"),
-    ("plan.over", lambda v: v in ("refuse", "skip"), "use refuse (stop the sweep) or skip (launch the jobs that fit)"),
-    ("sweep.lr_factors", lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0 and all(_positive(x) for x in v),
+    ("plan.over", lambda v: v in ("refuse", "skip"),
+     "use refuse (stop the sweep) or skip (launch the jobs that fit)"),
+    ("sweep.lr_factors",
+     lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0 and all(_positive(x) for x in v),
      "use a non-empty list of numbers > 0, e.g. sweep.lr_factors=[0.25,0.5,1,2,4]"),
 ]
 
@@ -149,8 +153,9 @@ def check_dataset(cfg: DictConfig) -> str | None:
     wanted, suite = cfg.get("dataset"), OmegaConf.select(cfg, "task.data.datasets", default=None)
     if wanted is None or suite is None or str(wanted) in [str(n) for n in suite]:
         return None
-    return (f"dataset={wanted} is not valid: task {cfg.task.name} (size={OmegaConf.select(cfg, 'size.name')}) has "
-            f"{', '.join(str(n) for n in suite)}; name one of them, or null for the whole suite")
+    return (f"dataset={wanted} is not valid: task {cfg.task.name} "
+            f"(size={OmegaConf.select(cfg, 'size.name')}) has {', '.join(str(n) for n in suite)}; "
+            "name one of them, or null for the whole suite")
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

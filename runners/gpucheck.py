@@ -17,9 +17,9 @@ AdamW steps on random batches, once as ours and once as PEFT's same configuratio
 process; in the `--compile-modes` (default on CUDA: bf16-amp, how `trainer.bf16` trains) also ours under
 `torch.compile` (`trainer.compile`), whose first step's time beyond the median step is its compile time and
 whose losses must match ours eager (fp32: 1e-3 relative, bf16: 3e-2); a model that cannot be compiled is a
-failure line naming why. Checks, each a failure line when violated: the loss is finite at every step, every adapter
-parameter has a non-zero gradient after the first backward (B = 0 at init makes A's first gradient zero
-for LoRA-style methods, so the check runs after the second), and the update's rank stays within the
+failure line naming why. Checks, each a failure line when violated: the loss is finite at every step, every
+adapter parameter has a non-zero gradient after the first backward (B = 0 at init makes A's first gradient
+zero for LoRA-style methods, so the check runs after the second), and the update's rank stays within the
 structure's bound where it has one (LoRA r, LoHa r^2; measured in fp32 on `delta_weight()`).
 With two or more GPUs it also runs a tiny DDP job through `torchrun` and checks its results.json.
 
@@ -267,8 +267,11 @@ def compile_failures(row: Row, eager: Row | None) -> list[str]:
     if row.impl != "compiled" or eager is None or not eager.losses:
         return []
     tol = 1e-3 if row.mode == "fp32" else 3e-2
-    worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(row.losses, eager.losses, strict=False))
-    return [f"compiled losses differ from eager by {worst:.1e} relative (tolerance {tol:g})"] if worst > tol else []
+    worst = max(abs(a - b) / max(abs(b), 1e-12)
+                for a, b in zip(row.losses, eager.losses, strict=False))
+    if worst <= tol:
+        return []
+    return [f"compiled losses differ from eager by {worst:.1e} relative (tolerance {tol:g})"]
 
 
 def check_rank(row: Row, model: nn.Module) -> None:
@@ -291,7 +294,8 @@ def run_shape(shape: Shape, modes: list[str], names: list[str], device: torch.de
             # one setting for every layer: PEFT's RandLoRA and VeRA configs have no per-layer rank pattern
             hp = methods.solve_budget(base, method, shape.targets, "lora8", per_layer=False)
             hp = {**methods.get_method(method).resolve_hp({}), **hp}
-            impls = ("ours", *(("peft",) if with_peft else ()), *(("compiled",) if mode in compile_modes else ()))
+            impls = ("ours", *(("peft",) if with_peft else ()),
+                     *(("compiled",) if mode in compile_modes else ()))
             for impl in impls:
                 row = Row(shape.name, mode, method, impl, hp, 0)
                 try:
@@ -300,10 +304,12 @@ def run_shape(shape: Shape, modes: list[str], names: list[str], device: torch.de
                     if impl != "peft":
                         check_rank(row, model)
                         row.predicted_peak_bytes = predicted_peak(shape, mode, method, hp)
-                    row.failures += compile_failures(row, next((r for r in rows if r.mode == mode and
-                                                                r.method == method and r.impl == "ours"), None))
+                    eager = next((r for r in rows if r.mode == mode and r.method == method
+                                  and r.impl == "ours"), None)
+                    row.failures += compile_failures(row, eager)
                 except Exception as err:  # one failing configuration must not hide the others
-                    why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                    why = f"{type(err).__name__}: {first}"
                     row.failures.append(f"cannot be compiled ({why})" if impl == "compiled" else
                                         f"{type(err).__name__}: {err}")
                 rows.append(row)
@@ -331,7 +337,8 @@ def _two_gpu_run(strategy: str) -> list[str]:
         done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
         record = Path(out, "results.json")
         if done.returncode != 0 or not record.is_file():
-            return [f"{strategy} run failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"]
+            return [f"{strategy} run failed (exit {done.returncode}): "
+                    f"{done.stderr.strip().splitlines()[-1:]}"]
         saved = json.loads(record.read_text())
         cost = saved["cost"]
         log.info("%s over 2 GPUs: peak %s MiB, planned %s MiB", strategy, _mib(cost.get("peak_mem_bytes")),
@@ -350,8 +357,8 @@ def describe(row: Row) -> str:
 def table(rows: list[Row]) -> str:
     """Markdown: one line per (model, mode, method), ours next to PEFT's with the ratios."""
     peft = {(r.model, r.mode, r.method): r for r in rows if r.impl == "peft"}
-    head = ("| model | mode | method | hp | trainable | ours ms | PEFT ms | ours/PEFT | ours MiB | PEFT MiB | "
-            "peak MiB | planned MiB | rank(dW) | checks |")
+    head = ("| model | mode | method | hp | trainable | ours ms | PEFT ms | ours/PEFT | ours MiB | "
+            "PEFT MiB | peak MiB | planned MiB | rank(dW) | checks |")
     lines = [head, "|---" * head.count(" | ") + "|---|"]
     for r in (r for r in rows if r.impl != "peft"):
         p = peft.get((r.model, r.mode, r.method)) if r.impl == "ours" else None
@@ -368,7 +375,9 @@ def table(rows: list[Row]) -> str:
 def _compiled_note(row: Row) -> str:
     if row.impl != "compiled":
         return ""
-    return " (compiled)" if row.compile_time_s is None else f" (compiled, {row.compile_time_s:.1f} s to compile)"
+    if row.compile_time_s is None:
+        return " (compiled)"
+    return f" (compiled, {row.compile_time_s:.1f} s to compile)"
 
 
 def _checks(ours: Row, peft: Row | None) -> str:
@@ -397,7 +406,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="untimed steps first (>= 2: the gradient check runs at step 2)")
     p.add_argument("--no-peft", action="store_true", help="skip PEFT's rows")
     p.add_argument("--compile-modes", nargs="*", choices=MODES, default=None,
-                   help="modes that also train ours under torch.compile (default: bf16-amp on CUDA, none on CPU)")
+                   help="modes that also train ours under torch.compile "
+                        "(default: bf16-amp on CUDA, none on CPU)")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     return p.parse_args(argv)
 

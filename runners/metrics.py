@@ -235,7 +235,8 @@ class StepCounts:
 
     @contextlib.contextmanager
     def counting(self) -> Iterator[None]:
-        flops, ops = flop_counter.FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS), _OpCounter()
+        flops = flop_counter.FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
+        ops = _OpCounter()
         with flops, ops:
             yield
         self.flops, self.ops = int(flops.get_total_flops()), sum(ops.by_op.values())
@@ -268,10 +269,8 @@ def _reset_rss_peak() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 @torch.no_grad()

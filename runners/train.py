@@ -65,7 +65,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise RunFailed(problem)  # a data-parallel run splits each batch evenly over its processes
     if (problem := distributed.strategy_problem(cfg.trainer.strategy, distributed.planned().size, cfg.task)):
         raise RunFailed(problem)  # FSDP alone, or on a model without blocks to shard
-    distributed.setup(env.resolve_device(cfg.device, _size(cfg)))  # DDP (torchrun / SLURM tasks): join the group
+    # DDP (torchrun / SLURM tasks): join the group
+    distributed.setup(env.resolve_device(cfg.device, _size(cfg)))
     run_dir = distributed.agree(output_dir(cfg))  # rank 0's: Hydra's timestamped dirs may differ by rank
     if is_complete(run_dir):
         log.info("skipping %s: results.json there already records a successful run", run_dir)
@@ -101,7 +102,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             import_peft_adapter(model, cfg.init_adapter)
         record["cost"], record["history"] = train(model, task, cfg, device, generator, run_dir, logger,
                                                   record["run"]["config_hash"], record["run"]["max_steps"])
-        record["cost"].update(predicted_cost(cfg, world.size, gpu=device.type == "cuda"))  # runners/memplan.py
+        # predicted_cost: runners/memplan.py
+        record["cost"].update(predicted_cost(cfg, world.size, gpu=device.type == "cuda"))
         distributed.gather_for_evaluation(model)  # FSDP: whole parameters again, for evaluation and export
         _evaluate(task, model, cfg, device, record["metrics"], suffix="")
         record["metrics"].update(forgetting_metrics(probe_before, _probe(task, model, cfg, device),
@@ -177,8 +179,8 @@ def _run_suite(cfg: DictConfig, names: list[str], run_dir: Path, record: dict[st
         log_suite(cfg.logger, run_dir, record, failed=bool(errors))  # mean and per-dataset table, in W&B
     if errors:
         first, error = next(iter(errors.items()))
-        raise RunFailed(f"run failed on {len(errors)} of {len(names)} datasets of the suite ({first}: {error}); "
-                        f"see {run_dir}/<dataset>/results.json")
+        raise RunFailed(f"run failed on {len(errors)} of {len(names)} datasets of the suite "
+                        f"({first}: {error}); see {run_dir}/<dataset>/results.json")
     log.info("%s", summary_table(record))
     return record
 
@@ -212,14 +214,16 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
     start, history = state.get("step", 0), state.get("history", [])
     timer.times, train_time = state.get("step_times", []), state.get("train_time_s", 0.0)
     seed = int(torch.randint(0, 2**62, (), generator=generator))  # the data order's seed, same on every rank
-    loader = make_loader(data, t.batch_size, seed, t.num_workers, device, state.get("data"), world.rank, world.size)
+    loader = make_loader(data, t.batch_size, seed, t.num_workers, device, state.get("data"), world.rank,
+                         world.size)
     runner = StepRunner(step_module, bool(t.compile), device, cfg.method.name)  # trainer.compile
     counts, counted = StepCounts(), counted_step(start, max_steps)
 
     def checkpoint(done: int, **final: Any) -> None:  # every rank: FSDP's shards are written by each
         save_checkpoint(run_dir, model, optimizer, scheduler,
-                        {"step": done, "history": history, "step_times": timer.times, "data": loader.state_dict(),
-                         "train_time_s": train_time, "config_hash": config_hash, **final})
+                        {"step": done, "history": history, "step_times": timer.times,
+                         "data": loader.state_dict(), "train_time_s": train_time, "config_hash": config_hash,
+                         **final})
 
     model.train()
     activations = SavedActivations(model)  # recorded in this process's first step (see _optimizer_step)
@@ -261,7 +265,8 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
         cost.update(activation_bytes=activations.bytes, state_bytes=state_bytes(params, optimizer))
         cost.update(counts.figures())
     if t.compile:
-        cost.update(compiled=runner.status() == "compiled", compile_time_s=runner.compile_time_s(cost["step_time_s"]))
+        cost.update(compiled=runner.status() == "compiled",
+                    compile_time_s=runner.compile_time_s(cost["step_time_s"]))
         log.info("trainer.compile: %s", runner.status())
     cost["train_time_s"] = train_time
     if t.checkpoint_every and start < max_steps:  # the final evaluation can be preempted too
@@ -297,7 +302,8 @@ def param_groups(model: nn.Module, head_prefixes: list[str], backbone_lr: float,
     for name, param in model.named_parameters():
         if param.requires_grad:
             (head if is_head(name, head_prefixes) else backbone).append(param)
-    return [g for g in ({"params": backbone, "lr": backbone_lr}, {"params": head, "lr": head_lr}) if g["params"]]
+    groups = ({"params": backbone, "lr": backbone_lr}, {"params": head, "lr": head_lr})
+    return [g for g in groups if g["params"]]
 
 
 def _optimizer_step(step_module: nn.Module, micro_batches: list[Any], optimizer: torch.optim.Optimizer,
@@ -332,7 +338,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 def lr_schedule(t: DictConfig, total: int):
     """lr multiplier of `trainer`: linear warm-up over `warmup_steps` (or `warmup_ratio` of the run),
     then `schedule` (cosine | linear | constant) from the peak down to `final_lr_ratio` x peak at `total`."""
-    warmup = round(float(t.warmup_ratio) * total) if t.get("warmup_ratio") is not None else int(t.warmup_steps)
+    ratio = t.get("warmup_ratio")
+    warmup = round(float(ratio) * total) if ratio is not None else int(t.warmup_steps)
     return warmup_decay(warmup, total, str(t.schedule), float(t.final_lr_ratio))
 
 
@@ -425,7 +432,8 @@ def _evaluate(task: tasks.Task, model: nn.Module, cfg: DictConfig, device: torch
     with torch.no_grad(), autocast(device, cfg.trainer.bf16):
         full = task.evaluate_metrics(model, cfg.trainer.eval_batch_size)
     metrics["per_dataset" + suffix] = {d: float(m[task.primary_metric(d)]) for d, m in full.items()}
-    metrics["per_dataset_metrics" + suffix] = {d: {k: float(v) for k, v in m.items()} for d, m in full.items()}
+    metrics["per_dataset_metrics" + suffix] = {d: {k: float(v) for k, v in m.items()}
+                                               for d, m in full.items()}
     metrics["eval_split"] = task.eval_split  # test (reported) or validation (hyper-parameter selection)
     metrics["eval_examples"] = task.eval_examples()
 
@@ -526,9 +534,11 @@ def _new_record(cfg: DictConfig) -> dict[str, Any]:
     commit, dirty = env.git_state()
     budget = cfg.budget if cfg.budget is not None else "nobudget"
     # an unknown method gets no kind: adapt() refuses it with the valid names, and the run fails there
-    info = method_info(cfg.method.name) if cfg.method.name in method_names() else {"kind": None, "label": None}
-    run = Run(id=f"{cfg.task.name}-{cfg.method.name}-{_size(cfg)}-{budget}-s{cfg.seed}-{config_hash[:8]}",
-              method=cfg.method.name, method_kind=info["kind"], method_label=info["label"], task=cfg.task.name,
+    known = cfg.method.name in method_names()
+    info = method_info(cfg.method.name) if known else {"kind": None, "label": None}
+    run_id = f"{cfg.task.name}-{cfg.method.name}-{_size(cfg)}-{budget}-s{cfg.seed}-{config_hash[:8]}"
+    run = Run(id=run_id, method=cfg.method.name, method_kind=info["kind"], method_label=info["label"],
+              task=cfg.task.name,
               dataset=cfg.get("dataset"), size=_size(cfg), model=str(cfg.task.model.path), seed=cfg.seed,
               lr=method_lr(cfg), budget=cfg.budget, protocol=protocol_of(config), command=_command(),
               config=config, config_hash=config_hash, git_commit=commit, git_dirty=dirty,

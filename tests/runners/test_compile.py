@@ -43,7 +43,8 @@ def test_a_model_that_cannot_be_compiled_trains_eager_after_one_line(tiny_overri
 
 def test_compile_must_be_a_boolean(tiny_overrides):
     from runners.cli import check_values
-    assert "trainer.compile=yes is not valid" in check_values(compose_config(["trainer.compile=yes", *tiny_overrides]))
+    problems = check_values(compose_config(["trainer.compile=yes", *tiny_overrides]))
+    assert "trainer.compile=yes is not valid" in problems
 
 
 @pytest.mark.slow
@@ -53,9 +54,11 @@ def test_compile_must_be_a_boolean(tiny_overrides):
 def test_compiled_training_matches_eager(method, tiny_overrides):
     """The same losses step by step (inductor reorders float sums: within 1e-4 relative), the compile
     time recorded apart from the step time."""
-    eager = run(compose_config([f"method={method}", *RUN, *[o.replace("/run", "/eager") for o in tiny_overrides]]))
+    eager_dirs = [o.replace("/run", "/eager") for o in tiny_overrides]
+    eager = run(compose_config([f"method={method}", *RUN, *eager_dirs]))
     record = run(compose_config([f"method={method}", "trainer.compile=true", *RUN, *tiny_overrides]))
     cost = record["cost"]
     assert cost["compiled"] is True, "compiling failed: see the log line"
     assert cost["compile_time_s"] > cost["step_time_s"] > 0
-    assert [h["loss"] for h in record["history"]] == pytest.approx([h["loss"] for h in eager["history"]], rel=1e-4)
+    assert ([h["loss"] for h in record["history"]]
+            == pytest.approx([h["loss"] for h in eager["history"]], rel=1e-4))

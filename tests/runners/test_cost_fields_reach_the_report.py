@@ -27,9 +27,11 @@ def _frame_of(records: list[dict]):
 def test_every_cost_figure_and_the_device_type_are_columns():
     h100 = {"name": "NVIDIA H100 80GB HBM3", "count": 1}
     cpu = _record("lora", "cpu:x86_64 x2 threads=1", None,
-                  {"step_time_s": 0.1, "peak_rss_bytes": 5 * 2**20, "activation_bytes": 123, "state_bytes": 456})
+                  {"step_time_s": 0.1, "peak_rss_bytes": 5 * 2**20, "activation_bytes": 123,
+                   "state_bytes": 456})
     df = _frame_of([_record("lora", "cuda:NVIDIA H100 80GB HBM3", h100, _gpu_cost(0.01, GIB)), cpu])
-    assert {"peak_mem_growth_bytes", "peak_reserved_bytes", "activation_bytes", "state_bytes"} <= set(COST_COLUMNS)
+    assert ({"peak_mem_growth_bytes", "peak_reserved_bytes", "activation_bytes", "state_bytes"}
+            <= set(COST_COLUMNS))
     assert set(COST_COLUMNS) <= set(df.columns)
     gpu_row, cpu_row = df.iloc[0], df.iloc[1]
     assert gpu_row.peak_mem_growth_bytes == GIB and gpu_row.peak_reserved_bytes == 24 * GIB

@@ -22,7 +22,8 @@ def test_small_check_passes_and_writes_every_configuration(tmp_path, capsys) -> 
     ours = [r for r in rows if r["impl"] == "ours"]
     assert all(r["step_times_s"] and not r["failures"] for r in rows)
     assert all(r["rank"]["rank"] <= r["hp"]["r"] for r in ours if r["method"] == "lora")
-    planned = {(r["mode"], r["method"]): r["predicted_peak_bytes"] for r in ours}  # the memory plan, traced on meta
+    # the memory plan, traced on meta
+    planned = {(r["mode"], r["method"]): r["predicted_peak_bytes"] for r in ours}
     assert all(b > 0 for b in planned.values()) and planned["fp32", "lora"] > planned["bf16-base", "lora"]
     assert "| llama-1.1b | bf16-base | randlora |" in capsys.readouterr().out
 
@@ -70,8 +71,8 @@ def test_compiled_rows_match_ours_eager(tmp_path, capsys) -> None:
                           "--out", str(out)])
     rows = {r["impl"]: r for r in json.loads(out.read_text())}
     assert code == 0, capsys.readouterr().err
-    assert set(rows) == {"ours", "compiled"} and rows["compiled"]["losses"] == pytest.approx(rows["ours"]["losses"],
-                                                                                             rel=1e-3)
+    assert set(rows) == {"ours", "compiled"}
+    assert rows["compiled"]["losses"] == pytest.approx(rows["ours"]["losses"], rel=1e-3)
     assert "(compiled," in capsys.readouterr().out
 
 

@@ -94,5 +94,6 @@ def test_operators_per_step_do_not_grow_with_rank_or_tokens(name):
 def test_lora_issues_the_fewest_operators_per_layer():
     """LoRA's two thin matmuls are the least any adapter does; every other method's factored form builds
     on more tensors, so it may issue more operators per layer, never fewer."""
-    per_layer = {n: _per_layer_ops(n, 2, 8, 2)[0] - _per_layer_ops(n, 2, 8, 1)[0] for n in methods.available()}
+    per_layer = {n: _per_layer_ops(n, 2, 8, 2)[0] - _per_layer_ops(n, 2, 8, 1)[0]
+                 for n in methods.available()}
     assert min(per_layer, key=per_layer.get) == "lora", per_layer
