@@ -13,11 +13,13 @@ from sweephelpers import (
     run_py,
 )
 
+from runners.sweeper import registered_methods
+
 
 @pytest.mark.parametrize("args, line", [
     (["+sweep=bugdet"], "rankbench: unknown sweep 'bugdet'; valid: budget, lr, paper, ranks, tuned"),
     (["+sweep=budget", "sweep.methods=[lora,lroa]"],
-     "rankbench: unknown method 'lroa' in sweep.methods; valid: loha, lokr, lora, randlora"),
+     "rankbench: unknown method 'lroa' in sweep.methods; valid: " + ", ".join(registered_methods()[0])),
     (["+sweep=budget", "hydra/launcher=ray"], "rankbench: unknown hydra/launcher 'ray'; valid: basic, "),
     (["+sweep=budget", "method=lora"], "rankbench: method= is set per run by +sweep=budget"),
     pytest.param(["+sweep=budget", "hydra/launcher=slurm", "sweep.preflight=false", "sweep.methods=[lora]",
