@@ -76,7 +76,7 @@ def probability(key: str, value: Any) -> float:
 
 def boolean(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{key} must be true or false, got {value!r}")  # noqa: TRY004 (config error)
+        raise ValueError(f"{key} must be true or false, got {value!r}")
     return value
 
 
@@ -93,7 +93,7 @@ def one_of(*valid: str) -> Validator:
 
 def integer(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{key} must be an integer, got {value!r}")  # noqa: TRY004 (config error)
+        raise ValueError(f"{key} must be an integer, got {value!r}")
     return int(value)
 
 
@@ -119,6 +119,8 @@ class AdapterLayer(CostModel, nn.Module):
     peft: ClassVar[PeftSpec]
     #: hyper-parameters the budget solver searches (values passed for them are overridden).
     budget_knobs: ClassVar[tuple[str, ...]] = ("r",)
+    #: `max_rank` is the rank random adapter weights reach (True), or only an upper bound (FourierFT's spectrum)
+    max_rank_exact: ClassVar[bool] = True
     #: `path_macs` describes this layer's forward (False: PEFT-backed layers run PEFT's own)
     has_cost_model: ClassVar[bool] = True
     #: layers may take their own `r` (a `rank_pattern`) when the budget solver needs it

@@ -9,6 +9,7 @@ import struct
 import pytest
 import torch
 import torch.nn.functional as F
+from rbtest import own
 from torch import nn
 
 import methods
@@ -26,27 +27,6 @@ EXTRA_HP = {
 def hp_variants(method: str) -> list[dict]:
     ranks = [{"r": r} for r in (1, 3, 8, 32)]
     return ranks + [{"r": 2, **extra} for extra in EXTRA_HP.get(method, [])]
-
-
-def own(method: str, shapes: list[tuple[int, int]], **hp) -> dict:
-    """`hp` as far as `method` has them (IA3 has no r, HRA no alpha), with `r` moved to the nearest value the
-    method accepts on every shape with a non-empty adapter (OFT's block size must divide in; HRA's r is
-    even). Native methods accept every r asked here, so theirs is unchanged."""
-    cls = methods.get_method(method)
-    hp = {k: v for k, v in hp.items() if k in cls.hp_spec}
-    if "r" not in hp or _nonempty(method, shapes, hp):
-        return hp
-    fixed = {k: v for k, v in hp.items() if k != "r"}
-    valid = [c["r"] for c in cls.budget_candidates(shapes, cls.resolve_hp(fixed))
-             if _nonempty(method, shapes, {**fixed, "r": c["r"]})]
-    return {**hp, "r": min(valid, key=lambda r: (abs(r - hp["r"]), r))}
-
-
-def _nonempty(method: str, shapes: list[tuple[int, int]], hp: dict) -> bool:
-    try:
-        return all(methods.num_params(method, i, o, **hp) > 0 for i, o in shapes)
-    except ValueError:
-        return False
 
 
 TINY_SHAPES = [(12, 12), (12, 30), (30, 12), (12, 20), (20, 12)]   # TinyNet's targeted Linear shapes
@@ -184,7 +164,7 @@ def test_rank_of_delta_reaches_structural_bound(method, shape, r, randomize_para
     randomize_params(layer, seed=r)
     rank = torch.linalg.matrix_rank(layer.delta_weight().detach()).item()
     bound = type(layer).max_rank(*shape, **layer.hp)
-    assert rank == bound if getattr(type(layer), "max_rank_exact", True) else 0 < rank <= bound
+    assert rank == bound if type(layer).max_rank_exact else 0 < rank <= bound
     expected = {"lora": min(r, *shape), "loha": min(r * r, *shape), "randlora": min(shape)}
     if method in expected:
         assert bound == expected[method]

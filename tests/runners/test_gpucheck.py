@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from rbtest import own
 from torch import nn
 
 import methods
@@ -38,12 +39,16 @@ def test_a_violated_rank_bound_fails_the_check(monkeypatch) -> None:
 @pytest.mark.parametrize("method", methods.available())
 def test_rank_bound_is_each_registered_method_s_own_and_tight(method) -> None:
     """Random adapter weights reach the bound exactly: a bound too high or too low (or missing) fails."""
-    layer = methods.wrap_linear(method, nn.Linear(40, 24), r=3)
+    layer = methods.wrap_linear(method, nn.Linear(40, 24), **own(method, [(40, 24)], r=3))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, p in layer.adapter_parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
-    assert gpucheck.rank_bound(layer) == torch.linalg.matrix_rank(layer.delta_weight().detach()).item()
+    rank = torch.linalg.matrix_rank(layer.delta_weight().detach()).item()
+    if type(layer).max_rank_exact:
+        assert gpucheck.rank_bound(layer) == rank
+    else:  # a bound the method declares as an upper bound only (FourierFT's spectrum)
+        assert gpucheck.rank_bound(layer) >= rank
 
 
 def test_zero_gradients_are_named() -> None:
