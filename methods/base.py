@@ -127,6 +127,8 @@ class AdapterLayer(CostModel, nn.Module):
     layer_patterns: ClassVar[bool] = True
     #: hyper-parameter name -> (default, validator); `r`, `alpha` and `dropout` are common to all methods.
     hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = {}
+    #: the model-wide hyper-parameters, set by `inject` (save_adapter records them with the layers whose r differs)
+    global_hp: dict[str, Any]
 
     def __init__(self, base_layer: nn.Linear, *, shared: nn.Module | None = None, **hp: Any) -> None:
         super().__init__()

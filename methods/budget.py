@@ -48,7 +48,7 @@ def is_native(budget: Any) -> bool:
     return isinstance(budget, str) and budget.strip().lower() == NATIVE
 
 
-def resolve_budget(model: nn.Module, target_modules: Targets, budget: int | str, *, method: str | None = None,
+def resolve_budget(model: nn.Module, target_modules: Targets, budget: int | float | str, *, method: str | None = None,
                    hp: dict[str, Any] | None = None) -> int:
     """A budget in parameters: an int, a digit string, "loraN" (LoRA at rank N on these targets), or
     "native" (`method`'s count at its configured `hp`: where the method is used when nobody equalises)."""
@@ -141,9 +141,9 @@ def _count_table(name: str, shapes: Counter, fixed: dict[str, Any]) -> list[tupl
 
 
 @functools.lru_cache(maxsize=64)
-def _table(name: str, shapes: tuple[tuple[Shape, int], ...], base: tuple) -> tuple[tuple[int, dict], ...]:
+def _table(name: str, shapes: tuple[tuple[Shape, int], ...], base_items: tuple) -> tuple[tuple[int, dict], ...]:
     """`_count_table`, cached: a sweep solves many budgets on one model (callers copy the knobs)."""
-    cls, base = get_method(name), dict(base)
+    cls, base = get_method(name), dict(base_items)
     table = []
     top = largest_rank([s for s, _ in shapes], name)
     for knobs in cls.budget_candidates([s for s, _ in shapes], base):
@@ -284,7 +284,7 @@ def _refine(name: str, layers: dict[str, Shape], hp: dict[str, Any], count: int,
         for g in bad:
             groups[g] = (groups[g][0], [step for step in groups[g][1] if step[0] != fit[g][0]])
     pattern: dict[str, int] = {}
-    for s, (r, d, x) in zip(shapes, fit):
+    for s, (r, d, x) in zip(shapes, fit, strict=True):
         pattern.update({layer: r for layer in _spread(by_shape[s], x)} if x else {})
         count += d * x
     return count, pattern

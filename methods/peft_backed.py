@@ -325,7 +325,7 @@ def _line(method: str, in_features: int, out_features: int, rest: tuple) -> tupl
         return None
     b = (counts[1] - counts[0]) // (probes[1] - probes[0])
     a = counts[0] - b * probes[0]
-    return (a, b) if all(a + b * r == c for r, c in zip(probes, counts)) else None
+    return (a, b) if all(a + b * r == c for r, c in zip(probes, counts, strict=True)) else None
 
 
 def _valid_everywhere(cls: type[PeftLayer], shapes: list[tuple[int, int]], hp: dict[str, Any]) -> bool:

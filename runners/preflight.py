@@ -95,7 +95,7 @@ def _label_stats(values: Any, names: list[str] | None = None, dtype: str | None 
     if not len(ys) or not np.issubdtype(ys.dtype, np.integer):
         return {"dtype": dtype, "rows": len(ys)}
     stats = {"dtype": dtype, "min": int(ys.min()), "max": int(ys.max()), "rows": len(ys)}
-    return {**stats, "pairs": sorted(set(zip(ys.tolist(), names)))} if names is not None else stats
+    return {**stats, "pairs": sorted(set(zip(ys.tolist(), names, strict=True)))} if names is not None else stats
 
 
 def _hub_labels(path: str, src: DictConfig, features: Any, rec: Record) -> dict[str, dict[str, Any]]:
@@ -119,7 +119,7 @@ def _stream_labels(path: str, src: DictConfig, split: str, column: str) -> dict[
     try:
         stream = load_dataset(path, src.get("config"), split=split, streaming=True, **hub_kwargs(src))
         rows = list(itertools.islice(stream.select_columns([column, *([named] if named else [])]), LABEL_ROWS))
-    except Exception as err:  # noqa: BLE001 - any read failure is the problem to report
+    except Exception as err:  # any read failure is the problem to report
         return {"problem": f"labels of split {split!r} unreadable ({type(err).__name__}: {_first_line(err)})"}
     names = [str(r[named]) for r in rows] if named else None
     return {**_label_stats([r[column] for r in rows], names), "from": f"first {len(rows)} rows (streamed)"}
@@ -180,7 +180,7 @@ def _hub_metadata(path: str, src: DictConfig) -> dict[str, Any]:
 
     try:
         builder = load_dataset_builder(path, src.get("config"), **hub_kwargs(src))
-    except Exception as err:
+    except Exception as err:  # any load failure is the problem to report
         raise LookupError(f"{path}: metadata unreadable ({type(err).__name__}: {_first_line(err)})") from err
     info = builder.info
     splits = {s: v.num_examples for s, v in (info.splits or {}).items()}
@@ -219,7 +219,7 @@ def _repo_files(path: str, repo_type: str = "dataset") -> list[str]:
         raise LookupError(f"{path} is gated: accept its terms on the hub and log in (hf auth login)") from err
     except RepositoryNotFoundError as err:
         raise LookupError(f"{path}: no such {repo_type} repo on the hub") from err
-    except Exception as err:
+    except Exception as err:  # the plan is a report: any failure is shown, never fatal
         raise LookupError(f"{path}: hub unreachable ({type(err).__name__}: {_first_line(err)})") from err
 
 
@@ -292,7 +292,7 @@ def check_model(cfg: DictConfig, budgets: list[str], method_names: list[str] | N
     except LookupError as err:
         out["problems"].append(f"model {err}; set task.model.path")
         return out
-    except Exception as err:  # noqa: BLE001 - any load failure is the problem to report
+    except Exception as err:
         out["problems"].append(f"model {path}: config unreadable or hub unreachable "
                                f"({type(err).__name__}: {_first_line(err)}); set task.model.path")
         return out
@@ -390,7 +390,7 @@ def table(records: list[Record]) -> str:
         rows.append((r.dataset, source, splits, str(r.num_classes or "-"), (r.prompts or ["-"])[0],
                      "; ".join(r.problems) or "ok"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5] for row in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:5], widths, strict=True)) + "  " + row[5] for row in rows]
     return "\n".join(lines)
 
 
@@ -425,7 +425,7 @@ def memory_plan(cfg: DictConfig) -> tuple[str, list[str]]:
 
     try:
         return memplan.summary(cfg)
-    except Exception as err:  # noqa: BLE001 - the plan is a report: any failure is shown, never fatal
+    except Exception as err:
         return f"memory plan: unavailable ({type(err).__name__}: {_first_line(err)})", []
 
 

@@ -284,7 +284,7 @@ def check_label_names(name: str, split: str, ds: Dataset | None, classes: list[s
     """One clear error when a copy's own row names contradict the prompts' class names (see above)."""
     if ds is None or not column or not classes or len(ds) == 0:
         return
-    pairs = list(zip(np.asarray(ds["label"]).tolist(), ds[column]))
+    pairs = list(zip(np.asarray(ds["label"]).tolist(), ds[column], strict=True))
     problem = label_names_problem(name, split, pairs, classes, column)
     if problem:
         raise ValueError(problem)
@@ -293,7 +293,7 @@ def check_label_names(name: str, split: str, ds: Dataset | None, classes: list[s
 def label_range_problem(name: str, split: str, low: int, high: int, num_classes: int) -> str | None:
     """The one-line problem of labels spanning low..high with `num_classes` class names, or None if they fit
     [0, num_classes); shared by the run (check_label_range) and runners.preflight."""
-    if 0 <= low and high < num_classes:
+    if low >= 0 and high < num_classes:
         return None
     where = (f"dataset {name!r}, split {split!r}: label {low if low < 0 else high} is outside [0, {num_classes}) "
              f"(labels span {low}..{high}, {num_classes} class names)")
@@ -480,7 +480,7 @@ def align_classes(name: str, curated: list[str], label_names: list[str] | None,
         taken.add(i) if i is not None else None
         out.append(curated[i] if i is not None else None)
     rest = iter(c for i, c in enumerate(curated) if i not in taken)
-    unmatched = [str(label) for label, c in zip(label_names, out) if c is None]
+    unmatched = [str(label) for label, c in zip(label_names, out, strict=True) if c is None]
     if len(unmatched) > max_unmatched * len(curated):
         raise ValueError(f"curated class names of {name!r} do not match the dataset's label names "
                          f"({len(unmatched)} of {len(curated)} unmatched, e.g. {unmatched[:3]}); set "

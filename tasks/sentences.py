@@ -116,6 +116,6 @@ def make_split(name: str, split: str, n: int, seed: int = 0) -> Dataset:
         raise ValueError(f"unknown split {split!r} of sentence dataset {name!r}; valid: {', '.join(SPLITS)}")
     spec = SPECS[name]
     rng = np.random.default_rng([seed, zlib.crc32(name.encode()), zlib.crc32(split.encode())])
-    texts, ys = zip(*(spec.make(rng, SPLITS[split]) for _ in range(n)))
+    texts, ys = zip(*(spec.make(rng, SPLITS[split]) for _ in range(n)), strict=True)
     feats = Features({"text": Value("string"), "label": ClassLabel(names=spec.classes)})
     return Dataset.from_dict({"text": list(texts), "label": list(ys)}, features=feats)

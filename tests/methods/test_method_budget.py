@@ -208,7 +208,7 @@ def test_randlora_layer_with_its_own_r_trains_like_its_dense_update(tokens, rand
     ref = nn.functional.linear(x, layer.base_layer.weight + layer.delta_weight(), layer.base_layer.bias)
     ref_grads = torch.autograd.grad(ref.square().sum(), params)
     torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)  # float32 sums of large random terms
-    for got, want in zip(grads, ref_grads):
+    for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
 
 

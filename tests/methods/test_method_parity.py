@@ -15,7 +15,7 @@ import methods
 from methods.lokr import factorization
 
 peft = pytest.importorskip("peft")
-from peft.tuners.lokr.layer import factorization as peft_factorization
+peft_factorization = pytest.importorskip("peft.tuners.lokr.layer").factorization
 
 # Native methods: a PEFT-backed method runs PEFT's own layer (methods/peft_backed.py), so its parity is with
 # the native method it duplicates (peft_lora == lora, tests/methods/test_peft_backed.py), not with itself.
@@ -55,7 +55,7 @@ class Net(nn.Module):
             self.add_module(f"lin{k}", nn.Linear(i, o))
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [m(x) for m, x in zip(self.children(), xs)]
+        return [m(x) for m, x in zip(self.children(), xs, strict=True)]
 
 
 def assert_parity(method: str, shapes: list[tuple[int, int]], **hp) -> None:
@@ -70,12 +70,12 @@ def assert_parity(method: str, shapes: list[tuple[int, int]], **hp) -> None:
     copy_peft_into_ours(theirs, ours, seed=sum(sum(s) for s in shapes) + hp["r"])
     xs = [torch.randn(3, i) for i, _ in shapes]
     ref = theirs.base_model.model
-    for k, name in enumerate(names):
+    for name in names:
         dw_theirs = getattr(ref, name).get_delta_weight("default")
         dw_ours = methods.adapter_layers(ours)[name].delta_weight()
         assert dw_theirs.abs().max() > 0
         torch.testing.assert_close(dw_ours, dw_theirs, rtol=1e-5, atol=1e-5 * dw_theirs.abs().max().item())
-    for y_ours, y_theirs in zip(ours(xs), theirs(xs)):
+    for y_ours, y_theirs in zip(ours(xs), theirs(xs), strict=True):
         torch.testing.assert_close(y_ours, y_theirs, rtol=1e-5, atol=1e-5 * y_theirs.abs().max().item())
 
 
@@ -210,7 +210,7 @@ def test_gradients_match_peft_in_float64(method):
     xt = [x.detach().clone().requires_grad_() for x in xs]
     weighted_sum(ours(xs)).backward()
     weighted_sum(theirs(xt)).backward()
-    for a, b in zip(xs, xt):
+    for a, b in zip(xs, xt, strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10 * b.grad.abs().max().item())
     for p, q in peft_twins(ours, theirs):
         assert q.grad.abs().max() > 0
@@ -247,7 +247,7 @@ def test_randlora_gradients_match_peft_in_float64_over_accumulation_and_steps(pa
             xt = [x.detach().clone().requires_grad_() for x in xs]
             weighted_sum(ours(xs)).backward()
             weighted_sum(theirs(xt)).backward()
-            for a, b in zip(xs, xt):
+            for a, b in zip(xs, xt, strict=True):
                 torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10 * b.grad.abs().max().item())
         for p, q in pairs:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-10 * q.grad.abs().max().item(),
