@@ -271,7 +271,8 @@ class AdapterLayer(CostModel, nn.Module):
     def untrained_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (W + dW)^T + b with dW outside the graph: the input still gets its gradient, the adapter's
         parameters none. The official RandLoRA CLIP code writes W + dW into its attention weight through
-        `.data` (vision_language/src/rand_lora.py:582-584), which has this effect on its attention adapters."""
+        `.data` (vision_language/src/rand_lora.py:582-584), which has this effect on its attention
+        adapters."""
         weight = self.base_layer.weight
         with torch.no_grad():
             adapted = weight + self.delta_weight().to(weight.dtype)

@@ -207,7 +207,8 @@ def _layer_steps(name: str, shape: Shape, hp: dict[str, Any], others: set[int]) 
         if 1 <= other <= largest_rank([shape], name):
             try:
                 delta = cls.num_params(*shape, **{**hp, LAYER_KNOB: other}) - here
-            except ValueError:   # a value the method refuses on this shape (OFT: a block size not dividing in)
+            except ValueError:
+                # a value the method refuses on this shape (OFT: a block size not dividing in)
                 continue
             steps += [(other, delta)] if delta else []
     return steps

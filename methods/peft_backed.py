@@ -239,7 +239,8 @@ def build_tuner(cls: type[PeftLayer], hp: dict[str, Any], base: nn.Linear) -> nn
 
 def _fp32_adapters(tuner: nn.Module, base_dtype: torch.dtype) -> None:
     """Adapters of a half-precision base train in fp32, as `get_peft_model(autocast_adapter_dtype=True)`
-    does (peft 0.21.2 peft/tuners/tuners_utils.py `_cast_adapter_dtype`); `inject_adapter_in_model` does not."""
+    does (peft 0.21.2 peft/tuners/tuners_utils.py `_cast_adapter_dtype`); `inject_adapter_in_model` does
+    not."""
     if adapter_dtype_for(base_dtype) != base_dtype:
         for _, param in trainable(tuner):
             param.data = param.data.to(torch.float32)

@@ -2,9 +2,11 @@
 
 Export (runners/export.py), the bench (runners/bench.py) and the parity tests read a method's PEFT config
 type, its field mapping and its tensor names from here, so a new method brings its own counterpart and
-no list elsewhere names it. PEFT is imported inside `config` only (a runtime dependency of the PEFT-backed methods alone).
+no list elsewhere names it. PEFT is imported inside `config` only (a runtime dependency of the PEFT-backed
+methods alone).
 Field names are those of PEFT 0.21.2's config dataclasses (peft/tuners/*/config.py) and state dicts
-(`PeftModel.save_pretrained` keys `base_model.model.<module>.<tensor>`), checked by tests/runners/test_export.py.
+(`PeftModel.save_pretrained` keys `base_model.model.<module>.<tensor>`), checked by
+tests/runners/test_export.py.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ class PeftSpec:
     """One method's PEFT counterpart: config class and fields both ways, tensor names, random bases."""
 
     peft_type: str                                       # PeftConfig.peft_type, e.g. "LORA"
-    config_class: str                                    # the class in the `peft` namespace, e.g. "LoraConfig"
+    # the class in the `peft` namespace, e.g. "LoraConfig"
+    config_class: str
     tensors: dict[str, str]                              # our parameter name -> PEFT's state-dict leaf
     to_peft: Callable[[dict[str, Any]], dict[str, Any]]  # our resolved hp -> PEFT config fields
     from_peft: Callable[[dict[str, Any]], dict[str, Any]]  # PEFT config -> our hp (PEFT defaults if absent)
@@ -30,10 +33,12 @@ class PeftSpec:
     patterns: bool = False                               # the config has rank_pattern / alpha_pattern
     #: our pattern hp -> PEFT's field of that name where it differs (FourierFT: n_frequency_pattern)
     pattern_names: dict[str, str] = field(default_factory=dict)
-    targets_fields: tuple[str, ...] = ()                 # fields set to the target modules (IA3's feedforward)
+    # fields set to the target modules (IA3's feedforward)
+    targets_fields: tuple[str, ...] = ()
 
     def config(self, hp: dict[str, Any], target_modules: list[str] | str, **extra: Any) -> Any:
-        """The `peft.<config_class>` for our resolved hp on `target_modules` (imports peft: tests/bench only)."""
+        """The `peft.<config_class>` for our resolved hp on `target_modules` (imports peft: tests/bench
+        only)."""
         import peft
 
         own = {f: target_modules for f in self.targets_fields}

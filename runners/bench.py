@@ -15,7 +15,8 @@ version of the method gets the same solved values. Configurations:
 Timing: all configurations live in one process and are interleaved (rep 1: all configs, rep 2: all
 configs in another order, ...), each rep with its own warm-up; medians and p90 pool the timed steps of all
 reps, and every ratio is the median over reps of the ratio inside one rep (robust to load changing
-between reps), printed with its range over the reps: `1.03 (0.98-1.08)`. Step time noise between processes reached 25% on the 2-core dev machine, so only the ratios inside
+between reps), printed with its range over the reps: `1.03 (0.98-1.08)`. Step time noise between processes
+reached 25% on the 2-core dev machine, so only the ratios inside
 one table are meaningful. On a machine other jobs share, `--clock cpu --threads 1` times the process's CPU
 time instead of wall time, which time spent waiting for a core does not inflate.
 
@@ -449,7 +450,8 @@ def time_interleaved(trainers: list[Trainer], repeats: int, warmup: int, steps: 
 @torch.no_grad()
 def merged_inference_check(work: Workload, trainers: list[Trainer], repeats: int, steps: int
                            ) -> list[dict[str, Any]]:
-    """After `methods.merge`: outputs equal the unmerged adapter's and forward time equals the bare model's."""
+    """After `methods.merge`: outputs equal the unmerged adapter's and forward time equals the bare
+    model's."""
     bare = copy.deepcopy(work.model).eval()
     forward = {"bare": bare}
     rows = []

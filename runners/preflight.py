@@ -26,7 +26,8 @@ from omegaconf import DictConfig
 
 log = logging.getLogger("rankbench.preflight")
 
-DEFAULT_BUDGETS = ["lora1", "lora2", "lora4", "lora8", "lora16", "lora32", "native"]  # conf/sweep/budget.yaml's axis
+# conf/sweep/budget.yaml's axis
+DEFAULT_BUDGETS = ["lora1", "lora2", "lora4", "lora8", "lora16", "lora32", "native"]
 PROMPTS_SHOWN = 3
 LABEL_ROWS = 500  # rows a hub label check streams per split: the first shard's start, a bounded read
 
@@ -437,7 +438,8 @@ def main(argv: list[str]) -> int:
     cfg = compose_config([a for a in argv if not a.startswith("preflight.")])
     try:
         records = run_preflight(cfg, budgets)
-    except (ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError) as err:  # nothing to list per dataset
+    # nothing to list per dataset
+    except (ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError) as err:
         raise SystemExit(f"rankbench: preflight could not start: {_first_line(err)}") from err
     plan, over = memory_plan(cfg)
     found = problems(records) + over

@@ -41,7 +41,8 @@ class SplitPair:
     source: DictConfig | None = None  # the `task.data.sources.<name>` entry (None: generated)
     templates: list[str] | None = None  # the dataset's prompt ensemble (None: just `template`)
     validation: Dataset | None = None  # hyper-parameter selection split, never part of train (see hold_out)
-    revision: str | None = None  # the hub commit the data came from (source_revision); None: local or generated
+    # the hub commit the data came from (source_revision); None: local or generated
+    revision: str | None = None
 
     @property
     def ensemble(self) -> list[str]:
@@ -71,7 +72,8 @@ def load_suite(
             pair = _from_source(name, sources[name], data_cfg)
         else:
             pair = _generated(name, data_cfg, generate, (templates or {}).get(name, "{}"))
-        pair.train = apply_regime(name, pair.train, data_cfg)  # after the hold-out: regimes never see validation
+        # after the hold-out: regimes never see validation
+        pair.train = apply_regime(name, pair.train, data_cfg)
         out[name] = pair
     return out
 
@@ -81,7 +83,8 @@ def _generated(name: str, data_cfg: DictConfig, generate: Callable[[str, str, in
     """A generated dataset; its validation split is a hold-out of the generated train split, so the
     generated test split is exactly what it was before validation splits existed. With
     `task.data.generated_validation` the held-out examples are replaced by the generator's own
-    "validation" split of the same size (the language suite: held-out words, disjoint from train's and test's)."""
+    "validation" split of the same size (the language suite: held-out words, disjoint from train's and
+    test's)."""
     train = generate(name, "train", int(data_cfg.train_size), data_seed_of(data_cfg))
     test = generate(name, "test", int(data_cfg.test_size), data_seed_of(data_cfg))
     train, validation = hold_out(name, train, {}, data_cfg)
@@ -93,7 +96,8 @@ def _generated(name: str, data_cfg: DictConfig, generate: Callable[[str, str, in
 def hold_out(name: str, train: Dataset, src: Any, data_cfg: DictConfig) -> tuple[Dataset, Dataset | None]:
     """(train, validation): a seeded hold-out of train, removed from it for every run (tuning and final runs
     train on the same examples). Its size is the source's `val_size`, else `val_fraction` (the source's,
-    else task.data's) of train, at most task.data.val_max; drawn by `holdout_indices` at task.data.val_seed."""
+    else task.data's) of train, at most task.data.val_max; drawn by `holdout_indices` at
+    task.data.val_seed."""
     size = validation_size(len(train), src, data_cfg)
     if size == 0:
         return train, None
@@ -109,7 +113,8 @@ def hold_out(name: str, train: Dataset, src: Any, data_cfg: DictConfig) -> tuple
 def validation_size(n: int, src: Any, data_cfg: DictConfig) -> int:
     """Examples held out of `n`: the source's `val_size`, else floor(fraction x n) capped at `val_max` (at
     least 1 when the fraction is positive), as the official split_train_into_train_val sizes it (RandLoRA
-    vision_language/src/datasets/registry.py:58-63, get_dataset val_fraction=0.1, max_val_samples=5000 :170)."""
+    vision_language/src/datasets/registry.py:58-63, get_dataset val_fraction=0.1, max_val_samples=5000
+    :170)."""
     if src.get("val_size") is not None:
         return int(src.val_size)
     fraction = float(src.get("val_fraction") if src.get("val_fraction") is not None else data_cfg.val_fraction)
@@ -122,7 +127,8 @@ def validation_size(n: int, src: Any, data_cfg: DictConfig) -> int:
 
 def holdout_indices(n: int, size: int, seed: int) -> tuple[list[int], list[int]]:
     """(kept, held-out) row indices, each sorted: torch's random_split(range(n), [n - size, size]) with a
-    generator seeded `seed` (one randperm, the last `size` held out), as the official code draws "<Dataset>Val"
+    generator seeded `seed` (one randperm, the last `size` held out), as the official code draws
+    "<Dataset>Val"
     (RandLoRA vision_language/src/datasets/registry.py:65-71, seed 0). Depends on n and seed only."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(perm[: n - size]), sorted(perm[n - size :])
@@ -188,7 +194,8 @@ def load_test_split(name: str, data_cfg: DictConfig, generate: Callable[[str, st
 
 
 def _test_hold_out(train: Dataset, src: DictConfig) -> tuple[Dataset, Dataset]:
-    """(train, test) of a copy with no test split (e.g. Caltech101): a fixed seeded `test_fraction` of train."""
+    """(train, test) of a copy with no test split (e.g. Caltech101): a fixed seeded `test_fraction` of
+    train."""
     parts = train.train_test_split(test_size=float(src.get("test_fraction", 0.2)), seed=0)
     return parts["train"], parts["test"]
 

@@ -1,7 +1,8 @@
 """The embedded sentence-classification datasets, generated deterministically from word lists.
 
 Train, validation and test sentences draw their label-bearing words from three *disjoint* lists
-(validation and test use synonyms and related words never seen in training, each its own), so only a pretrained encoder's knowledge of words carries a
+(validation and test use synonyms and related words never seen in training, each its own), so only a
+pretrained encoder's knowledge of words carries a
 classifier from one to the other. Negations (sentiment) and distractor words (topic) keep a
 bag-of-words probe from solving the tasks outright, leaving room for adaptation to help.
 """

@@ -84,7 +84,8 @@ def build(name: str) -> Built:
 
 
 def method_hp(method: str) -> dict[str, Any]:
-    """conf/method/<method>.yaml without name/lr (and a PEFT-backed method's `peft` block) under PEFT's convention
+    """conf/method/<method>.yaml without name/lr (and a PEFT-backed method's `peft` block) under PEFT's
+    convention
     (task.scaling=peft, the tiny suite's): the hp a run passes to the solver ("native" uses them)."""
     node = OmegaConf.create({"task": {"scaling": "peft", "conventions": {}},
                              "method": OmegaConf.load(ROOT / "conf" / "method" / f"{method}.yaml")})

@@ -348,7 +348,8 @@ def test_budget_below_smallest_on_clip(clip_b32_meta):
 
 
 def test_budget_above_largest_on_clip_names_the_largest(clip_b32_meta):
-    largest = methods.num_params_model(clip_b32_meta, "lora", CLIP_TARGETS, r=512)  # r up to the 512-wide text
+    # r up to the 512-wide text
+    largest = methods.num_params_model(clip_b32_meta, "lora", CLIP_TARGETS, r=512)
     with pytest.raises(ValueError, match=rf"above the largest count lora can achieve on these targets: {largest} "
                                          r"\(with \{'r': 512\}\)"):
         methods.solve_budget(clip_b32_meta, "lora", CLIP_TARGETS, 100_000_000_000)
@@ -368,7 +369,8 @@ def test_the_largest_count_named_is_one_inject_accepts(clip_b32_meta, method):
 @pytest.mark.parametrize("method", [m for m in methods.available() if "r" in methods.get_method(m).hp_spec])
 def test_rank_above_a_layers_larger_dimension_is_refused_before_allocating(clip_b32_meta, method):
     """LoRA r=100000 on 128-wide layers once wrapped 1.43B parameters and hung; now one line, no allocation.
-    The limit is the method's `knob_limit` (a rank: the larger dimension; FourierFT's frequencies: in * out)."""
+    The limit is the method's `knob_limit` (a rank: the larger dimension; FourierFT's frequencies: in *
+    out)."""
     cls = methods.get_method(method)
     limit = cls.knob_limit(128, 128)
     big = max(100_000, limit + 1)
@@ -378,7 +380,8 @@ def test_rank_above_a_layers_larger_dimension_is_refused_before_allocating(clip_
     with pytest.raises(ValueError, match=expected):
         methods.wrap_linear(method, nn.Linear(128, 128), r=big)
     model = nn.Sequential(nn.Linear(128, 256), nn.Linear(256, 128), nn.Linear(128, 128))
-    # the tightest layer is named: (128, 128) for a rank; a knob bounded by in_features ties it with (128, 256)
+    # the tightest layer is named: (128, 128) for a rank; a knob bounded by in_features ties it with (128,
+    # 256)
     with pytest.raises(ValueError, match=rf"r={big} is too large for Linear\(128, (128|256)\) \('[02]'\): the largest"):
         methods.inject(model, method, ["0", "1", "2"], r=big)
     assert not methods.adapter_layers(model) and all(p.requires_grad for p in model.parameters())

@@ -203,7 +203,8 @@ def peft_twins(ours: nn.Module, theirs: nn.Module) -> list[tuple[nn.Parameter, n
 @pytest.mark.parametrize("method", METHODS)
 def test_gradients_match_peft_in_float64(method):
     """Input and parameter gradients of every method equal PEFT's to float64 rounding (out > in, out < in).
-    r = 4 keeps alpha / r exact: PEFT's LoHa rounds its scale to a float32 tensor (peft/tuners/loha/layer.py:193)."""
+    r = 4 keeps alpha / r exact: PEFT's LoHa rounds its scale to a float32 tensor
+    (peft/tuners/loha/layer.py:193)."""
     ours, theirs, _ = peft_pair(method, [(24, 40), (40, 24)], torch.float64, r=4)
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(2, 9, i, generator=gen, dtype=torch.float64).requires_grad_() for i in (24, 40)]

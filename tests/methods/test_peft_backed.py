@@ -37,7 +37,8 @@ def _copy_lora(ours: nn.Module, theirs: nn.Module) -> None:
 
 
 def test_peft_lora_matches_native_lora_outputs_grads_counts(tiny_net, randomize_params):
-    """Same initial weights -> the same outputs, gradients and counts (the harness measures the same thing)."""
+    """Same initial weights -> the same outputs, gradients and counts (the harness measures the same
+    thing)."""
     ours, theirs = tiny_net(), tiny_net()
     hp = {"r": 3, "alpha": 6.0}
     methods.inject(ours, "lora", TARGETS, **hp)

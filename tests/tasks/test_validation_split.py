@@ -16,7 +16,8 @@ import tasks
 from tasks import images, sentences
 
 SMALL = ["task.data.train_size=60", "task.data.test_size=40"]
-# clip builds its tokenizer and prompts too (~10 s on 2 shared cores): slow-marked, vision covers its data path
+# clip builds its tokenizer and prompts too (~10 s on 2 shared cores): slow-marked, vision covers its data
+# path
 EVERY_TASK = [pytest.param("clip", marks=pytest.mark.slow), "vision", "language"]
 GENERATORS = {"clip": images.make_split, "vision": images.make_split, "language": sentences.make_split}
 
