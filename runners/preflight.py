@@ -438,8 +438,8 @@ def main(argv: list[str]) -> int:
     cfg = compose_config([a for a in argv if not a.startswith("preflight.")])
     try:
         records = run_preflight(cfg, budgets)
-    # nothing to list per dataset
     except (ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError) as err:
+        # nothing to list per dataset
         raise SystemExit(f"rankbench: preflight could not start: {_first_line(err)}") from err
     plan, over = memory_plan(cfg)
     found = problems(records) + over
