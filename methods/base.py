@@ -115,11 +115,13 @@ class AdapterLayer(CostModel, nn.Module):
     method: ClassVar[str] = ""
     #: the name figures and tables show (the method's own paper spelling)
     label: ClassVar[str] = ""
-    #: the method's Hugging Face PEFT counterpart (export, bench and parity tests read it; methods/peft_spec.py)
+    #: the method's Hugging Face PEFT counterpart (export, bench and parity tests read it;
+    #: methods/peft_spec.py)
     peft: ClassVar[PeftSpec]
     #: hyper-parameters the budget solver searches (values passed for them are overridden).
     budget_knobs: ClassVar[tuple[str, ...]] = ("r",)
-    #: `max_rank` is the rank random adapter weights reach (True), or only an upper bound (FourierFT's spectrum)
+    #: `max_rank` is the rank random adapter weights reach (True), or only an upper bound
+    #: (FourierFT's spectrum)
     max_rank_exact: ClassVar[bool] = True
     #: `path_macs` describes this layer's forward (False: PEFT-backed layers run PEFT's own)
     has_cost_model: ClassVar[bool] = True
@@ -127,7 +129,8 @@ class AdapterLayer(CostModel, nn.Module):
     layer_patterns: ClassVar[bool] = True
     #: hyper-parameter name -> (default, validator); `r`, `alpha` and `dropout` are common to all methods.
     hp_spec: ClassVar[dict[str, tuple[Any, Validator]]] = {}
-    #: the model-wide hyper-parameters, set by `inject` (save_adapter records them with the layers whose r differs)
+    #: the model-wide hyper-parameters, set by `inject` (save_adapter records them with the layers
+    #: whose r differs)
     global_hp: dict[str, Any]
 
     def __init__(self, base_layer: nn.Linear, *, shared: nn.Module | None = None, **hp: Any) -> None:
@@ -163,7 +166,8 @@ class AdapterLayer(CostModel, nn.Module):
         return min(in_features, out_features)
 
     @classmethod
-    def tensor_shapes(cls, shape: tuple[int, int], hp: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    def tensor_shapes(cls, shape: tuple[int, int],
+                      hp: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
         """(name, shape) of the adapter tensors on Linear(*shape) with resolved `hp`: the method's structure.
         Built on the meta device, so nothing is allocated."""
         layer = cls(nn.Linear(*shape, device="meta"), **hp)  # adapters follow the base's device

@@ -48,8 +48,8 @@ def is_native(budget: Any) -> bool:
     return isinstance(budget, str) and budget.strip().lower() == NATIVE
 
 
-def resolve_budget(model: nn.Module, target_modules: Targets, budget: int | float | str, *, method: str | None = None,
-                   hp: dict[str, Any] | None = None) -> int:
+def resolve_budget(model: nn.Module, target_modules: Targets, budget: int | float | str, *,
+                   method: str | None = None, hp: dict[str, Any] | None = None) -> int:
     """A budget in parameters: an int, a digit string, "loraN" (LoRA at rank N on these targets), or
     "native" (`method`'s count at its configured `hp`: where the method is used when nobody equalises)."""
     if is_native(budget):
@@ -141,7 +141,8 @@ def _count_table(name: str, shapes: Counter, fixed: dict[str, Any]) -> list[tupl
 
 
 @functools.lru_cache(maxsize=64)
-def _table(name: str, shapes: tuple[tuple[Shape, int], ...], base_items: tuple) -> tuple[tuple[int, dict], ...]:
+def _table(name: str, shapes: tuple[tuple[Shape, int], ...],
+           base_items: tuple) -> tuple[tuple[int, dict], ...]:
     """`_count_table`, cached: a sweep solves many budgets on one model (callers copy the knobs)."""
     cls, base = get_method(name), dict(base_items)
     table = []
@@ -314,7 +315,8 @@ def solve_budget_report(model: nn.Module, name: str, target_modules: Targets, bu
     target = resolve_budget(model, target_modules, budget)
     if not get_method(name).budget_knobs:
         fixed = num_params_model(model, name, target_modules, **fixed_hp)
-        raise ValueError(f"{name} has no size knob (its count is fixed by the targets: {fixed} here), so it runs "
+        raise ValueError(f"{name} has no size knob (its count is fixed by the targets: {fixed} here), "
+                         f"so it runs "
                          f"at budget=native only, not {budget}")
     table = _count_table(name, Counter(layers.values()), fixed_hp)
     smallest = min(table, key=lambda t: t[0])
@@ -374,7 +376,8 @@ def _native(name: str, layers: dict[str, Shape], fixed_hp: dict[str, Any], count
 
 
 def solve_budget(model: nn.Module, name: str, target_modules: Targets, budget: int | str, *,
-                 max_rel_error: float | None = None, per_layer: bool = True, **fixed_hp: Any) -> dict[str, Any]:
+                 max_rel_error: float | None = None, per_layer: bool = True,
+                 **fixed_hp: Any) -> dict[str, Any]:
     """The solved knobs only (e.g. {"r": 12}, or {"r": 12, "rank_pattern": {...}}), which
     `inject(model, name, target_modules, **fixed_hp, **solved)` accepts.
 

@@ -97,7 +97,8 @@ class PeftLayer(AdapterLayer):
     #: valid `r` are multiples of this (HRA: PEFT's identity init pairs the reflections), and why
     knob_multiple: ClassVar[int] = 1
     knob_note: ClassVar[str] = ""
-    #: rank(dW) reaches max_rank for random adapter weights (False: an upper bound, FourierFT's random locations)
+    #: rank(dW) reaches max_rank for random adapter weights (False: an upper bound, FourierFT's random
+    #: locations)
     max_rank_exact: ClassVar[bool] = True
     #: the adapted layer equals the base at init exactly (False: up to rounding, HRA's paired reflections)
     init_exact: ClassVar[bool] = True
@@ -137,7 +138,8 @@ class PeftLayer(AdapterLayer):
         return resolved
 
     @classmethod
-    def tensor_shapes(cls, shape: tuple[int, int], hp: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    def tensor_shapes(cls, shape: tuple[int, int],
+                      hp: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
         return meta_tensors(cls.method, *shape, tuple(sorted(hp.items())))
 
     @classmethod
@@ -221,7 +223,8 @@ def build_tuner(cls: type[PeftLayer], hp: dict[str, Any], base: nn.Linear) -> nn
     try:
         _peft().inject_adapter_in_model(config, holder)
     except (ValueError, TypeError, RuntimeError, NotImplementedError, AssertionError) as err:
-        raise PeftConfigError(f"{cls.method}: PEFT's {cls.config_class} cannot wrap Linear({base.in_features}, "
+        raise PeftConfigError(f"{cls.method}: PEFT's {cls.config_class} cannot wrap "
+                              f"Linear({base.in_features}, "
                               f"{base.out_features}) with {config_text(cls, hp)}: "
                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
     tuner = getattr(holder, SLOT)
@@ -231,7 +234,8 @@ def build_tuner(cls: type[PeftLayer], hp: dict[str, Any], base: nn.Linear) -> nn
                               f"{base.out_features}) unwrapped: the tuner does not adapt Linear layers")
     used = getattr(tuner, cls.knob_attr, {}).get(ADAPTER, hp.get("r")) if cls.knob_attr else hp.get("r")
     if used != hp.get("r"):
-        raise PeftConfigError(f"{cls.method}: PEFT's {cls.config_class} changed r={hp['r']} ({cls.hp_fields['r']}) "
+        raise PeftConfigError(f"{cls.method}: PEFT's {cls.config_class} changed r={hp['r']} "
+                              f"({cls.hp_fields['r']}) "
                               f"to {used} on Linear({base.in_features}, {base.out_features}); valid values "
                               f"divide in_features={base.in_features}")
     return tuner
@@ -267,7 +271,8 @@ def config_text(cls: type[PeftLayer], hp: dict[str, Any]) -> str:
 
 def trainable(tuner: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(PEFT's name, parameter) of the tuner's trainable tensors, base layer excluded."""
-    return [(n, p) for n, p in tuner.named_parameters() if p.requires_grad and not n.startswith("base_layer.")]
+    return [(n, p) for n, p in tuner.named_parameters()
+            if p.requires_grad and not n.startswith("base_layer.")]
 
 
 def our_name(method: str, peft_name: str) -> str:
@@ -395,7 +400,8 @@ def register_config(name: str, config: dict[str, Any]) -> type[PeftLayer]:
         "budget_knobs": ("r",) if knob else (), "layer_patterns": bool(spec.get("pattern")),
         "hp_spec": {k: (v, _validator(k, v)) for k, v in defaults.items()},
         "peft": _LazySpec(), "definition": dict(spec),
-        "knob_limit_reason": f"PEFT's {spec['config']} takes {knob} up to {spec.get('knob_max', 'max')} of the "
+        "knob_limit_reason": f"PEFT's {spec['config']} takes {knob} up to {spec.get('knob_max', 'max')} "
+                             f"of the "
                              f"layer's (in, out)" if knob else "",
         "__doc__": f"{spec['label']}: PEFT's {spec['config']} (conf/method/{name}.yaml).",
     }
@@ -412,9 +418,11 @@ def check_definition(name: str, block: dict[str, Any] | None) -> None:
     cls = get_method(name)
     registered = getattr(cls, "definition", None)
     if block is not None and block != registered:
-        where = f"conf/method/{name}.yaml" if registered is not None else "a conf/method/<name>.yaml of its own"
-        raise PeftConfigError(f"method.peft of {name} differs from the definition it was registered with; "
-                              f"a PEFT-backed method is defined by its file: edit {where} (or add a new one), "
+        where = (f"conf/method/{name}.yaml" if registered is not None
+                 else "a conf/method/<name>.yaml of its own")
+        raise PeftConfigError(f"method.peft of {name} differs from the definition it was registered "
+                              f"with; a PEFT-backed method is defined by its file: edit {where} "
+                              f"(or add a new one), "
                               f"not method.peft on the command line")
 
 

@@ -42,7 +42,8 @@ class PeftSpec:
         import peft
 
         own = {f: target_modules for f in self.targets_fields}
-        return getattr(peft, self.config_class)(target_modules=target_modules, **self.to_peft(hp), **own, **extra)
+        return getattr(peft, self.config_class)(target_modules=target_modules, **self.to_peft(hp), **own,
+                                                **extra)
 
     def pattern_name(self, ours: str) -> str:
         """PEFT's name of our pattern hp (`rank_pattern` -> FourierFT's `n_frequency_pattern`)."""

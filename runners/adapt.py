@@ -54,7 +54,8 @@ def _train_all(model: nn.Module, targets: Any, hp: dict) -> list[str]:
     for param in half:
         param.data = param.data.float()
     if half:
-        log.info("full fine-tuning: %d half-precision weight tensors kept as float32 master weights", len(half))
+        log.info("full fine-tuning: %d half-precision weight tensors kept as float32 master weights",
+                 len(half))
     model.requires_grad_(True)
     return []
 
