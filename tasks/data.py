@@ -53,7 +53,8 @@ class SplitPair:
         if split == "test":
             return self.test
         if split != "validation":
-            raise ValueError(f"task.data.eval_split={split!r} is not a split; valid: {', '.join(EVAL_SPLITS)}")
+            raise ValueError(f"task.data.eval_split={split!r} is not a split; "
+                             f"valid: {', '.join(EVAL_SPLITS)}")
         if self.validation is None:
             raise ValueError(f"dataset {self.name!r} has no validation split (task.data.val_fraction is 0); "
                              "set task.data.val_fraction > 0 or a source's val_split")
@@ -117,7 +118,8 @@ def validation_size(n: int, src: Any, data_cfg: DictConfig) -> int:
     :170)."""
     if src.get("val_size") is not None:
         return int(src.val_size)
-    fraction = float(src.get("val_fraction") if src.get("val_fraction") is not None else data_cfg.val_fraction)
+    fraction = float(src.get("val_fraction") if src.get("val_fraction") is not None
+                     else data_cfg.val_fraction)
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"dataset validation fraction {fraction} is not valid: use a number in [0, 1)")
     if fraction == 0.0:
@@ -146,7 +148,8 @@ def _from_source(name: str, src: DictConfig, data_cfg: DictConfig) -> SplitPair:
     `label_column`, `label_offset` (added to every label: -1 for 1-based labels), `name_column` (a column
     naming each row's class, checked against the prompts' names), and `classes` or `classes_file` (else the
     ClassLabel names). Every split's labels are checked against the class count."""
-    train_split, test_split, val_split = src.get("train_split", "train"), src.get("test_split", "test"), src.get("val_split")
+    train_split, test_split, val_split = (src.get("train_split", "train"), src.get("test_split", "test"),
+                                          src.get("val_split"))
     dd = open_source(name, src, splits=[s for s in (train_split, test_split, val_split) if s is not None])
     _check_splits(name, src, dd, train_split, test_split, val_split)
     train, test, validation = _source_splits(name, src, dd, data_cfg, train_split, test_split, val_split)
@@ -221,7 +224,8 @@ def _check_splits(name: str, src: DictConfig, dd: DatasetDict, train_split: str,
     """One clear error for a split the copy lacks, or an own validation split that is the test split."""
     for split in (train_split, test_split, val_split):
         if split is not None and split not in dd:
-            raise KeyError(f"dataset {name!r} at {src.path!r} has no split {split!r}; it has {', '.join(dd)}. "
+            raise KeyError(f"dataset {name!r} at {src.path!r} has no split {split!r}; "
+                           f"it has {', '.join(dd)}. "
                            f"Set task.data.sources.{name}.train_split / test_split / val_split.")
     if val_split is not None and val_split in (train_split, test_split):
         raise ValueError(f"dataset {name!r}: val_split {val_split!r} is also its train or test split; remove "
@@ -274,7 +278,8 @@ def label_names_problem(name: str, split: str, pairs: list[tuple[int, str]], cla
         return None
     y, row_name = wrong[0]
     return (f"dataset {name!r}, split {split!r}: {len(wrong)} of {len(seen)} labels disagree with their "
-            f"{column!r} names (label {y} is named {row_name!r} but prompted as {classes[y]!r}): the labels are "
+            f"{column!r} names (label {y} is named {row_name!r} but prompted as {classes[y]!r}): "
+            f"the labels are "
             f"shifted or the names are in another order; set task.data.sources.{name}.label_offset or "
             f"task.data.sources.{name}.classes=[...] in label order")
 
@@ -287,7 +292,8 @@ def check_labels(name: str, src: DictConfig, classes: list[str], splits: dict[st
         check_label_names(name, split, ds, classes, src.get("name_column"))
 
 
-def check_label_names(name: str, split: str, ds: Dataset | None, classes: list[str], column: str | None) -> None:
+def check_label_names(name: str, split: str, ds: Dataset | None, classes: list[str],
+                      column: str | None) -> None:
     """One clear error when a copy's own row names contradict the prompts' class names (see above)."""
     if ds is None or not column or not classes or len(ds) == 0:
         return
@@ -302,13 +308,16 @@ def label_range_problem(name: str, split: str, low: int, high: int, num_classes:
     [0, num_classes); shared by the run (check_label_range) and runners.preflight."""
     if low >= 0 and high < num_classes:
         return None
-    where = (f"dataset {name!r}, split {split!r}: label {low if low < 0 else high} is outside [0, {num_classes}) "
+    where = (f"dataset {name!r}, split {split!r}: label {low if low < 0 else high} "
+             f"is outside [0, {num_classes}) "
              f"(labels span {low}..{high}, {num_classes} class names)")
     if low < 0:  # -1 marks an unlabelled example (GLUE's hidden test labels)
-        return (f"{where}; negative labels mark unlabelled examples: point task.data.sources.{name}.train_split "
+        return (f"{where}; negative labels mark unlabelled examples: "
+                f"point task.data.sources.{name}.train_split "
                 "/ test_split / val_split at a labelled split")
     offset = f"={-low} (labels start at {low})" if low > 0 else ""
-    return (f"{where}; set task.data.sources.{name}.label_offset{offset} or task.data.sources.{name}.classes=[...] "
+    return (f"{where}; set task.data.sources.{name}.label_offset{offset} "
+            f"or task.data.sources.{name}.classes=[...] "
             "naming every label in order")
 
 
@@ -319,7 +328,8 @@ def cap(ds: Dataset | None, size: int | None) -> Dataset | None:
     return ds.shuffle(seed=0).select(range(int(size)))
 
 
-def open_source(name: str, src: DictConfig, key: str | None = None, splits: list[str] | None = None) -> DatasetDict:
+def open_source(name: str, src: DictConfig, key: str | None = None,
+                splits: list[str] | None = None) -> DatasetDict:
     """`load_from_disk` for a `save_to_disk` folder, the json loader for a local .json/.jsonl file (its one
     split named `json_split`), `load_dataset` for a hub id or a local folder laid out as the hub repo is (a
     clone); one clear error otherwise, naming the config `key` to override (default task.data.sources.<name>).
@@ -493,7 +503,8 @@ def align_classes(name: str, curated: list[str], label_names: list[str] | None,
                          f"({len(unmatched)} of {len(curated)} unmatched, e.g. {unmatched[:3]}); set "
                          f"task.data.sources.{name}.classes=[...] in label order, or prompts=null")
     if unmatched:
-        log.info("%s: label names %s matched no curated name; given the remaining ones in order", name, unmatched)
+        log.info("%s: label names %s matched no curated name; given the remaining ones in order",
+                 name, unmatched)
     return [c if c is not None else next(rest) for c in out]
 
 
@@ -506,7 +517,8 @@ def _read_classes_file(name: str, src: DictConfig) -> list[str]:
             local = Path(hf_hub_download(str(src.path), str(src.classes_file), repo_type="dataset"))
         except Exception as e:
             raise FileNotFoundError(
-                f"could not read class names of {name!r}: {src.classes_file!r} is neither in {src.path!r} nor "
+                f"could not read class names of {name!r}: {src.classes_file!r} is neither in "
+                f"{src.path!r} nor "
                 f"reachable on the hub. Set task.data.sources.{name}.classes=[...]") from e
     return [line.strip() for line in local.read_text().splitlines() if line.strip()]
 
@@ -528,7 +540,8 @@ def pixel_values(ds: Dataset, processor: Any) -> torch.Tensor:
         return torch.empty(0)
     first = ds[0]["image"]
     if hasattr(first, "convert"):
-        return processor(images=[im.convert("RGB") for im in ds["image"]], return_tensors="pt")["pixel_values"]
+        return processor(images=[im.convert("RGB") for im in ds["image"]],
+                         return_tensors="pt")["pixel_values"]
     arr = image_array(ds)
     crop = getattr(processor, "crop_size", None) or {}
     if arr.shape[1] == crop.get("height") and arr.shape[2] == crop.get("width"):
@@ -588,7 +601,8 @@ def prepare_images(pair: SplitPair, processor: object, lazy: bool = False, augme
     eager tensors are used as they are)."""
     scored = pair.scored(eval_split)
     if not lazy:
-        return pixel_values(pair.train, processor), labels(pair.train), pixel_values(scored, processor), labels(scored)
+        return (pixel_values(pair.train, processor), labels(pair.train),
+                pixel_values(scored, processor), labels(scored))
     return (LazyPixels(pair.train, processor, augment, seed), labels(pair.train),
             LazyPixels(scored, processor), labels(scored))
 

@@ -21,11 +21,14 @@ SPLITS = {"train": 0, "test": 1, "validation": 2}
 
 SENTIMENT: Words = {
     "negative": (["bad", "awful", "terrible", "poor", "horrible", "boring", "unpleasant", "dreadful"],
-                 ["atrocious", "dismal", "lousy", "abysmal", "mediocre", "disappointing", "appalling", "tedious"],
+                 ["atrocious", "dismal", "lousy", "abysmal", "mediocre", "disappointing", "appalling",
+                  "tedious"],
                  ["shoddy", "subpar", "wretched", "lame", "inferior", "unbearable", "bleak", "dire"]),
     "positive": (["good", "great", "nice", "excellent", "wonderful", "enjoyable", "pleasant", "fantastic"],
-                 ["superb", "delightful", "marvelous", "brilliant", "splendid", "lovely", "outstanding", "charming"],
-                 ["terrific", "fabulous", "amazing", "awesome", "exquisite", "stellar", "impressive", "glorious"]),
+                 ["superb", "delightful", "marvelous", "brilliant", "splendid", "lovely", "outstanding",
+                  "charming"],
+                 ["terrific", "fabulous", "amazing", "awesome", "exquisite", "stellar", "impressive",
+                  "glorious"]),
 }
 NOUNS = (["movie", "meal", "hotel", "service", "book", "concert", "trip", "phone"],
          ["film", "dinner", "resort", "staff", "novel", "show", "vacation", "camera"],
@@ -38,7 +41,8 @@ TOPIC: Words = {
              ["sushi", "dessert", "bakery", "noodles", "omelette", "restaurant", "sandwich", "cuisine"],
              ["pizza", "burger", "steak", "pancake", "curry", "menu", "grill", "breakfast"]),
     "technology": (["computer", "software", "laptop", "internet", "robot", "battery", "chip", "app"],
-                   ["smartphone", "algorithm", "processor", "website", "database", "keyboard", "server", "gadget"],
+                   ["smartphone", "algorithm", "processor", "website", "database", "keyboard", "server",
+                    "gadget"],
                    ["tablet", "browser", "network", "printer", "monitor", "download", "router", "hardware"]),
     "weather": (["rain", "storm", "snow", "wind", "cloud", "sunshine", "thunder", "fog"],
                 ["hurricane", "blizzard", "drizzle", "hail", "tornado", "humidity", "frost", "monsoon"],
@@ -51,11 +55,13 @@ EMOTION: Words = {
               ["outraged", "resentful", "indignant", "hostile"]),
     "fear": (["scared", "afraid", "frightened", "nervous"], ["terrified", "petrified", "anxious", "alarmed"],
              ["fearful", "panicked", "worried", "uneasy"]),
-    "sadness": (["sad", "unhappy", "depressed", "gloomy"], ["heartbroken", "sorrowful", "miserable", "downcast"],
+    "sadness": (["sad", "unhappy", "depressed", "gloomy"],
+                ["heartbroken", "sorrowful", "miserable", "downcast"],
                 ["tearful", "despondent", "melancholy", "grieving"]),
 }
 PEOPLE = ("she", "he", "my friend", "the teacher", "our neighbour", "my sister", "the driver")
-EVENTS = ("the news arrived", "the letter came", "the door opened", "the phone rang", "the results were posted")
+EVENTS = ("the news arrived", "the letter came", "the door opened", "the phone rang",
+          "the results were posted")
 
 
 def _pick(rng: np.random.Generator, xs: list[str] | tuple[str, ...]) -> str:
