@@ -243,7 +243,8 @@ def instantiate(work: Workload, cfg: Config) -> nn.Module:
         for linear in methods.find_targets(model, work.targets).values():
             linear.requires_grad_(True)
     elif cfg.impl == "ours":
-        methods.inject(model, cfg.method, work.targets, **cfg.hp, **({RANK_PATTERN: cfg.pattern} if cfg.pattern else {}))
+        methods.inject(model, cfg.method, work.targets, **cfg.hp,
+                       **({RANK_PATTERN: cfg.pattern} if cfg.pattern else {}))
     elif cfg.impl == "peft":
         import peft
         model = peft.get_peft_model(model, peft_config(cfg.method, work.targets, cfg.hp, cfg.pattern))
@@ -506,9 +507,10 @@ def format_table(rows: list[dict[str, Any]], memory_key: str) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["config"], f"{r['trainable']:,}", _hp(r["hp"], r.get("pattern")), f"{r['median_s']:.3f}",
-                 f"{r['p90_s']:.3f}", "/".join(f"{v:.2f}" for v in r["rep_medians_s"]), _mib(r["saved_bytes"]),
-                 _mib(r["peak_bytes"]), *(_spread(r, key) for key in RATIOS), _ratio(r.get("adapter_macs")),
-                 f"{r['flops'] / 1e9:.2f}", _ratio(r.get("flops_x_lora")), str(r["ops"]), _ratio(r.get("ops_x_lora"))]
+                 f"{r['p90_s']:.3f}", "/".join(f"{v:.2f}" for v in r["rep_medians_s"]),
+                 _mib(r["saved_bytes"]), _mib(r["peak_bytes"]), *(_spread(r, key) for key in RATIOS),
+                 _ratio(r.get("adapter_macs")), f"{r['flops'] / 1e9:.2f}", _ratio(r.get("flops_x_lora")),
+                 str(r["ops"]), _ratio(r.get("ops_x_lora"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -546,7 +548,8 @@ def _ratio_of(row: dict[str, Any], ref: dict[str, Any], key: str = "rep_medians_
     return statistics.median(_rep_ratios(row, ref, key))
 
 
-def _set_ratio(row: dict[str, Any], name: str, ref: dict[str, Any] | None, key: str = "rep_medians_s") -> None:
+def _set_ratio(row: dict[str, Any], name: str, ref: dict[str, Any] | None,
+               key: str = "rep_medians_s") -> None:
     """row[name] = the median ratio to `ref` over repetitions, row[name + '_range'] = [min, max]."""
     if ref is None:
         row[name], row[f"{name}_range"] = None, None
@@ -567,7 +570,8 @@ def add_ratios(rows: list[dict[str, Any]], cpu_clock: bool = True) -> None:
         # differs; where it does not, the wall clock also timed waiting (another job, a descheduled thread)
         _set_ratio(r, "x_full_cpu", full if cpu_clock else None, "cpu_rep_medians_s")
         for count in ("flops", "ops"):
-            r[f"{count}_x_lora"] = r[count] / lora[count] if lora and r.get(count) and lora.get(count) else None
+            r[f"{count}_x_lora"] = (r[count] / lora[count] if lora and r.get(count) and lora.get(count)
+                                    else None)
         if r["config"] in ("floor", "full"):
             continue
         _set_ratio(r, "x_our_lora", lora)
@@ -604,7 +608,8 @@ def bench_one(args: argparse.Namespace, model_name: str, budget: str, device: to
             "merged": merged, "profiles": profiles, "full_rank_floor": floor_vs_full,
             "full_rank_floor_flops": (full_rank_floor_flops(work, counts["full"].flops) if "full" in counts
                                       else None),
-            "device": str(device) + (", bf16 autocast" if args.bf16 else ""), "threads": torch.get_num_threads(),
+            "device": str(device) + (", bf16 autocast" if args.bf16 else ""),
+            "threads": torch.get_num_threads(),
             "clock": args.clock}
 
 
@@ -636,7 +641,8 @@ def floor_flops_line(res: dict[str, Any]) -> str:
         return ""
     ours = [f"{label} {r['flops'] / 1e9:.2f} GFLOP = {r['flops'] / full['flops']:.3f} x full"
             for label, r in rows.items() if label.endswith(":randlora")]
-    return (f"full-rank floor FLOPs: {floor / 1e9:.2f} GFLOP = {floor / full['flops']:.3f} x full fine-tuning's "
+    return (f"full-rank floor FLOPs: {floor / 1e9:.2f} GFLOP = {floor / full['flops']:.3f} "
+            f"x full fine-tuning's "
             f"{full['flops'] / 1e9:.2f}" + ("; " + "; ".join(ours) if ours else ""))
 
 

@@ -65,7 +65,8 @@ def _format(method: str) -> PeftSpec:
         raise ValueError(f"method={method} trains no adapter, so there is nothing to export; "
                          f"exportable methods: {', '.join(exportable())}")
     if method not in exportable():
-        raise ValueError(f"method {method!r} has no PEFT export; exportable methods: {', '.join(exportable())}")
+        raise ValueError(f"method {method!r} has no PEFT export; "
+                         f"exportable methods: {', '.join(exportable())}")
     return methods.get_method(method).peft
 
 
@@ -96,11 +97,13 @@ def trained_run(run_dir: str | Path) -> TrainedRun:
     _format(run.get("method"))  # full / none / unknown methods fail here
     config_path = run_dir / OURS / CONFIG_FILE
     if not config_path.is_file():
-        why = f"status {run.get('status')}" + (f": {str(run['error']).splitlines()[0]}" if run.get("error") else "")
+        why = f"status {run.get('status')}" + (f": {str(run['error']).splitlines()[0]}"
+                                               if run.get("error") else "")
         raise ValueError(f"{run_dir} has no trained adapter (no {OURS}/{config_path.name}; run {why})")
     adapter = json.loads(config_path.read_text())
     if adapter.get("format") != "rankbench-adapter":
-        raise ValueError(f"{config_path} is not a rankbench adapter config (format {adapter.get('format')!r})")
+        raise ValueError(f"{config_path} is not a rankbench adapter config "
+                         f"(format {adapter.get('format')!r})")
     return TrainedRun(run_dir, record, adapter)
 
 
@@ -132,9 +135,12 @@ def _peft_patterns(run: TrainedRun, fmt: PeftSpec, strip: bool) -> dict[str, dic
     every exact module name is escaped and names that one layer only."""
     own = {k: v for k, v in run.adapter["hp"].items() if k in PATTERNS and v}   # most runs have none
     if own and not (fmt.patterns and all(fmt.pattern_name(k) for k in own)):
-        raise ValueError(f"{run.run_dir}: the adapter gives some layers their own r or alpha ({', '.join(sorted(own))}: "
-                         f"a budget between two global ranks), and PEFT's {fmt.config_class} has no rank_pattern; "
-                         f"export a run with one r for every layer (e.g. budget=native or an explicit method.r)")
+        raise ValueError(f"{run.run_dir}: the adapter gives some layers their own r or alpha "
+                         f"({', '.join(sorted(own))}: "
+                         f"a budget between two global ranks), and PEFT's {fmt.config_class} has no "
+                         f"rank_pattern; "
+                         f"export a run with one r for every layer (e.g. budget=native or an explicit "
+                         f"method.r)")
     return {fmt.pattern_name(k): {re.escape(_hf_name(m, strip)): number(v) for m, v in p.items()}
             for k, p in own.items()}
 
@@ -147,7 +153,8 @@ def peft_tensors(run: TrainedRun) -> dict[str, torch.Tensor]:
     for key, tensor in load_file(str(run.run_dir / OURS / WEIGHTS_FILE)).items():
         module, _, param = key.rpartition(".")
         if param not in fmt.tensors:
-            raise ValueError(f"{key}: {run.method} tensor {param!r} has no PEFT name; known: {sorted(fmt.tensors)}")
+            raise ValueError(f"{key}: {run.method} tensor {param!r} has no PEFT name; "
+                             f"known: {sorted(fmt.tensors)}")
         out[f"{PEFT_PREFIX}{_hf_name(module, strip)}.{fmt.tensors[param]}"] = tensor
     return out
 
@@ -172,8 +179,10 @@ def export_merged(run_dir: str | Path, out: str | Path) -> Path:
     methods.load_adapter(model, run.run_dir / OURS)
     hf = merged_base(model)
     if not hasattr(hf, "save_pretrained"):
-        raise ValueError(f"the run's backbone ({type(hf).__name__}) is not a Hugging Face model, so it has no "
-                         f"save_pretrained: export the adapter instead and merge it with PEFT's merge_and_unload")
+        raise ValueError(f"the run's backbone ({type(hf).__name__}) is not a Hugging Face model, "
+                         f"so it has no "
+                         f"save_pretrained: export the adapter instead and merge it with PEFT's "
+                         f"merge_and_unload")
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out)   # safetensors (transformers' default)
     _save_preprocessing(run.record, out)
@@ -237,10 +246,12 @@ def read_peft_config(path: str | Path) -> tuple[str, dict[str, Any], dict[str, A
     if not (path / PEFT_CONFIG).is_file():
         raise ValueError(f"{path} is not a PEFT adapter folder: it has no {PEFT_CONFIG}")
     config = json.loads((path / PEFT_CONFIG).read_text())
-    of_type = [name for name in exportable() if methods.get_method(name).peft.peft_type == config.get("peft_type")]
+    of_type = [name for name in exportable()
+               if methods.get_method(name).peft.peft_type == config.get("peft_type")]
     if not of_type:
         types = sorted({methods.get_method(name).peft.peft_type for name in exportable()})
-        raise ValueError(f"{path}: PEFT type {config.get('peft_type')!r} is not supported; valid: {', '.join(types)}")
+        raise ValueError(f"{path}: PEFT type {config.get('peft_type')!r} is not supported; "
+                         f"valid: {', '.join(types)}")
     # several methods may share a type (LORA: lora, peft_lora, dora): the first, in registry order, whose
     # fixed settings the file has (`refuse`: DoRA needs use_dora true, LoRA false)
     method = next((m for m in of_type if not _refused(methods.get_method(m).peft, config)), of_type[0])
@@ -252,7 +263,8 @@ def read_peft_config(path: str | Path) -> tuple[str, dict[str, Any], dict[str, A
     hp = fmt.from_peft(config)
     for key in (fmt.pattern_name(k) for k in PATTERNS):
         if key and config.get(key) and not fmt.patterns:
-            raise ValueError(f"{path}: {key} is not a field of PEFT's {fmt.config_class}, so this file was not "
+            raise ValueError(f"{path}: {key} is not a field of PEFT's {fmt.config_class}, "
+                             f"so this file was not "
                              f"written by PEFT for {fmt.peft_type}; remove it")
     return method, hp, config
 
@@ -312,7 +324,8 @@ def _split_peft_tensors(fmt: PeftSpec, tensors: dict[str, torch.Tensor], path: P
     leaves = {theirs: ours for ours, theirs in fmt.tensors.items()}
     weights, bases = {}, {}
     for key, tensor in tensors.items():
-        rest = key.removeprefix(PEFT_PREFIX) if key.startswith(PEFT_PREFIX) else key.removeprefix("base_model.")
+        rest = (key.removeprefix(PEFT_PREFIX) if key.startswith(PEFT_PREFIX)
+                else key.removeprefix("base_model."))
         leaf = next((lf for lf in leaves if rest == lf or rest.endswith("." + lf)), None)
         if leaf is None and rest.rpartition(".")[2] in fmt.random:
             bases.setdefault(rest.rpartition(".")[2], []).append(tensor)  # PEFT saves a copy per layer + one
@@ -344,7 +357,8 @@ def _check_layers(layers: dict[str, methods.AdapterLayer], method: str, hp: dict
                          f"run with method={method}")
     plain, own = split_pattern(hp)
     for name, layer in layers.items():
-        diff = {k: v for k, v in {**plain, **own.get(name, {})}.items() if k != "dropout" and layer.hp[k] != v}
+        diff = {k: v for k, v in {**plain, **own.get(name, {})}.items()
+                if k != "dropout" and layer.hp[k] != v}
         if not diff:
             continue
         have = {k: layer.hp[k] for k in diff}
@@ -352,7 +366,8 @@ def _check_layers(layers: dict[str, methods.AdapterLayer], method: str, hp: dict
             raise ValueError(f"{path} gives layer {name} its own {diff} but the model's layer has {have}: "
                              f"run at the budget the adapter was trained at")
         overrides = " ".join(f"method.{k}={v}" for k, v in diff.items())
-        raise ValueError(f"{path} has {method} {diff} but the model's layers have {have}: run with {overrides}")
+        raise ValueError(f"{path} has {method} {diff} but the model's layers have {have}: "
+                         f"run with {overrides}")
     if set(layers) != wanted:
         extra, absent = sorted(set(layers) - wanted), sorted(wanted - set(layers))
         raise ValueError(f"{path} adapts other layers than the model: {len(absent)} only in the file "
@@ -370,7 +385,8 @@ def _copy_weights(layers: dict[str, methods.AdapterLayer], tensors: dict[tuple[s
                          f"e.g. {missing[:2]} (a different r, factor or decompose_both?)")
     for key, p in params.items():
         if tensors[key].shape != p.shape:
-            raise ValueError(f"{path / PEFT_WEIGHTS}: {key[0]}.{key[1]} has shape {tuple(tensors[key].shape)}, "
+            raise ValueError(f"{path / PEFT_WEIGHTS}: {key[0]}.{key[1]} "
+                             f"has shape {tuple(tensors[key].shape)}, "
                              f"the base model's layer needs {tuple(p.shape)}; is it for another base model?")
         p.copy_(tensors[key])
 
@@ -383,7 +399,8 @@ def _check_bases(layers: dict[str, methods.AdapterLayer], bases: dict[str, list[
         ours = getattr(shared, name, None)
         if ours is None or any(t.shape != ours.shape or not torch.equal(ours.cpu(), t.to(ours.dtype))
                                for t in copies):
-            raise ValueError(f"{path}: the saved {name} differs from the one seed={hp.get('seed')} regenerates; "
+            raise ValueError(f"{path}: the saved {name} differs from the one seed={hp.get('seed')} "
+                             f"regenerates; "
                              f"rankbench rebuilds random bases from the seed and cannot use other ones")
 
 
@@ -395,7 +412,8 @@ def _load_head(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -
         raise ValueError(f"{path}: head tensors {unknown[:3]} are not parameters of this model")
     for name, tensor in tensors.items():
         if tensor.shape != params[name].shape:
-            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model's {tuple(params[name].shape)}")
+            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, "
+                             f"the model's {tuple(params[name].shape)}")
         params[name].copy_(tensor)
 
 

@@ -58,7 +58,8 @@ def check_dataset(name: str, src: DictConfig | None, task_cfg: DictConfig, key: 
     rec = Record(name, {"path": src.get("path"), "config": src.get("config")})
     path = src.get("path")
     if not path:
-        rec.problems.append(f"no path: no verified public copy is configured; set {key}.path=<folder or file>")
+        rec.problems.append(f"no path: no verified public copy is configured; "
+                            f"set {key}.path=<folder or file>")
         return rec
     try:
         local = Path(str(path)).exists()
@@ -70,7 +71,8 @@ def check_dataset(name: str, src: DictConfig | None, task_cfg: DictConfig, key: 
     rec.splits, rec.columns = meta["splits"], meta["columns"]
     _check_splits_and_columns(rec, src, key)
     _fill_classes(rec, name, src, _label_names(meta["features"], src), task_cfg)
-    _check_labels(rec, name, src, meta["labels"] if local else _hub_labels(str(path), src, meta["features"], rec))
+    _check_labels(rec, name, src,
+                  meta["labels"] if local else _hub_labels(str(path), src, meta["features"], rec))
     return rec
 
 
@@ -82,7 +84,8 @@ def _used_splits(src: DictConfig) -> list[str]:
 
 def _feature_type(feature: Any) -> str:
     """`ClassLabel`, else the column's value type (int64, float32, ...)."""
-    return "ClassLabel" if hasattr(feature, "names") else str(getattr(feature, "dtype", type(feature).__name__))
+    return ("ClassLabel" if hasattr(feature, "names")
+            else str(getattr(feature, "dtype", type(feature).__name__)))
 
 
 def _label_stats(values: Any, names: list[str] | None = None, dtype: str | None = None) -> dict[str, Any]:
@@ -96,7 +99,9 @@ def _label_stats(values: Any, names: list[str] | None = None, dtype: str | None 
     if not len(ys) or not np.issubdtype(ys.dtype, np.integer):
         return {"dtype": dtype, "rows": len(ys)}
     stats = {"dtype": dtype, "min": int(ys.min()), "max": int(ys.max()), "rows": len(ys)}
-    return {**stats, "pairs": sorted(set(zip(ys.tolist(), names, strict=True)))} if names is not None else stats
+    if names is None:
+        return stats
+    return {**stats, "pairs": sorted(set(zip(ys.tolist(), names, strict=True)))}
 
 
 def _hub_labels(path: str, src: DictConfig, features: Any, rec: Record) -> dict[str, dict[str, Any]]:
@@ -106,7 +111,8 @@ def _hub_labels(path: str, src: DictConfig, features: Any, rec: Record) -> dict[
     feature = (features or {}).get(column)
     splits = [s for s in _used_splits(src) if not rec.splits or s in rec.splits]
     if hasattr(feature, "names"):
-        return {s: {"dtype": "ClassLabel", "min": 0, "max": len(feature.names) - 1, "from": "card"} for s in splits}
+        return {s: {"dtype": "ClassLabel", "min": 0, "max": len(feature.names) - 1, "from": "card"}
+                for s in splits}
     return {s: _stream_labels(path, src, s, column) for s in splits}
 
 
@@ -119,7 +125,8 @@ def _stream_labels(path: str, src: DictConfig, split: str, column: str) -> dict[
     named = src.get("name_column")
     try:
         stream = load_dataset(path, src.get("config"), split=split, streaming=True, **hub_kwargs(src))
-        rows = list(itertools.islice(stream.select_columns([column, *([named] if named else [])]), LABEL_ROWS))
+        rows = list(itertools.islice(stream.select_columns([column, *([named] if named else [])]),
+                                     LABEL_ROWS))
     except Exception as err:  # any read failure is the problem to report
         return {"problem": f"labels of split {split!r} unreadable ({type(err).__name__}: {_first_line(err)})"}
     names = [str(r[named]) for r in rows] if named else None
@@ -269,7 +276,8 @@ def _eval_templates(dataset_templates: list[str], task_cfg: DictConfig) -> list[
     objective = task_cfg.get("objective")
     if objective is not None:
         choice = str(objective.prompts.eval)
-        return dataset_templates if choice == "ensemble" else dataset_templates[:1] if choice == "dataset" else [choice]
+        return (dataset_templates if choice == "ensemble"
+                else dataset_templates[:1] if choice == "dataset" else [choice])
     if (task_cfg.get("model") or {}).get("head") == "prompts":
         return dataset_templates
     return []
@@ -391,13 +399,15 @@ def table(records: list[Record]) -> str:
         rows.append((r.dataset, source, splits, str(r.num_classes or "-"), (r.prompts or ["-"])[0],
                      "; ".join(r.problems) or "ok"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:5], widths, strict=True)) + "  " + row[5] for row in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:5], widths, strict=True)) + "  " + row[5]
+             for row in rows]
     return "\n".join(lines)
 
 
 def model_table(model: dict[str, Any]) -> str:
     lines = ["; ".join(model["problems"]) if model["problems"] else
-             f"model {model['path']}: {model.get('target_layers', 0)} target layers ({', '.join(model['targets'])})"]
+             f"model {model['path']}: {model.get('target_layers', 0)} target layers "
+             f"({', '.join(model['targets'])})"]
     for method, per_budget in model.get("counts", {}).items():
         cells = [_count_cell(b, v) for b, v in per_budget.items()]
         lines.append(f"  {method:<9} " + " | ".join(cells))
@@ -417,7 +427,9 @@ def unchecked_facts(cfg: DictConfig) -> list[str]:
     """The config's facts no public source could confirm (`task.protocol.notes`), as one block of the
     report, so a launch never rests on them unawares; empty when there are none."""
     notes = [str(n) for n in (cfg.task.get("protocol") or {}).get("notes") or []]
-    return ["not checked against a public source (task.protocol.notes):\n  " + "\n  ".join(notes)] if notes else []
+    if not notes:
+        return []
+    return ["not checked against a public source (task.protocol.notes):\n  " + "\n  ".join(notes)]
 
 
 def memory_plan(cfg: DictConfig) -> tuple[str, list[str]]:
@@ -434,7 +446,8 @@ def main(argv: list[str]) -> int:
     from runners.cli import compose_config
 
     out = next((a.split("=", 1)[1] for a in argv if a.startswith("preflight.out=")), None)
-    budgets = next((a.split("=", 1)[1].strip("[]").split(",") for a in argv if a.startswith("preflight.budgets=")), None)
+    budgets = next((a.split("=", 1)[1].strip("[]").split(",") for a in argv
+                    if a.startswith("preflight.budgets=")), None)
     cfg = compose_config([a for a in argv if not a.startswith("preflight.")])
     try:
         records = run_preflight(cfg, budgets)
