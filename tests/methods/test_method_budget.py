@@ -46,7 +46,8 @@ def _peft_backed(method: str) -> bool:
 
 #: PEFT-backed methods beyond the tiny CLIP and ViT: PEFT builds layers to count (~5-40 s each), so slow
 EVERY_PAIR = [pytest.param(model, method, marks=[pytest.mark.slow] if _peft_backed(method) and model not in
-                           ("tiny-clip", "tiny-vit") else []) for model in MODELS for method in methods.available()]
+                           ("tiny-clip", "tiny-vit") else [])
+              for model in MODELS for method in methods.available()]
 
 
 @pytest.mark.parametrize("model_name, method", EVERY_PAIR)
@@ -239,7 +240,8 @@ def test_per_layer_adapter_round_trips_through_save_and_load(tiny_net, randomize
     randomize_params(model)
     methods.save_adapter(model, tmp_path / "ad")
     saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    assert saved["hp"]["rank_pattern"] == pattern and saved["hp"]["alpha_pattern"] == {"blocks.0.mlp.fc1": 12.0}
+    assert (saved["hp"]["rank_pattern"] == pattern
+            and saved["hp"]["alpha_pattern"] == {"blocks.0.mlp.fc1": 12.0})
     fresh = tiny_net()
     methods.load_adapter(fresh, tmp_path / "ad")
     x = torch.randn(4, 12)
@@ -266,7 +268,8 @@ def test_adapter_files_without_patterns_still_load(tiny_net, randomize_params, t
 
 
 @pytest.mark.parametrize("pattern, expected", [
-    ({"blocks.0.head": 3}, r"rank_pattern/alpha_pattern name modules that are not targets: \['blocks.0.head'\]"),
+    ({"blocks.0.head": 3},
+     r"rank_pattern/alpha_pattern name modules that are not targets: \['blocks.0.head'\]"),
     ({"blocks.0.mlp.fc1": 0}, "r must be a positive integer"),
     ({"blocks.0.mlp.fc1": 31}, r"r=31 is too large for Linear\(12, 30\) \('blocks.0.mlp.fc1'\)"),
     ([3], "rank_pattern must map module names to r values"),
@@ -343,14 +346,16 @@ def test_lokr_balanced_split_cannot_reach_lora_budgets(clip_b32_meta):
 
 
 def test_budget_below_smallest_on_clip(clip_b32_meta):
-    with pytest.raises(ValueError, match=r"below the smallest count randlora can achieve on these targets: \d"):
+    with pytest.raises(ValueError,
+                       match=r"below the smallest count randlora can achieve on these targets: \d"):
         methods.solve_budget(clip_b32_meta, "randlora", CLIP_TARGETS, 100_000)
 
 
 def test_budget_above_largest_on_clip_names_the_largest(clip_b32_meta):
     # r up to the 512-wide text
     largest = methods.num_params_model(clip_b32_meta, "lora", CLIP_TARGETS, r=512)
-    with pytest.raises(ValueError, match=rf"above the largest count lora can achieve on these targets: {largest} "
+    with pytest.raises(ValueError, match=rf"above the largest count lora can achieve on these targets: "
+                                         rf"{largest} "
                                          r"\(with \{'r': 512\}\)"):
         methods.solve_budget(clip_b32_meta, "lora", CLIP_TARGETS, 100_000_000_000)
     assert methods.solve_budget(clip_b32_meta, "lora", CLIP_TARGETS, largest) == {"r": 512}
@@ -363,7 +368,8 @@ def test_the_largest_count_named_is_one_inject_accepts(clip_b32_meta, method):
     with pytest.raises(ValueError, match="above the largest count") as refused:
         methods.solve_budget(clip_b32_meta, method, CLIP_TARGETS, 10**12)
     count, knobs = re.search(r": (\d+) \(with (\{.*\})\)$", str(refused.value)).groups()
-    assert methods.num_params_model(clip_b32_meta, method, CLIP_TARGETS, **ast.literal_eval(knobs)) == int(count)
+    assert methods.num_params_model(clip_b32_meta, method, CLIP_TARGETS,
+                                    **ast.literal_eval(knobs)) == int(count)
 
 
 @pytest.mark.parametrize("method", [m for m in methods.available() if "r" in methods.get_method(m).hp_spec])
@@ -374,7 +380,8 @@ def test_rank_above_a_layers_larger_dimension_is_refused_before_allocating(clip_
     cls = methods.get_method(method)
     limit = cls.knob_limit(128, 128)
     big = max(100_000, limit + 1)
-    expected = rf"r={big} is too large for Linear\(128, 128\).*the largest valid r there is {limit}.*valid: 1\.\.{limit}"
+    expected = (rf"r={big} is too large for Linear\(128, 128\).*the largest valid r there is {limit}"
+                rf".*valid: 1\.\.{limit}")
     with pytest.raises(ValueError, match=expected):
         methods.num_params(method, 128, 128, r=big)
     with pytest.raises(ValueError, match=expected):
@@ -382,12 +389,15 @@ def test_rank_above_a_layers_larger_dimension_is_refused_before_allocating(clip_
     model = nn.Sequential(nn.Linear(128, 256), nn.Linear(256, 128), nn.Linear(128, 128))
     # the tightest layer is named: (128, 128) for a rank; a knob bounded by in_features ties it with (128,
     # 256)
-    with pytest.raises(ValueError, match=rf"r={big} is too large for Linear\(128, (128|256)\) \('[02]'\): the largest"):
+    with pytest.raises(ValueError,
+                       match=rf"r={big} is too large for Linear\(128, (128|256)\) \('[02]'\): the largest"):
         methods.inject(model, method, ["0", "1", "2"], r=big)
     assert not methods.adapter_layers(model) and all(p.requires_grad for p in model.parameters())
-    shapes = [(m.in_features, m.out_features) for m in methods.find_targets(clip_b32_meta, CLIP_TARGETS).values()]
+    shapes = [(m.in_features, m.out_features)
+              for m in methods.find_targets(clip_b32_meta, CLIP_TARGETS).values()]
     top = min(cls.knob_limit(i, o) for i, o in shapes)
     with pytest.raises(ValueError, match=f"largest valid r there is {top}"):   # HRA's r is even
-        methods.num_params_model(clip_b32_meta, method, CLIP_TARGETS, r=top + getattr(cls, "knob_multiple", 1))
+        methods.num_params_model(clip_b32_meta, method, CLIP_TARGETS,
+                                 r=top + getattr(cls, "knob_multiple", 1))
     assert methods.num_params(method, 128, 128, r=128) > 0
     assert methods.wrap_linear(method, nn.Linear(128, 64), r=128).hp["r"] == 128  # the limit itself is valid

@@ -23,7 +23,8 @@ TARGETS = ["q_proj", "v_proj", "fc1", "fc2"]
 
 
 def test_the_issue_24_methods_are_registered_from_their_configs():
-    assert {"peft_lora", "dora", "oft", "boft", "fourierft", "hra", "ia3", "miss", "waveft"} <= set(PEFT_BACKED)
+    assert ({"peft_lora", "dora", "oft", "boft", "fourierft", "hra", "ia3", "miss", "waveft"}
+            <= set(PEFT_BACKED))
 
 
 # ----------------------------------------------------------------------------- peft_lora == lora
@@ -54,8 +55,10 @@ def test_peft_lora_matches_native_lora_outputs_grads_counts(tiny_net, randomize_
     y_theirs.square().sum().backward()
     for name, layer in methods.adapter_layers(ours).items():
         other = methods.adapter_layers(theirs)[name]
-        torch.testing.assert_close(other.peft_lora_lora_A_weight.grad, layer.lora_A.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(other.peft_lora_lora_B_weight.grad, layer.lora_B.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(other.peft_lora_lora_A_weight.grad, layer.lora_A.grad,
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(other.peft_lora_lora_B_weight.grad, layer.lora_B.grad,
+                                   rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(other.delta_weight(), layer.delta_weight(), rtol=1e-5, atol=1e-6)
 
 
