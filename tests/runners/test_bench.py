@@ -107,8 +107,10 @@ def test_bench_randlora_saves_no_more_than_peft_and_runs_full_fine_tuning():
 
 def test_ratios_carry_their_range_over_repetitions():
     """Each ratio is the median of the per-repetition ratios, printed with their min-max."""
-    rows = [{"config": "floor", "rep_medians_s": [1.0, 1.0, 1.0], "cpu_rep_medians_s": [1.0] * 3, "flops": 10, "ops": 5},
-            {"config": "full", "rep_medians_s": [2.0, 2.0, 2.0], "cpu_rep_medians_s": [2.0] * 3, "flops": 15, "ops": 8},
+    rows = [{"config": "floor", "rep_medians_s": [1.0, 1.0, 1.0], "cpu_rep_medians_s": [1.0] * 3, "flops": 10,
+             "ops": 5},
+            {"config": "full", "rep_medians_s": [2.0, 2.0, 2.0], "cpu_rep_medians_s": [2.0] * 3, "flops": 15,
+             "ops": 8},
             {"config": "ours:lora", "rep_medians_s": [1.0, 1.2, 1.1], "cpu_rep_medians_s": [1.0] * 3, "flops": 11,
              "ops": 10},
             {"config": "ours:loha", "rep_medians_s": [1.1, 1.2, 1.43], "cpu_rep_medians_s": [1.0] * 3, "flops": 22,
@@ -117,8 +119,10 @@ def test_ratios_carry_their_range_over_repetitions():
     loha = rows[3]
     assert loha["x_our_lora"] == pytest.approx(1.1) and loha["x_our_lora_range"] == pytest.approx([1.0, 1.3])
     assert loha["x_full"] == pytest.approx(0.6) and loha["x_full_range"] == pytest.approx([0.55, 0.715])
-    assert (loha["flops_x_lora"], loha["ops_x_lora"]) == (2.0, 1.5) and rows[0]["flops_x_lora"] == pytest.approx(10 / 11)
-    assert bench._spread(loha, "x_our_lora") == "1.10 (1.00-1.30)" and bench._spread(rows[2], "x_our_lora") == "1.00"
+    assert ((loha["flops_x_lora"], loha["ops_x_lora"]) == (2.0, 1.5)
+            and rows[0]["flops_x_lora"] == pytest.approx(10 / 11))
+    assert (bench._spread(loha, "x_our_lora") == "1.10 (1.00-1.30)"
+            and bench._spread(rows[2], "x_our_lora") == "1.00")
 
 
 def test_step_counts_and_randlora_floor_flops():
@@ -127,10 +131,12 @@ def test_step_counts_and_randlora_floor_flops():
     device = torch.device("cpu")
     work = bench.build_workload("vit-stack", 2, 8, 1, device, width=64)
     bench.prepare(work, device)
-    floor, full = (bench.step_counts(bench.Trainer(work, bench.Config(c, None, {}), device)) for c in ("floor", "full"))
+    floor, full = (bench.step_counts(bench.Trainer(work, bench.Config(c, None, {}), device))
+                   for c in ("floor", "full"))
     calls = bench.target_calls(work)
     assert full.flops - floor.flops == sum(2 * t * i * o for t, i, o in calls) and full.ops > floor.ops
-    assert bench.full_rank_floor_flops(work, full.flops) == full.flops + sum(4 * min(i, o) * i * o for _, i, o in calls)
+    assert bench.full_rank_floor_flops(work, full.flops) == full.flops + sum(4 * min(i, o) * i * o
+                                                                             for _, i, o in calls)
 
 
 def test_bench_takes_peft_backed_methods_against_our_lora(caplog):
@@ -141,7 +147,8 @@ def test_bench_takes_peft_backed_methods_against_our_lora(caplog):
         (res,) = bench.main([*TINY, "--methods", "lora", "peft_lora", "ia3", "--no-peak-memory",
                              "--no-merged-check"])
     rows = {r["config"]: r for r in res["rows"]}
-    assert rows["ours:peft_lora"]["trainable"] == rows["ours:lora"]["trainable"] == rows["peft:peft_lora"]["trainable"]
+    assert (rows["ours:peft_lora"]["trainable"] == rows["ours:lora"]["trainable"]
+            == rows["peft:peft_lora"]["trainable"])
     assert rows["ours:peft_lora"]["x_our_lora"] > 0 and rows["ours:peft_lora"]["x_peft"] > 0
     assert rows["ours:peft_lora"]["adapter_macs"] is None   # PEFT's forward: no cost model of ours
     assert rows["ours:ia3"]["trainable"] == 5 * 768 + 3072 == rows["peft:ia3"]["trainable"]   # in per layer

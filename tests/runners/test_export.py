@@ -55,7 +55,8 @@ def clip_inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     tok = AutoTokenizer.from_pretrained(model.config._name_or_path)
     size = model.config.vision_config.image_size
     pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
-    return {"pixel_values": pixels, **tok(["a photo of a circle", "a red square"], padding=True, return_tensors="pt")}
+    return {"pixel_values": pixels,
+            **tok(["a photo of a circle", "a red square"], padding=True, return_tensors="pt")}
 
 
 @torch.no_grad()
@@ -164,8 +165,8 @@ def test_headed_task_exports_backbone_adapter_and_head(tmp_path):
     with torch.no_grad():
         want = reference("shapes", pixel_values=pixels)
         head = load_file(str(out / "head.safetensors"))
-        base = peft.PeftModel.from_pretrained(CLIPVisionModel.from_pretrained(reference.backbone.config._name_or_path),
-                                              out).eval()
+        base = peft.PeftModel.from_pretrained(
+            CLIPVisionModel.from_pretrained(reference.backbone.config._name_or_path), out).eval()
         got = torch.nn.functional.linear(base(pixel_values=pixels).pooler_output, head["heads.shapes.weight"],
                                          head["heads.shapes.bias"])
         assert rel(got, want) < TOL
@@ -174,8 +175,8 @@ def test_headed_task_exports_backbone_adapter_and_head(tmp_path):
         assert rel(back.eval()("shapes", pixel_values=pixels), want) < TOL
         merged = export.export_merged(run_dir, tmp_path / "merged")
         plain = CLIPVisionModel.from_pretrained(merged).eval()
-        got = torch.nn.functional.linear(plain(pixel_values=pixels).pooler_output, head["heads.shapes.weight"],
-                                         head["heads.shapes.bias"])
+        got = torch.nn.functional.linear(plain(pixel_values=pixels).pooler_output,
+                                         head["heads.shapes.weight"], head["heads.shapes.bias"])
         assert rel(got, want) < TOL
 
 
@@ -197,7 +198,8 @@ def test_runner_route_init_adapter(runs, tmp_path):
         export.import_peft_adapter(other, out)
     other = export.build_base(rec)
     adapt(other, OmegaConf.create({"name": "lora", "r": 8}), cfg.task.model.target_modules, [], None)
-    with pytest.raises(ValueError, match=r"is a lokr adapter but the model has lora layers: run with method=lokr"):
+    with pytest.raises(ValueError,
+                       match=r"is a lokr adapter but the model has lora layers: run with method=lokr"):
         export.import_peft_adapter(other, out)
 
 
@@ -221,9 +223,11 @@ def test_bad_peft_folders_fail_with_one_line(runs, tmp_path):
             r"LORA settings rankbench's lora cannot evaluate: \{'use_rslora': True\}",
         # a LORA file with use_dora is DoRA's (conf/method/dora.yaml), which needs the magnitudes too
         broken("dora", {"use_dora": True}): r"lacks 48 tensors .*dora_lora_magnitude_vector_weight",
-        broken("vblora", {"peft_type": "VBLORA"}): r"PEFT type 'VBLORA' is not supported; valid: .*IA3, .*LORA",
+        broken("vblora", {"peft_type": "VBLORA"}):
+            r"PEFT type 'VBLORA' is not supported; valid: .*IA3, .*LORA",
         broken("pattern", {"rank_pattern": {"fc1": 4}}): r"has shape .*, the",  # fc1 layers built at r=4
-        broken("shape", tensors={**weights, key: weights[key][:, :-1].contiguous()}): r"has shape .*, the base",
+        broken("shape", tensors={**weights, key: weights[key][:, :-1].contiguous()}):
+            r"has shape .*, the base",
         broken("module", tensors={k.replace("text_model", "txt"): v for k, v in weights.items()}):
             r"targets modules this base model does not have",
         tmp_path: r"is not a PEFT adapter folder",
@@ -269,7 +273,8 @@ def test_per_layer_ranks_round_trip_through_peft(method, tmp_path):
 def test_per_layer_ranks_without_a_peft_pattern_field_are_refused(tmp_path):
     """PEFT's RandLoraConfig has no rank_pattern: a one-r export would not load, so it refuses in one line."""
     run_dir = tiny_run(tmp_path / "run", "randlora", extra=["budget=lora3"])
-    with pytest.raises(ValueError, match=r"own r or alpha \(alpha_pattern, rank_pattern: .*RandLoraConfig has "
+    with pytest.raises(ValueError, match=r"own r or alpha \(alpha_pattern, rank_pattern: "
+                                         r".*RandLoraConfig has "
                                          r"no rank_pattern") as err:
         export.export_peft(run_dir, tmp_path / "out")
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
@@ -286,7 +291,8 @@ def test_bad_run_directories_fail_with_one_line(runs, tmp_path):
 
     cases = {
         tmp_path / "nothing": r"not a rankbench run directory: no readable results.json",
-        fake("full", method="full"): r"method=full trains no adapter, so there is nothing to export; exportable",
+        fake("full", method="full"):
+            r"method=full trains no adapter, so there is nothing to export; exportable",
         fake("none", method="none"): r"method=none trains no adapter",
         fake("noadapter"): r"has no trained adapter \(no adapter/adapter_config.json; run status success\)",
         fake("suite", parts={"shapes": "shapes/results.json", "colors": "colors/results.json"}):
@@ -297,7 +303,8 @@ def test_bad_run_directories_fail_with_one_line(runs, tmp_path):
             with pytest.raises(ValueError, match=message):
                 (export.export_merged if merged else export.export_peft)(run_dir, tmp_path / "out")
     proc = subprocess.run([sys.executable, "-m", "runners.export", str(tmp_path / "full"), "--out",
-                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("export: method=full trains no adapter")
     assert not (tmp_path / "out").exists()

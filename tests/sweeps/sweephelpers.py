@@ -26,7 +26,8 @@ SMALL_SWEEP = ["+sweep=budget", "task=clip", "sweep.methods=[lora,randlora]", "s
                "sweep.seeds=[0]", "sweep.references=[]"]
 # The test cluster has no GPU, 2 CPUs and little memory to spare.
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
-         "hydra.launcher.mem_gb=null", "hydra.launcher.timeout_min=60", f"hydra.launcher.partition={slurm_cluster.PARTITION}"]
+         "hydra.launcher.mem_gb=null", "hydra.launcher.timeout_min=60",
+         f"hydra.launcher.partition={slurm_cluster.PARTITION}"]
 # The runs SMALL_SWEEP expands to.
 # (one dataset of the suite, so one job per method x budget, under the dataset's folder)
 SMALL_SWEEP_RUNS = {"shapes/lora-lora4-s0", "shapes/lora-lora8-s0", "shapes/randlora-lora4-s0",
@@ -49,7 +50,8 @@ def run_py(args: list[str], cwd: Path, timeout: float = SWEEP_TIMEOUT,
 
 def _job_files(sweep_dir: Path) -> dict[str, Path]:
     """Job name (`<dataset>/<method>-...-s<seed>`) -> its results.json, for every run of a sweep."""
-    return {p.parent.relative_to(sweep_dir).as_posix(): p for p in sorted(Path(sweep_dir).glob("*/*/results.json"))}
+    return {p.parent.relative_to(sweep_dir).as_posix(): p
+            for p in sorted(Path(sweep_dir).glob("*/*/results.json"))}
 
 
 def results(sweep_dir: Path) -> dict[str, dict]:

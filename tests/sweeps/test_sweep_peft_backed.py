@@ -11,7 +11,8 @@ from analysis.report import main as report
 
 pytestmark = pytest.mark.slow   # 9 tiny runs and a report: ~3 min on 2 shared cores
 
-SWEEP = ["+sweep=budget", "task=clip", "sweep.methods=[lora,dora,fourierft,ia3]", "sweep.budgets=[lora4,lora8]",
+SWEEP = ["+sweep=budget", "task=clip", "sweep.methods=[lora,dora,fourierft,ia3]",
+         "sweep.budgets=[lora4,lora8]",
          "sweep.seeds=[0]", "sweep.references=[]"]
 LABELS = {"lora": "LoRA", "dora": "DoRA", "fourierft": "FourierFT"}
 

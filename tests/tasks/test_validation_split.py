@@ -57,7 +57,8 @@ def test_generated_validation_is_a_hold_out_of_train_and_test_is_unchanged(task:
 def test_language_validation_words_are_disjoint_from_train_and_test_words() -> None:
     """Validation is generated like test: its label-bearing words are a third list, so a validation score
     measures transfer to unseen words as test does (a hold-out of train shared train's words)."""
-    lists = {"sentiment": [*sentences.SENTIMENT.values(), sentences.NOUNS], "topic": list(sentences.TOPIC.values()),
+    lists = {"sentiment": [*sentences.SENTIMENT.values(), sentences.NOUNS],
+             "topic": list(sentences.TOPIC.values()),
              "emotion": list(sentences.EMOTION.values())}
     for name, pair in suite("language").items():
         words = [{w for group in lists[name] for w in group[sentences.SPLITS[split]]}
@@ -92,7 +93,8 @@ def test_validation_depends_on_the_data_config_only() -> None:
 
 def test_regimes_sample_train_after_the_hold_out(tmp_path: Path) -> None:
     full = suite("vision", "dataset=shapes")["shapes"]
-    shot = suite("vision", "dataset=shapes", "+task.data.shots=2", f"+task.data.cache_dir={tmp_path}")["shapes"]
+    shot = suite("vision", "dataset=shapes", "+task.data.shots=2",
+                 f"+task.data.cache_dir={tmp_path}")["shapes"]
     assert row_keys(shot.validation) == row_keys(full.validation)
     assert len(shot.train) == 2 * len(images.SPECS["shapes"].classes)
     assert not set(row_keys(shot.train)) - set(row_keys(full.train))  # never a validation example
@@ -117,7 +119,8 @@ def text_source(path: Path, splits: dict[str, int]) -> Path:
 def source_pair(tmp_path: Path, splits: dict[str, int], entry: str, *extra: str):
     path = text_source(tmp_path / "src", splits)
     return suite("language", "dataset=sentiment", "task.data.test_size=null", *extra,
-                 f"+task.data.sources.sentiment={{path: {path}, text_column: sentence, {entry}}}")["sentiment"]
+                 f"+task.data.sources.sentiment={{path: {path}, text_column: sentence, {entry}}}"
+                 )["sentiment"]
 
 
 def uids(ds: Dataset) -> set[int]:
@@ -142,8 +145,10 @@ def test_a_sources_own_validation_split_is_used_whole(tmp_path: Path) -> None:
 
 
 def test_a_train_size_cap_keeps_the_same_validation(tmp_path: Path) -> None:
-    whole = source_pair(tmp_path / "a", {"train": 50, "test": 10}, "test_split: test", "task.data.train_size=null")
-    capped = source_pair(tmp_path / "b", {"train": 50, "test": 10}, "test_split: test", "task.data.train_size=12")
+    whole = source_pair(tmp_path / "a", {"train": 50, "test": 10}, "test_split: test",
+                        "task.data.train_size=null")
+    capped = source_pair(tmp_path / "b", {"train": 50, "test": 10}, "test_split: test",
+                         "task.data.train_size=12")
     assert uids(capped.validation) == uids(whole.validation) and len(capped.train) == 12
     assert not uids(capped.train) & uids(capped.validation)
 
@@ -199,7 +204,8 @@ def test_commonsense_validation_scores_the_hold_out_not_the_benchmarks(tmp_path:
                              {n: base.task.data.sources[n].choice_label for n in names}, n_test=2, n_train=6)
     rows = [r for n in ["train", *names] for ds in load_from_disk(str(paths[n])).values() for r in ds]
     texts = [str(base.task.data.eval_prompt), *(str(v) for r in rows for v in r.values())]
-    model_path = causal_lm(tmp_path / "lm", sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]+", t.lower())}))
+    model_path = causal_lm(tmp_path / "lm",
+                           sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]+", t.lower())}))
     task = tasks.build(compose_task(
         "commonsense", "size=base", f"task.model.path={model_path}", f"task.data.train.path={paths['train']}",
         *[f"task.data.sources.{n}.path={paths[n]}" for n in names], f"task.data.datasets=[{','.join(names)}]",
@@ -214,8 +220,9 @@ def test_commonsense_validation_scores_the_hold_out_not_the_benchmarks(tmp_path:
     metrics = task.evaluate_metrics(model, 4)
     assert set(metrics) == {"commonsense_validation"}
     val = task.val_set
-    expected = [("true" if "true/" in r["instruction"] else r["instruction"].split("Answer format: ")[1].split("/")[0])
-                == r["answer"] for r in val]
+    expected = [("true" if "true/" in r["instruction"]
+                 else r["instruction"].split("Answer format: ")[1].split("/")[0]) == r["answer"]
+                for r in val]
     assert metrics["commonsense_validation"]["accuracy"] == pytest.approx(sum(expected) / len(val))
     assert 0 < len(val) < 12 and metrics["commonsense_validation"]["loss"] > 0
     assert not {r["instruction"] for r in val} & {r["instruction"] for r in task.train_set}
