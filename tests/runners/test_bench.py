@@ -111,10 +111,10 @@ def test_ratios_carry_their_range_over_repetitions():
              "ops": 5},
             {"config": "full", "rep_medians_s": [2.0, 2.0, 2.0], "cpu_rep_medians_s": [2.0] * 3, "flops": 15,
              "ops": 8},
-            {"config": "ours:lora", "rep_medians_s": [1.0, 1.2, 1.1], "cpu_rep_medians_s": [1.0] * 3, "flops": 11,
-             "ops": 10},
-            {"config": "ours:loha", "rep_medians_s": [1.1, 1.2, 1.43], "cpu_rep_medians_s": [1.0] * 3, "flops": 22,
-             "ops": 15}]
+            {"config": "ours:lora", "rep_medians_s": [1.0, 1.2, 1.1], "cpu_rep_medians_s": [1.0] * 3,
+             "flops": 11, "ops": 10},
+            {"config": "ours:loha", "rep_medians_s": [1.1, 1.2, 1.43], "cpu_rep_medians_s": [1.0] * 3,
+             "flops": 22, "ops": 15}]
     bench.add_ratios(rows)
     loha = rows[3]
     assert loha["x_our_lora"] == pytest.approx(1.1) and loha["x_our_lora_range"] == pytest.approx([1.0, 1.3])
