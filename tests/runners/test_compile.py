@@ -47,14 +47,15 @@ def test_compile_must_be_a_boolean(tiny_overrides):
     assert "trainer.compile=yes is not valid" in problems
 
 
+# the methods whose layers are rankbench's code; a PEFT-backed method compiles PEFT's own layers (minutes
+# each on 2 cores), whose parity with eager is PEFT's and torch's concern
+NATIVE = [m for m in methods.available()
+          if not issubclass(methods.get_method(m), methods.peft_backed.PeftLayer)]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on the CPU builds C++ kernels: install g++ (make setup does)")
-# the methods whose layers are rankbench's code; a PEFT-backed method compiles PEFT's own layers (minutes each on
-# 2 cores), whose parity with eager is PEFT's and torch's concern
-NATIVE = [m for m in methods.available() if not issubclass(methods.get_method(m), methods.peft_backed.PeftLayer)]
-
-
 @pytest.mark.parametrize("method", NATIVE)
 def test_compiled_training_matches_eager(method, tiny_overrides):
     """The same losses step by step (inductor reorders float sums: within 1e-4 relative), the compile
