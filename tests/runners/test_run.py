@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from rbtest import compose_config, run_cli
+from rbtest import ROOT, compose_config, run_cli
 
 import methods
 from runners.adapt import method_names
@@ -118,7 +118,8 @@ BAD_VALUES = [  # (override, the one line run.py prints)
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["method=lorra"], "unknown method 'lorra'; valid: full, loha, lokr, lora, none, randlora"),
+    (["method=lorra"], "unknown method 'lorra'; valid: "
+                       + ", ".join(sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml")))),
     (["task=clpi"], "unknown task 'clpi'; valid: clip, "),
     (["size=huge"], "unknown size 'huge'; valid: base, large, tiny"),
     (["trainer.max_step=5"], "unknown config key 'trainer.max_step'"),
