@@ -123,6 +123,8 @@ class AdapterLayer(CostModel, nn.Module):
     #: `max_rank` is the rank random adapter weights reach (True), or only an upper bound
     #: (FourierFT's spectrum)
     max_rank_exact: ClassVar[bool] = True
+    #: why `trainer.compile` must not compile this method's layers (they train eager, saying so); None: it may
+    compile_refusal: ClassVar[str | None] = None
     #: `path_macs` describes this layer's forward (False: PEFT-backed layers run PEFT's own)
     has_cost_model: ClassVar[bool] = True
     #: layers may take their own `r` (a `rank_pattern`) when the budget solver needs it

@@ -26,10 +26,12 @@ class StepRunner:
 
     def __init__(self, module: nn.Module, enabled: bool, device: torch.device, label: str) -> None:
         self.eager, self.label = module, label
-        self.compiled: nn.Module | None = torch.compile(module) if enabled else None
         self.requested = enabled
+        self.error: str | None = compile_refusal(module) if enabled else None
+        if self.error is not None:
+            log.warning("trainer.compile: %s is not compiled (%s); training eager", label, self.error)
+        self.compiled: nn.Module | None = torch.compile(module) if enabled and self.error is None else None
         self.timer = StepTimer(device, warmup=0)   # the first compiled step alone
-        self.error: str | None = None
         self.steady = True                         # the last step's time belongs to step-time statistics
 
     def run(self, step: Callable[[nn.Module], Any], eager: bool = False) -> Any:
@@ -63,3 +65,14 @@ class StepRunner:
         if not self.timer.times or self.error is not None:
             return None
         return max(0.0, self.timer.times[0] - (median_step_s or 0.0))
+
+
+def compile_refusal(module: nn.Module) -> str | None:
+    """Why the model must train eager: the first adapter layer whose method declares it
+    (`AdapterLayer.compile_refusal`); None when every layer may be compiled."""
+    import methods
+
+    for layer in methods.adapter_layers(module).values():
+        if type(layer).compile_refusal is not None:
+            return f"{type(layer).method}: {type(layer).compile_refusal}"
+    return None

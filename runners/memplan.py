@@ -382,7 +382,11 @@ def over_card(jobs: list[tuple[str, DictConfig]], plan_cfg: DictConfig, processe
     lines, seen = [], {}
     for name, cfg in jobs:
         key = _plan_key(cfg)
-        plan, peak = seen[key] if key in seen else seen.setdefault(key, job_plan(cfg, processes))
+        if key not in seen:
+            seen[key] = _plan_or_none(name, cfg, processes)
+        if seen[key] is None:
+            continue
+        plan, peak = seen[key]
         log.info("memory plan %s: %s per GPU (+ %s allowance) of %s", name, gb(peak), gb(allowance),
                  "an unknown card (set plan.gpu_memory_gb)" if card is None else gb(card))
         if card is not None and peak + allowance > card:
@@ -390,6 +394,16 @@ def over_card(jobs: list[tuple[str, DictConfig]], plan_cfg: DictConfig, processe
                          f"{name}: predicted peak {gb(peak)} + {gb(allowance)} allowance > {gb(card)} "
                          f"per GPU over {processes} GPUs; would fit with {advice(plan, card, allowance)}")
     return lines
+
+
+def _plan_or_none(name: str, cfg: DictConfig, processes: int) -> tuple[Plan, int] | None:
+    """A job's (plan, peak), or None with one warning when its model's architecture cannot be read here (no
+    cached config.json and none of the published ones known): the plan cannot run, the job is not refused."""
+    try:
+        return job_plan(cfg, processes)
+    except LookupError as err:
+        log.warning("memory plan not checked for %s (and jobs of the same setting): %s", name, err)
+        return None
 
 
 def _plan_key(cfg: DictConfig) -> str:

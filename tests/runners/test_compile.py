@@ -60,10 +60,15 @@ NATIVE = [m for m in methods.available()
 def test_compiled_training_matches_eager(method, tiny_overrides):
     """The same losses step by step (inductor reorders float sums: within 1e-4 relative), the compile
     time recorded apart from the step time."""
+    torch._dynamo.reset()  # compiled code of earlier tests in this process would make the first step cheap
     eager_dirs = [o.replace("/run", "/eager") for o in tiny_overrides]
     eager = run(compose_config([f"method={method}", *RUN, *eager_dirs]))
     record = run(compose_config([f"method={method}", "trainer.compile=true", *RUN, *tiny_overrides]))
     cost = record["cost"]
+    if methods.get_method(method).compile_refusal is not None:  # trains eager, saying why
+        assert cost["compiled"] is False and cost["compile_time_s"] is None
+        assert [h["loss"] for h in record["history"]] == [h["loss"] for h in eager["history"]]
+        return
     assert cost["compiled"] is True, "compiling failed: see the log line"
     assert cost["compile_time_s"] > cost["step_time_s"] > 0
     assert ([h["loss"] for h in record["history"]]
