@@ -42,3 +42,9 @@ def _nonempty(method: str, shapes: list[tuple[int, int]], hp: dict) -> bool:
         return all(methods.num_params(method, i, o, **hp) > 0 for i, o in shapes)
     except ValueError:
         return False
+
+
+#: The registered methods whose layers are rankbench's own code; a PEFT-backed method runs PEFT's layers
+#: (methods/peft_backed.py), so tests of our implementations (parity, compile, operator counts) skip it.
+NATIVE_METHODS = [m for m in methods.available()
+                  if not issubclass(methods.get_method(m), methods.peft_backed.PeftLayer)]

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from rbtest import NATIVE_METHODS
 from torch import nn
 
 import methods
@@ -19,8 +20,7 @@ peft_factorization = pytest.importorskip("peft.tuners.lokr.layer").factorization
 
 # Native methods: a PEFT-backed method runs PEFT's own layer (methods/peft_backed.py), so its parity is with
 # the native method it duplicates (peft_lora == lora, tests/methods/test_peft_backed.py), not with itself.
-METHODS = [m for m in methods.available()
-           if not issubclass(methods.get_method(m), methods.peft_backed.PeftLayer)]
+METHODS = NATIVE_METHODS
 
 
 def peft_config(method: str, targets: list[str], **hp):

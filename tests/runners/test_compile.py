@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from rbtest import compose_config
+from rbtest import NATIVE_METHODS, compose_config
 
 import methods
 from runners import compiled
@@ -47,10 +47,8 @@ def test_compile_must_be_a_boolean(tiny_overrides):
     assert "trainer.compile=yes is not valid" in problems
 
 
-# the methods whose layers are rankbench's code; a PEFT-backed method compiles PEFT's own layers (minutes
-# each on 2 cores), whose parity with eager is PEFT's and torch's concern
-NATIVE = [m for m in methods.available()
-          if not issubclass(methods.get_method(m), methods.peft_backed.PeftLayer)]
+# rbtest.NATIVE_METHODS: a PEFT-backed method runs PEFT's own layers
+NATIVE = NATIVE_METHODS
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ properties a GPU run depends on (no method issues operators per rank, per token 
 import pytest
 import torch
 import torch.nn.functional as F
+from rbtest import NATIVE_METHODS
 from torch import nn
 
 import methods
@@ -78,9 +79,8 @@ def _per_layer_ops(name: str, r: int, tokens: int, layers: int) -> tuple[int, li
     return _counted_steps(model, torch.randn(tokens, 64, requires_grad=True))[-1].ops, paths
 
 
-# the methods whose layers are rankbench's code (a PEFT-backed method issues PEFT's operators)
-NATIVE = [m for m in methods.available()
-          if not issubclass(methods.get_method(m), methods.peft_backed.PeftLayer)]
+# rbtest.NATIVE_METHODS: a PEFT-backed method runs PEFT's own layers
+NATIVE = NATIVE_METHODS
 
 
 @pytest.mark.parametrize("name", NATIVE)
