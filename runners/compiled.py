@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import methods
 from runners.metrics import StepTimer
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,6 @@ class StepRunner:
 def compile_refusal(module: nn.Module) -> str | None:
     """Why the model must train eager: the first adapter layer whose method declares it
     (`AdapterLayer.compile_refusal`); None when every layer may be compiled."""
-    import methods
-
     for layer in methods.adapter_layers(module).values():
         if type(layer).compile_refusal is not None:
             return f"{type(layer).method}: {type(layer).compile_refusal}"
