@@ -70,15 +70,6 @@ def curated(name: str) -> list[str]:
     return list(table[name]["classes"])
 
 
-def webdataset_copy(path: Path, classnames: list[str], splits: dict[str, int], image_column: str) -> Path:
-    """A clip-benchmark/wds_*-shaped copy: integer `cls` labels, images under their file extension
-    (`jpg` / `webp`), and the class names in `classnames.txt` at the root, one per line."""
-    image_dataset(path, [str(i) for i in range(len(classnames))], splits, image_column=image_column,
-                  label_column="cls", class_label=False)
-    (path / "classnames.txt").write_text("\n".join(classnames) + "\n")
-    return path
-
-
 # --- hub-shaped copies built from what each hub copy publishes (tests/fixtures/hub/*.json) ------------
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hub"
