@@ -398,12 +398,16 @@ def over_card(jobs: list[tuple[str, DictConfig]], plan_cfg: DictConfig, processe
 
 def _plan_or_none(name: str, cfg: DictConfig, processes: int) -> tuple[Plan, int] | None:
     """A job's (plan, peak), or None with one warning when its model's architecture cannot be read here (no
-    cached config.json and none of the published ones known): the plan cannot run, the job is not refused."""
+    cached config.json and none of the published ones known) or its forward cannot run on the meta device:
+    the plan cannot run, the job is not refused."""
     try:
         return job_plan(cfg, processes)
     except LookupError as err:
-        log.warning("memory plan not checked for %s (and jobs of the same setting): %s", name, err)
-        return None
+        reason = str(err)
+    except NotImplementedError as err:  # e.g. PEFT's WaveFT indexes by a mask: nonzero() has no meta kernel
+        reason = f"its forward cannot be traced on the meta device ({str(err).split('.')[0]})"
+    log.warning("memory plan not checked for %s (and jobs of the same setting): %s", name, reason)
+    return None
 
 
 def _plan_key(cfg: DictConfig) -> str:

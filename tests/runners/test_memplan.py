@@ -113,3 +113,12 @@ def test_the_plan_command_tables_each_job_with_its_fit_and_fsdp_gpus(capsys):
     assert code == 0 and set(rows) == {"lora@lora8", "full"}
     assert rows["lora@lora8"][-2:] == ["yes", "-"] and rows["full"][-2:] == ["NO", "2"]
     assert plan.main(["plan.methods=[lorra]"]) == 2
+
+
+def test_a_job_whose_forward_cannot_run_on_meta_is_planned_as_unknown_with_one_warning(caplog):
+    # PEFT's WaveFT builds its update by indexing with a mask; nonzero() has no meta kernel
+    cfg = compose_config(["task=clip", "method=waveft", "budget=lora8", "dataset=shapes", "logger=none"])
+    with caplog.at_level("WARNING"):
+        assert memplan.over_card([("shapes/waveft", cfg)], cfg.plan, processes=1, show=True) == []
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "cannot be traced on the meta device" in warned[0]
