@@ -24,8 +24,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    from runners.cli import preflight
+    from runners.engine.config import command_line_problem
 
-    if (problem := preflight(sys.argv[1:])) is not None:
+    if (problem := command_line_problem(sys.argv[1:])) is not None:
         sys.exit(f"rankbench: {problem}")
     main()

@@ -19,9 +19,9 @@ log = logging.getLogger(__name__)
 
 Direction = Literal["min", "max"]
 
-#: Method kinds, as results record them (`run.method_kind`, from runners.adapt.method_info): analysis never
-#: lists method names; which methods exist, what they are called and whether they are adapters comes from
-#: the `method_kind` / `method_label` columns of `analysis.load.load_results`.
+#: Method kinds, as results record them (`run.method_kind`, from runners.engine.adapt.method_info):
+#: analysis never lists method names; which methods exist, what they are called and whether they are
+#: adapters comes from the `method_kind` / `method_label` columns of `analysis.load.load_results`.
 ADAPTER, REFERENCE = "adapter", "reference"
 #: The baseline every cost is shown relative to, and that budgets are named after ("lora8"): the one place
 #: analysis names a method.

@@ -1,6 +1,6 @@
 """Read `results.json` files (or a W&B project) into one tidy DataFrame: one row per run and dataset.
 
-Every record is read through `runners.schema.Record` (schema-1 files are upgraded there, explicitly),
+Every record is read through `runners.record.schema.Record` (schema-1 files are upgraded there, explicitly),
 so a column is a field the runner wrote, never a guess from candidate keys. Everything downstream
 (aggregation, plots, report) reads only this frame, so local files and W&B exports are
 interchangeable. Corrupt or partial files are skipped with a warning naming the file and the reason
@@ -20,14 +20,23 @@ from typing import Any
 
 import pandas as pd
 
-from runners.logger import SUITE_JOB_TYPE
-from runners.schema import Cost, Metrics, Params, Record, Run, cost_figures, suite_cost, suite_forgetting
+from runners.record.logger import SUITE_JOB_TYPE
+from runners.record.schema import (
+    Cost,
+    Metrics,
+    Params,
+    Record,
+    Run,
+    cost_figures,
+    suite_cost,
+    suite_forgetting,
+)
 
 log = logging.getLogger(__name__)
 
 RESULTS_FILENAME = "results.json"
 
-#: results.json `cost` figures (runners.schema.Cost): GPU allocator figures on CUDA, RSS growth on CPU,
+#: results.json `cost` figures (runners.record.schema.Cost): GPU allocator figures on CUDA, RSS growth on CPU,
 #: the device-independent activation and state bytes on every device.
 COST_COLUMNS = [f.name for f in fields(Cost)]
 #: Columns that identify one comparison panel (one figure): same task, backbone and data regime.
@@ -165,7 +174,7 @@ def combine_suites(records: list[tuple[str, Record]]) -> list[tuple[str, Record]
 
 def _combined(members: list[tuple[str, Record]]) -> tuple[str, Record]:
     """The suite record of per-dataset runs, by the rules of the runner's own suite summary
-    (runners.suite.summary_record): metrics per dataset and their mean, costs by `suite_cost`."""
+    (runners.engine.suite.summary_record): metrics per dataset and their mean, costs by `suite_cost`."""
     records = [r for _, r in sorted(members, key=lambda m: m[1].run.dataset)]
     first = records[0].run
     failed = [r.run for r in records if r.run.status != "success"]
@@ -192,7 +201,7 @@ def _combined(members: list[tuple[str, Record]]) -> tuple[str, Record]:
 
 def load_wandb(path: str, api: Any | None = None) -> pd.DataFrame:
     """Tidy frame from a W&B project (`entity/project`) via the public API, same columns as files. A
-    suite's summary run (job type `suite`, runners.logger.log_suite) is left out: its datasets are
+    suite's summary run (job type `suite`, runners.record.logger.log_suite) is left out: its datasets are
     loaded from their own runs, as a suite's results.json is when its parts are.
 
     `api` defaults to `wandb.Api()`; tests pass a stand-in with a `runs(path)` method.

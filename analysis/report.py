@@ -217,7 +217,8 @@ def _counted(part: pd.DataFrame) -> list[str]:
     return [c for c in COUNT_COLUMNS if c in part and part[c].notna().any()]
 
 
-#: cost figures a GPU cannot change (runners.metrics.StepCounts), shown as ratios to LoRA beside step time
+#: cost figures a GPU cannot change (runners.engine.measure.StepCounts), shown as ratios to LoRA beside
+#: step time
 COUNT_COLUMNS = {"flops_per_step": "FLOPs ×LoRA", "ops_per_step": "ops ×LoRA"}
 
 
@@ -268,7 +269,8 @@ def _per_dataset_block(part: pd.DataFrame) -> Block:
 
 
 #: report/runs.csv: frame column -> CSV name, in CSV order; every figure as the run's results.json has it
-#: (read through runners.schema by analysis.load, nothing recomputed), costs all of runners.schema.Cost.
+#: (read through runners.record.schema by analysis.load, nothing recomputed), costs all of
+#: runners.record.schema.Cost.
 RUN_COLUMNS = {
     "run_id": "run_id", "method": "method", "method_kind": "method_kind", "method_label": "method_label",
     "task": "task", "size": "size", "model": "model", "regime": "regime", "run_dataset": "run_dataset",

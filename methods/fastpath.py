@@ -286,7 +286,7 @@ def merged_linear(layer: AdapterLayer, x: torch.Tensor, alone: bool = False) -> 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast computes in on x's device, None when autocast is off there."""
     device = x.device.type
-    if device == "meta":  # no autocast there (runners/memplan.py traces on meta and emulates it)
+    if device == "meta":  # no autocast there (runners/engine/memplan.py traces on meta and emulates it)
         return None
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 

@@ -116,7 +116,7 @@ class _HadaLinear(torch.autograd.Function):
     Through autograd, the factored form also scales the (T x r^2) intermediate each way and sums two input
     gradients; here the scale rides in the GEMMs (`alpha`) and the update accumulates into the base output
     and the input gradient in place: per layer and training step 18 kernels with the base's (5 forward)
-    instead of 21, 49 dispatched operators instead of 58 (runners.metrics.StepCounts), which a GPU
+    instead of 21, 49 dispatched operators instead of 58 (runners.engine.measure.StepCounts), which a GPU
     launches one by one. Saved for backward: x and the (T x r^2) intermediate h, as autograd saves, and
     the two small products (r^2 x (in + out)).
     """

@@ -28,11 +28,11 @@ Memory, two figures per configuration:
   configurations in one process interact): peak-RSS growth on CPU (`peak_rss`), the allocator's
   `max_memory_allocated` after a reset on CUDA (`peak_mem`). Covers transient buffers and optimizer state.
 
-`GFLOP` and `ops`: FLOPs and dispatched aten operators of one training step (runners.metrics.StepCounts,
-the runner's `cost.flops_per_step` / `cost.ops_per_step`), with their ratios to our LoRA: deterministic, so
-they hold on a machine other jobs share and on a GPU, where every non-view operator is a kernel launch.
-Under each table, RandLoRA's FLOPs next to its floor's (full fine-tuning's FLOPs plus one dW build and one
-projection per target call).
+`GFLOP` and `ops`: FLOPs and dispatched aten operators of one training step
+(runners.engine.measure.StepCounts, the runner's `cost.flops_per_step` / `cost.ops_per_step`), with
+their ratios to our LoRA: deterministic, so they hold on a machine other jobs share and on a GPU, where
+every non-view operator is a kernel launch. Under each table, RandLoRA's FLOPs next to its floor's (full
+fine-tuning's FLOPs plus one dW build and one projection per target call).
 
 `adapter_macs`: multiply-adds our adapters add to a training step over the frozen target linears' own
 (forward + input gradient), from the cost model the layers choose their path with -- the part of a
@@ -66,7 +66,7 @@ from torch import nn
 
 import methods
 from methods.inject import RANK_PATTERN
-from runners.metrics import PeakMemory, StepCounts, StepTimer, median_and_p90
+from runners.engine.measure import PeakMemory, StepCounts, StepTimer, median_and_p90
 from runners.train import adamw
 
 log = logging.getLogger("rankbench.bench")
@@ -331,7 +331,7 @@ def target_calls(work: Workload) -> list[tuple[int, int, int]]:
 
 
 def step_counts(trainer: Trainer) -> StepCounts:
-    """FLOPs and dispatched operators of one training step (runners.metrics.StepCounts: deterministic,
+    """FLOPs and dispatched operators of one training step (runners.engine.measure.StepCounts: deterministic,
     untouched by other jobs on the machine), counted on a step after the first, which also creates the
     optimizer's state."""
     trainer.step()

@@ -39,9 +39,9 @@ import methods
 import tasks
 from methods.inject import CONFIG_FILE, PATTERNS, WEIGHTS_FILE, split_pattern
 from methods.peft_spec import PeftSpec, number
-from runners.adapt import REFERENCES, is_head
-from runners.results import FILENAME as RESULTS
-from runners.results import read_results
+from runners.engine.adapt import REFERENCES, is_head
+from runners.record.results import FILENAME as RESULTS
+from runners.record.results import read_results
 from tasks.common import HeadedModel, resolve_model_path
 
 log = logging.getLogger(__name__)

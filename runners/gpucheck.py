@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 import methods
-from runners.metrics import matrix_ranks
+from runners.engine.measure import matrix_ranks
 from tasks.common import enable_memory_savers
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class Row:
     step_times_s: list[float] = field(default_factory=list)
     peak_growth_bytes: int | None = None
     peak_bytes: int | None = None            # torch.cuda.max_memory_allocated over the steps
-    predicted_peak_bytes: int | None = None  # runners/memplan.py's plan of the same configuration
+    predicted_peak_bytes: int | None = None  # runners/engine/memplan.py's plan of the same configuration
     rank: dict[str, float] | None = None
     failures: list[str] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
@@ -232,9 +232,9 @@ def train_row(row: Row, model: nn.Module, shape: Shape, device: torch.device, st
 
 
 def predicted_peak(shape: Shape, mode: str, method: str, hp: dict[str, Any]) -> int:
-    """The memory plan's peak (runners/memplan.py) of this configuration, traced on the meta device. The
-    check's optimizer is the unfused AdamW, whose step counters stay on the CPU (4 bytes each, noise)."""
-    from runners import memplan
+    """The memory plan's peak (runners/engine/memplan.py) of this configuration, traced on the meta device.
+    The check's optimizer is the unfused AdamW, whose step counters stay on the CPU (4 bytes each, noise)."""
+    from runners.engine import memplan
 
     with torch.device("meta"):
         model = shape.build()

@@ -4,7 +4,7 @@
     python -m runners.plan task=clip size=large plan.budgets=[lora16,lora32] plan.methods=[lora,full]
 
 One row per method x budget (references once): predicted frozen weights, state, activations and peak per
-GPU (runners/memplan.py), whether it fits the card with the allowance, and the GPUs FSDP would need.
+GPU (runners/engine/memplan.py), whether it fits the card with the allowance, and the GPUs FSDP would need.
 `plan.gpus=N` plans N data-parallel processes per job (`trainer.strategy` says which kind).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from runners import memplan
+from runners.engine import memplan
 
 log = logging.getLogger("rankbench.plan")
 
@@ -22,7 +22,7 @@ OWN_KEYS = ("plan.budgets=", "plan.methods=", "plan.gpus=")
 
 def jobs(methods: list[str], budgets: list[str]) -> list[tuple[str, str | None]]:
     """(method, budget) rows: every adapter at every budget, each reference once."""
-    from runners.adapt import REFERENCES
+    from runners.engine.adapt import REFERENCES
 
     return [(m, None) if m in REFERENCES else (m, b)
             for m in methods for b in ([None] if m in REFERENCES else budgets)]
@@ -31,7 +31,7 @@ def jobs(methods: list[str], budgets: list[str]) -> list[tuple[str, str | None]]
 def rows(overrides: list[str], methods: list[str], budgets: list[str], gpus: int, notes: list[str]
          ) -> list[list[str]]:
     """The table's rows (a header first); jobs that cannot be planned get dashes and a line in `notes`."""
-    from runners.cli import compose_config
+    from runners.engine.config import compose_config
 
     head = ["job", "weights", "state", "activations", "peak/GPU", "fits", "FSDP GPUs"]
     out = [head]
@@ -61,7 +61,7 @@ def _listed(text: str | None) -> list[str] | None:
 
 
 def main(argv: list[str]) -> int:
-    from runners.adapt import method_names
+    from runners.engine.adapt import method_names
 
     overrides = [a for a in argv if not a.startswith(OWN_KEYS)]
     methods = _listed(_value(argv, "plan.methods=")) or method_names()

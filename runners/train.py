@@ -2,7 +2,7 @@
 
 seed -> task -> adapt (inject / full / none) -> assert count == closed form -> evaluate before ->
 AdamW + warm-up/cosine loop (measured) -> evaluate after -> save adapter -> results.json -> logger.
-Method-specific behaviour lives in `methods/` and `runners.adapt`, never in this loop.
+Method-specific behaviour lives in `methods/` and `runners.engine.adapt`, never in this loop.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 import methods
 import tasks
-from runners import distributed, env
-from runners.adapt import Adaptation, adapt, is_head, method_info, method_names
-from runners.checkpoint import (
+from runners.engine import distributed, env
+from runners.engine.adapt import Adaptation, adapt, is_head, method_info, method_names
+from runners.engine.checkpoint import (
     PreemptionGuard,
     load_before,
     load_checkpoint,
@@ -34,16 +34,23 @@ from runners.checkpoint import (
     save_before,
     save_checkpoint,
 )
-from runners.cli import check_values
-from runners.compiled import StepRunner
-from runners.data import batch_split_problem, make_loader, wait_summary
+from runners.engine.compiled import StepRunner
+from runners.engine.config import check_values
+from runners.engine.loader import batch_split_problem, make_loader, wait_summary
+from runners.engine.measure import (
+    PeakMemory,
+    SavedActivations,
+    StepCounts,
+    StepTimer,
+    matrix_ranks,
+    state_bytes,
+)
+from runners.engine.memplan import predicted_cost
+from runners.engine.suite import run_suite, suite_datasets
 from runners.export import import_peft_adapter, save_head
-from runners.logger import log_suite, make_logger
-from runners.memplan import predicted_cost
-from runners.metrics import PeakMemory, SavedActivations, StepCounts, StepTimer, matrix_ranks, state_bytes
-from runners.results import SCHEMA, is_complete, read_results, write_results
-from runners.schema import Params, Record, Run
-from runners.suite import run_suite, suite_datasets
+from runners.record.logger import log_suite, make_logger
+from runners.record.results import SCHEMA, is_complete, read_results, write_results
+from runners.record.schema import Params, Record, Run
 from tasks.common import hub_revision, resolve_model_path
 from tasks.forgetting import forgetting_metrics
 
@@ -102,7 +109,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             import_peft_adapter(model, cfg.init_adapter)
         record["cost"], record["history"] = train(model, task, cfg, device, generator, run_dir, logger,
                                                   record["run"]["config_hash"], record["run"]["max_steps"])
-        # predicted_cost: runners/memplan.py
+        # predicted_cost: runners/engine/memplan.py
         record["cost"].update(predicted_cost(cfg, world.size, gpu=device.type == "cuda"))
         distributed.gather_for_evaluation(model)  # FSDP: whole parameters again, for evaluation and export
         _evaluate(task, model, cfg, device, record["metrics"], suffix="")
@@ -132,7 +139,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _before_training(task: tasks.Task, model: nn.Module, cfg: DictConfig, device: torch.device, run_dir: Path,
                      record: dict[str, Any]) -> dict[str, float] | None:
     """Evaluate the untrained model into `record` and return its forgetting probe (held-out data). A
-    requeued run reads both back from its first attempt (runners.checkpoint.BEFORE) instead."""
+    requeued run reads both back from its first attempt (runners.engine.checkpoint.BEFORE) instead."""
     config_hash = record["run"]["config_hash"]
     if (saved := load_before(run_dir, config_hash)) is not None:
         record["metrics"].update(saved["metrics"])
@@ -157,7 +164,7 @@ def _refusal(cfg: DictConfig) -> str | None:
 
 
 def _suite_or_error(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> list[str]:
-    """The datasets to train one adapter each for (see runners.suite); a bad `dataset=` fails the run."""
+    """The datasets to train one adapter each for (see runners.engine.suite); a bad `dataset=` fails the run."""
     try:
         return suite_datasets(cfg)
     except ValueError as err:
@@ -275,7 +282,7 @@ def train(model: nn.Module, task: tasks.Task, cfg: DictConfig, device: torch.dev
 
 
 def counted_step(start: int, max_steps: int) -> int:
-    """The step whose FLOPs and operators are counted (runners.metrics.StepCounts): the process's second,
+    """The step whose FLOPs and operators are counted (runners.engine.measure.StepCounts): the process's second,
     since the first also creates the optimizer's state; its first when it runs one only."""
     return start + 1 if start + 1 < max_steps else start
 
@@ -311,7 +318,7 @@ def _optimizer_step(step_module: nn.Module, micro_batches: list[Any], optimizer:
                     activations: SavedActivations | None = None) -> float:
     """One optimizer step over already fetched micro-batches; returns their mean loss (this process's).
 
-    `step_module(batch)` is the task's loss (runners.distributed.wrap: inside DDP when several processes
+    `step_module(batch)` is the task's loss (runners.engine.distributed.wrap: inside DDP when several processes
     train, whose gradients are averaged in the last micro-batch's backward only). With `activations`,
     what autograd saves in the first micro-batch's forward is recorded (micro-batch graphs never
     coexist: each is freed by its backward). The hooks' small Python cost lands in one step, which the
@@ -446,7 +453,7 @@ def _probe(task: tasks.Task, model: nn.Module, cfg: DictConfig, device: torch.de
         return task.forgetting_probe(model, cfg.trainer.eval_batch_size, untrained=untrained)
 
 
-TUNING_FILE = "tuning.json"  # written into a final run's directory by +sweep=tuned (runners/sweeper.py)
+TUNING_FILE = "tuning.json"  # written into a final run's directory by +sweep=tuned (runners/sweeps/sweeper.py)
 
 
 def read_tuning(run_dir: Path) -> dict[str, Any] | None:
@@ -527,7 +534,7 @@ def _group(cfg: DictConfig) -> str | None:
 
 
 def _new_record(cfg: DictConfig) -> dict[str, Any]:
-    """The record of a run about to start, built from runners.schema; the run fills it as it goes and
+    """The record of a run about to start, built from runners.record.schema; the run fills it as it goes and
     `_finish` checks it against the schema before it is written."""
     config = _config_dict(cfg)
     config_hash = _config_hash(config)
@@ -555,7 +562,7 @@ def _record_adaptation(record: dict[str, Any], a: Adaptation, model: nn.Module) 
 
 
 def _finish(record: dict[str, Any], status: str, error: str | None) -> None:
-    """Close the record and check it against runners.schema (filling what the run did not reach)."""
+    """Close the record and check it against runners.record.schema (filling what the run did not reach)."""
     record["run"].update(status=status, error=error, finished_at=_now())
     m = record["metrics"]
     for key, src in (("accuracy", "per_dataset"), ("accuracy_before", "per_dataset_before")):

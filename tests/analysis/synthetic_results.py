@@ -1,7 +1,8 @@
-"""Synthetic sweep outputs as schema-1 `results.json` files (runners/schema.py), for the analysis tests.
+"""Synthetic sweep outputs as schema-1 `results.json` files (runners/record/schema.py), for the analysis
+tests.
 
 Schema 1 on purpose: these files have no `run.lr`, `run.regime`, `run.model` or `run.method_kind`, so
-every analysis test also checks that `runners.schema.upgrade_v1` fills them from the run's config.
+every analysis test also checks that `runners.record.schema.upgrade_v1` fills them from the run's config.
 
 `write_sweep` lays out `multirun/<date>/<time>/<job>/results.json` for 4 adapters x 3 budgets x 3 seeds
 plus `full` and `none`, for a multi-dataset CLIP task (CPU: `peak_rss_bytes`) and a single-dataset

@@ -134,11 +134,11 @@ def test_unknown_paths_never_crash_on_missing_optional_fields(tmp_path: Path):
     assert len(df) == 1 and df.iloc[0].model == "?" and df.iloc[0].regime == "full data"
 
 
-# ------------------------------------------------------------- read through runners.schema, never guessed
+# ------------------------------------------------------ read through runners.record.schema, never guessed
 
 
 def _v2(method: str = "lora", **metrics) -> dict:
-    from runners.schema import Record, Run
+    from runners.record.schema import Record, Run
 
     record = Record(run=Run(method=method, method_kind="adapter", method_label="LoRA", task="language",
                             size="base", model="FacebookAI/roberta-base", regime="frac0.5", lr=4e-4, seed=0,

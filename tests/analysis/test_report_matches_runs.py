@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from analysis.report import main
-from runners.schema import Cost
+from runners.record.schema import Cost
 
 ROOT = Path(__file__).resolve().parents[2]
 # 2 methods x 1 budget x 1 seed on one dataset of the tiny CLIP suite, a few steps each: seconds per job.

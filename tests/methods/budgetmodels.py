@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from runners.adapt import NOT_HP  # method config keys that are no hyper-parameters
+from runners.engine.adapt import NOT_HP  # method config keys that are no hyper-parameters
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,9 +10,9 @@ from rbtest import compose_config
 from torch import nn
 
 import methods
-from runners import preflight
-from runners.adapt import adapt
-from runners.cli import check_values
+from runners.engine.adapt import adapt
+from runners.engine.config import check_values
+from runners.sweeps import launch_check
 from runners.train import _record_adaptation, run
 
 LORA = {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
@@ -53,7 +53,7 @@ def test_per_layer_plan_is_applied_counted_and_recorded(budget_alpha):
 def test_a_budget_off_by_more_than_one_percent_runs_and_is_marked(caplog):
     """One Linear(64, 64): LoRA counts are multiples of 128; 200 is inside the range but 28% off."""
     model = nn.Sequential(nn.Linear(64, 64))
-    with caplog.at_level(logging.INFO, logger="runners.adapt"):
+    with caplog.at_level(logging.INFO, logger="runners.engine.adapt"):
         a = adapt(model, OmegaConf.create(LORA), ["0"], [], 200)
     assert (a.backbone_trainable, a.budget_reached, a.per_layer) == (256, False, None)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -84,11 +84,11 @@ def test_budget_values_are_checked_before_anything_is_built(value, ok):
 
 def test_preflight_counts_use_the_method_config_and_say_reached():
     model = stack()
-    native = preflight._solve(model, "lora", ".*", "native")  # conf/method/lora.yaml: r 8
+    native = launch_check._solve(model, "lora", ".*", "native")  # conf/method/lora.yaml: r 8
     assert native["hp"] == {"r": 8} and native["reached"] and native["achieved"] == 8 * 320
-    missed = preflight._solve(nn.Sequential(nn.Linear(64, 64)), "lora", ["0"], "200")
+    missed = launch_check._solve(nn.Sequential(nn.Linear(64, 64)), "lora", ["0"], "200")
     assert not missed["reached"]
-    table = preflight.model_table({"path": "p", "problems": [], "targets": ["0"], "target_layers": 1,
+    table = launch_check.model_table({"path": "p", "problems": [], "targets": ["0"], "target_layers": 1,
                                    "counts": {"lora": {"200": missed, "native": native}}})
     assert "200: 256 (+28.00%, NOT REACHED) {'r': 2}" in table and "native: 2,560 (+0.00%) {'r': 8}" in table
 

@@ -8,7 +8,7 @@ import torch
 from rbtest import NATIVE_METHODS, compose_config
 
 import methods
-from runners import compiled
+from runners.engine import compiled
 from runners.train import run
 
 RUN = ["dataset=shapes", "trainer.log_every=1", "trainer.max_steps=5", "trainer.timing_warmup=0"]
@@ -32,7 +32,7 @@ def test_a_model_that_cannot_be_compiled_trains_eager_after_one_line(tiny_overri
 
     monkeypatch.setattr(compiled.torch, "compile", Refusing)
     eager = run(compose_config(["method=lora", *RUN, *[o.replace("/run", "/eager") for o in tiny_overrides]]))
-    with caplog.at_level(logging.WARNING, logger="runners.compiled"):
+    with caplog.at_level(logging.WARNING, logger="runners.engine.compiled"):
         record = run(compose_config(["method=lora", "trainer.compile=true", *RUN, *tiny_overrides]))
     assert record["run"]["status"] == "success"
     assert record["cost"]["compiled"] is False and record["cost"]["compile_time_s"] is None
@@ -42,7 +42,7 @@ def test_a_model_that_cannot_be_compiled_trains_eager_after_one_line(tiny_overri
 
 
 def test_compile_must_be_a_boolean(tiny_overrides):
-    from runners.cli import check_values
+    from runners.engine.config import check_values
     problems = check_values(compose_config(["trainer.compile=yes", *tiny_overrides]))
     assert "trainer.compile=yes is not valid" in problems
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from runners.data import make_loader, resolve_workers, wait_summary
+from runners.engine.loader import make_loader, resolve_workers, wait_summary
 from tasks.common import ResumableSampler, TrainData
 
 CPU = torch.device("cpu")

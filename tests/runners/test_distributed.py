@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from rbtest import ROOT, compose_config
 
-from runners.distributed import World, first_host, from_env
+from runners.engine.distributed import World, first_host, from_env
 from runners.train import run
 from tasks.common import gather_rows, per_process_share
 

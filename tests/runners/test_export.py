@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import methods
 from runners import export
-from runners.adapt import adapt
+from runners.engine.adapt import adapt
 from runners.train import run
 
 peft = pytest.importorskip("peft")

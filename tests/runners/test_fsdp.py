@@ -11,8 +11,8 @@ from rbtest import compose_config
 from safetensors.torch import load_file
 from test_distributed import ARGS, DYING_RUN, KILL_IN_STEP, ROOT, torchrun
 
-from runners import distributed
-from runners.memplan import skeleton
+from runners.engine import distributed
+from runners.engine.memplan import skeleton
 from runners.train import RunFailed, run
 
 FSDP = ["trainer.strategy=fsdp"]

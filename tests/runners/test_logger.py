@@ -7,7 +7,8 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from runners.logger import (
+from runners.engine.suite import dataset_config
+from runners.record.logger import (
     log_suite,
     offline_run_info,
     offline_summary,
@@ -15,7 +16,6 @@ from runners.logger import (
     suite_group,
     wait_until_written,
 )
-from runners.suite import dataset_config
 
 WANDB = OmegaConf.create({"name": "wandb", "project": "rankbench", "entity": None, "group": None, "tags": [],
                           "mode": "offline"})

@@ -1,4 +1,4 @@
-"""The memory plan (runners/memplan.py): predicted state and activations against what a real CPU run
+"""The memory plan (runners/engine/memplan.py): predicted state and activations against what a real CPU run
 measures, the per-block derivation of gradient checkpointing against a real checkpointed forward, the
 large models' plans from their published architectures, and the one-line verdicts."""
 import json
@@ -7,9 +7,9 @@ import pytest
 import torch
 from rbtest import compose_config
 
-from runners import memplan
-from runners.memplan import GiB, Plan
-from runners.metrics import SavedActivations
+from runners.engine import memplan
+from runners.engine.measure import SavedActivations
+from runners.engine.memplan import GiB, Plan
 from runners.train import run
 
 ONE_STEP = ["trainer.max_steps=1", "trainer.checkpoint_every=0", "trainer.batch_size=16",

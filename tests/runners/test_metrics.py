@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from runners.metrics import PeakMemory, SavedActivations, StepTimer, matrix_ranks, state_bytes
-from runners.results import is_complete, read_results, write_results
+from runners.engine.measure import PeakMemory, SavedActivations, StepTimer, matrix_ranks, state_bytes
+from runners.record.results import is_complete, read_results, write_results
 from runners.train import warmup_cosine
 
 

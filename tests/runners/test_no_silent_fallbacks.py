@@ -8,8 +8,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from rbtest import compose_config
 
-from runners import cli, env
-from runners.logger import wandb_mode
+from runners.engine import config, env
+from runners.record.logger import wandb_mode
 from runners.train import RunFailed, run
 
 
@@ -35,7 +35,7 @@ def test_cpu_run_records_no_gpu():
 
 
 def _launcher(name: str):
-    with initialize_config_dir(str(cli.CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(str(config.CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["+sweep=budget", f"hydra/launcher={name}"],
                       return_hydra_config=True)
     return cfg.hydra.launcher
@@ -65,7 +65,7 @@ def test_wandb_with_a_key_but_no_server_runs_offline_with_one_line(monkeypatch, 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
-    with caplog.at_level(logging.WARNING, logger="runners.logger"):
+    with caplog.at_level(logging.WARNING, logger="runners.record.logger"):
         assert wandb_mode("auto") == "offline"
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "unreachable" in lines[0] and "offline" in lines[0], lines

@@ -7,8 +7,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from runners.adapt import adapt
-from runners.cli import check_values, compose_config
+from runners.engine.adapt import adapt
+from runners.engine.config import check_values, compose_config
 
 
 def _bf16_net() -> nn.Module:

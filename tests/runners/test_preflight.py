@@ -11,6 +11,7 @@ from rbtest import ROOT, compose_config
 
 import methods
 from runners import preflight
+from runners.sweeps import launch_check
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def _overrides(copies: dict[str, Path], *names: str) -> list[str]:
 def test_a_suite_is_checked_from_metadata_with_every_problem_listed(copies, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = compose_config(_overrides(copies, "cars", "cifar100", "country211", "dtd", "gtsrb", "ucf101"))
-    records = {r.dataset: r for r in preflight.run_preflight(cfg, ["lora8"])}
+    records = {r.dataset: r for r in launch_check.check_suite(cfg, ["lora8"])}
     cars = records["cars"]
     assert cars.splits == {"train": 196, "test": 196} and cars.num_classes == 196 and not cars.problems
     assert cars.prompts[0] == "An image of AM General Hummer SUV 2000"  # the official training/eval prompt
@@ -52,7 +53,7 @@ def test_a_suite_is_checked_from_metadata_with_every_problem_listed(copies, monk
     assert model["target_layers"] == 2 * 2 * 5  # two towers x two layers x five targets (the stand-in)
     lora = model["counts"]["lora"]["lora8"]
     assert lora["achieved"] == lora["target"] and lora["hp"]["r"] == 8
-    skeleton = preflight._skeleton(str(copies["clip"]), cfg.task)
+    skeleton = launch_check._skeleton(str(copies["clip"]), cfg.task)
     assert next(skeleton.parameters()).is_meta  # shapes only: nothing allocated, nothing downloaded
     for method in methods.available():
         count = model["counts"][method]["lora8"]
@@ -61,15 +62,16 @@ def test_a_suite_is_checked_from_metadata_with_every_problem_listed(copies, monk
             continue
         targets = list(cfg.task.model.target_modules)
         assert count["achieved"] == methods.num_params_model(skeleton, method, targets, **count["hp"])
-    assert len(preflight.problems(list(records.values()))) == 3
+    assert len(launch_check.problems(list(records.values()))) == 3
 
 
 def test_a_script_based_hub_repo_is_named_as_such(monkeypatch):
-    monkeypatch.setattr(preflight, "_repo_files", lambda path: ["imagenet-1k.py", "README.md", "classes.py"])
+    monkeypatch.setattr(launch_check, "_repo_files",
+                        lambda path: ["imagenet-1k.py", "README.md", "classes.py"])
     cfg = compose_config(["task=clip", "size=base"])
     src = cfg.task.data.sources.imagenet.copy()
     src.path = "ILSVRC/imagenet-1k"
-    record = preflight.check_dataset("imagenet", src, cfg.task)
+    record = launch_check.check_dataset("imagenet", src, cfg.task)
     assert record.problems == [("ILSVRC/imagenet-1k ships a loading script (imagenet-1k.py), which "
                                 "datasets>=4 refuses: use a parquet/webdataset copy")]
 

@@ -1,4 +1,4 @@
-"""runners.schema: the typed, versioned results.json record, its JSON Schema, and schema-1 upgrades."""
+"""runners.record.schema: the typed, versioned results.json record, its JSON Schema, and schema-1 upgrades."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from rbtest import compose_config
 
-from runners.results import read_results, write_results
-from runners.schema import (
+from runners.record.results import read_results, write_results
+from runners.record.schema import (
     SCHEMA_VERSION,
     Cost,
     Record,
@@ -29,14 +29,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_importing_the_schema_loads_neither_torch_nor_omegaconf():
-    code = "import sys, runners.schema; print(sorted(m for m in ('torch', 'omegaconf') if m in sys.modules))"
+    code = ("import sys, runners.record.schema; "
+            "print(sorted(m for m in ('torch', 'omegaconf') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_the_committed_json_schema_is_the_generated_one():
-    """Regenerate with `python -m runners.schema > runners/results.schema.json` after changing a dataclass."""
-    committed = json.loads((ROOT / "runners" / "results.schema.json").read_text())
+    """Regenerate with `python -m runners.record.schema > runners/record/results.schema.json` after
+    changing a dataclass."""
+    committed = json.loads((ROOT / "runners" / "record" / "results.schema.json").read_text())
     assert committed == json_schema()
     assert list(committed["$defs"]["Cost"]["properties"]) == [f.name for f in fields(Cost)]
     assert committed["$defs"]["Cost"]["required"] == [] and "lr" in committed["$defs"]["Run"]["required"]
@@ -162,7 +164,7 @@ def test_the_validator_finds_what_it_should():
 def test_a_real_runs_results_json_fits_the_json_schema(tiny_overrides, tmp_path):
     record = run(compose_config(["method=lora", "dataset=shapes", *tiny_overrides]))
     write_and_read = read_results(tmp_path / "run")
-    schema = json.loads((ROOT / "runners" / "results.schema.json").read_text())
+    schema = json.loads((ROOT / "runners" / "record" / "results.schema.json").read_text())
     assert _errors(write_and_read, schema, schema) == []
     assert write_and_read == json.loads(json.dumps(record))  # what run() returns is what it wrote
     info = write_and_read["run"]

@@ -9,9 +9,9 @@ import torch
 from rbtest import ROOT, compose_config, run_cli
 
 import methods
-from runners.adapt import method_names
-from runners.cli import check_values
-from runners.logger import offline_run_info, offline_summary, wait_until_written
+from runners.engine.adapt import method_names
+from runners.engine.config import check_values
+from runners.record.logger import offline_run_info, offline_summary, wait_until_written
 from runners.train import RunFailed, run
 
 TASKS = ["clip", "vision", "language"]
@@ -319,7 +319,7 @@ def test_worker_processes_do_not_change_the_numbers(tiny_overrides, tmp_path):
 
 
 def test_requeue_on_fewer_gpus_restores_the_rng_states_it_can(caplog):
-    from runners.checkpoint import cuda_rng_states
+    from runners.engine.checkpoint import cuda_rng_states
 
     saved = [torch.full((4,), float(i)) for i in range(4)]
     assert [d for d, _ in cuda_rng_states(saved, 4)] == [0, 1, 2, 3] and not caplog.records
@@ -329,7 +329,7 @@ def test_requeue_on_fewer_gpus_restores_the_rng_states_it_can(caplog):
 
 
 def test_checkpoints_load_memory_mapped(tmp_path, monkeypatch):
-    from runners import checkpoint
+    from runners.engine import checkpoint
 
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())

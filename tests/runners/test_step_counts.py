@@ -1,4 +1,4 @@
-"""FLOPs and dispatched operators per optimizer step (runners.metrics.StepCounts): closed forms and the
+"""FLOPs and dispatched operators per optimizer step (runners.engine.measure.StepCounts): closed forms and the
 properties a GPU run depends on (no method issues operators per rank, per token or per factor)."""
 import pytest
 import torch
@@ -7,7 +7,7 @@ from rbtest import NATIVE_METHODS
 from torch import nn
 
 import methods
-from runners.metrics import StepCounts
+from runners.engine.measure import StepCounts
 
 
 def _counted_steps(model: nn.Module, x: torch.Tensor, steps: int = 2) -> list[StepCounts]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import slurm_cluster
 
-from runners.adapt import NOT_HP  # method config keys that are no hyper-parameters
+from runners.engine.adapt import NOT_HP  # method config keys that are no hyper-parameters
 
 ROOT = Path(__file__).resolve().parents[2]
 # Tiny runs: 2 cores are shared with other work, so a sweep job must take seconds (one dataset, small

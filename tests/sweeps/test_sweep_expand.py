@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import methods
-from runners.sweeper import (
+from runners.sweeps.sweeper import (
     Job,
     SweepError,
     _with_suffix,
@@ -71,7 +71,7 @@ def test_budget_sweep_is_methods_x_budgets_x_seeds_plus_references_once_per_seed
 
 def test_a_suite_sweep_is_one_job_per_dataset_with_its_own_directory():
     """The papers train a fresh adapter per dataset: the sweeper adds the task's suite as an axis."""
-    from runners.suite import sweep_datasets
+    from runners.engine.suite import sweep_datasets
 
     cfg = sweep_config("budget", "task=clip", "sweep.methods=[lora]", "sweep.budgets=[lora8]",
                        "sweep.seeds=[0]", "sweep.references=[full]")
@@ -219,7 +219,7 @@ def test_job_is_hashable_and_frozen():
 def test_pairs_a_structure_cannot_reach_are_not_launched():
     """VeRA (r + out per layer) stays below lora1 and LoKr's largest count on the tiny CLIP's 128-wide
     layers is below lora32: the sweep drops exactly those pairs (each a log line), nothing else."""
-    from runners.sweeper import unreachable_pairs
+    from runners.sweeps.presubmit import unreachable_pairs
 
     s = spec("budget", "task=clip", "sweep.budgets=[lora1,lora32]")
     pairs = set(unreachable_pairs(sweep_config("budget", "task=clip"), s))
@@ -236,7 +236,7 @@ def test_pairs_a_structure_cannot_reach_are_not_launched():
     (["hydra.launcher.gpus_per_node=null"], False),
 ])
 def test_a_slurm_sweep_with_gpus_must_pin_one_gpu_type(overrides, mixed):
-    from runners.sweeper import mixed_gpu_problem
+    from runners.sweeps.presubmit import mixed_gpu_problem
 
     launcher = sweep_config("budget", "hydra/launcher=slurm", *overrides).hydra.launcher
     assert (mixed_gpu_problem(launcher) is not None) is mixed

@@ -13,7 +13,7 @@ from sweephelpers import (
     run_py,
 )
 
-from runners.sweeper import registered_methods
+from runners.sweeps.sweeper import registered_methods
 
 
 @pytest.mark.parametrize("args, line", [

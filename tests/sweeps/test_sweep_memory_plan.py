@@ -1,5 +1,5 @@
-"""A sweep checks each job's memory plan against the card before it submits (runners/memplan.py): one over
-it stops the sweep (plan.over=refuse) or is skipped with its line (plan.over=skip)."""
+"""A sweep checks each job's memory plan against the card before it submits (runners/engine/memplan.py):
+one over it stops the sweep (plan.over=refuse) or is skipped with its line (plan.over=skip)."""
 import pytest
 from sweephelpers import DATA, run_py
 

@@ -8,8 +8,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from sweephelpers import run_py
 
-from runners.suite import sweep_datasets
-from runners.sweeper import SweepError, expand, select_grid
+from runners.engine.suite import sweep_datasets
+from runners.sweeps.sweeper import SweepError, expand, select_grid
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from sweephelpers import DATA
 
 import runners.train
-from runners.checkpoint import FILENAME as CHECKPOINT
+from runners.engine.checkpoint import FILENAME as CHECKPOINT
 from runners.train import run
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -72,7 +72,7 @@ def test_interrupted_run_resumes_to_identical_metrics(method, tmp_path, monkeypa
     assert not (tmp_path / "resumed" / "results.json").exists()
 
     monkeypatch.setattr(runners.train, "_optimizer_step", real_step)
-    with caplog.at_level("INFO", logger="runners.checkpoint"):
+    with caplog.at_level("INFO", logger="runners.engine.checkpoint"):
         resumed = run(tiny(tmp_path / "resumed", *args))
     assert f"at step {KILL_AT - 1}" in caplog.text  # resumed, not restarted
     assert comparable(resumed) == comparable(reference)

@@ -9,8 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from sweephelpers import TINY, mtimes, results, run_py
 
-from runners.results import write_results
-from runners.sweeper import (
+from runners.record.results import write_results
+from runners.sweeps.sweeper import (
     TuneGroup,
     candidate_score,
     choose_lr,

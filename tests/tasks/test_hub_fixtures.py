@@ -12,7 +12,7 @@ from paperstandins import clip_model, curated, hub_facts, hub_standin, published
 from taskhelpers import compose_task
 
 import tasks
-from runners import preflight
+from runners.sweeps import launch_check
 from runners.train import run
 from tasks.data import _name_keys, align_classes, labels
 
@@ -50,9 +50,9 @@ def test_no_configured_copy_ships_a_loading_script_by_its_published_files() -> N
     """datasets >= 4 refuses only `<repo name>.py`: bentrevett/caltech-ucsd-birds-200-2011's root script.py
     is a plain file, ILSVRC/imagenet-1k's imagenet-1k.py is a loading script."""
     for name, facts in CLIP.items():
-        assert preflight.loading_script(facts["repo"], facts["files"]) is None, name
+        assert launch_check.loading_script(facts["repo"], facts["files"]) is None, name
     assert "script.py" in CLIP["cub200"]["files"]
-    assert (preflight.loading_script("ILSVRC/imagenet-1k", ["imagenet-1k.py", "classes.py"])
+    assert (launch_check.loading_script("ILSVRC/imagenet-1k", ["imagenet-1k.py", "classes.py"])
             == "imagenet-1k.py")
 
 
@@ -142,14 +142,15 @@ def test_row_names_that_contradict_the_prompts_are_one_clear_error(hub_copies, s
         "order")
     assert "set task.data.sources.caltech256.label_offset or" in str(err.value)
     src = cfg.task.data.sources.caltech256
-    problems = preflight.check_dataset("caltech256", src, cfg.task).problems
+    problems = launch_check.check_dataset("caltech256", src, cfg.task).problems
     assert len(problems) == 3 and all("labels disagree with their 'text' names" in p for p in problems)
 
 
 def test_preflight_reads_each_split_label_range_of_local_copies(hub_copies, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = _suite_cfg(hub_copies, PAPER21)
-    records = {name: preflight.check_dataset(name, cfg.task.data.sources[name], cfg.task) for name in PAPER21}
+    records = {name: launch_check.check_dataset(name, cfg.task.data.sources[name], cfg.task)
+               for name in PAPER21}
     assert {n: r.problems for n, r in records.items() if r.problems} == {}
     train = records["caltech256"].labels["train"]
     assert (train["dtype"], train["min"], train["max"], train["rows"]) == ("int64", 1, 257, 8)
@@ -157,7 +158,7 @@ def test_preflight_reads_each_split_label_range_of_local_copies(hub_copies, monk
     assert records["pascal_voc"].classes[10] == "dining table" and records["pascal_voc"].num_classes == 20
     src = cfg.task.data.sources.caltech256.copy()
     src.label_offset = 0
-    assert preflight.check_dataset("caltech256", src, cfg.task).problems == [
+    assert launch_check.check_dataset("caltech256", src, cfg.task).problems == [
         f"split {s!r}: label 257 is outside [0, 257) (labels span 1..257, 257 class names); set "
         "task.data.sources.caltech256.label_offset=-1 (labels start at 1) or "
         "task.data.sources.caltech256.classes=[...] naming every label in order"
@@ -172,11 +173,11 @@ def test_preflight_names_a_classes_file_that_does_not_align(hub_copies, tmp_path
     hub_standin(copy, "pascal_voc", CLIP["pascal_voc"])
     src.path = str(copy)
     (copy / "classnames.txt").write_text("\n".join(CLIP["pascal_voc"]["names"]["values"][:19]) + "\n")
-    assert preflight.check_dataset("pascal_voc", src, cfg.task).problems == [
+    assert launch_check.check_dataset("pascal_voc", src, cfg.task).problems == [
         ("dataset 'pascal_voc' has 19 labels but its curated class names list 20; set "
          "task.data.sources.pascal_voc.classes=[...] or prompts=null")]
     (copy / "classnames.txt").write_text("\n".join(curated("country211")[:20]) + "\n")
-    problems = preflight.check_dataset("pascal_voc", src, cfg.task).problems
+    problems = launch_check.check_dataset("pascal_voc", src, cfg.task).problems
     assert len(problems) == 1 and "do not match the dataset's label names (20 of 20 unmatched" in problems[0]
 
 
@@ -188,10 +189,11 @@ def test_preflight_streams_the_first_rows_of_integer_labels(hub_copies, tmp_path
     for split, ds in load_from_disk(str(hub_copies["caltech256"])).items():
         ds.to_parquet(tmp_path / "data" / f"{split}-00000-of-00001.parquet")
     src = _sources("clip").caltech256
-    stats = preflight._stream_labels(str(tmp_path), src, "test", "label")
+    stats = launch_check._stream_labels(str(tmp_path), src, "test", "label")
     assert (stats["min"], stats["max"], stats["rows"]) == (1, 257, 8) and "streamed" in stats["from"]
     assert (1, "ak47") in stats["pairs"], "the row names come along (name_column)"
-    assert "unreadable" in preflight._stream_labels(str(tmp_path / "none"), src, "test", "label")["problem"]
+    unreadable = launch_check._stream_labels(str(tmp_path / "none"), src, "test", "label")
+    assert "unreadable" in unreadable["problem"]
 
 
 @pytest.mark.slow
@@ -210,12 +212,12 @@ def test_preflight_takes_a_classlabel_range_from_the_card_and_streams_the_rest(m
     from datasets import ClassLabel, Features, Value
 
     src = _sources("clip").cars
-    rec = preflight.Record("cars", {}, splits={"train": 8144, "test": 8041})
+    rec = launch_check.DatasetReport("cars", {}, splits={"train": 8144, "test": 8041})
     card = Features({"label": ClassLabel(names=["a", "b", "c"])})
-    assert preflight._hub_labels("tanganke/stanford_cars", src, card, rec) == {
+    assert launch_check._hub_labels("tanganke/stanford_cars", src, card, rec) == {
         s: {"dtype": "ClassLabel", "min": 0, "max": 2, "from": "card"} for s in ("train", "test")}
     streamed = []
-    monkeypatch.setattr(preflight, "_stream_labels",
+    monkeypatch.setattr(launch_check, "_stream_labels",
                         lambda path, src, split, column: streamed.append(split) or {})
-    preflight._hub_labels("tanganke/stanford_cars", src, Features({"label": Value("int64")}), rec)
+    launch_check._hub_labels("tanganke/stanford_cars", src, Features({"label": Value("int64")}), rec)
     assert streamed == ["train", "test"]

@@ -16,7 +16,7 @@ from transformers import RobertaModel
 
 import methods
 import tasks
-from runners.adapt import adapt
+from runners.engine.adapt import adapt
 from runners.train import run
 from tasks import metrics
 from tasks.common import ModelNotFoundError, eval_mode
@@ -178,18 +178,18 @@ def test_unreachable_roberta_and_glue_are_one_clear_error(monkeypatch) -> None:
 def test_preflight_reads_the_glue_label_ranges(glue, tmp_path, monkeypatch) -> None:
     """Labels as nyu-mll/glue publishes them: 0/1 on validation (scored), -1 on the hidden test split, which a
     run therefore never scores; STS-B's float targets have no range to check."""
-    from runners import preflight
+    from runners.sweeps import launch_check
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = compose_task("language", "size=base", *_overrides(glue, tmp_path))
-    records = {n: preflight.check_dataset(n, cfg.task.data.sources[n], cfg.task) for n in GLUE}
+    records = {n: launch_check.check_dataset(n, cfg.task.data.sources[n], cfg.task) for n in GLUE}
     assert {n: r.problems for n, r in records.items() if r.problems} == {}
     cola, stsb = records["cola"].labels["validation"], records["stsb"].labels["validation"]
     assert (cola["min"], cola["max"]) == (0, 1)
     assert stsb["dtype"] == "float32" and "min" not in stsb
     src = cfg.task.data.sources.cola.copy()
     src.test_split = "test"
-    assert preflight.check_dataset("cola", src, cfg.task).problems == [(
+    assert launch_check.check_dataset("cola", src, cfg.task).problems == [(
         "split 'test': label -1 is outside [0, 2) (labels span -1..-1, 2 class names); negative labels "
         "mark unlabelled examples: point task.data.sources.cola.train_split / test_split / val_split at a "
         "labelled split")]

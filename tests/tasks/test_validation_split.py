@@ -181,7 +181,7 @@ def test_eval_split_validation_changes_what_is_scored(task: str) -> None:
 
 
 def test_an_unknown_eval_split_is_one_clear_error() -> None:
-    from runners.cli import check_values
+    from runners.engine.config import check_values
 
     cfg = compose_task("vision", "task.data.eval_split=val")
     assert check_values(cfg).startswith("task.data.eval_split=val is not valid: use test")

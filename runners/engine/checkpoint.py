@@ -2,9 +2,10 @@
 
 Only trainable tensors are saved (the frozen backbone is reloaded from its pretrained files), together
 with optimizer, scheduler, step, RNG states, the history collected so far and the training data stream's
-state (`data`: the sampler's position, runners/data.py), so a resumed run fetches its next batch and no
-earlier one. A resumed run reproduces the uninterrupted run's metrics exactly on CPU. In a data-parallel
-run rank 0 alone writes the file (every rank holds the same trainable state) and every rank reads it.
+state (`data`: the sampler's position, runners/engine/loader.py), so a resumed run fetches its next batch
+and no earlier one. A resumed run reproduces the uninterrupted run's metrics exactly on CPU. In a
+data-parallel run rank 0 alone writes the file (every rank holds the same trainable state) and every rank
+reads it.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: any rank's read failure
 
-from runners.results import write_json
+from runners.record.results import write_json
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     """Atomically write the training state (temp file + rename). Called by every rank: under FSDP each
     writes its shards of the trainable tensors and their optimizer state (`save_sharded`), then rank 0 the
     rest; otherwise rank 0 alone writes everything."""
-    from runners import distributed
+    from runners.engine import distributed
 
     path = Path(run_dir) / FILENAME
     sharded = distributed.is_sharded(model)
@@ -113,7 +114,7 @@ class CheckpointUnreadable(RuntimeError):
 
 def _move_aside(path: Path) -> Path:
     """Rename `path` to `<name>.unreadable-<UTC time>` (rank 0, once every rank is done with it)."""
-    from runners import distributed
+    from runners.engine import distributed
 
     aside = path.with_name(f"{path.name}.unreadable-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}")
     distributed.barrier()  # no rank may still be reading it
@@ -127,7 +128,7 @@ def unreadable(path: Path, err: BaseException, on_bad: str) -> None:
     one line naming it and why, the file (or folder) moved aside beside it -- never deleted -- by rank 0
     once every rank has tried it; then the run starts over (`restart`) or stops (`stop`,
     CheckpointUnreadable)."""
-    from runners import distributed
+    from runners.engine import distributed
 
     aside = _move_aside(path)
     reason = (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -2,7 +2,7 @@
 
 Standard library only (no torch, no omegaconf), so `analysis` can read results without the training
 stack. The runner fills its record through these dataclasses (`runners.train._new_record`,
-`_record_adaptation`, `_finish`; `runners.suite.summary_record`) and `analysis.load` reads every file
+`_record_adaptation`, `_finish`; `runners.engine.suite.summary_record`) and `analysis.load` reads every file
 through `Record.from_dict`, which upgrades schema-1 files (`upgrade_v1`) and refuses anything else
 with one line saying what is wrong. A field the runner writes but the schema lacks is an error, not a
 silent extra: add it here (with a default, so older files still load) and bump `SCHEMA_VERSION` when
@@ -10,7 +10,7 @@ its meaning changes.
 
 The committed JSON Schema (draft 2020-12) is generated from the dataclasses; regenerate it with
 
-    python -m runners.schema > runners/results.schema.json
+    python -m runners.record.schema > runners/record/results.schema.json
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class Run:
     status: Literal["running", "success", "failed"] = "success"
     error: str | None = None
     id: str | None = None
-    method_kind: Literal["adapter", "reference"] | None = None  # runners.adapt.method_info
+    method_kind: Literal["adapter", "reference"] | None = None  # runners.engine.adapt.method_info
     method_label: str | None = None  # what figures call the method ("LoRA", "Full FT")
     task: str | None = None
     dataset: str | None = None  # one dataset of the suite; None: every dataset of the task
@@ -96,8 +96,8 @@ class Params:
 
 @dataclass
 class Cost:
-    """runners.metrics figures: GPU allocator peaks on CUDA, RSS growth on CPU, and the device-independent
-    activation and state bytes; a suite's are the mean (train time summed, memory the max).
+    """runners.engine.measure figures: GPU allocator peaks on CUDA, RSS growth on CPU, and the
+    device-independent activation and state bytes; a suite's are the mean (train time summed, memory the max).
 
     A figure this device or run does not produce (GPU figures on CPU, everything of a failed run) is
     `NOT_MEASURED`: absent from the file, so CPU and GPU figures never share a record; null is a figure
@@ -116,13 +116,13 @@ class Cost:
     train_time_s: float | None = NOT_MEASURED
     data_wait_s: float | None = NOT_MEASURED       # median wait for a step's batches, outside step_time_s
     data_wait_p90_s: float | None = NOT_MEASURED
-    predicted_peak_bytes: int | None = NOT_MEASURED        # runners.memplan: the plan's peak per process
+    predicted_peak_bytes: int | None = NOT_MEASURED        # runners.engine.memplan: planned peak per process
     predicted_activation_bytes: int | None = NOT_MEASURED  # its activations (compare activation_bytes)
     predicted_state_bytes: int | None = NOT_MEASURED       # its exact state (compare state_bytes)
-    # runners.metrics.StepCounts, one optimizer step (forward, backward, update); float: a suite's mean
+    # runners.engine.measure.StepCounts, one optimizer step (forward, backward, update); float: a suite's mean
     flops_per_step: float | None = NOT_MEASURED   # torch.utils.flop_counter.FlopCounterMode's total
     ops_per_step: float | None = NOT_MEASURED     # aten operators dispatched
-    # trainer.compile (runners.compiled): whether step_time_s timed the compiled model, and the first
+    # trainer.compile (runners.engine.compiled): whether step_time_s timed the compiled model, and the first
     # compiled step's time beyond the median step (None when compiling failed and the run trained eager)
     compiled: bool | None = NOT_MEASURED
     compile_time_s: float | None = NOT_MEASURED
@@ -227,8 +227,9 @@ def suite_forgetting(parts: dict[str, Metrics]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------- schema 1
 
-#: What schema-1 files lacked: adapter or reference, and the name figures show (runners.adapt.method_info
-#: records both from schema 2 on; this table serves only the files written before).
+#: What schema-1 files lacked: adapter or reference, and the name figures show
+#: (runners.engine.adapt.method_info records both from schema 2 on; this table serves only the files
+#: written before).
 _V1_METHODS = {"full": ("reference", "Full FT"), "none": ("reference", "Head-only"),
                "lora": ("adapter", "LoRA"), "loha": ("adapter", "LoHa"), "lokr": ("adapter", "LoKr"),
                "randlora": ("adapter", "RandLoRA"), "vera": ("adapter", "VeRA")}
@@ -291,7 +292,7 @@ def _build(cls: type, d: Any, where: str) -> Any:
     unknown = sorted(set(d) - set(hints))
     if unknown:
         raise ValueError(f"{where}.{unknown[0]} is not a field of results schema {SCHEMA_VERSION} "
-                         f"(runners/schema.py {cls.__name__})")
+                         f"(runners/record/schema.py {cls.__name__})")
     values = {}
     for f in fields(cls):
         if f.name in d:

@@ -5,7 +5,7 @@ C++ kernels, so a C++ compiler must be installed); it is timed on its own and ke
 statistics: `cost.compile_time_s` is that step's time minus the median step time. A model that cannot be
 compiled (a backend error, an unsupported construct) is named in one log line, and the run trains eager
 from that step on (`run.compile` records which happened). The steps the runner measures with counting
-modes or saved-tensor hooks (runners.metrics) run eager: those modes watch what eager dispatches.
+modes or saved-tensor hooks (runners.engine.measure) run eager: those modes watch what eager dispatches.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import methods
-from runners.metrics import StepTimer
+from runners.engine.measure import StepTimer
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,9 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from runners.results import is_complete, read_results
-from runners.suite import sweep_datasets
+from runners.engine.suite import sweep_datasets
+from runners.record.results import is_complete, read_results
+from runners.sweeps.presubmit import launch_problems, mixed_gpu_problem, unreachable_pairs
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def validate(spec: Mapping[str, Any], adapters: Iterable[str], references: Itera
 def registered_methods() -> tuple[list[str], list[str]]:
     """(adapter methods of the registry, reference points) — what sweep.methods / sweep.references accept."""
     import methods
-    from runners.adapt import REFERENCES
+    from runners.engine.adapt import REFERENCES
 
     return sorted(methods.available()), sorted(REFERENCES)
 
@@ -374,7 +375,7 @@ class RankbenchSweeper(BasicSweeper):
                 log.info("would launch %s -> %s", job.name, run_dir)
             log.info("sweep %s: dry run, %d of %d runs would launch", spec.get("name"), len(todo), len(jobs))
             return []
-        self._preflight(spec)
+        self._check_before_submitting(spec)
         self._save_multirun_yaml()
         if not todo:
             log.info("sweep %s: all %d runs already finished; nothing to launch", spec.get("name"), len(jobs))
@@ -395,7 +396,7 @@ class RankbenchSweeper(BasicSweeper):
         todo = self._within_memory(spec, self._pending(stage1))
         if spec.get("dry_run"):
             return self._dry_run_tuned(spec, units, base_jobs, todo, len(stage1))
-        self._preflight(spec)
+        self._check_before_submitting(spec)
         self._save_multirun_yaml()
         log.info("sweep %s, stage 1 (lr on validation): %d runs, %d finished, launching %d", spec.get("name"),
                  len(stage1), len(stage1) - len(todo), len(todo))
@@ -509,9 +510,10 @@ class RankbenchSweeper(BasicSweeper):
         return todo
 
     def _within_memory(self, spec: dict[str, Any], todo: list[tuple[Job, Path]]) -> list[tuple[Job, Path]]:
-        """The jobs the memory plan lets through (runners/memplan.py): one over the card stops the sweep
-        before anything is submitted (`plan.over=refuse`) or is skipped with its line (`plan.over=skip`)."""
-        from runners.memplan import over_card
+        """The jobs the memory plan lets through (runners/engine/memplan.py): one over the card stops the
+        sweep before anything is submitted (`plan.over=refuse`) or is skipped with its line
+        (`plan.over=skip`)."""
+        from runners.engine.memplan import over_card
 
         loader = self.hydra_context.config_loader
         configs = [(job.name,
@@ -527,10 +529,10 @@ class RankbenchSweeper(BasicSweeper):
         names = {line.split(":", 1)[0] for line in over}
         return [(job, run_dir) for job, run_dir in todo if job.name not in names]
 
-    def _preflight(self, spec: dict[str, Any]) -> None:
+    def _check_before_submitting(self, spec: dict[str, Any]) -> None:
         """On the submitting machine, before a job array is queued: the suite's data and model checked
-        (runners.preflight), so a wrong column or a missing path never costs GPU time."""
-        problems = preflight_problems(self.config, spec)
+        (runners/sweeps/presubmit.py), so a wrong column or a missing path never costs GPU time."""
+        problems = launch_problems(self.config, spec)
         if problems:
             raise SweepError(f"preflight found {len(problems)} problem(s) before submitting: {problems[0]}"
                              + (f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else "")
@@ -563,51 +565,8 @@ def _score_text(score: Score | None) -> str:
     return f"{score[0]:.4f}" + ("" if score[1] is None else f" (loss {score[1]:.4f})")
 
 
-def unreachable_pairs(config: DictConfig, spec: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(method, budget) pairs whose structure cannot reach the budget on this task's model (VeRA's r + out
-    per layer stays below lora1; LoKr's largest count on 128-wide layers is below lora32), from the
-    preflight's meta-device count; each gets one log line and is not launched. Empty when the model's
-    shapes cannot be read here (every pair launches; those runs then fail naming the reachable range)."""
-    from runners.preflight import check_model
-
-    budgets = [str(b) for b in spec.get("budgets") or [] if b is not None]
-    if not budgets or not spec.get("methods"):
-        return []
-    model = check_model(config, budgets, list(spec["methods"]))
-    if model["problems"]:
-        log.warning("sweep %s: could not check which budgets each method reaches (%s)", spec.get("name"),
-                    model["problems"][0])
-        return []
-    pairs = [(m, b, v["problem"]) for m, per in model["counts"].items() for b, v in per.items()
-             if "problem" in v]
-    for method, budget, why in pairs:
-        log.warning("sweep %s: not launching %s at budget %s: %s", spec.get("name"), method, budget, why)
-    return [(m, b) for m, b, _ in pairs]
-
-
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
-
-
-def preflight_problems(config: DictConfig, spec: Mapping[str, Any]) -> list[str]:
-    """Problems the preflight finds for this sweep's task, when `sweep.preflight` asks for it (true, or
-    auto = on the SLURM launcher); the full table is logged. Empty when skipped or clean."""
-    mode = str(spec.get("preflight", "auto")).lower()
-    if mode == "false" or (mode == "auto" and not _is_slurm(config)):
-        return []
-    from runners import preflight
-
-    job = config.copy()
-    with open_dict(job):
-        job.pop("hydra", None)
-    records = preflight.run_preflight(job, [str(b) for b in spec.get("budgets") or []] or None)
-    log.info("preflight of sweep %s:\n%s\n%s", spec.get("name"), preflight.table(records),
-             preflight.model_table(records[0].model) if records else "")
-    return preflight.problems(records)
-
-
-def _is_slurm(config: DictConfig) -> bool:
-    return str(config.hydra.launcher.get("_target_", "")).endswith("SlurmLauncher")
 
 
 def _check_axes_not_overridden(base: list[str], sweep_name: str) -> None:
@@ -626,25 +585,10 @@ def _with_suffix(name: str, base: list[str], base_jobs: list[list[str]]) -> str:
 
 def _export_project_path() -> None:
     """Let job processes (submitit local/SLURM) import this project even when it is not pip-installed."""
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if root not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
-
-
-def mixed_gpu_problem(launcher: DictConfig) -> str | None:
-    """Why this launcher may spread one sweep over GPU types (None when it cannot): a SLURM array with
-    GPUs and no `--constraint` runs wherever a GPU is free, and step times or memory measured on an A100
-    and an H100 do not compare. Opting in (hydra.sweeper.mixed_gpu_types=true) keeps them apart in the
-    report by the recorded device type."""
-    target = str(launcher.get("_target_", ""))
-    if (not target.endswith("SlurmLauncher") or not launcher.get("gpus_per_node")
-            or launcher.get("constraint")):
-        return None
-    return ("hydra.launcher.constraint is null, so SLURM may run this sweep's jobs on different GPU types, "
-            "whose step times and memory do not compare; set hydra.launcher.constraint=<your cluster's GPU "
-            "feature> (`sinfo -o '%N %f'` lists them), or accept mixed types with "
-            "hydra.sweeper.mixed_gpu_types=true")
 
 
 def processes_per_job(launcher: DictConfig) -> int:
@@ -671,7 +615,7 @@ def register() -> None:
     if module is None:
         import hydra_plugins
 
-        module = types.ModuleType(PLUGIN_MODULE, "rankbench sweeper (defined in runners/sweeper.py)")
+        module = types.ModuleType(PLUGIN_MODULE, "rankbench sweeper (defined in runners/sweeps/sweeper.py)")
         cls = type("RankbenchSweeper", (RankbenchSweeper,), {"__module__": PLUGIN_MODULE})
         module.RankbenchSweeper = cls
         sys.modules[PLUGIN_MODULE] = module

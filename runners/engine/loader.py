@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from runners.metrics import median_and_p90
+from runners.engine.measure import median_and_p90
 from tasks.common import BatchKey, ResumableSampler, TrainData
 
 log = logging.getLogger(__name__)

@@ -6,14 +6,14 @@
     fits when        predicted peak + allowance <= the card's memory
 
 Everything is derived from the architecture built on the `meta` device (no weights, no download when a
-published config is known, see `PUBLISHED`), adapted by the run's own `runners.adapt.adapt` (so the budget
-solver gives the same hyper-parameters as the run):
+published config is known, see `PUBLISHED`), adapted by the run's own `runners.engine.adapt.adapt` (so the
+budget solver gives the same hyper-parameters as the run):
 
-* state bytes are exact: the counts and dtypes of the trainable tensors, as `runners.metrics.state_bytes`
-  measures them (a fused AdamW keeps a float32 step scalar per tensor);
+* state bytes are exact: the counts and dtypes of the trainable tensors, as
+  `runners.engine.measure.state_bytes` measures them (a fused AdamW keeps a float32 step scalar per tensor);
 * activations are traced, not guessed: one forward of a batch of the configured micro-batch and sequence
   length runs on the meta device under a saved-tensor hook that counts each storage once, as
-  `runners.metrics.SavedActivations` does on a real device (the model's own parameters excluded). The
+  `runners.engine.measure.SavedActivations` does on a real device (the model's own parameters excluded). The
   trace is split per transformer block, so gradient checkpointing is derived from it: the blocks' inputs
   are kept, and one block's saved tensors exist again while its backward recomputes it.
   Under bf16 autocast (GPU runs with `trainer.bf16`) the trace runs on a bf16 copy of the model and adds
@@ -45,7 +45,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from runners.distributed import transformer_blocks
+from runners.engine.distributed import transformer_blocks
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ def _autocast_copies(model: nn.Module, blocks: list[nn.Module], checkpointing: b
 
 def state_bytes(model: nn.Module) -> int:
     """Trainable weights + gradients + AdamW's two moments (each the parameter's dtype) + a float32 step
-    scalar per tensor: what `runners.metrics.state_bytes` measures after a step of the fused AdamW."""
+    scalar per tensor: what `runners.engine.measure.state_bytes` measures after a step of the fused AdamW."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     return sum(4 * p.numel() * p.element_size() + 4 for p in trainable)
 
@@ -285,7 +285,7 @@ def plan_job(cfg: DictConfig, processes: int = 1, gpu: bool = True) -> Plan:
     """The memory plan of the run `cfg` describes, per process of `processes` (data-parallel: each
     trains on trainer.batch_size / processes). `gpu`: as a GPU runs it (bf16 autocast if trainer.bf16)."""
     import tasks
-    from runners.adapt import adapt
+    from runners.engine.adapt import adapt
 
     model = skeleton(cfg.task)
     task = tasks.build(cfg.task)

@@ -267,7 +267,7 @@ def strategy_problem(strategy: str, processes: int, task_cfg: Any) -> str | None
     if processes == 1:
         return ("trainer.strategy=fsdp needs several processes (torchrun --nproc_per_node=N run.py ..., or "
                 "hydra.launcher.gpus_per_node=N); one process trains unsharded: use trainer.strategy=ddp")
-    from runners.memplan import skeleton
+    from runners.engine.memplan import skeleton
 
     try:
         transformer_blocks(skeleton(task_cfg))

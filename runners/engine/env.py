@@ -16,7 +16,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _VERSIONED = ("torch", "transformers", "hydra-core", "datasets", "safetensors", "wandb", "numpy", "peft")
 
 

@@ -1,6 +1,6 @@
 """The result file: one `results.json` per run, written atomically so a crash never leaves half a file.
 
-What goes in it is typed in `runners.schema` (the record's dataclasses and the schema version)."""
+What goes in it is typed in `runners.record.schema` (the record's dataclasses and the schema version)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from runners.schema import SCHEMA_VERSION, Record
+from runners.record.schema import SCHEMA_VERSION, Record
 
 SCHEMA = SCHEMA_VERSION
 FILENAME = "results.json"

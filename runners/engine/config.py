@@ -1,4 +1,4 @@
-"""Command-line pre-flight: turn Hydra's multi-line composition errors into one clear line.
+"""A run's config composed and checked: every problem said in one line before anything is built.
 
 `run.py` composes the config once with Hydra's compose API before handing over to `@hydra.main`, so a
 typo such as `task=clpi` or `trainer.max_step=5`, or a value no run can use such as `trainer.lr=-1`,
@@ -20,10 +20,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-def preflight(argv: list[str]) -> str | None:
+def command_line_problem(argv: list[str]) -> str | None:
     """Return a one-line error for a command line whose config cannot be composed, else None."""
     if any(a.startswith(("--hydra-help", "--help", "-h")) for a in argv):
         return None  # help needs no config
@@ -161,7 +161,7 @@ def check_dataset(cfg: DictConfig) -> str | None:
 def compose_config(overrides: list[str]) -> DictConfig:
     """The job config `python run.py <overrides>` would run with (no Hydra run directory needed);
     a composition error exits with the same one line as run.py."""
-    if (problem := preflight(overrides)) is not None:
+    if (problem := command_line_problem(overrides)) is not None:
         raise SystemExit(f"rankbench: {problem}")
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=overrides)

@@ -19,9 +19,9 @@ from typing import Any
 from omegaconf import DictConfig, open_dict
 
 import tasks
-from runners.logger import suite_group
-from runners.results import FILENAME
-from runners.schema import Metrics, Record, suite_cost, suite_forgetting
+from runners.record.logger import suite_group
+from runners.record.results import FILENAME
+from runners.record.schema import Metrics, Record, suite_cost, suite_forgetting
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def sweep_datasets(cfg: DictConfig) -> list[str]:
 
 def dataset_config(cfg: DictConfig, dataset: str, run_dir: Path, group: str | None = None) -> DictConfig:
     """The config of one dataset's run of a suite: `dataset=<name>`, written under `run_dir/<name>`,
-    logged in W&B group `group` (the suite's, runners.logger.suite_group) when one is given."""
+    logged in W&B group `group` (the suite's, runners.record.logger.suite_group) when one is given."""
     sub = cfg.copy()
     with open_dict(sub):
         sub.dataset = dataset
@@ -74,7 +74,7 @@ def summary_record(record: dict[str, Any], names: list[str], records: dict[str, 
                    errors: dict[str, str]) -> dict[str, Any]:
     """The suite's record: each dataset's metrics and their mean; parameters of the (identical)
     per-dataset adapters; cost figures as the mean over datasets (train time summed, memory the max).
-    Each part is read through runners.schema (a part finished by an older rankbench is upgraded)."""
+    Each part is read through runners.record.schema (a part finished by an older rankbench is upgraded)."""
     parts = {n: Record.from_dict(r) for n, r in records.items()}
     first = next(iter(parts.values()), None)
     run = record["run"]
