@@ -67,7 +67,7 @@ from torch import nn
 import methods
 from methods.inject import RANK_PATTERN
 from runners.engine.measure import PeakMemory, StepCounts, StepTimer, median_and_p90
-from runners.train import adamw
+from runners.engine.optimizer import adamw
 
 log = logging.getLogger("rankbench.bench")
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,24 +1,16 @@
-"""Where a run happens and what produced it: device, seeding, git commit, package versions."""
+"""Where a run happens: its device, CPU threads and seeded random state."""
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
 import logging
 import os
 import platform
 import random
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-_VERSIONED = ("torch", "transformers", "hydra-core", "datasets", "safetensors", "wandb", "numpy", "peft")
-
 
 #: sizes that run the papers' real models: days on a CPU, so `device=auto` never quietly picks one.
 GPU_SIZES = ("base", "large")
@@ -61,27 +53,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def git_state() -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the project checkout, or (None, None) outside git."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-        return commit, dirty
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in _VERSIONED:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[name] = importlib.metadata.version(name)
-    return versions
 
 
 def gpu_info(device: torch.device) -> dict[str, Any] | None:

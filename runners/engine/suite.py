@@ -5,13 +5,12 @@ each dataset of a suite with that dataset's own epochs, and reports each dataset
 run (`python run.py task=clip`, no `dataset=`) therefore runs one complete run per dataset in
 `<run dir>/<dataset>/` (each with its own results.json, checkpoint and adapter, so an interrupted suite
 resumes where it stopped) and writes the suite's summary record to `<run dir>/results.json`, whose
-`run.parts` names the per-dataset files. Sweeps expand over a suite's datasets instead (one job per
-dataset), so this module is only the single-command path.
+`run.parts` names the per-dataset files (runners/train.py runs the parts; this module says which datasets
+and builds the summary). Sweeps expand over a suite's datasets instead (one job per dataset).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ from typing import Any
 from omegaconf import DictConfig, open_dict
 
 import tasks
-from runners.record.logger import suite_group
 from runners.record.results import FILENAME
 from runners.record.schema import Metrics, Record, suite_cost, suite_forgetting
 
@@ -53,21 +51,6 @@ def dataset_config(cfg: DictConfig, dataset: str, run_dir: Path, group: str | No
     return sub
 
 
-def run_suite(cfg: DictConfig, names: list[str], run_dir: Path, record: dict[str, Any],
-              run_one: Callable[[DictConfig], dict[str, Any]], failed: type[Exception]) -> dict[str, Any]:
-    """Run every dataset of the suite (finished ones are skipped), then fill the suite's `record`.
-
-    A failing dataset does not stop the others; the summary then says which failed and why."""
-    records, errors = {}, {}
-    group = suite_group(cfg.logger, record["run"]["id"])
-    for i, name in enumerate(names, 1):
-        log.info("suite %s: dataset %d of %d: %s", cfg.task.name, i, len(names), name)
-        try:
-            records[name] = run_one(dataset_config(cfg, name, run_dir, group))
-        except failed as err:  # the dataset's own results.json holds the details
-            cause = err.__cause__ or err
-            errors[name] = f"{type(cause).__name__}: {cause}"
-    return summary_record(record, names, records, errors)
 
 
 def summary_record(record: dict[str, Any], names: list[str], records: dict[str, dict[str, Any]],

@@ -61,3 +61,13 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+TUNING_FILE = "tuning.json"  # written into a final run's directory by +sweep=tuned (runners/sweeps/)
+
+
+def read_tuning(run_dir: str | Path) -> dict[str, Any] | None:
+    """The lr selection behind this run ({metric, split, chosen_lr, candidates}) when a tuned sweep
+    launched it, copied into results.json as run.tuning; None for any other run."""
+    path = Path(run_dir) / TUNING_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

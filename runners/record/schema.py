@@ -1,9 +1,9 @@
 """The `results.json` record, typed and versioned: what a run writes and what `analysis` reads.
 
 Standard library only (no torch, no omegaconf), so `analysis` can read results without the training
-stack. The runner fills its record through these dataclasses (`runners.train._new_record`,
-`_record_adaptation`, `_finish`; `runners.engine.suite.summary_record`) and `analysis.load` reads every file
-through `Record.from_dict`, which upgrades schema-1 files (`upgrade_v1`) and refuses anything else
+stack. The runner fills its record through these dataclasses (runners/record/builder.py: `new_record`,
+`record_adaptation`, `finish`; `runners.engine.suite.summary_record`) and `analysis.load` reads every
+file through `Record.from_dict`, which upgrades schema-1 files (`upgrade_v1`) and refuses anything else
 with one line saying what is wrong. A field the runner writes but the schema lacks is an error, not a
 silent extra: add it here (with a default, so older files still load) and bump `SCHEMA_VERSION` when
 its meaning changes.
@@ -55,7 +55,7 @@ class Run:
     model_revision: str | None = None  # hub commit of the loaded model; None for local folders
     dataset_revisions: dict[str, str | None] | None = None  # dataset -> hub revision (None: local/generated)
     seed: int | None = None
-    lr: float | None = None  # the backbone lr the run used (runners.train.method_lr)
+    lr: float | None = None  # the backbone lr the run used (runners.engine.optimizer.method_lr)
     budget: int | str | None = None  # as configured: an int or "loraN"
     budget_target: int | None = None  # the budget in parameters
     hp: dict[str, Any] = field(default_factory=dict)

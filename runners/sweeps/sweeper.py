@@ -41,7 +41,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from runners.engine.suite import sweep_datasets
-from runners.record.results import is_complete, read_results
+from runners.record.results import TUNING_FILE, is_complete, read_results
 from runners.sweeps.presubmit import launch_problems, mixed_gpu_problem, unreachable_pairs
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,6 @@ def select_grid(spec: Mapping[str, Any], task: str, size: str) -> dict[str, Any]
 
 # --- +sweep=tuned (pure) -----------------------------------------------------------------------------
 
-TUNING_FILE = "tuning.json"  # read by runners.train.read_tuning (kept equal to runners.train.TUNING_FILE)
 TUNED_METRIC = "accuracy"    # results' metrics.accuracy: each dataset's primary metric (CoLA: Matthews corr.)
 TIE_BREAK = "loss"           # per_dataset_metrics.<dataset>.loss, the eval split's loss:
                              # lower wins a tied score
@@ -450,8 +449,9 @@ class RankbenchSweeper(BasicSweeper):
         return []
 
     def _default_lrs(self, spec: dict[str, Any], base: list[str]) -> dict[str, float]:
-        """Each swept method's default lr on this task (runners.train.method_lr of its composed config)."""
-        from runners.train import method_lr
+        """Each swept method's default lr on this task (runners.engine.optimizer.method_lr of its composed
+        config)."""
+        from runners.engine.optimizer import method_lr
 
         loader, out = self.hydra_context.config_loader, {}
         for method in [*(spec.get("methods") or []), *(spec.get("references") or [])]:
@@ -484,9 +484,10 @@ class RankbenchSweeper(BasicSweeper):
             spec["hp"] = factor_axes(spec, self._method_defaults(spec))
 
     def _method_defaults(self, spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """Each swept method's default of every sweep.hp_factors key on this task: `lr` as the runner resolves
-        it (runners.train.method_lr), other keys from its composed method config (absent: None, no axis)."""
-        from runners.train import method_lr
+        """Each swept method's default of every sweep.hp_factors key on this task: `lr` as the runner
+        resolves it (runners.engine.optimizer.method_lr), other keys from its composed method config
+        (absent: None, no axis)."""
+        from runners.engine.optimizer import method_lr
 
         loader, out = self.hydra_context.config_loader, {}
         for method in [*(spec.get("methods") or []), *(spec.get("references") or [])]:

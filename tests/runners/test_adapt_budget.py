@@ -12,8 +12,9 @@ from torch import nn
 import methods
 from runners.engine.adapt import adapt
 from runners.engine.config import check_values
+from runners.record.builder import record_adaptation
 from runners.sweeps import launch_check
-from runners.train import _record_adaptation, run
+from runners.train import run
 
 LORA = {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
 
@@ -45,7 +46,7 @@ def test_per_layer_plan_is_applied_counted_and_recorded(budget_alpha):
         assert "alpha_pattern" not in a.hp and a.hp["alpha"] == 16
         assert all(layer.scaling == 16 / layer.hp["r"] for layer in layers.values())
     record = {"run": {}, "params": {}}
-    _record_adaptation(record, a, model)
+    record_adaptation(record, a, sum(p.numel() for p in model.parameters()))
     assert record["params"]["budget_reached"] is True and record["params"]["per_layer"] == a.per_layer
     assert record["run"]["hp"]["rank_pattern"] == a.hp["rank_pattern"]
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from runners.engine.measure import PeakMemory, SavedActivations, StepTimer, matrix_ranks, state_bytes
+from runners.engine.optimizer import warmup_cosine
 from runners.record.results import is_complete, read_results, write_results
-from runners.train import warmup_cosine
 
 
 def test_warmup_cosine_shape():

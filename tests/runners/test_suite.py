@@ -79,7 +79,7 @@ def test_the_report_reads_the_lr_the_run_used(tiny_overrides, tmp_path):
 def test_tuned_sweep_finals_with_each_datasets_own_lr_form_one_suite(tiny_overrides, tmp_path):
     """+sweep=tuned chooses the lr per dataset: its finals (run.tuning set) combine into one suite run whose
     lr is none (each part keeps its own); runs at different lrs that no tuning chose stay apart."""
-    from runners.train import TUNING_FILE
+    from runners.record.results import TUNING_FILE
 
     base = [o for o in tiny_overrides if not o.startswith("out_dir")]
     for tuned in (True, False):

@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import methods
+from runners.engine.optimizer import method_lr
 from runners.sweeps.sweeper import (
     Job,
     SweepError,
@@ -21,7 +22,6 @@ from runners.sweeps.sweeper import (
     resolve_methods,
     validate,
 )
-from runners.train import method_lr
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 ADAPTERS, REFERENCES = registered_methods()   # the registry, never a list here

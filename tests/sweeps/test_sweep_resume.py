@@ -14,6 +14,7 @@ from sweephelpers import DATA
 
 import runners.train
 from runners.engine.checkpoint import FILENAME as CHECKPOINT
+from runners.record import builder
 from runners.train import run
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -41,7 +42,7 @@ def one_thread():
 
 
 def config_hash(cfg) -> str:
-    return runners.train._config_hash(runners.train._config_dict(cfg))
+    return builder.config_hash(builder.config_dict(cfg))
 
 
 def comparable(record: dict) -> dict:
@@ -93,7 +94,7 @@ def test_narrowing_a_sweep_keeps_the_run_identity():
     one = tiny(Path("/tmp/x"), "+sweep=budget", "method=lora", "sweep.seeds=[0]")
     full = tiny(Path("/tmp/x"), "+sweep=budget", "method=lora")
     def hash_of(cfg):
-        return runners.train._config_hash(runners.train._config_dict(cfg))
+        return builder.config_hash(builder.config_dict(cfg))
 
     assert hash_of(one) == hash_of(full)
 

@@ -9,6 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from sweephelpers import TINY, mtimes, results, run_py
 
+from runners.engine.optimizer import method_lr
 from runners.record.results import write_results
 from runners.sweeps.sweeper import (
     TuneGroup,
@@ -19,7 +20,6 @@ from runners.sweeps.sweeper import (
     tuned_groups,
     tuning_record,
 )
-from runners.train import method_lr
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 ADAPTERS, REFERENCES = registered_methods()  # the registry, never a list here
