@@ -1,9 +1,9 @@
 """How a method is spelled by Hugging Face PEFT: the counterpart every method class carries as `peft`.
 
-Export (runners/export.py), the bench (runners/bench.py) and the parity tests read a method's PEFT config
-type, its field mapping and its tensor names from here, so a new method brings its own counterpart and
-no list elsewhere names it. PEFT is imported inside `config` only (a runtime dependency of the PEFT-backed
-methods alone).
+Export (runners/engine/peft_files.py), the bench (runners/bench.py) and the parity tests read a method's
+PEFT config type, its field mapping and its tensor names from here, so a new method brings its own
+counterpart and no list elsewhere names it. PEFT is imported inside `config` only (a runtime dependency
+of the PEFT-backed methods alone).
 Field names are those of PEFT 0.21.2's config dataclasses (peft/tuners/*/config.py) and state dicts
 (`PeftModel.save_pretrained` keys `base_model.model.<module>.<tensor>`), checked by
 tests/runners/test_export.py.
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-#: task heads travel in head.safetensors (runners/export.py), not as PEFT `modules_to_save`
+#: task heads travel in head.safetensors (runners/engine/peft_files.py), not as PEFT `modules_to_save`
 NO_EXTRA_MODULES: dict[str, Any] = {"modules_to_save": None}
 
 

@@ -46,8 +46,8 @@ from runners.engine.measure import (
     state_bytes,
 )
 from runners.engine.memplan import predicted_cost
+from runners.engine.peft_files import import_peft_adapter, save_head
 from runners.engine.suite import dataset_config, suite_datasets, summary_record
-from runners.export import import_peft_adapter, save_head
 from runners.record.builder import finish, new_record, record_adaptation, size_name, summary_table
 from runners.record.logger import log_suite, make_logger, suite_group
 from runners.record.results import is_complete, read_results, read_tuning, write_results
@@ -228,7 +228,7 @@ def _train_and_evaluate(cfg: DictConfig, task: tasks.Task, model: nn.Module, ada
     t, metrics = cfg.trainer, record["metrics"]
     probe_before = _before_training(task, model, t, device, run_dir, record)
     before = _sample_weights(model, adaptation)
-    if cfg.get("init_adapter"):  # a PEFT adapter folder (runners/export.py): evaluated like our runs
+    if cfg.get("init_adapter"):  # a PEFT adapter folder (runners/engine/peft_files.py): evaluated like ours
         import_peft_adapter(model, cfg.init_adapter)
     record["cost"], record["history"] = train(model, task, t, optim.method_lr(cfg), cfg.method.name, device,
                                               generator, run_dir, logger, record["run"]["config_hash"],

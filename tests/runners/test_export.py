@@ -19,13 +19,13 @@ from rbtest import ROOT, compose_config
 from safetensors.torch import load_file, save_file
 
 import methods
-from runners import export
+from runners.engine import peft_files
 from runners.engine.adapt import adapt
 from runners.train import run
 
 peft = pytest.importorskip("peft")
 
-EXPORTED = export.exportable()   # every registered adapter: each class carries its PEFT spec
+EXPORTED = peft_files.exportable()   # every registered adapter: each class carries its PEFT spec
 RANDOM_BASES = [m for m in EXPORTED if methods.get_method(m).peft.random]   # RandLoRA, VeRA, ...
 TOL = 1e-5   # relative difference, fp32
 
@@ -71,7 +71,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def ours(run_dir: Path) -> torch.nn.Module:
-    model = export.build_base(record(run_dir))
+    model = peft_files.build_base(record(run_dir))
     methods.load_adapter(model, run_dir / "adapter")
     return model
 
@@ -85,7 +85,7 @@ def test_every_registered_method_has_a_peft_format():
 @pytest.mark.parametrize("method", EXPORTED)
 def test_round_trip_through_peft(method, runs, tmp_path):
     run_dir = runs[method]
-    out = export.export_peft(run_dir, tmp_path / "peft")
+    out = peft_files.export_peft(run_dir, tmp_path / "peft")
     config = json.loads((out / "adapter_config.json").read_text())
     fields = {f.name for f in dataclasses.fields(peft.PeftConfig.from_pretrained(out))}
     assert set(config) <= fields, f"not {config['peft_type']} fields: {set(config) - fields}"
@@ -96,11 +96,11 @@ def test_round_trip_through_peft(method, runs, tmp_path):
     inputs = clip_inputs(reference)
     want = clip_out(reference, inputs)
     # the adapter acts, well beyond the round-trip tolerance (VeRA's zero-initialised lambda_b moves least)
-    assert rel(clip_out(export.build_base(record(run_dir)), inputs), want) > 10 * TOL
-    theirs = peft.PeftModel.from_pretrained(export.build_base(record(run_dir)), out)
+    assert rel(clip_out(peft_files.build_base(record(run_dir)), inputs), want) > 10 * TOL
+    theirs = peft.PeftModel.from_pretrained(peft_files.build_base(record(run_dir)), out)
     assert rel(clip_out(theirs, inputs), want) < TOL
-    back = export.build_base(record(run_dir))
-    assert sorted(export.import_peft_adapter(back, out)) == sorted(methods.adapter_layers(reference))
+    back = peft_files.build_base(record(run_dir))
+    assert sorted(peft_files.import_peft_adapter(back, out)) == sorted(methods.adapter_layers(reference))
     assert rel(clip_out(back, inputs), want) < TOL
 
     for name in methods.get_method(method).peft.random:  # regenerated from the seed, bit-identical to PEFT's
@@ -112,18 +112,18 @@ def test_round_trip_through_peft(method, runs, tmp_path):
 @pytest.mark.parametrize("method", RANDOM_BASES)
 def test_peft_default_export_with_saved_bases_imports(method, runs, tmp_path):
     """PEFT's own save (save_projection=True: bases in the file) imports; the bases are checked."""
-    out = export.export_peft(runs[method], tmp_path / "ours")
+    out = peft_files.export_peft(runs[method], tmp_path / "ours")
     config = peft.PeftConfig.from_pretrained(out)
     config.save_projection = True
-    theirs = peft.get_peft_model(export.build_base(record(runs[method])), config)
+    theirs = peft.get_peft_model(peft_files.build_base(record(runs[method])), config)
     random = methods.get_method(method).peft.random   # the seed's bases, in PEFT's checkpoint keys
     bases = {f"base_model.{name}": getattr(theirs.base_model, name)["default"] for name in random}
     peft.set_peft_model_state_dict(theirs, {**load_file(str(out / "adapter_model.safetensors")), **bases})
     theirs.save_pretrained(tmp_path / "theirs")
     assert (tmp_path / "theirs/adapter_model.safetensors").stat().st_size > 2 * (
         out / "adapter_model.safetensors").stat().st_size
-    back, reference = export.build_base(record(runs[method])), ours(runs[method])
-    export.import_peft_adapter(back, tmp_path / "theirs")
+    back, reference = peft_files.build_base(record(runs[method])), ours(runs[method])
+    peft_files.import_peft_adapter(back, tmp_path / "theirs")
     inputs = clip_inputs(back)
     assert rel(clip_out(back, inputs), clip_out(reference, inputs)) < TOL
 
@@ -132,14 +132,14 @@ def test_peft_default_export_with_saved_bases_imports(method, runs, tmp_path):
     saved[f"base_model.{basis}"] = -saved[f"base_model.{basis}"]
     save_file(saved, str(tmp_path / "theirs/adapter_model.safetensors"))
     with pytest.raises(ValueError, match=rf"the saved {basis} differs from the one seed=0 regenerates"):
-        export.import_peft_adapter(export.build_base(record(runs[method])), tmp_path / "theirs")
+        peft_files.import_peft_adapter(peft_files.build_base(record(runs[method])), tmp_path / "theirs")
 
 
 @pytest.mark.parametrize("method", EXPORTED)
 def test_merged_model_loads_with_plain_from_pretrained(method, runs, tmp_path):
     from transformers import CLIPModel
 
-    out = export.export_merged(runs[method], tmp_path / "merged")
+    out = peft_files.export_merged(runs[method], tmp_path / "merged")
     assert not (out / "adapter_config.json").exists()  # else transformers would try to load PEFT
     model, info = CLIPModel.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info  # every key is a plain CLIP weight: no adapter tensors left
@@ -157,8 +157,8 @@ def test_headed_task_exports_backbone_adapter_and_head(tmp_path):
     reference = ours(run_dir)
     with torch.no_grad():
         reference.heads["shapes"].weight.normal_(generator=torch.Generator().manual_seed(1))
-    assert export.save_head(reference, ["heads"], run_dir) == run_dir / "head.safetensors"
-    out = export.export_peft(run_dir, tmp_path / "peft")
+    assert peft_files.save_head(reference, ["heads"], run_dir) == run_dir / "head.safetensors"
+    out = peft_files.export_peft(run_dir, tmp_path / "peft")
     size = reference.backbone.config.image_size
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     reference.eval()
@@ -170,10 +170,10 @@ def test_headed_task_exports_backbone_adapter_and_head(tmp_path):
         got = torch.nn.functional.linear(base(pixel_values=pixels).pooler_output, head["heads.shapes.weight"],
                                          head["heads.shapes.bias"])
         assert rel(got, want) < TOL
-        back = export.build_base(record(run_dir))
-        export.import_peft_adapter(back, out)
+        back = peft_files.build_base(record(run_dir))
+        peft_files.import_peft_adapter(back, out)
         assert rel(back.eval()("shapes", pixel_values=pixels), want) < TOL
-        merged = export.export_merged(run_dir, tmp_path / "merged")
+        merged = peft_files.export_merged(run_dir, tmp_path / "merged")
         plain = CLIPVisionModel.from_pretrained(merged).eval()
         got = torch.nn.functional.linear(plain(pixel_values=pixels).pooler_output,
                                          head["heads.shapes.weight"], head["heads.shapes.bias"])
@@ -185,27 +185,27 @@ def test_runner_route_init_adapter(runs, tmp_path):
     a config that does not match the file says which overrides do."""
     rec = record(runs["lokr"])
     cfg = OmegaConf.create(rec["run"]["config"])
-    out = export.export_peft(runs["lokr"], tmp_path / "peft")
-    model = export.build_base(rec)
+    out = peft_files.export_peft(runs["lokr"], tmp_path / "peft")
+    model = peft_files.build_base(rec)
     adapt(model, cfg.method, cfg.task.model.target_modules, [], None)
-    export.import_peft_adapter(model, out)
+    peft_files.import_peft_adapter(model, out)
     inputs = clip_inputs(model)
     assert rel(clip_out(model, inputs), clip_out(ours(runs["lokr"]), inputs)) < TOL
 
-    other = export.build_base(rec)
+    other = peft_files.build_base(rec)
     adapt(other, OmegaConf.merge(cfg.method, {"r": 2}), cfg.task.model.target_modules, [], None)
     with pytest.raises(ValueError, match=r"run with method.r=8"):
-        export.import_peft_adapter(other, out)
-    other = export.build_base(rec)
+        peft_files.import_peft_adapter(other, out)
+    other = peft_files.build_base(rec)
     adapt(other, OmegaConf.create({"name": "lora", "r": 8}), cfg.task.model.target_modules, [], None)
     with pytest.raises(ValueError,
                        match=r"is a lokr adapter but the model has lora layers: run with method=lokr"):
-        export.import_peft_adapter(other, out)
+        peft_files.import_peft_adapter(other, out)
 
 
 def test_bad_peft_folders_fail_with_one_line(runs, tmp_path):
-    out = export.export_peft(runs["lora"], tmp_path / "peft")
-    base = export.build_base(record(runs["lora"]))
+    out = peft_files.export_peft(runs["lora"], tmp_path / "peft")
+    base = peft_files.build_base(record(runs["lora"]))
 
     def broken(name: str, config: dict | None = None, tensors: dict | None = None) -> Path:
         bad = tmp_path / name
@@ -234,7 +234,7 @@ def test_bad_peft_folders_fail_with_one_line(runs, tmp_path):
     }
     for folder, message in cases.items():
         with pytest.raises(ValueError, match=message) as err:
-            export.import_peft_adapter(export.build_base(record(runs["lora"])), folder)
+            peft_files.import_peft_adapter(peft_files.build_base(record(runs["lora"])), folder)
         assert "\n" not in str(err.value)
     assert not methods.adapter_layers(base)
 
@@ -252,11 +252,11 @@ def test_per_layer_ranks_round_trip_through_peft(method, tmp_path):
     hp = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["hp"]
     assert hp.get("rank_pattern"), hp  # the budget needs per-layer ranks (and alphas, where alpha / r scales)
     assert bool(hp.get("alpha_pattern")) == ("alpha" in methods.get_method(method).hp_spec), hp
-    out = export.export_peft(run_dir, tmp_path / "peft")
+    out = peft_files.export_peft(run_dir, tmp_path / "peft")
     reference = ours(run_dir)
     inputs = clip_inputs(reference)
     want = clip_out(reference, inputs)
-    theirs = peft.PeftModel.from_pretrained(export.build_base(record(run_dir)), out)
+    theirs = peft.PeftModel.from_pretrained(peft_files.build_base(record(run_dir)), out)
     assert rel(clip_out(theirs, inputs), want) < TOL
     own = {n: layer.hp["r"] for n, layer in methods.adapter_layers(reference).items()}
     assert len(set(own.values())) > 1
@@ -264,8 +264,8 @@ def test_per_layer_ranks_round_trip_through_peft(method, tmp_path):
         peft_layer = theirs.base_model.model.get_submodule(name)
         assert sum(p.numel() for n, p in peft_layer.named_parameters() if ".default" in n) == sum(
             p.numel() for _, p in layer.adapter_parameters()), name
-    back = export.build_base(record(run_dir))
-    export.import_peft_adapter(back, out)
+    back = peft_files.build_base(record(run_dir))
+    peft_files.import_peft_adapter(back, out)
     assert {n: layer.hp["r"] for n, layer in methods.adapter_layers(back).items()} == own
     assert rel(clip_out(back, inputs), want) < TOL
 
@@ -276,7 +276,7 @@ def test_per_layer_ranks_without_a_peft_pattern_field_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"own r or alpha \(alpha_pattern, rank_pattern: "
                                          r".*RandLoraConfig has "
                                          r"no rank_pattern") as err:
-        export.export_peft(run_dir, tmp_path / "out")
+        peft_files.export_peft(run_dir, tmp_path / "out")
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
 
 
@@ -301,7 +301,7 @@ def test_bad_run_directories_fail_with_one_line(runs, tmp_path):
     for run_dir, message in cases.items():
         for merged in (False, True):
             with pytest.raises(ValueError, match=message):
-                (export.export_merged if merged else export.export_peft)(run_dir, tmp_path / "out")
+                (peft_files.export_merged if merged else peft_files.export_peft)(run_dir, tmp_path / "out")
     proc = subprocess.run([sys.executable, "-m", "runners.export", str(tmp_path / "full"), "--out",
                            str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           check=False)
