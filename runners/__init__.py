@@ -1,1 +1,1 @@
-"""Runners: the training loop, its measurements, result files, logging and pretraining."""
+"""The run (train.py) and the command-line tools beside it; record/, engine/ and sweeps/ below them."""

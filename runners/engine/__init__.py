@@ -1,0 +1,1 @@
+"""The run's machinery: adaptation, data loading, optimizer, measurements, checkpoints, processes, suites."""
