@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     (one fresh adapter per dataset, then the mean) or a single run."""
     device = _usable_device(cfg)  # refused before anything is built; nothing is written
     world, device = distributed.setup(device)  # DDP (torchrun / SLURM tasks): join the group; cuda:<rank>
-    run_dir = distributed.agree(output_dir(cfg))  # rank 0's: Hydra's timestamped dirs may differ by rank
+    run_dir = distributed.agree(output_dir(cfg.out_dir))  # rank 0's: Hydra's dirs may differ by rank
     if is_complete(run_dir):
         return _finished(run_dir)
     record = _start_record(cfg, run_dir)
@@ -116,7 +116,7 @@ def _suite_or_error(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> l
     """The datasets to train one adapter each for (runners/engine/suite.py); a bad `dataset=` fails the
     run."""
     try:
-        return suite_datasets(cfg)
+        return suite_datasets(cfg.task)
     except ValueError as err:
         _fail(record, run_dir, err)
 
@@ -149,7 +149,7 @@ def _run_suite(cfg: DictConfig, names: list[str], run_dir: Path, record: dict[st
 
 def _run_part(cfg: DictConfig, world: World, device: torch.device) -> dict[str, Any]:
     """One dataset of a suite: a single run in its own directory (skipped when it already succeeded)."""
-    run_dir = output_dir(cfg)
+    run_dir = output_dir(cfg.out_dir)
     if is_complete(run_dir):
         return _finished(run_dir)
     return _run_single(cfg, run_dir, _start_record(cfg, run_dir), world, device)
@@ -190,7 +190,7 @@ def _run_single(cfg: DictConfig, run_dir: Path, record: dict[str, Any], world: W
         record_adaptation(record, adaptation, sum(p.numel() for p in model.parameters()))
         model.to(device)
         logger = _logger(cfg, world, run_dir, record)
-        _record_task(record, cfg, task, device)
+        _record_task(record, cfg.trainer, str(cfg.task.model.path), task, device)
         _train_and_evaluate(cfg, task, model, adaptation, device, generator, run_dir, record, logger)
         if not world.main:  # rank 0 alone writes; every rank returns the same record
             finish(record, "success", None)
@@ -211,10 +211,11 @@ def _logger(cfg: DictConfig, world: World, run_dir: Path, record: dict[str, Any]
                        [cfg.method.name, cfg.task.name, size_name(cfg)])
 
 
-def _record_task(record: dict[str, Any], cfg: DictConfig, task: tasks.Task, device: torch.device) -> None:
-    """What the task resolved to: model and dataset revisions, training length, regime, memory savers."""
-    t = cfg.trainer
-    record["run"].update(model_revision=hub_revision(resolve_model_path(cfg.task.model.path)),
+def _record_task(record: dict[str, Any], t: DictConfig, model_path: str, task: tasks.Task,
+                 device: torch.device) -> None:
+    """What the task resolved to under trainer config `t`: model and dataset revisions, training length,
+    regime, memory savers."""
+    record["run"].update(model_revision=hub_revision(resolve_model_path(model_path)),
                          dataset_revisions=task.dataset_revisions)
     record["run"].update(max_steps=total_steps(task, t), regime=task.regime,
                          memory_savers={**task.memory_savers, "grad_accum": int(t.grad_accum),
@@ -400,10 +401,11 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def output_dir(cfg: DictConfig) -> Path:
-    """Hydra's per-job output dir (never the cwd: concurrent jobs would overwrite each other)."""
-    if cfg.out_dir:
-        return Path(cfg.out_dir)
+def output_dir(out_dir: str | None) -> Path:
+    """`out_dir`, else Hydra's per-job output dir (never the cwd: concurrent jobs would overwrite each
+    other)."""
+    if out_dir:
+        return Path(out_dir)
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir)

@@ -24,10 +24,11 @@ from runners.record.schema import Metrics, Record, suite_cost, suite_forgetting
 log = logging.getLogger(__name__)
 
 
-def suite_datasets(cfg: DictConfig) -> list[str]:
-    """The datasets a run trains one adapter for each: a suite's datasets when the task trains per
-    dataset and no `dataset=` was given; else an empty list (one run covers everything)."""
-    task = tasks.build(cfg.task)
+def suite_datasets(task_cfg: DictConfig) -> list[str]:
+    """The datasets a run of task config `task_cfg` trains one adapter for each: a suite's datasets when
+    the task trains per dataset and no `dataset=` was given; else an empty list (one run covers
+    everything)."""
+    task = tasks.build(task_cfg)
     names = task.datasets
     return list(names) if task.trains_per_dataset and len(names) > 1 else []
 
