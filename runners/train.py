@@ -144,7 +144,8 @@ def _run_suite(cfg: DictConfig, names: list[str], run_dir: Path, record: dict[st
         except RunFailed as err:  # the dataset's own results.json holds the details
             cause = err.__cause__ or err
             errors[name] = f"{type(cause).__name__}: {cause}"
-    return _close_suite(cfg, names, run_dir, summary_record(record, names, records, errors))
+    summary = summary_record(record, names, records, errors)
+    return _close_suite(summary, names, run_dir, str(cfg.task.data.eval_split), cfg.logger)
 
 
 def _run_part(cfg: DictConfig, world: World, device: torch.device) -> dict[str, Any]:
@@ -155,15 +156,17 @@ def _run_part(cfg: DictConfig, world: World, device: torch.device) -> dict[str, 
     return _run_single(cfg, run_dir, _start_record(cfg, run_dir), world, device)
 
 
-def _close_suite(cfg: DictConfig, names: list[str], run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
-    """Write the suite's record (and its W&B summary run); raise naming the first failed dataset."""
-    record["metrics"]["eval_split"] = str(cfg.task.data.eval_split)  # every part scored this split
+def _close_suite(record: dict[str, Any], names: list[str], run_dir: Path, eval_split: str,
+                 logger_cfg: DictConfig) -> dict[str, Any]:
+    """Write the suite's record (and its W&B summary run, `logger_cfg`); raise naming the first failed
+    dataset."""
+    record["metrics"]["eval_split"] = eval_split  # every part scored this split
     errors = record["run"].pop("suite_errors")
     finish(record, "failed" if errors else "success",
            "; ".join(f"{n}: {e}" for n, e in errors.items()) or None)
     if distributed.is_main():
         write_results(run_dir, record)
-        log_suite(cfg.logger, run_dir, record, failed=bool(errors))  # mean and per-dataset table, in W&B
+        log_suite(logger_cfg, run_dir, record, failed=bool(errors))  # mean and per-dataset table, in W&B
     if errors:
         first, error = next(iter(errors.items()))
         raise RunFailed(f"run failed on {len(errors)} of {len(names)} datasets of the suite "
