@@ -20,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-import methods
 import tasks
 from runners.engine import distributed, env
 from runners.engine import optimizer as optim
@@ -42,11 +41,12 @@ from runners.engine.measure import (
     SavedActivations,
     StepCounts,
     StepTimer,
-    matrix_ranks,
+    delta_ranks,
+    sample_weights,
     state_bytes,
 )
 from runners.engine.memplan import predicted_cost
-from runners.engine.peft_files import import_peft_adapter, save_head
+from runners.engine.peft_files import import_peft_adapter, save_trained
 from runners.engine.suite import dataset_config, suite_datasets, summary_record
 from runners.record.builder import finish, new_record, record_adaptation, size_name, summary_table
 from runners.record.logger import log_suite, make_logger, suite_group
@@ -55,9 +55,6 @@ from tasks.common import hub_revision, resolve_model_path
 from tasks.forgetting import forgetting_metrics
 
 log = logging.getLogger(__name__)
-
-RANK_SAMPLE = 4  # adapted layers whose update rank is reported
-
 
 class RunFailed(RuntimeError):
     """The run failed (its results.json says why) or its config was refused before anything was built
@@ -231,7 +228,7 @@ def _train_and_evaluate(cfg: DictConfig, task: tasks.Task, model: nn.Module, ada
     """Evaluate before, train, evaluate after: cost, history and metrics into `record`."""
     t, metrics = cfg.trainer, record["metrics"]
     probe_before = _before_training(task, model, t, device, run_dir, record)
-    before = _sample_weights(model, adaptation)
+    before = sample_weights(model, adaptation.rank_layers)
     if cfg.get("init_adapter"):  # a PEFT adapter folder (runners/engine/peft_files.py): evaluated like ours
         import_peft_adapter(model, cfg.init_adapter)
     record["cost"], record["history"] = train(model, task, t, optim.method_lr(cfg), cfg.method.name, device,
@@ -241,13 +238,14 @@ def _train_and_evaluate(cfg: DictConfig, task: tasks.Task, model: nn.Module, ada
     distributed.gather_for_evaluation(model)  # FSDP: whole parameters again, for evaluation and export
     _evaluate(task, model, t, device, metrics, suffix="")
     metrics.update(forgetting_metrics(probe_before, _probe(task, model, t, device), task.forgetting_metric))
-    metrics["delta_rank"] = _delta_ranks(model, before)
+    metrics["delta_rank"] = delta_ranks(model, before)
 
 
 def _save(record: dict[str, Any], model: nn.Module, adaptation: Adaptation, head_prefixes: list[str],
           run_dir: Path, logger: Any) -> dict[str, Any]:
     """Rank 0: the adapter and head, the closed record to results.json and W&B, checkpoints removed."""
-    record["params"]["adapter_file_bytes"] = _save_trained(model, adaptation, head_prefixes, run_dir)
+    record["params"]["adapter_file_bytes"] = save_trained(model, bool(adaptation.wrapped), head_prefixes,
+                                                              run_dir)
     finish(record, "success", None)
     logger.summary({k: record[k] for k in ("params", "cost", "metrics")})
     write_results(run_dir, record)
@@ -451,47 +449,3 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
     return batch
-
-
-def _sample_names(names: list[str]) -> list[str]:
-    if len(names) <= RANK_SAMPLE:
-        return list(names)
-    idx = [round(i * (len(names) - 1) / (RANK_SAMPLE - 1)) for i in range(RANK_SAMPLE)]
-    return [names[i] for i in idx]
-
-
-@torch.no_grad()
-def _sample_weights(model: nn.Module, adaptation: Adaptation) -> dict[str, torch.Tensor | None]:
-    """A few adapted (or, for full, targeted) layers whose rank(dW) is reported at the end, with an fp32
-    copy of each plain layer's weight (None for an adapter: its dW is its own)."""
-    layers = {n: model.get_submodule(n) for n in _sample_names(adaptation.rank_layers)}
-    return {n: None if _is_adapter(m) else m.weight.detach().float().cpu().clone() for n, m in layers.items()}
-
-
-@torch.no_grad()
-def _delta_ranks(model: nn.Module, before: dict[str, torch.Tensor | None]) -> dict[str, dict[str, float]]:
-    return {n: matrix_ranks(_update(model.get_submodule(n), w)) for n, w in before.items()}
-
-
-def _update(module: nn.Module, before: torch.Tensor | None) -> torch.Tensor:
-    """dW in fp32: an adapter's own `delta_weight()`, never (W + dW) - W, which in a bf16 base rounds a
-    rank-4 update into a full-rank one (rank ~128 of 128 on the tiny CLIP); for a plain Linear (full
-    fine-tuning) the change of its weight, subtracted in fp32."""
-    if _is_adapter(module):
-        return module.delta_weight().detach().float().cpu()
-    return module.weight.detach().float().cpu() - before
-
-
-def _is_adapter(module: nn.Module) -> bool:
-    return isinstance(module, methods.AdapterLayer) and not module.merged
-
-
-def _save_trained(model: nn.Module, adaptation: Adaptation, head_prefixes: list[str], run_dir: Path) -> int:
-    """Save what was trained; returns the adapter file size in bytes (0 when there is no adapter).
-    The task head goes to run_dir/head.safetensors (outside adapter/: not counted in the adapter size)."""
-    save_head(model, head_prefixes, run_dir)
-    if adaptation.wrapped:
-        path = run_dir / "adapter"
-        methods.save_adapter(model, path)
-        return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-    return 0

@@ -31,6 +31,8 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import methods
+
 _STATUS = Path("/proc/self/status")
 
 
@@ -286,3 +288,41 @@ def matrix_ranks(delta: torch.Tensor) -> dict[str, float]:
     p = p[p > 0]
     effective = float(torch.exp(-(p * p.log()).sum()))
     return {"rank": int((s > tol).sum()), "effective_rank": effective, "max_rank": max_rank}
+
+
+RANK_SAMPLE = 4  # adapted layers whose update rank is reported
+
+
+
+def _sample_names(names: list[str]) -> list[str]:
+    if len(names) <= RANK_SAMPLE:
+        return list(names)
+    idx = [round(i * (len(names) - 1) / (RANK_SAMPLE - 1)) for i in range(RANK_SAMPLE)]
+    return [names[i] for i in idx]
+
+
+@torch.no_grad()
+def sample_weights(model: nn.Module, rank_layers: list[str]) -> dict[str, torch.Tensor | None]:
+    """A few of `rank_layers` (adapted or, for full, targeted) whose rank(dW) is reported at the end, with
+    an fp32 copy of each plain layer's weight (None for an adapter: its dW is its own)."""
+    layers = {n: model.get_submodule(n) for n in _sample_names(rank_layers)}
+    return {n: None if _is_adapter(m) else m.weight.detach().float().cpu().clone() for n, m in layers.items()}
+
+
+@torch.no_grad()
+def delta_ranks(model: nn.Module, before: dict[str, torch.Tensor | None]) -> dict[str, dict[str, float]]:
+    """rank(dW) of each layer `sample_weights` chose, after training."""
+    return {n: matrix_ranks(_update(model.get_submodule(n), w)) for n, w in before.items()}
+
+
+def _update(module: nn.Module, before: torch.Tensor | None) -> torch.Tensor:
+    """dW in fp32: an adapter's own `delta_weight()`, never (W + dW) - W, which in a bf16 base rounds a
+    rank-4 update into a full-rank one (rank ~128 of 128 on the tiny CLIP); for a plain Linear (full
+    fine-tuning) the change of its weight, subtracted in fp32."""
+    if _is_adapter(module):
+        return module.delta_weight().detach().float().cpu()
+    return module.weight.detach().float().cpu() - before
+
+
+def _is_adapter(module: nn.Module) -> bool:
+    return isinstance(module, methods.AdapterLayer) and not module.merged

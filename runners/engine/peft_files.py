@@ -211,6 +211,19 @@ def _save_preprocessing(record: dict[str, Any], out: Path) -> None:
     log.info("no tokenizer or processor found at %s; the merged folder holds the model only", base)
 
 
+def save_trained(model: nn.Module, has_adapter: bool, head_prefixes: list[str], run_dir: Path) -> int:
+    """Save what a run trained (`has_adapter`: its adapter layers, and its head); returns the adapter file
+    size in bytes (0 when there is no adapter). The task head goes to run_dir/head.safetensors (outside
+    adapter/: not counted in the adapter size)."""
+    save_head(model, head_prefixes, run_dir)
+    if has_adapter:
+        path = run_dir / OURS
+        methods.save_adapter(model, path)
+        return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    return 0
+
+
+
 def save_head(model: nn.Module, head_prefixes: list[str], run_dir: str | Path) -> Path | None:
     """Write the trained task head (parameters under `head_prefixes`) to `run_dir/head.safetensors`.
 
