@@ -351,7 +351,7 @@ class RankbenchSweeper(BasicSweeper):
         try:
             return self._sweep(arguments)
         except SweepError as err:
-            sys.exit(f"rankbench: {err}")  # one line, like run.py's pre-flight errors
+            sys.exit(f"rankbench: {err}")  # one line, like run.py's command-line checks
 
     def _sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
