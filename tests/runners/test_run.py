@@ -287,14 +287,14 @@ def test_requeue_after_the_last_step_only_evaluates(tiny_overrides, tmp_path, mo
         real = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, _r=real, _k=key, **k: calls.update({_k: calls[_k] + 1})
                             or _r(*a, **k))
-    real_ranks = train_module._delta_ranks
-    monkeypatch.setattr(train_module, "_delta_ranks", lambda *a: (_ for _ in ()).throw(Killed()))
+    real_ranks = train_module.delta_ranks
+    monkeypatch.setattr(train_module, "delta_ranks", lambda *a: (_ for _ in ()).throw(Killed()))
     with pytest.raises(Killed):
         run(compose_config(args))
     assert calls == {"evaluate": 2, "probe": 2, "batches": 3}
     assert (tmp_path / "run" / "checkpoint.pt").exists()
     first_try = dict(calls)
-    monkeypatch.setattr(train_module, "_delta_ranks", real_ranks)
+    monkeypatch.setattr(train_module, "delta_ranks", real_ranks)
     calls.update(dict.fromkeys(calls, 0))
     requeued = run(compose_config(args))
     assert calls == {"evaluate": 1, "probe": 1, "batches": 0}, first_try
