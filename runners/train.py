@@ -44,8 +44,8 @@ from runners.metrics import PeakMemory, SavedActivations, StepCounts, StepTimer,
 from runners.results import SCHEMA, is_complete, read_results, write_results
 from runners.schema import Params, Record, Run
 from runners.suite import run_suite, suite_datasets
-from tasks.common import hub_revision, resolve_model_path
 from tasks.forgetting import forgetting_metrics
+from tasks.models import hub_revision, resolve_model_path
 
 log = logging.getLogger(__name__)
 

@@ -36,19 +36,12 @@ from torch import nn
 
 from tasks import forgetting, register
 from tasks.base import Batch, Task
-from tasks.common import (
-    TrainData,
-    batches,
-    enable_memory_savers,
-    eval_mode,
-    load_kwargs,
-    load_pretrained,
-    model_device,
-    per_process_share,
-    selected,
-)
-from tasks.data import cap, open_source
+from tasks.gather import per_process_share
+from tasks.models import enable_memory_savers, eval_mode, load_kwargs, load_pretrained, model_device
 from tasks.regimes import steps_for_epochs
+from tasks.sampling import TrainData, batches
+from tasks.sources import open_source
+from tasks.splits import cap
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens the loss skips (padding; the prompt when train_on_inputs is false)
@@ -169,10 +162,6 @@ class CommonsenseTask(Task):
     """Causal LM + instruction data; no task head (the LM head answers)."""
 
     trains_per_dataset = False  # one adapter trained on the mixed commonsense set, scored on 8 benchmarks
-
-    @property
-    def datasets(self) -> list[str]:
-        return selected(list(self.cfg.data.datasets), self.cfg.get("dataset"))
 
     def build_model(self) -> nn.Module:
         from transformers import AutoModelForCausalLM

@@ -19,19 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks import forgetting, metrics, register, sentences
-from tasks.base import Batch, Task
-from tasks.common import (
+from tasks.base import Batch, EpochPlanMixin, Task
+from tasks.models import (
     HeadedModel,
-    TrainData,
-    batches,
     enable_memory_savers,
     eval_mode,
     load_kwargs,
     load_pretrained,
     model_device,
-    selected,
 )
-from tasks.data import EpochPlanMixin, SplitPair, load_suite
+from tasks.sampling import TrainData, batches
+from tasks.splits import SplitPair, load_suite
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +49,6 @@ def is_regression(pair: SplitPair) -> bool:
 class LanguageTask(EpochPlanMixin, Task):
     """Encoder + `heads.<dataset>` heads over the sentence suite; top-1 (or the primary metric) per
     dataset."""
-
-    @property
-    def datasets(self) -> list[str]:
-        return selected(list(self.cfg.data.datasets), self.cfg.get("dataset"))
 
     def build_model(self) -> nn.Module:
         from transformers import AutoModel

@@ -16,18 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks import metrics, register
-from tasks.base import Batch
-from tasks.common import (
+from tasks.base import Batch, ImageSuiteTask
+from tasks.models import (
     HeadedModel,
-    TrainData,
-    batches,
     enable_memory_savers,
     eval_mode,
     load_kwargs,
     load_pretrained,
     model_device,
 )
-from tasks.data import ImageSuiteTask, prepare_images, train_pixels
+from tasks.pixels import prepare_images, train_pixels
+from tasks.sampling import TrainData, batches
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ class VisionTask(ImageSuiteTask):
                 for name, pair in self.suite.items()}
 
     def train_data(self) -> TrainData:
-        """Map-style training data (runners/data.py feeds it to a DataLoader); lazy pixels decode in
+        """Map-style training data (the runner feeds it to a DataLoader); lazy pixels decode in
         workers."""
         return TrainData({k: len(d[1]) for k, d in self.data.items()}, self.train_batch,
                          in_memory=not self.lazy)

@@ -54,13 +54,13 @@ def test_a_script_based_hub_repo_is_named_as_such_not_as_unreachable(monkeypatch
     hear that, not that the hub could not be reached."""
     from omegaconf import OmegaConf
 
-    from tasks import data
+    from tasks import sources
 
     def refuse(*args, **kwargs):
         raise RuntimeError("Dataset scripts are no longer supported, but found imagenet-1k.py")
 
-    monkeypatch.setattr(data, "load_dataset", refuse)
+    monkeypatch.setattr(sources, "load_dataset", refuse)
     with pytest.raises(RuntimeError) as err:
-        data.open_source("imagenet", OmegaConf.create({"path": "ILSVRC/imagenet-1k"}))
+        sources.open_source("imagenet", OmegaConf.create({"path": "ILSVRC/imagenet-1k"}))
     assert "script-based hub repo" in str(err.value) and "task.data.sources.imagenet.path" in str(err.value)
     assert "could not be reached" not in str(err.value)

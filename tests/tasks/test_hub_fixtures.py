@@ -14,7 +14,8 @@ from taskhelpers import compose_task
 import tasks
 from runners import preflight
 from runners.train import run
-from tasks.data import _name_keys, align_classes, labels
+from tasks.pixels import labels
+from tasks.prompts import align_classes, name_keys
 
 CLIP = hub_facts("clip22")
 GLUE = hub_facts("glue")
@@ -93,7 +94,7 @@ def test_the_suite_loads_from_its_published_shapes(hub_copies) -> None:
         assert sorted(pair.classes) == sorted(curated(name)), name
         if CLIP[name]["names"]["complete"]:  # each prompt name is its label's published name, respelled
             published = published_names(name, CLIP[name])
-            assert all(set(_name_keys(c)) & set(_name_keys(p))
+            assert all(set(name_keys(c)) & set(name_keys(p))
                        for c, p in zip(pair.classes, published, strict=True)), name
         for split in (pair.train, pair.test):
             ys = labels(split)

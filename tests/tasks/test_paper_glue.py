@@ -19,7 +19,7 @@ import tasks
 from runners.adapt import adapt
 from runners.train import run
 from tasks import metrics
-from tasks.common import ModelNotFoundError, eval_mode
+from tasks.models import ModelNotFoundError, eval_mode
 
 # columns, label names and dtypes as nyu-mll/glue publishes them (tests/fixtures/hub/glue.json, from its card)
 GLUE = {name: facts for name, facts in hub_facts("glue").items() if name in ("sst2", "mrpc", "cola", "stsb")}

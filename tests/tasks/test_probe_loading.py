@@ -22,7 +22,7 @@ from PIL import Image as PILImage
 from taskhelpers import compose_task
 
 from runners.train import run
-from tasks import data
+from tasks import splits
 
 _OPENED: list[list[str]] = []
 
@@ -121,12 +121,12 @@ def test_a_probe_reads_the_test_shards_alone_and_the_same_examples(copies) -> No
     data_cfg = OmegaConf.create({"sources": {"country211": src}, "test_size": 12, "train_size": None,
                                  "val_fraction": 0.1, "val_max": 5000, "val_seed": 0})
     with files_opened(copies["country211"]) as probe_files:
-        probe = data.load_test_split("country211", data_cfg, generate=None)
+        probe = splits.load_test_split("country211", data_cfg, generate=None)
     assert probe_files, probe_files
     assert all(f.startswith("test/") or f == "classnames.txt" for f in probe_files), probe_files
     assert len(probe.train) == 0 and len(probe.test) == 12
     with files_opened(copies["country211"]) as run_files:
-        whole = data.load_suite(data_cfg, ["country211"], generate=None)["country211"]
+        whole = splits.load_suite(data_cfg, ["country211"], generate=None)["country211"]
     assert {f for f in run_files if f.startswith("train/")} == {"train/0.tar", "train/1.tar", "train/2.tar"}
     assert probe.test["label"] == whole.test["label"] and probe.classes == whole.classes
 
@@ -136,7 +136,7 @@ def test_a_run_reads_the_splits_it_uses_not_the_copys_extra_ones(copies) -> None
     data_cfg = OmegaConf.create({"sources": {"cars": src}, "test_size": None, "train_size": None,
                                  "val_fraction": 0.1, "val_max": 5000, "val_seed": 0})
     with files_opened(copies["cars"]) as opened:
-        pair = data.load_suite(data_cfg, ["cars"], generate=None)["cars"]
+        pair = splits.load_suite(data_cfg, ["cars"], generate=None)["cars"]
     assert {Path(f).name.split("-")[0] for f in opened} == {"train", "test"}, opened
     assert (len(pair.train), len(pair.validation), len(pair.test)) == (15, 1, 16)
 
