@@ -19,6 +19,7 @@ from tasks.augment import Augment
 from tasks.models import load_pretrained, memory_savers
 from tasks.regimes import regime_name, steps_for_epochs
 from tasks.sampling import TrainData
+from tasks.sources import source_config
 from tasks.splits import EVAL_SPLITS, SplitPair, load_suite
 
 Batch = dict[str, Any]
@@ -60,7 +61,7 @@ class Task(ABC):
     def head_prefixes(self) -> list[str]:
         """Module-name prefixes of the head (`heads`); a trailing "." in config (`heads.`) is tolerated,
         since the runner matches `name == p or name.startswith(p + ".")`."""
-        return [str(p).rstrip(".") for p in self.cfg.get("head_prefixes", [])]
+        return [str(p).rstrip(".") for p in self.cfg.head_prefixes]
 
     @property
     def datasets(self) -> list[str]:
@@ -140,7 +141,7 @@ class Task(ABC):
     @property
     def memory_savers(self) -> dict[str, Any]:
         """Memory-saving switches in effect (gradient checkpointing, base weight dtype), for results."""
-        return memory_savers(self.cfg.get("model"))
+        return memory_savers(self.cfg.model)
 
 
 def selected(all_names: list[str], wanted: str | None) -> list[str]:
@@ -175,21 +176,19 @@ class EpochPlanMixin:
 
     def planned_steps(self, batch_size: int, grad_accum: int = 1) -> int | None:
         data = self.cfg.data
-        shots = data.get("shots")
-        sources = data.get("sources") or {}
         epochs = {}
-        for name in self.datasets:  # type: ignore[attr-defined]
-            per_source = (sources.get(name) or {}).get("epochs")
-            value = data.get("shot_epochs") if shots else (data.get("epochs") or per_source)
+        for name in self.datasets:
+            src = source_config(data, name)
+            value = data.shot_epochs if data.shots else (data.epochs or (src.epochs if src else None))
             if value is None:
                 return None  # no epochs configured: trainer.max_steps decides
             epochs[name] = value
-        min_steps = int(data.get("min_steps_per_epoch", 0) or 0) if shots else 0
+        min_steps = int(data.min_steps_per_epoch) if data.shots else 0
         return steps_for_epochs(self.train_sizes(), epochs, batch_size * grad_accum, min_steps)
 
     @property
     def regime(self) -> str:
-        return regime_name(self.cfg.data.get("shots"), self.cfg.data.get("fraction"))
+        return regime_name(self.cfg.data.shots, self.cfg.data.fraction)
 
 
 class ImageSuiteTask(EpochPlanMixin, Task):
@@ -199,7 +198,7 @@ class ImageSuiteTask(EpochPlanMixin, Task):
     def processor(self) -> object:
         from transformers import AutoImageProcessor
 
-        processor = self.cfg.model.get("processor")  # e.g. DINOv2 with CLIP's statistics (vision/base.yaml)
+        processor = self.cfg.model.processor  # e.g. DINOv2 with CLIP's statistics (vision/base.yaml)
         overrides = OmegaConf.to_container(processor) if processor is not None else {}
         return load_pretrained(AutoImageProcessor.from_pretrained, self.cfg.model.path, **overrides)
 
@@ -208,12 +207,12 @@ class ImageSuiteTask(EpochPlanMixin, Task):
         """Training augmentation (`task.data.augment`); None for the tiny suite."""
         from tasks.augment import from_config
 
-        return from_config(self.cfg.data.get("augment"), self.processor)
+        return from_config(self.cfg.data.augment, self.processor)
 
     @property
     def lazy(self) -> bool:
         """Process pixels per batch (hub datasets) instead of once up front (the tiny suite)."""
-        return self.cfg.data.get("preprocess", "eager") == "lazy"
+        return self.cfg.data.preprocess == "lazy"
 
     @cached_property
     def suite(self) -> dict[str, SplitPair]:

@@ -133,7 +133,7 @@ class ClipTask(ImageSuiteTask):
         objective = self.cfg.objective
         train, test = (self._tokenize(templates_for(objective.prompts[k], pair), pair.classes)
                        for k in ("train", "eval"))
-        images = prepare_images(pair, self.processor, self.lazy, self.augment, int(self.cfg.get("seed", 0)),
+        images = prepare_images(pair, self.processor, self.lazy, self.augment, int(self.cfg.seed),
                                 self.eval_split)
         return Prepared(pair.classes, *images, prompts=train, eval_prompts=test)
 

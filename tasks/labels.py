@@ -16,7 +16,7 @@ def shift_labels(ds: Dataset | None, src: DictConfig) -> Dataset | None:
     """The source's label column plus its `label_offset` (e.g. -1 for a copy whose integer labels are
     1-based), so every task reads labels in [0, num_classes). On a split as loaded (no index mapping) only the
     label column is replaced; images are not rewritten."""
-    offset, column = int(src.get("label_offset") or 0), src.get("label_column") or "label"
+    offset, column = int(src.label_offset or 0), src.label_column or "label"
     if ds is None or offset == 0:
         return ds
     shifted = (np.asarray(ds[column], dtype=np.int64) + offset).tolist()
@@ -28,7 +28,7 @@ def check_labels(name: str, src: DictConfig, classes: list[str], splits: dict[st
     one clear ValueError otherwise, before anything is built on them."""
     for split, ds in splits.items():
         check_label_range(name, split, ds, len(classes))
-        check_label_names(name, split, ds, classes, src.get("name_column"))
+        check_label_names(name, split, ds, classes, src.name_column)
 
 
 def check_label_range(name: str, split: str, ds: Dataset | None, num_classes: int) -> None:

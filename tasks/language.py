@@ -29,6 +29,7 @@ from tasks.models import (
     model_device,
 )
 from tasks.sampling import TrainData, batches
+from tasks.sources import source_config
 from tasks.splits import SplitPair, load_suite
 
 log = logging.getLogger(__name__)
@@ -54,15 +55,14 @@ class LanguageTask(EpochPlanMixin, Task):
         from transformers import AutoModel
 
         m = self.cfg.model
-        kwargs = {**dict(m.get("kwargs") or {}), **load_kwargs(m)}
+        kwargs = {**dict(m.kwargs), **load_kwargs(m)}
         backbone = load_pretrained(AutoModel.from_pretrained, m.path, **kwargs)
         enable_memory_savers(backbone, m)
         outputs = {name: len(pair.classes) or 1 for name, pair in self.suite.items()}
-        head, std = str(m.get("head") or "linear"), m.get("head_init_std")
-        log.info("language task: %s, %s head per dataset: %s", m.path, head, ", ".join(outputs))
-        return HeadedModel(backbone, backbone.config.hidden_size, outputs, pool=m.get("pool", "mean"),
-                           seed=int(self.cfg.data.get("seed", 0)), head=head,
-                           bias=bool(m.get("head_bias", True)), init_std=0.02 if std is None else float(std))
+        log.info("language task: %s, %s head per dataset: %s", m.path, m.head, ", ".join(outputs))
+        return HeadedModel(backbone, backbone.config.hidden_size, outputs, pool=m.pool,
+                           seed=int(self.cfg.data.seed), head=str(m.head), bias=bool(m.head_bias),
+                           init_std=float(m.head_init_std))
 
     @cached_property
     def suite(self) -> dict[str, SplitPair]:
@@ -75,10 +75,9 @@ class LanguageTask(EpochPlanMixin, Task):
         return load_pretrained(AutoTokenizer.from_pretrained, self.cfg.model.path)
 
     def _encode(self, ds: object, regression: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        column = self.cfg.data.get("text_column", "text")
         pair = list(ds["text_pair"]) if "text_pair" in ds.column_names else None
-        tok = self.tokenizer(list(ds[column]), pair, padding=True, truncation=True,
-                             max_length=int(self.cfg.data.get("max_length", 32)), return_tensors="pt")
+        tok = self.tokenizer(list(ds["text"]), pair, padding=True, truncation=True,
+                             max_length=int(self.cfg.data.max_length), return_tensors="pt")
         y = torch.as_tensor(np.asarray(ds["label"]), dtype=torch.float32 if regression else torch.long)
         return tok["input_ids"], tok["attention_mask"], y
 
@@ -125,9 +124,9 @@ class LanguageTask(EpochPlanMixin, Task):
 
     def _metric_names(self, name: str) -> tuple[str, list[str]]:
         """(primary, all) metric names of a dataset: from its source config, else accuracy."""
-        src = (self.cfg.data.get("sources") or {}).get(name) or {}
-        names = list(src.get("metrics") or ["accuracy"])
-        return str(src.get("primary", names[0])), names
+        src = source_config(self.cfg.data, name) or self.cfg.data.source_defaults  # generated: the defaults
+        names = list(src.metrics)
+        return str(src.primary or names[0]), names
 
     def primary_metric(self, dataset: str) -> str:
         return self._metric_names(dataset)[0]

@@ -82,7 +82,7 @@ def hub_revision(path: str, repo_type: str = "model", revision: str | None = Non
 def base_dtype(model_cfg: Any) -> torch.dtype | None:
     """`task.model.dtype` (float32 | bfloat16 | float16 | null): the dtype the frozen pretrained weights
     are loaded in. bfloat16 halves their memory; null keeps the checkpoint's default (float32)."""
-    name = model_cfg.get("dtype") if model_cfg is not None else None
+    name = model_cfg["dtype"]
     if not name:
         return None
     dtype = getattr(torch, str(name), None)
@@ -103,7 +103,7 @@ def enable_memory_savers(model: nn.Module, model_cfg: Any) -> nn.Module:
 
     Non-reentrant checkpointing, so a frozen embedding (inputs without grad) still back-propagates
     into the adapters of the checkpointed blocks."""
-    if model_cfg is None or not model_cfg.get("gradient_checkpointing", False):
+    if not model_cfg["gradient_checkpointing"]:
         return model
     found = False
     for module in model.modules():
@@ -124,7 +124,7 @@ def memory_savers(model_cfg: Any) -> dict[str, Any]:
     """What the run did to save memory, for results.json (`run.memory_savers`)."""
     dtype = base_dtype(model_cfg)
     return {"gradient_checkpointing":
-            bool(model_cfg.get("gradient_checkpointing", False)) if model_cfg else False,
+            bool(model_cfg["gradient_checkpointing"]),
             "base_dtype": str(dtype).removeprefix("torch.") if dtype is not None else "float32"}
 
 

@@ -23,11 +23,11 @@ PROMPTS_DIR = Path(__file__).resolve().parent / "assets" / "prompts"
 def prompt_set(name: str, src: DictConfig) -> dict[str, Any] | None:
     """The source's entry in `tasks/assets/prompts/<prompts>.json` (curated class names + template list,
     each with its public source), when the source names a prompt set; else None."""
-    if not src.get("prompts"):
+    if not src.prompts:
         return None
     path = PROMPTS_DIR / f"{src.prompts}.json"
     table = json.loads(path.read_text())
-    key = str(src.get("prompts_key") or name)  # prompts_key: another dataset's entry
+    key = str(src.prompts_key or name)  # prompts_key: another dataset's entry
     if key not in table:
         raise KeyError(f"prompt set {src.prompts!r} ({path}) has no entry {key!r}; it has "
                        f"{', '.join(k for k in table if not k.startswith('_'))}")
@@ -36,9 +36,9 @@ def prompt_set(name: str, src: DictConfig) -> dict[str, Any] | None:
 
 def source_templates(name: str, src: DictConfig) -> list[str]:
     """Prompt templates: config `templates` (or `template`), else the prompt set's list."""
-    if src.get("templates"):
+    if src.templates:
         return [str(t) for t in src.templates]
-    if src.get("template"):
+    if src.template:
         return [str(src.template)]
     entry = prompt_set(name, src)
     return list(entry["templates"]) if entry else ["a photo of a {}."]
@@ -48,9 +48,9 @@ def source_classes(name: str, src: DictConfig, label_names: list[str] | None) ->
     """Class names for prompts, in label order: config `classes`; else the prompt set's curated names
     aligned to the dataset's own label names (`classes_file`, else the ClassLabel names); else those
     names with underscores as spaces. An empty list means a regression target (GLUE STS-B)."""
-    if src.get("classes"):
+    if src.classes:
         return [str(c) for c in src.classes]
-    if src.get("classes_file"):
+    if src.classes_file:
         label_names = _read_classes_file(name, src)
     entry = prompt_set(name, src)
     if entry is not None:

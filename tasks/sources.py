@@ -12,11 +12,29 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tasks.models import hub_revision
 
 log = logging.getLogger(__name__)
+
+
+def source_config(data_cfg: DictConfig, name: str) -> DictConfig | None:
+    """`task.data.sources.<name>` with every key it leaves out taken from `task.data.source_defaults`; None
+    for a dataset with no source (a generated one)."""
+    if name not in data_cfg.sources:
+        return None
+    return with_source_defaults(data_cfg.source_defaults, data_cfg.sources[name], f"task.data.sources.{name}")
+
+
+def with_source_defaults(defaults: DictConfig, src: DictConfig, key: str) -> DictConfig:
+    """`src` over `defaults` (conf/task/sources/defaults.yaml), so every reader sees every key; a key the
+    defaults do not declare is a misspelling or a key nothing reads: one clear error naming the valid ones."""
+    unknown = sorted(set(src) - set(defaults))
+    if unknown:
+        raise ValueError(f"{key} sets {', '.join(unknown)}, which no data source reads; valid keys: "
+                         f"{', '.join(defaults)} (conf/task/sources/defaults.yaml)")
+    return OmegaConf.merge(defaults, src)  # type: ignore[return-value]  # two DictConfigs merge to one
 
 
 def open_source(name: str, src: DictConfig, key: str | None = None,
@@ -27,7 +45,7 @@ def open_source(name: str, src: DictConfig, key: str | None = None,
     `splits`: the only splits to download and prepare (`load_dataset` prepares every split it is given files
     for, whatever split is asked: datasets 5.2 src/datasets/load.py `load_dataset`); None: all of them."""
     key = key or f"task.data.sources.{name}"
-    path = src.get("path")
+    path = src.path
     if not path:
         raise FileNotFoundError(
             f"dataset {name!r} has no hub id configured (no verified public copy); prepare it locally "
@@ -35,9 +53,9 @@ def open_source(name: str, src: DictConfig, key: str | None = None,
     path = str(path)
     try:
         if Path(path).is_file() and path.endswith((".json", ".jsonl")):  # e.g. LLM-Adapters' test.json files
-            dd = load_dataset("json", data_files={str(src.get("json_split", "train")): path})
+            dd = load_dataset("json", data_files={str(src.json_split): path})
         else:
-            dd = load_from_disk(path) if is_saved_copy(path) else load_dataset(path, src.get("config"),
+            dd = load_from_disk(path) if is_saved_copy(path) else load_dataset(path, src.config,
                                                                                 **hub_kwargs(src, splits))
     except Exception as e:  # network, missing files, wrong id: one clear line
         if is_script_error(e):
@@ -48,7 +66,7 @@ def open_source(name: str, src: DictConfig, key: str | None = None,
             f"could not load dataset {name!r} from {path!r} ({type(e).__name__}): no such local folder and "
             f"could not be reached on the Hugging Face hub. Set {key}.path to a "
             f"save_to_disk copy (made where the hub is reachable: "
-            f"datasets.load_dataset({path!r}, {src.get('config')!r}).save_to_disk(<folder>))."
+            f"datasets.load_dataset({path!r}, {src.config!r}).save_to_disk(<folder>))."
         ) from e
     if not isinstance(dd, DatasetDict):
         raise TypeError(f"dataset {name!r} at {path!r} has no splits; expected a DatasetDict")
@@ -60,7 +78,7 @@ def hub_kwargs(src: DictConfig, splits: list[str] | None = None) -> dict[str, An
     (all splits' files when `splits` is None)."""
     files = split_files(src, splits)
     kwargs: dict[str, Any] = {"data_files": files} if files else {}
-    return {**kwargs, "revision": str(src.revision)} if src.get("revision") else kwargs
+    return {**kwargs, "revision": str(src.revision)} if src.revision else kwargs
 
 
 def split_files(src: DictConfig, splits: list[str] | None) -> dict[str, Any] | None:
@@ -68,7 +86,7 @@ def split_files(src: DictConfig, splits: list[str] | None) -> dict[str, Any] | N
     folders), else the files the repo itself assigns each split (its card's `configs`, else the hub's file
     naming convention), which `load_dataset_builder` resolves from the file listing without downloading
     data. A split the repo lacks is left out here and named by `_check_splits`. None: no restriction."""
-    if src.get("data_files"):
+    if src.data_files:
         files: dict[str, Any] | None = {str(k): str(v) for k, v in src.data_files.items()}
     else:
         files = _repo_split_files(src) if splits is not None else None
@@ -81,8 +99,8 @@ def _repo_split_files(src: DictConfig) -> dict[str, list[str]] | None:
     """{split: resolved files} of a hub repo (or a local clone of one); None where the builder names none."""
     from datasets import load_dataset_builder
 
-    kwargs = {"revision": str(src.revision)} if src.get("revision") else {}
-    data_files = load_dataset_builder(str(src.path), src.get("config"), **kwargs).config.data_files
+    kwargs = {"revision": str(src.revision)} if src.revision else {}
+    data_files = load_dataset_builder(str(src.path), src.config, **kwargs).config.data_files
     return {str(split): list(files) for split, files in data_files.items()} if data_files else None
 
 
@@ -94,7 +112,7 @@ def is_saved_copy(path: str) -> bool:
 def source_revision(src: DictConfig) -> str | None:
     """What results.json records as the source's revision: None for a local folder or file, else the hub
     commit it resolves to (the pinned `revision`, if the source sets one, or the default branch)."""
-    return hub_revision(str(src.path), "dataset", str(src.revision) if src.get("revision") else None)
+    return hub_revision(str(src.path), "dataset", str(src.revision) if src.revision else None)
 
 
 def is_script_error(err: BaseException) -> bool:
@@ -105,8 +123,8 @@ def is_script_error(err: BaseException) -> bool:
 
 def standard_columns(ds: Dataset | None, src: DictConfig) -> Dataset | None:
     """The source's label / image / text columns renamed to the names the tasks read."""
-    renames = [(src.get("label_column"), "label"), (src.get("image_column"), "image"),
-               (src.get("text_column"), "text"), (src.get("text_pair_column"), "text_pair")]
+    renames = [(src.label_column, "label"), (src.image_column, "image"), (src.text_column, "text"),
+               (src.text_pair_column, "text_pair")]
     for col, std in renames:
         if ds is not None and col and col != std:
             ds = ds.rename_column(col, std)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict
@@ -19,7 +18,7 @@ from omegaconf import DictConfig
 from tasks.labels import check_labels, shift_labels
 from tasks.prompts import source_classes, source_templates
 from tasks.regimes import apply_regime
-from tasks.sources import open_source, source_revision, standard_columns
+from tasks.sources import open_source, source_config, source_revision, standard_columns
 
 log = logging.getLogger(__name__)
 # task.data.eval_split: test is reported, validation selects hyper-parameters
@@ -63,11 +62,11 @@ def load_suite(
     templates: dict[str, str] | None = None,
 ) -> dict[str, SplitPair]:
     """Load every dataset in `names`, from its configured source or from `generate(name, split, n, seed)`."""
-    sources = data_cfg.get("sources") or {}
     out = {}
     for name in names:
-        if name in sources:
-            pair = _from_source(name, sources[name], data_cfg)
+        src = source_config(data_cfg, name)
+        if src is not None:
+            pair = _from_source(name, src, data_cfg)
         else:
             pair = _generated(name, data_cfg, generate, (templates or {}).get(name, "{}"))
         # after the hold-out: regimes never see validation
@@ -85,13 +84,14 @@ def _generated(name: str, data_cfg: DictConfig, generate: Callable[[str, str, in
     test's)."""
     train = generate(name, "train", int(data_cfg.train_size), data_seed_of(data_cfg))
     test = generate(name, "test", int(data_cfg.test_size), data_seed_of(data_cfg))
-    train, validation = hold_out(name, train, {}, data_cfg)
+    train, validation = hold_out(name, train, data_cfg.source_defaults, data_cfg)  # no source: the defaults
     if validation is not None and data_cfg.generated_validation:   # held-out words, like test
         validation = generate(name, "validation", len(validation), data_seed_of(data_cfg))
     return SplitPair(name, train.features["label"].names, template, train, test, validation=validation)
 
 
-def hold_out(name: str, train: Dataset, src: Any, data_cfg: DictConfig) -> tuple[Dataset, Dataset | None]:
+def hold_out(name: str, train: Dataset, src: DictConfig, data_cfg: DictConfig
+             ) -> tuple[Dataset, Dataset | None]:
     """(train, validation): a seeded hold-out of train, removed from it for every run (tuning and final runs
     train on the same examples). Its size is the source's `val_size`, else `val_fraction` (the source's,
     else task.data's) of train, at most task.data.val_max; drawn by `holdout_indices` at
@@ -108,15 +108,14 @@ def hold_out(name: str, train: Dataset, src: Any, data_cfg: DictConfig) -> tuple
     return train.select(keep), train.select(held)
 
 
-def validation_size(n: int, src: Any, data_cfg: DictConfig) -> int:
+def validation_size(n: int, src: DictConfig, data_cfg: DictConfig) -> int:
     """Examples held out of `n`: the source's `val_size`, else floor(fraction x n) capped at `val_max` (at
     least 1 when the fraction is positive), as the official split_train_into_train_val sizes it (RandLoRA
     vision_language/src/datasets/registry.py:58-63, get_dataset val_fraction=0.1, max_val_samples=5000
     :170)."""
-    if src.get("val_size") is not None:
+    if src.val_size is not None:
         return int(src.val_size)
-    fraction = float(src.get("val_fraction") if src.get("val_fraction") is not None
-                     else data_cfg.val_fraction)
+    fraction = float(src.val_fraction if src.val_fraction is not None else data_cfg.val_fraction)
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"dataset validation fraction {fraction} is not valid: use a number in [0, 1)")
     if fraction == 0.0:
@@ -135,7 +134,7 @@ def holdout_indices(n: int, size: int, seed: int) -> tuple[list[int], list[int]]
 
 def data_seed_of(data_cfg: DictConfig) -> int:
     """Seed of generated data: fixed by config, not the run seed, so test sets match across seeds."""
-    return int(data_cfg.get("seed", 0))
+    return int(data_cfg.seed)
 
 
 def _from_source(name: str, src: DictConfig, data_cfg: DictConfig) -> SplitPair:
@@ -145,8 +144,7 @@ def _from_source(name: str, src: DictConfig, data_cfg: DictConfig) -> SplitPair:
     `label_column`, `label_offset` (added to every label: -1 for 1-based labels), `name_column` (a column
     naming each row's class, checked against the prompts' names), and `classes` or `classes_file` (else the
     ClassLabel names). Every split's labels are checked against the class count."""
-    train_split, test_split, val_split = (src.get("train_split", "train"), src.get("test_split", "test"),
-                                          src.get("val_split"))
+    train_split, test_split, val_split = src.train_split, src.test_split, src.val_split
     dd = open_source(name, src, splits=[s for s in (train_split, test_split, val_split) if s is not None])
     _check_splits(name, src, dd, train_split, test_split, val_split)
     train, test, validation = _source_splits(name, src, dd, data_cfg, train_split, test_split, val_split)
@@ -154,8 +152,8 @@ def _from_source(name: str, src: DictConfig, data_cfg: DictConfig) -> SplitPair:
     classes = _label_classes(name, src, train)
     check_labels(name, src, classes, {train_split: train, test_split or "test": test,
                                       val_split or "validation": validation})
-    train, test = cap(train, data_cfg.get("train_size")), cap(test, data_cfg.get("test_size"))
-    validation = cap(validation, data_cfg.get("test_size"))  # an evaluation split: the same cap as test
+    train, test = cap(train, data_cfg.train_size), cap(test, data_cfg.test_size)
+    validation = cap(validation, data_cfg.test_size)  # an evaluation split: the same cap as test
     return _source_pair(name, src, classes, train, test, validation)
 
 
@@ -177,11 +175,11 @@ def load_test_split(name: str, data_cfg: DictConfig, generate: Callable[[str, st
     """One dataset's test split alone (capped at task.data.test_size), for a probe that only scores it: no
     train shard is downloaded, prepared or generated and no validation hold-out is drawn; its train split is
     empty. The same examples as `load_suite`'s test split (the same split, the same seeded cap)."""
-    src = (data_cfg.get("sources") or {}).get(name)
+    src = source_config(data_cfg, name)
     if src is None:
         test = generate(name, "test", int(data_cfg.test_size), data_seed_of(data_cfg))
         return SplitPair(name, test.features["label"].names, template, test.select([]), test)
-    train_split, test_split = src.get("train_split", "train"), src.get("test_split", "test")
+    train_split, test_split = src.train_split, src.test_split
     read = test_split if test_split is not None else train_split  # no test split: its hold-out of train
     dd = open_source(name, src, splits=[read])
     _check_splits(name, src, dd, read, None, None)
@@ -189,14 +187,14 @@ def load_test_split(name: str, data_cfg: DictConfig, generate: Callable[[str, st
     test = standard_columns(test if test_split is not None else _test_hold_out(test, src)[1], src)
     classes = _label_classes(name, src, test)
     check_labels(name, src, classes, {read: test})
-    test = cap(test, data_cfg.get("test_size"))
+    test = cap(test, data_cfg.test_size)
     return _source_pair(name, src, classes, test.select([]), test, None)
 
 
 def _test_hold_out(train: Dataset, src: DictConfig) -> tuple[Dataset, Dataset]:
     """(train, test) of a copy with no test split (e.g. Caltech101): a fixed seeded `test_fraction` of
     train."""
-    parts = train.train_test_split(test_size=float(src.get("test_fraction", 0.2)), seed=0)
+    parts = train.train_test_split(test_size=float(src.test_fraction), seed=0)
     return parts["train"], parts["test"]
 
 

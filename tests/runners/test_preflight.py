@@ -11,6 +11,7 @@ from rbtest import ROOT, compose_config
 
 import methods
 from runners import preflight
+from tasks.sources import source_config
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_a_suite_is_checked_from_metadata_with_every_problem_listed(copies, monk
 def test_a_script_based_hub_repo_is_named_as_such(monkeypatch):
     monkeypatch.setattr(preflight, "_repo_files", lambda path: ["imagenet-1k.py", "README.md", "classes.py"])
     cfg = compose_config(["task=clip", "size=base"])
-    src = cfg.task.data.sources.imagenet.copy()
+    src = source_config(cfg.task.data, "imagenet")
     src.path = "ILSVRC/imagenet-1k"
     record = preflight.check_dataset("imagenet", src, cfg.task)
     assert record.problems == [("ILSVRC/imagenet-1k ships a loading script (imagenet-1k.py), which "
