@@ -45,7 +45,8 @@ def check_label_range(name: str, split: str, ds: Dataset | None, num_classes: in
 
 def check_label_names(name: str, split: str, ds: Dataset | None, classes: list[str],
                       column: str | None) -> None:
-    """One clear error when a copy's own row names contradict the prompts' class names (label_names_problem)."""
+    """One clear error when a copy's own row names contradict the prompts' class names
+    (`label_names_problem`)."""
     if ds is None or not column or not classes or len(ds) == 0:
         return
     pairs = list(zip(np.asarray(ds["label"]).tolist(), ds[column], strict=True))

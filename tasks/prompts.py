@@ -71,18 +71,8 @@ def align_classes(name: str, curated: list[str], label_names: list[str] | None,
     if len(label_names) != len(curated):
         raise ValueError(f"dataset {name!r} has {len(label_names)} labels but its curated class names "
                          f"list {len(curated)}; set task.data.sources.{name}.classes=[...] or prompts=null")
-    free: dict[str, list[int]] = {}
-    for i, c in enumerate(curated):
-        for k in name_keys(c):
-            free.setdefault(k, []).append(i)
-    taken: set[int] = set()
-    out: list[str | None] = []
-    for label in label_names:
-        i = next((i for k in name_keys(str(label)) for i in free.get(k, []) if i not in taken), None)
-        taken.add(i) if i is not None else None
-        out.append(curated[i] if i is not None else None)
-    rest = iter(c for i, c in enumerate(curated) if i not in taken)
-    unmatched = [str(label) for label, c in zip(label_names, out, strict=True) if c is None]
+    matched = _match_names(curated, label_names)
+    unmatched = [str(label) for label, i in zip(label_names, matched, strict=True) if i is None]
     if len(unmatched) > max_unmatched * len(curated):
         raise ValueError(f"curated class names of {name!r} do not match the dataset's label names "
                          f"({len(unmatched)} of {len(curated)} unmatched, e.g. {unmatched[:3]}); set "
@@ -90,7 +80,26 @@ def align_classes(name: str, curated: list[str], label_names: list[str] | None,
     if unmatched:
         log.info("%s: label names %s matched no curated name; given the remaining ones in order",
                  name, unmatched)
-    return [c if c is not None else next(rest) for c in out]
+    taken = set(matched)
+    rest = iter(c for i, c in enumerate(curated) if i not in taken)
+    return [curated[i] if i is not None else next(rest) for i in matched]
+
+
+def _match_names(curated: list[str], label_names: list[str]) -> list[int | None]:
+    """Per label name, the index of the first curated name not yet taken that shares a key with it (None:
+    no match)."""
+    free: dict[str, list[int]] = {}
+    for i, c in enumerate(curated):
+        for k in name_keys(c):
+            free.setdefault(k, []).append(i)
+    taken: set[int] = set()
+    matched: list[int | None] = []
+    for label in label_names:
+        i = next((i for k in name_keys(str(label)) for i in free.get(k, []) if i not in taken), None)
+        if i is not None:
+            taken.add(i)
+        matched.append(i)
+    return matched
 
 
 def name_keys(name: str) -> list[str]:

@@ -45,32 +45,41 @@ def open_source(name: str, src: DictConfig, key: str | None = None,
     `splits`: the only splits to download and prepare (`load_dataset` prepares every split it is given files
     for, whatever split is asked: datasets 5.2 src/datasets/load.py `load_dataset`); None: all of them."""
     key = key or f"task.data.sources.{name}"
-    path = src.path
-    if not path:
+    if not src.path:
         raise FileNotFoundError(
             f"dataset {name!r} has no hub id configured (no verified public copy); prepare it locally "
             f"(DatasetDict.save_to_disk, or a .json file) and set {key}.path=<folder or file>.")
-    path = str(path)
+    path = str(src.path)
     try:
-        if Path(path).is_file() and path.endswith((".json", ".jsonl")):  # e.g. LLM-Adapters' test.json files
-            dd = load_dataset("json", data_files={str(src.json_split): path})
-        else:
-            dd = load_from_disk(path) if is_saved_copy(path) else load_dataset(path, src.config,
-                                                                                **hub_kwargs(src, splits))
+        dd = _load(path, src, splits)
     except Exception as e:  # network, missing files, wrong id: one clear line
-        if is_script_error(e):
-            raise RuntimeError(
-                f"dataset {name!r} at {path!r} is a script-based hub repo, which datasets>=4 no longer "
-                f"loads: point {key}.path at a parquet/webdataset copy or a local save_to_disk folder") from e
-        raise FileNotFoundError(
-            f"could not load dataset {name!r} from {path!r} ({type(e).__name__}): no such local folder and "
-            f"could not be reached on the Hugging Face hub. Set {key}.path to a "
-            f"save_to_disk copy (made where the hub is reachable: "
-            f"datasets.load_dataset({path!r}, {src.config!r}).save_to_disk(<folder>))."
-        ) from e
+        raise _load_error(name, path, src, key, e) from e
     if not isinstance(dd, DatasetDict):
         raise TypeError(f"dataset {name!r} at {path!r} has no splits; expected a DatasetDict")
     return dd
+
+
+def _load(path: str, src: DictConfig, splits: list[str] | None) -> Any:
+    """The loader `path` calls for: json for a local .json/.jsonl file, load_from_disk for a saved copy, else
+    load_dataset (a hub id or a clone of a hub repo)."""
+    if Path(path).is_file() and path.endswith((".json", ".jsonl")):  # e.g. LLM-Adapters' test.json files
+        return load_dataset("json", data_files={str(src.json_split): path})
+    if is_saved_copy(path):
+        return load_from_disk(path)
+    return load_dataset(path, src.config, **hub_kwargs(src, splits))
+
+
+def _load_error(name: str, path: str, src: DictConfig, key: str, err: Exception) -> Exception:
+    """The one-line error of a failed load: a script-based hub repo, or a copy neither here nor reachable."""
+    if is_script_error(err):
+        return RuntimeError(
+            f"dataset {name!r} at {path!r} is a script-based hub repo, which datasets>=4 no longer "
+            f"loads: point {key}.path at a parquet/webdataset copy or a local save_to_disk folder")
+    return FileNotFoundError(
+        f"could not load dataset {name!r} from {path!r} ({type(err).__name__}): no such local folder and "
+        f"could not be reached on the Hugging Face hub. Set {key}.path to a "
+        f"save_to_disk copy (made where the hub is reachable: "
+        f"datasets.load_dataset({path!r}, {src.config!r}).save_to_disk(<folder>)).")
 
 
 def hub_kwargs(src: DictConfig, splits: list[str] | None = None) -> dict[str, Any]:
