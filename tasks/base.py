@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from tasks import images
-from tasks.augment import Augment
+from tasks.augment import Augment, from_config
 from tasks.models import load_pretrained, memory_savers
 from tasks.regimes import regime_name, steps_for_epochs
 from tasks.sampling import TrainData
@@ -177,7 +177,7 @@ class EpochPlanMixin:
     def planned_steps(self, batch_size: int, grad_accum: int = 1) -> int | None:
         data = self.cfg.data
         epochs = {}
-        for name in self.datasets:
+        for name in self.datasets:  # type: ignore[attr-defined]
             src = source_config(data, name)
             value = data.shot_epochs if data.shots else (data.epochs or (src.epochs if src else None))
             if value is None:
@@ -205,8 +205,6 @@ class ImageSuiteTask(EpochPlanMixin, Task):
     @cached_property
     def augment(self) -> Augment | None:
         """Training augmentation (`task.data.augment`); None for the tiny suite."""
-        from tasks.augment import from_config
-
         return from_config(self.cfg.data.augment, self.processor)
 
     @property
