@@ -48,7 +48,7 @@ from torch import nn
 
 import methods
 from runners.engine.measure import matrix_ranks
-from tasks.common import enable_memory_savers
+from tasks.models import enable_memory_savers
 
 log = logging.getLogger(__name__)
 

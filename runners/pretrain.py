@@ -21,7 +21,7 @@ from tqdm import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
 
 from tasks import images, render
-from tasks.common import ASSETS_DIR
+from tasks.models import ASSETS_DIR
 
 log = logging.getLogger("rankbench.pretrain")
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]  # ids 0..3; eos != 2 so CLIP pools at the first <eos>

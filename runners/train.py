@@ -51,8 +51,8 @@ from runners.engine.suite import dataset_config, suite_datasets, summary_record
 from runners.record.builder import finish, new_record, record_adaptation, size_name, summary_table
 from runners.record.logger import log_suite, make_logger, suite_group
 from runners.record.results import is_complete, read_results, read_tuning, write_results
-from tasks.common import hub_revision, resolve_model_path
 from tasks.forgetting import forgetting_metrics
+from tasks.models import hub_revision, resolve_model_path
 
 log = logging.getLogger(__name__)
 

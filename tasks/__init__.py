@@ -28,7 +28,7 @@ def available() -> list[str]:
 def build(cfg: DictConfig) -> Task:
     """Build the task described by the `task` config node (its `kind` selects the class)."""
     _import_all()
-    kind = cfg.get("kind")
+    kind = cfg.kind
     if kind not in _REGISTRY:
         raise ValueError(f"unknown task kind {kind!r}; valid kinds: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[kind](cfg)

@@ -83,8 +83,8 @@ def from_config(cfg: object, processor: object) -> Augment | None:
     processor's crop size (224 for the CLIP and DINOv2 checkpoints)."""
     if not cfg:
         return None
-    size = cfg.get("size") or (getattr(processor, "crop_size", None) or {}).get("height")
+    size = cfg.size or (getattr(processor, "crop_size", None) or {}).get("height")
     if not size:
         raise ValueError("task.data.augment.size is null and the image processor has no crop_size; set it")
-    return Augment(int(size), tuple(float(s) for s in cfg.get("scale", (0.5, 1.0))),
-                   float(cfg.get("flip", 0.5)))
+    return Augment(int(size), tuple(float(s) for s in cfg.scale),
+                   float(cfg.flip))

@@ -1,4 +1,4 @@
-"""The task contract: what the runner needs from a task, and nothing more.
+"""The task contract (what the runner needs from a task, and nothing more) and the tasks' shared bases.
 
 A task owns its backbone, its data and its metric. The runner owns the adaptation method, the
 optimizer and the measurements, so every method is measured the same way on every task.
@@ -7,18 +7,22 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from functools import cached_property
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-if TYPE_CHECKING:
-    from tasks.common import TrainData
+from tasks import images
+from tasks.augment import Augment, from_config
+from tasks.models import load_pretrained, memory_savers
+from tasks.regimes import regime_name, steps_for_epochs
+from tasks.sampling import TrainData
+from tasks.sources import source_config
+from tasks.splits import EVAL_SPLITS, SplitPair, load_suite
 
 Batch = dict[str, Any]
-# task.data.eval_split: test is reported, validation selects hyper-parameters
-EVAL_SPLITS = ("test", "validation")
 
 
 class Task(ABC):
@@ -30,8 +34,8 @@ class Task(ABC):
       * `target_modules` names the Linear layers adapters wrap (suffixes or a regex), from config.
       * `head_prefixes` are parameter-name prefixes trained for every method (the task head); an empty
         list for CLIP, whose "head" is the text tower's class prompts.
-      * `train_data()` is the training data, map-style (`tasks.common.TrainData`): the runner's DataLoader
-        (runners/data.py) samples it, so workers decode and a resumed run jumps to its next batch;
+      * `train_data()` is the training data, map-style (`tasks.sampling.TrainData`): the runner's DataLoader
+        samples it, so workers decode and a resumed run jumps to its next batch;
         `train_batches(batch_size, generator)` is the same stream without a DataLoader (tests, tools).
       * `loss(model, batch)` returns a scalar loss; `evaluate(model)` returns top-1 accuracy per dataset
         on the split `eval_split` names (test, or the validation split hyper-parameters are chosen on).
@@ -57,12 +61,13 @@ class Task(ABC):
     def head_prefixes(self) -> list[str]:
         """Module-name prefixes of the head (`heads`); a trailing "." in config (`heads.`) is tolerated,
         since the runner matches `name == p or name.startswith(p + ".")`."""
-        return [str(p).rstrip(".") for p in self.cfg.get("head_prefixes", [])]
+        return [str(p).rstrip(".") for p in self.cfg.head_prefixes]
 
     @property
-    @abstractmethod
     def datasets(self) -> list[str]:
-        """Names of the evaluation datasets of this run (one or several)."""
+        """Names of the evaluation datasets of this run: the suite's `task.data.datasets`, or the one
+        `task.dataset` names."""
+        return selected(list(self.cfg.data.datasets), self.cfg.dataset)
 
     @abstractmethod
     def build_model(self) -> nn.Module: ...
@@ -136,6 +141,78 @@ class Task(ABC):
     @property
     def memory_savers(self) -> dict[str, Any]:
         """Memory-saving switches in effect (gradient checkpointing, base weight dtype), for results."""
-        from tasks.common import memory_savers
+        return memory_savers(self.cfg.model)
 
-        return memory_savers(self.cfg.get("model"))
+
+def selected(all_names: list[str], wanted: str | None) -> list[str]:
+    """The datasets of this run: all of the suite, or the one `dataset=` names (checked)."""
+    if wanted is None:
+        return list(all_names)
+    if wanted not in all_names:
+        raise ValueError(f"unknown dataset {wanted!r} for this task; valid: {', '.join(all_names)}")
+    return [wanted]
+
+
+class EpochPlanMixin:
+    """`planned_steps`: trainer.max_steps derived from epochs, for tasks whose config names them.
+
+    Epochs come from `task.data.epochs` (one number for every dataset) or each source's `epochs`
+    (the paper's per-dataset table); in a k-shot regime from `task.data.shot_epochs`, with at least
+    `task.data.min_steps_per_epoch` steps per epoch (the RandLoRA over-sampling rule)."""
+
+    cfg: DictConfig
+
+    @property
+    def dataset_revisions(self) -> dict[str, str | None]:
+        """Each dataset's hub revision (None: local or generated data), recorded in results.json."""
+        return {name: pair.revision for name, pair in self.suite.items()}  # type: ignore[attr-defined]
+
+    def train_sizes(self) -> dict[str, int]:
+        return {name: len(pair.train) for name, pair in self.suite.items()}  # type: ignore[attr-defined]
+
+    def eval_examples(self) -> dict[str, int]:
+        split = self.eval_split  # type: ignore[attr-defined]
+        return {name: len(pair.scored(split)) for name, pair in self.suite.items()}  # type: ignore[attr-defined]
+
+    def planned_steps(self, batch_size: int, grad_accum: int = 1) -> int | None:
+        data = self.cfg.data
+        epochs = {}
+        for name in self.datasets:  # type: ignore[attr-defined]
+            src = source_config(data, name)
+            value = data.shot_epochs if data.shots else (data.epochs or (src.epochs if src else None))
+            if value is None:
+                return None  # no epochs configured: trainer.max_steps decides
+            epochs[name] = value
+        min_steps = int(data.min_steps_per_epoch) if data.shots else 0
+        return steps_for_epochs(self.train_sizes(), epochs, batch_size * grad_accum, min_steps)
+
+    @property
+    def regime(self) -> str:
+        return regime_name(self.cfg.data.shots, self.cfg.data.fraction)
+
+
+class ImageSuiteTask(EpochPlanMixin, Task):
+    """Shared by clip and vision: the image suite of `task.data`, restricted by `task.dataset`."""
+
+    @cached_property
+    def processor(self) -> object:
+        from transformers import AutoImageProcessor
+
+        processor = self.cfg.model.processor  # e.g. DINOv2 with CLIP's statistics (vision/base.yaml)
+        overrides = OmegaConf.to_container(processor) if processor is not None else {}
+        return load_pretrained(AutoImageProcessor.from_pretrained, self.cfg.model.path, **overrides)
+
+    @cached_property
+    def augment(self) -> Augment | None:
+        """Training augmentation (`task.data.augment`); None for the tiny suite."""
+        return from_config(self.cfg.data.augment, self.processor)
+
+    @property
+    def lazy(self) -> bool:
+        """Process pixels per batch (hub datasets) instead of once up front (the tiny suite)."""
+        return self.cfg.data.preprocess == "lazy"
+
+    @cached_property
+    def suite(self) -> dict[str, SplitPair]:
+        templates = {k: s.template for k, s in images.SPECS.items()}
+        return load_suite(self.cfg.data, self.datasets, images.make_split, templates)

@@ -25,18 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from tasks import forgetting, images, metrics, register
-from tasks.base import Batch
-from tasks.common import (
-    TrainData,
-    batches,
-    enable_memory_savers,
-    eval_mode,
-    gather_rows,
-    load_kwargs,
-    load_pretrained,
-    model_device,
-)
-from tasks.data import ImageSuiteTask, SplitPair, load_test_split, prepare_images, train_pixels
+from tasks.base import Batch, ImageSuiteTask
+from tasks.gather import gather_rows
+from tasks.models import enable_memory_savers, eval_mode, load_kwargs, load_pretrained, model_device
+from tasks.pixels import prepare_images, train_pixels
+from tasks.sampling import TrainData, batches
+from tasks.splits import SplitPair, load_test_split
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +47,7 @@ class Prepared:
     """A dataset as tensors: normalised pixels, labels and tokenised class prompts (templates x classes)."""
 
     classes: list[str]
-    train_x: torch.Tensor  # or tasks.data.LazyPixels (indexes the same way)
+    train_x: torch.Tensor  # or tasks.pixels.LazyPixels (indexes the same way)
     train_y: torch.Tensor
     test_x: torch.Tensor  # the scored split: task.data.eval_split (test, or validation when tuning)
     test_y: torch.Tensor
@@ -139,7 +133,7 @@ class ClipTask(ImageSuiteTask):
         objective = self.cfg.objective
         train, test = (self._tokenize(templates_for(objective.prompts[k], pair), pair.classes)
                        for k in ("train", "eval"))
-        images = prepare_images(pair, self.processor, self.lazy, self.augment, int(self.cfg.get("seed", 0)),
+        images = prepare_images(pair, self.processor, self.lazy, self.augment, int(self.cfg.seed),
                                 self.eval_split)
         return Prepared(pair.classes, *images, prompts=train, eval_prompts=test)
 
@@ -149,7 +143,7 @@ class ClipTask(ImageSuiteTask):
         return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
 
     def train_data(self) -> TrainData:
-        """Map-style training data (runners/data.py feeds it to a DataLoader); lazy pixels decode in
+        """Map-style training data (the runner feeds it to a DataLoader); lazy pixels decode in
         workers."""
         return TrainData({k: len(d.train_y) for k, d in self.data.items()}, self.train_batch,
                          in_memory=not self.lazy)

@@ -36,19 +36,12 @@ from torch import nn
 
 from tasks import forgetting, register
 from tasks.base import Batch, Task
-from tasks.common import (
-    TrainData,
-    batches,
-    enable_memory_savers,
-    eval_mode,
-    load_kwargs,
-    load_pretrained,
-    model_device,
-    per_process_share,
-    selected,
-)
-from tasks.data import cap, open_source
+from tasks.gather import per_process_share
+from tasks.models import enable_memory_savers, eval_mode, load_kwargs, load_pretrained, model_device
 from tasks.regimes import steps_for_epochs
+from tasks.sampling import TrainData, batches
+from tasks.sources import open_source, source_config, with_source_defaults
+from tasks.splits import cap
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens the loss skips (padding; the prompt when train_on_inputs is false)
@@ -170,10 +163,6 @@ class CommonsenseTask(Task):
 
     trains_per_dataset = False  # one adapter trained on the mixed commonsense set, scored on 8 benchmarks
 
-    @property
-    def datasets(self) -> list[str]:
-        return selected(list(self.cfg.data.datasets), self.cfg.get("dataset"))
-
     def build_model(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
@@ -224,10 +213,10 @@ class CommonsenseTask(Task):
     def options(self, name: str, row: dict, keywords: list[str]) -> tuple[list[str], int]:
         """One example's option texts and the gold one's index: parsed from the instruction by the
         benchmark's `choice_label` (keyword i names option i+1), or the keywords themselves (BoolQ)."""
-        d, src = self.cfg.data, self.cfg.data.sources[name]
+        d, src = self.cfg.data, source_config(self.cfg.data, name)
         answer = str(row[d.answer_column])
         gold = keywords.index(answer) if answer in keywords else -1
-        if not src.get("choice_label"):
+        if not src.choice_label:
             return keywords, gold
         found = option_texts(row[d.instruction_column], str(src.choice_label))
         if not found or (gold >= 0 and gold + 1 not in found):
@@ -242,11 +231,11 @@ class CommonsenseTask(Task):
 
     @cached_property
     def _train_and_val(self) -> tuple[Dataset, Dataset | None]:
-        d, src = self.cfg.data, self.cfg.data.train
-        split = src.get("split", "train")
-        ds = open_source("train", src, key="task.data.train", splits=[split])[split]
-        train, val = hold_out(ds, int(d.get("val_set_size") or 0), int(d.get("val_seed", 42)))
-        return cap(train, d.get("train_size")), val
+        d = self.cfg.data
+        src = with_source_defaults(d.source_defaults, d.train, "task.data.train")
+        ds = open_source("train", src, key="task.data.train", splits=[src.split])[src.split]
+        train, val = hold_out(ds, int(d.val_set_size or 0), int(d.val_seed))
+        return cap(train, d.train_size), val
 
     @property
     def train_set(self) -> Dataset:
@@ -261,13 +250,12 @@ class CommonsenseTask(Task):
     def test_sets(self) -> dict[str, Dataset]:
         out = {}
         for name in self.datasets:
-            src = self.cfg.data.sources[name]
-            split = src.get("test_split", "test")
-            ds = open_source(name, src, splits=[split])[split]
-            if src.get("size") and len(ds) != int(src.size):
+            src = source_config(self.cfg.data, name)
+            ds = open_source(name, src, splits=[src.test_split])[src.test_split]
+            if src.size and len(ds) != int(src.size):
                 log.warning("%s: %d test examples where the official test set has %d "
                             "(task.data.sources.%s.size)", name, len(ds), int(src.size), name)
-            out[name] = cap(ds, self.cfg.data.get("test_size"))
+            out[name] = cap(ds, self.cfg.data.test_size)
         return out
 
     def train_data(self) -> TrainData:
@@ -289,7 +277,7 @@ class CommonsenseTask(Task):
         return total / per_process_share(count)  # per token of the whole (data-parallel) batch
 
     def planned_steps(self, batch_size: int, grad_accum: int = 1) -> int | None:
-        epochs = self.cfg.data.get("epochs")
+        epochs = self.cfg.data.epochs
         if epochs is None:
             return None
         return steps_for_epochs({TRAIN: len(self.train_set)}, {TRAIN: epochs}, batch_size * grad_accum)
@@ -305,7 +293,7 @@ class CommonsenseTask(Task):
         """accuracy (answer-keyword, the headline), acc, acc_norm, acc_bytes per benchmark, and the
         validation hold-out's loss (`val_loss`) in each entry; with task.data.eval_split=validation, the
         hold-out's answer accuracy and `loss` instead (see `validation_metrics`)."""
-        batch_size = min(batch_size, int(self.cfg.data.get("score_batch_size") or batch_size))
+        batch_size = min(batch_size, int(self.cfg.data.score_batch_size or batch_size))
         if self.eval_split == "validation":
             return {VALIDATION: self.validation_metrics(model, batch_size)}
         with eval_mode(model):
@@ -319,7 +307,7 @@ class CommonsenseTask(Task):
 
     def validation_loss(self, model: nn.Module, batch_size: int) -> float | None:
         """Token-mean training loss (same encoding and mask) on the hold-out; None without one."""
-        if not self.cfg.data.get("val_set_size") or self.val_set is None:
+        if not self.cfg.data.val_set_size or self.val_set is None:
             return None
         ds = self.val_set
         total, count = 0.0, 0
@@ -356,7 +344,7 @@ class CommonsenseTask(Task):
         """Keyword accuracy, and the lm-eval option metrics unless task.data.score_options is false."""
         d, tok = self.cfg.data, self.tokenizer
         keywords = [str(c) for c in d.sources[name].choices]
-        score_options = bool(d.get("score_options", True))
+        score_options = bool(d.score_options)
         examples, requests = [], []
         for row in ds:
             context = self.eval_context(row)

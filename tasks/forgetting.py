@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from tasks.common import ASSETS_DIR, eval_mode, load_pretrained, model_device
+from tasks.models import ASSETS_DIR, eval_mode, load_pretrained, model_device
 
 log = logging.getLogger(__name__)
 

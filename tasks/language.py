@@ -19,19 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks import forgetting, metrics, register, sentences
-from tasks.base import Batch, Task
-from tasks.common import (
+from tasks.base import Batch, EpochPlanMixin, Task
+from tasks.models import (
     HeadedModel,
-    TrainData,
-    batches,
     enable_memory_savers,
     eval_mode,
     load_kwargs,
     load_pretrained,
     model_device,
-    selected,
 )
-from tasks.data import EpochPlanMixin, SplitPair, load_suite
+from tasks.sampling import TrainData, batches
+from tasks.sources import source_config
+from tasks.splits import SplitPair, load_suite
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +51,18 @@ class LanguageTask(EpochPlanMixin, Task):
     """Encoder + `heads.<dataset>` heads over the sentence suite; top-1 (or the primary metric) per
     dataset."""
 
-    @property
-    def datasets(self) -> list[str]:
-        return selected(list(self.cfg.data.datasets), self.cfg.get("dataset"))
-
     def build_model(self) -> nn.Module:
         from transformers import AutoModel
 
         m = self.cfg.model
-        kwargs = {**dict(m.get("kwargs") or {}), **load_kwargs(m)}
+        kwargs = {**dict(m.kwargs), **load_kwargs(m)}
         backbone = load_pretrained(AutoModel.from_pretrained, m.path, **kwargs)
         enable_memory_savers(backbone, m)
         outputs = {name: len(pair.classes) or 1 for name, pair in self.suite.items()}
-        head, std = str(m.get("head") or "linear"), m.get("head_init_std")
-        log.info("language task: %s, %s head per dataset: %s", m.path, head, ", ".join(outputs))
-        return HeadedModel(backbone, backbone.config.hidden_size, outputs, pool=m.get("pool", "mean"),
-                           seed=int(self.cfg.data.get("seed", 0)), head=head,
-                           bias=bool(m.get("head_bias", True)), init_std=0.02 if std is None else float(std))
+        log.info("language task: %s, %s head per dataset: %s", m.path, m.head, ", ".join(outputs))
+        return HeadedModel(backbone, backbone.config.hidden_size, outputs, pool=m.pool,
+                           seed=int(self.cfg.data.seed), head=str(m.head), bias=bool(m.head_bias),
+                           init_std=float(m.head_init_std))
 
     @cached_property
     def suite(self) -> dict[str, SplitPair]:
@@ -81,10 +75,9 @@ class LanguageTask(EpochPlanMixin, Task):
         return load_pretrained(AutoTokenizer.from_pretrained, self.cfg.model.path)
 
     def _encode(self, ds: object, regression: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        column = self.cfg.data.get("text_column", "text")
         pair = list(ds["text_pair"]) if "text_pair" in ds.column_names else None
-        tok = self.tokenizer(list(ds[column]), pair, padding=True, truncation=True,
-                             max_length=int(self.cfg.data.get("max_length", 32)), return_tensors="pt")
+        tok = self.tokenizer(list(ds["text"]), pair, padding=True, truncation=True,
+                             max_length=int(self.cfg.data.max_length), return_tensors="pt")
         y = torch.as_tensor(np.asarray(ds["label"]), dtype=torch.float32 if regression else torch.long)
         return tok["input_ids"], tok["attention_mask"], y
 
@@ -131,9 +124,9 @@ class LanguageTask(EpochPlanMixin, Task):
 
     def _metric_names(self, name: str) -> tuple[str, list[str]]:
         """(primary, all) metric names of a dataset: from its source config, else accuracy."""
-        src = (self.cfg.data.get("sources") or {}).get(name) or {}
-        names = list(src.get("metrics") or ["accuracy"])
-        return str(src.get("primary", names[0])), names
+        src = source_config(self.cfg.data, name) or self.cfg.data.source_defaults  # generated: the defaults
+        names = list(src.metrics)
+        return str(src.primary or names[0]), names
 
     def primary_metric(self, dataset: str) -> str:
         return self._metric_names(dataset)[0]

@@ -66,7 +66,7 @@ def compute(names: list[str], pred: np.ndarray, y: np.ndarray) -> dict[str, floa
 def classification(logits: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> dict[str, float]:
     """Top-1 `accuracy` (correct / n) and the mean cross-entropy `loss` of `scale * logits` (CLIP's
     temperature) on one dataset's eval split; the loss breaks ties between learning rates that score the
-    same accuracy (runners/sweeper.py choose_lr)."""
+    same accuracy (runners/sweeps/sweeper.py choose_lr)."""
     logits = logits.float()
     return {"accuracy": logits.argmax(-1).eq(y).sum().item() / len(y),
             "loss": F.cross_entropy(scale * logits, y).item()}

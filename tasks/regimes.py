@@ -19,8 +19,6 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE = "~/.cache/rankbench/regimes"
-
 
 def regime_name(shots: int | None, fraction: float | None) -> str:
     """`16shot`, `frac0.5` or `full`: what the run trained on (also the cache key)."""
@@ -51,11 +49,11 @@ def sample_indices(labels: np.ndarray, shots: int | None, fraction: float | None
 
 def apply_regime(name: str, train: Dataset, data_cfg: DictConfig) -> Dataset:
     """The train split restricted to `task.data.shots` / `task.data.fraction` (cached per seed)."""
-    shots, fraction = data_cfg.get("shots"), data_cfg.get("fraction")
+    shots, fraction = data_cfg.shots, data_cfg.fraction
     regime = regime_name(shots, fraction)
     if regime == "full":
         return train
-    seed = int(data_cfg.get("sample_seed", 0) or 0)
+    seed = int(data_cfg.sample_seed or 0)
     path = _cache_path(data_cfg, name, train, regime, seed)
     if path is not None and path.is_file():
         idx = np.asarray(json.loads(path.read_text())["indices"], dtype=np.int64)
@@ -68,7 +66,7 @@ def apply_regime(name: str, train: Dataset, data_cfg: DictConfig) -> Dataset:
 
 
 def _cache_path(data_cfg: DictConfig, name: str, train: Dataset, regime: str, seed: int) -> Path | None:
-    root = data_cfg.get("cache_dir", DEFAULT_CACHE)
+    root = data_cfg.cache_dir
     if not root:
         return None  # caching disabled (cache_dir: null)
     fingerprint = getattr(train, "_fingerprint", None) or f"n{len(train)}"

@@ -16,18 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks import metrics, register
-from tasks.base import Batch
-from tasks.common import (
+from tasks.base import Batch, ImageSuiteTask
+from tasks.models import (
     HeadedModel,
-    TrainData,
-    batches,
     enable_memory_savers,
     eval_mode,
     load_kwargs,
     load_pretrained,
     model_device,
 )
-from tasks.data import ImageSuiteTask, prepare_images, train_pixels
+from tasks.pixels import prepare_images, train_pixels
+from tasks.sampling import TrainData, batches
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +77,16 @@ class VisionTask(ImageSuiteTask):
     """Backbone + `heads.<dataset>` linear heads over the image suite; top-1 per dataset."""
 
     def build_model(self) -> nn.Module:
-        if self.cfg.model.get("head", "linear") == "prompts":
+        if self.cfg.model.head == "prompts":
             return self._clip_with_prompt_heads()
         backbone = load_vision_backbone(self.cfg.model.path, **load_kwargs(self.cfg.model))
         backbone = enable_memory_savers(backbone, self.cfg.model)
         classes = {name: len(pair.classes) for name, pair in self.suite.items()}
         log.info("vision task: %s, datasets %s", self.cfg.model.path, ", ".join(classes))
         return HeadedModel(backbone, hidden_size(backbone), classes,
-                           pool=self.cfg.model.get("pool", "pooler"), seed=int(self.cfg.data.get("seed", 0)),
-                           bias=bool(self.cfg.model.get("head_bias", True)),
-                           init_std=float(self.cfg.model.get("head_init_std", 0.02)))
+                           pool=self.cfg.model.pool, seed=int(self.cfg.data.seed),
+                           bias=bool(self.cfg.model.head_bias),
+                           init_std=float(self.cfg.model.head_init_std))
 
     def _clip_with_prompt_heads(self) -> nn.Module:
         """`task.model.head: prompts`: a CLIP image encoder under a frozen text-prompt classifier per
@@ -113,12 +112,12 @@ class VisionTask(ImageSuiteTask):
 
     @cached_property
     def data(self) -> dict[str, tuple[torch.Tensor, ...]]:
-        seed = int(self.cfg.get("seed", 0))
+        seed = int(self.cfg.seed)
         return {name: prepare_images(pair, self.processor, self.lazy, self.augment, seed, self.eval_split)
                 for name, pair in self.suite.items()}
 
     def train_data(self) -> TrainData:
-        """Map-style training data (runners/data.py feeds it to a DataLoader); lazy pixels decode in
+        """Map-style training data (the runner feeds it to a DataLoader); lazy pixels decode in
         workers."""
         return TrainData({k: len(d[1]) for k, d in self.data.items()}, self.train_batch,
                          in_memory=not self.lazy)

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import methods
 
@@ -15,6 +15,15 @@ def compose_config(overrides: list[str]) -> DictConfig:
     """The config `python run.py <overrides>` would run, composed from the real conf/ directory."""
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=overrides)
+
+
+def source(**keys) -> DictConfig:
+    """A data source as a run reads it: `keys` over the declared source defaults
+    (conf/task/sources/defaults.yaml), merged by the run's own `with_source_defaults`."""
+    from tasks.sources import with_source_defaults
+
+    defaults = OmegaConf.load(ROOT / "conf" / "task" / "sources" / "defaults.yaml")
+    return with_source_defaults(defaults, OmegaConf.create(keys), "the test's source")
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -1,6 +1,6 @@
 """Training data at scale: one DataLoader per run, built here and nowhere else.
 
-A task exposes its training data map-style (`Task.train_data()`, a `tasks.common.TrainData`: sizes per
+A task exposes its training data map-style (`Task.train_data()`, a `tasks.sampling.TrainData`: sizes per
 dataset plus `fetch(dataset, indices, epoch) -> batch`). Here a `ResumableSampler` says which examples
 form each batch and a `torch.utils.data.DataLoader` fetches them, in worker processes when fetching
 is real work (image decoding and augmentation, tokenisation), so the timed step measures the model,
@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from runners.engine.measure import median_and_p90
-from tasks.common import BatchKey, ResumableSampler, TrainData
+from tasks.sampling import BatchKey, ResumableSampler, TrainData
 
 log = logging.getLogger(__name__)
 

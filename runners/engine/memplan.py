@@ -117,7 +117,7 @@ def model_config(path: str) -> Any:
     hub's retries cost ~20 s offline), else the hub's."""
     from transformers import AutoConfig, CLIPConfig
 
-    from tasks.common import resolve_model_path
+    from tasks.models import resolve_model_path
 
     try:
         return AutoConfig.from_pretrained(resolve_model_path(path), local_files_only=path in PUBLISHED)
@@ -139,7 +139,7 @@ def skeleton(task_cfg: DictConfig, device: str = "meta") -> nn.Module:
     gradient checkpointing stays off (`trace_activations` derives it per block)."""
     from transformers import AutoModel, AutoModelForCausalLM, CLIPModel, CLIPVisionModel
 
-    from tasks.common import base_dtype
+    from tasks.models import base_dtype
 
     config = model_config(str(task_cfg.model.path))
     with torch.device(device):

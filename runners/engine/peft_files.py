@@ -5,7 +5,7 @@ use PEFT's parameter shapes and RandLoRA's bases are bit-identical to PEFT's for
 (tests/methods/test_method_parity.py), so the export is a renaming: no tensor is recomputed. Random bases
 are not written (PEFT's `save_projection=False`); PEFT regenerates them from `projection_prng_key`.
 
-Module names are those of the Hugging Face model: a task that wraps one in `tasks.common.HeadedModel`
+Module names are those of the Hugging Face model: a task that wraps one in `tasks.models.HeadedModel`
 (vision, language) has its `backbone.` prefix dropped, so the adapter loads on `AutoModel.from_pretrained`
 of the base. The task head is no PEFT module: it goes beside the adapter as `head.safetensors` (the run's
 parameter names, e.g. `heads.<dataset>.weight`), when the run saved one (see `save_head`).
@@ -38,7 +38,7 @@ from methods.peft_spec import PeftSpec, number
 from runners.engine.adapt import REFERENCES, is_head
 from runners.record.results import FILENAME as RESULTS
 from runners.record.results import read_results
-from tasks.common import HeadedModel, resolve_model_path
+from tasks.models import HeadedModel, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 HEAD_FILE = "head.safetensors"
 OURS = "adapter"                # the run's rankbench adapter folder (methods.save_adapter)
 PEFT_PREFIX = "base_model.model."
-BACKBONE = "backbone."          # tasks.common.HeadedModel keeps the Hugging Face model as `.backbone`
+BACKBONE = "backbone."          # tasks.models.HeadedModel keeps the Hugging Face model as `.backbone`
 
 
 # ----------------------------------------------------------------------------- the method <-> PEFT spec

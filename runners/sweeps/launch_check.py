@@ -120,7 +120,7 @@ def _stream_labels(path: str, src: DictConfig, split: str, column: str) -> dict[
     """The label column of a split's first LABEL_ROWS rows, streamed (no split is downloaded or prepared)."""
     from datasets import load_dataset
 
-    from tasks.data import hub_kwargs
+    from tasks.sources import hub_kwargs
 
     named = src.get("name_column")
     try:
@@ -150,7 +150,7 @@ def _check_labels(rec: DatasetReport, name: str, src: DictConfig, stats: dict[st
 
 def _label_problem(name: str, split: str, st: dict[str, Any], offset: int, classes: list[str],
                    named: str | None) -> str | None:
-    from tasks.data import label_names_problem, label_range_problem
+    from tasks.labels import label_names_problem, label_range_problem
 
     problem = label_range_problem(name, split, st["min"] + offset, st["max"] + offset, len(classes))
     if problem or "pairs" not in st:
@@ -184,7 +184,7 @@ def _hub_metadata(path: str, src: DictConfig) -> dict[str, Any]:
         raise LookupError(f"{path} has no {src.classes_file} at its root")
     from datasets import load_dataset_builder
 
-    from tasks.data import hub_kwargs
+    from tasks.sources import hub_kwargs
 
     try:
         builder = load_dataset_builder(path, src.get("config"), **hub_kwargs(src))
@@ -247,7 +247,7 @@ def _check_splits_and_columns(rec: DatasetReport, src: DictConfig, key: str) -> 
 def _fill_classes(rec: DatasetReport, name: str, src: DictConfig, label_names: list[str] | None,
                   task_cfg: DictConfig) -> None:
     """Class names as prompts will use them (curated, aligned) and the first prompts."""
-    from tasks.data import source_classes, source_templates
+    from tasks.prompts import source_classes, source_templates
 
     try:
         rec.classes = source_classes(name, src, label_names)
@@ -262,7 +262,7 @@ def _fill_classes(rec: DatasetReport, name: str, src: DictConfig, label_names: l
 def _show_configured_classes(rec: DatasetReport, name: str, src: DictConfig, task_cfg: DictConfig) -> None:
     """With no metadata, the class names the config itself names (curated set or `classes`), in their own
     order: prompts can still be read, though their alignment to the copy's labels is unchecked."""
-    from tasks.data import prompt_set, source_templates
+    from tasks.prompts import prompt_set, source_templates
 
     entry = prompt_set(name, src)
     rec.classes = [str(c) for c in src.get("classes") or (entry or {}).get("classes", [])]
@@ -289,7 +289,7 @@ def check_model(cfg: DictConfig, budgets: list[str], method_names: list[str] | N
     """The model's config (no weights), its targets on a meta skeleton and the exact count of each method
     (`method_names`; None: every registered one)."""
     import methods
-    from tasks.common import resolve_model_path
+    from tasks.models import resolve_model_path
 
     path = str(cfg.task.model.path)
     out: dict[str, Any] = {"path": path, "targets": [], "counts": {}, "problems": []}
@@ -370,13 +370,14 @@ def _method_hp(method: str, task: Any = None) -> dict[str, Any]:
 def check_suite(cfg: DictConfig, budgets: list[str] | None = None) -> list[DatasetReport]:
     """Records for every dataset of the run's suite (plus a commonsense training set), model attached."""
     import tasks
+    from tasks.sources import source_config, with_source_defaults
 
     task = tasks.build(cfg.task)
-    sources = cfg.task.data.get("sources") or {}
     budgets = budgets or ([str(cfg.budget)] if cfg.get("budget") is not None else DEFAULT_BUDGETS)
-    records = [check_dataset(n, sources.get(n), cfg.task) for n in task.datasets]
+    records = [check_dataset(n, source_config(cfg.task.data, n), cfg.task) for n in task.datasets]
     if cfg.task.data.get("train") is not None and "path" in cfg.task.data.train:  # one shared training set
-        records.insert(0, check_dataset("train", cfg.task.data.train, cfg.task, key="task.data.train"))
+        train = with_source_defaults(cfg.task.data.source_defaults, cfg.task.data.train, "task.data.train")
+        records.insert(0, check_dataset("train", train, cfg.task, key="task.data.train"))
     model = check_model(cfg, budgets)
     for rec in records:
         rec.model = model

@@ -29,7 +29,7 @@ import math
 import os
 import sys
 import types
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -298,18 +298,35 @@ def tuning_record(chosen: float, candidates: Sequence[tuple[float, Score | None,
 
 # --- what already ran --------------------------------------------------------------------------------
 
-def config_diff(stored: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two resolved configs (ignoring logging/launch-only keys)."""
+def config_diff(stored: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "",
+                overridden: Collection[str] = ()) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (ignoring logging/launch-only keys).
+
+    A key the stored config lacks was declared after that run was made; a new key's declared default keeps
+    the behaviour from before it was declared (tests/tasks/test_task_defaults.py checks the task defaults),
+    so it counts as a difference only when this job overrides it (or a key above or below it)."""
     diffs = []
     for key in sorted(set(stored) | set(current)):
+        path = f"{prefix}{key}"
         if not prefix and key in IGNORED_IN_DIFF:
+            continue
+        if key not in stored and not _overrides_touch(path, overridden):
             continue
         a, b = stored.get(key, "<absent>"), current.get(key, "<absent>")
         if isinstance(a, Mapping) and isinstance(b, Mapping):
-            diffs += config_diff(a, b, f"{prefix}{key}.")
+            diffs += config_diff(a, b, f"{path}.", overridden)
         elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+            diffs.append(f"{path}: {a!r} -> {b!r}")
     return diffs
+
+
+def _overrides_touch(path: str, overridden: Collection[str]) -> bool:
+    return any(k == path or k.startswith(f"{path}.") or path.startswith(f"{k}.") for k in overridden)
+
+
+def override_keys(overrides: Collection[str]) -> list[str]:
+    """The dotted keys of Hydra override strings (`+a.b=1`, `~a`, `a=1`), group selections included."""
+    return [o.lstrip("+~").split("=", 1)[0].split("@", 1)[0] for o in overrides]
 
 
 def job_config(cfg: DictConfig) -> dict[str, Any] | None:
@@ -324,12 +341,13 @@ def job_config(cfg: DictConfig) -> dict[str, Any] | None:
         return None
 
 
-def already_done(run_dir: Path, config: dict[str, Any] | None) -> bool:
-    """True when run_dir holds a successful result of this very config; SweepError if of another one."""
+def already_done(run_dir: Path, config: dict[str, Any] | None, overridden: Collection[str] = ()) -> bool:
+    """True when run_dir holds a successful result of this very config; SweepError if of another one.
+    `overridden`: the dotted keys this job's overrides set (see config_diff)."""
     if not is_complete(run_dir):
         return False
     stored = (read_results(run_dir) or {}).get("run", {}).get("config")
-    diff = config_diff(stored, config) if stored is not None and config is not None else []
+    diff = [] if stored is None or config is None else config_diff(stored, config, overridden=overridden)
     if diff:
         raise SweepError(f"{run_dir} holds a finished run of a different config ({'; '.join(diff[:3])}); "
                          "use another sweep.root (or hydra.sweep.dir), or delete that run")
@@ -504,7 +522,7 @@ class RankbenchSweeper(BasicSweeper):
             overrides = [*job.overrides, f"hydra.sweep.subdir={job.name}"]
             cfg = loader.load_sweep_config(self.config, overrides)
             run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
-            if already_done(run_dir, job_config(cfg)):
+            if already_done(run_dir, job_config(cfg), override_keys(cfg.hydra.overrides.task)):
                 log.info("skip %s: %s/results.json says success", job.name, run_dir)
             else:
                 todo.append((job, run_dir))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from runners.engine.loader import make_loader, resolve_workers, wait_summary
-from tasks.common import ResumableSampler, TrainData
+from tasks.sampling import ResumableSampler, TrainData
 
 CPU = torch.device("cpu")
 SIZES = {"a": 10, "b": 7}
@@ -145,7 +145,7 @@ def test_augmentation_depends_on_example_and_epoch_not_on_batching():
     from transformers import CLIPImageProcessor
 
     from tasks.augment import Augment
-    from tasks.data import LazyPixels
+    from tasks.pixels import LazyPixels
 
     rng = np.random.default_rng(0)
     images = [PILImage.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(4)]

@@ -14,7 +14,7 @@ from rbtest import ROOT, compose_config
 
 from runners.engine.distributed import World, first_host, from_env
 from runners.train import run
-from tasks.common import gather_rows, per_process_share
+from tasks.gather import gather_rows, per_process_share
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 ARGS = ["method=lora", "task=clip", "dataset=shapes", "trainer.max_steps=6", "trainer.batch_size=16",

@@ -18,7 +18,7 @@ import methods
 import tasks
 from runners.train import run
 from tasks import forgetting
-from tasks.common import HeadedModel, resolve_model_path
+from tasks.models import HeadedModel, resolve_model_path
 
 CLIP_OTHERS = ["colors", "digits", "textures", "counts"]  # conf/task/clip/tiny.yaml minus shapes
 FAST = ["logger=none", "trainer.log_every=2", "trainer.timing_warmup=1", "trainer.checkpoint_every=0",

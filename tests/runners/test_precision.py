@@ -45,5 +45,5 @@ def test_adapters_leave_the_frozen_base_in_its_dtype() -> None:
 
 def test_float16_base_is_refused_in_one_line() -> None:
     with pytest.raises(SystemExit, match=r"task.model.dtype=float16 is not valid: use float32, bfloat16"):
-        compose_config(["+task.model.dtype=float16"])
-    assert check_values(compose_config(["+task.model.dtype=bfloat16"])) is None
+        compose_config(["task.model.dtype=float16"])
+    assert check_values(compose_config(["task.model.dtype=bfloat16"])) is None

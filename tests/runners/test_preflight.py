@@ -12,6 +12,7 @@ from rbtest import ROOT, compose_config
 import methods
 from runners import preflight
 from runners.sweeps import launch_check
+from tasks.sources import source_config
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_a_script_based_hub_repo_is_named_as_such(monkeypatch):
     monkeypatch.setattr(launch_check, "_repo_files",
                         lambda path: ["imagenet-1k.py", "README.md", "classes.py"])
     cfg = compose_config(["task=clip", "size=base"])
-    src = cfg.task.data.sources.imagenet.copy()
+    src = source_config(cfg.task.data, "imagenet")
     src.path = "ILSVRC/imagenet-1k"
     record = launch_check.check_dataset("imagenet", src, cfg.task)
     assert record.problems == [("ILSVRC/imagenet-1k ships a loading script (imagenet-1k.py), which "

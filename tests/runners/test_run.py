@@ -222,7 +222,7 @@ def test_cost_has_device_independent_memory_figures(tiny_overrides):
 
 def test_bf16_base_update_rank_is_the_adapters_rank(tiny_overrides):
     """W + dW formed in bf16 turned a rank-4 LoRA update into rank ~128 of 128; dW is now measured in fp32."""
-    record = run(compose_config(["method=lora", "method.r=4", "+task.model.dtype=bfloat16", "dataset=shapes",
+    record = run(compose_config(["method=lora", "method.r=4", "task.model.dtype=bfloat16", "dataset=shapes",
                                  *tiny_overrides]))
     ranks = record["metrics"]["delta_rank"]
     assert ranks and all(1 <= v["rank"] <= 4 and v["max_rank"] == 128 for v in ranks.values()), ranks
@@ -310,7 +310,7 @@ def test_requeue_after_the_last_step_only_evaluates(tiny_overrides, tmp_path, mo
 @pytest.mark.slow
 def test_worker_processes_do_not_change_the_numbers(tiny_overrides, tmp_path):
     """Lazily processed pixels fetched by 2 DataLoader worker processes train exactly as in-process."""
-    args = ["method=lora", "dataset=shapes", "+task.data.preprocess=lazy",
+    args = ["method=lora", "dataset=shapes", "task.data.preprocess=lazy",
             *[o for o in tiny_overrides if not o.startswith("out_dir")]]
     inline = run(compose_config([*args, "trainer.num_workers=0", f"out_dir={tmp_path / 'inline'}"]))
     workers = run(compose_config([*args, "trainer.num_workers=2", f"out_dir={tmp_path / 'workers'}"]))

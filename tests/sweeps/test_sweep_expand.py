@@ -18,6 +18,7 @@ from runners.sweeps.sweeper import (
     config_diff,
     expand,
     factor_axes,
+    override_keys,
     registered_methods,
     resolve_methods,
     validate,
@@ -242,3 +243,17 @@ def test_a_slurm_sweep_with_gpus_must_pin_one_gpu_type(overrides, mixed):
     assert (mixed_gpu_problem(launcher) is not None) is mixed
     assert mixed_gpu_problem(sweep_config("budget", "hydra/launcher=submitit_local").hydra.launcher) is None
     assert sweep_config("budget").hydra.sweeper.mixed_gpu_types is False  # the default refuses mixing
+
+
+def test_a_key_declared_after_a_stored_run_differs_only_where_the_job_overrides_it(tmp_path):
+    # the stored run was made before task.data.shots was declared (its default then and now: null)
+    stored = {"task": {"data": {"seed": 0}}, "method": {"name": "lora", "r": 8}}
+    now = {"task": {"data": {"seed": 0, "shots": None}}, "method": {"name": "lora", "r": 8}}
+    write_result(tmp_path / "old", "success", stored)
+    assert already_done(tmp_path / "old", now, override_keys(["method=lora", "+sweep=tuned"]))
+    with pytest.raises(SweepError, match=r"task.data.shots: '<absent>' -> 4"):
+        already_done(tmp_path / "old", {**now, "task": {"data": {"seed": 0, "shots": 4}}},
+                     override_keys(["task.data.shots=4"]))
+    # a changed value of a key the stored run has is a difference whether overridden or not
+    assert config_diff(stored, {**now, "method": {"name": "lora", "r": 4}}) == ["method.r: 8 -> 4"]
+    assert override_keys(["+a.b=1", "~c", "++d.e=[1,2]", "task=clip"]) == ["a.b", "c", "d.e", "task"]

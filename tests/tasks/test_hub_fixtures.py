@@ -8,21 +8,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig, OmegaConf
 from paperstandins import clip_model, curated, hub_facts, hub_standin, published_names
 from taskhelpers import compose_task
 
 import tasks
 from runners.sweeps import launch_check
 from runners.train import run
-from tasks.data import _name_keys, align_classes, labels
+from tasks.pixels import labels
+from tasks.prompts import align_classes, name_keys
+from tasks.sources import source_config
 
 CLIP = hub_facts("clip22")
 GLUE = hub_facts("glue")
 PAPER21 = list(CLIP)  # the fixture's datasets: the 22 of the paper without UCF101 (no hub copy)
 
 
-def _sources(task: str) -> dict:
-    return compose_task(task, "size=base").task.data.sources
+def _sources(task: str) -> DictConfig:
+    """The suite's sources as a run reads them (the declared source defaults merged in)."""
+    data = compose_task(task, "size=base").task.data
+    return OmegaConf.create({name: source_config(data, name) for name in data.sources})
 
 
 def test_every_configured_copy_has_its_published_facts_with_sources() -> None:
@@ -93,7 +98,7 @@ def test_the_suite_loads_from_its_published_shapes(hub_copies) -> None:
         assert sorted(pair.classes) == sorted(curated(name)), name
         if CLIP[name]["names"]["complete"]:  # each prompt name is its label's published name, respelled
             published = published_names(name, CLIP[name])
-            assert all(set(_name_keys(c)) & set(_name_keys(p))
+            assert all(set(name_keys(c)) & set(name_keys(p))
                        for c, p in zip(pair.classes, published, strict=True)), name
         for split in (pair.train, pair.test):
             ys = labels(split)
@@ -141,7 +146,7 @@ def test_row_names_that_contradict_the_prompts_are_one_clear_error(hub_copies, s
         "named 'american flag' but prompted as 'ak47'): the labels are shifted or the names are in another "
         "order")
     assert "set task.data.sources.caltech256.label_offset or" in str(err.value)
-    src = cfg.task.data.sources.caltech256
+    src = source_config(cfg.task.data, "caltech256")
     problems = launch_check.check_dataset("caltech256", src, cfg.task).problems
     assert len(problems) == 3 and all("labels disagree with their 'text' names" in p for p in problems)
 
@@ -149,14 +154,14 @@ def test_row_names_that_contradict_the_prompts_are_one_clear_error(hub_copies, s
 def test_preflight_reads_each_split_label_range_of_local_copies(hub_copies, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = _suite_cfg(hub_copies, PAPER21)
-    records = {name: launch_check.check_dataset(name, cfg.task.data.sources[name], cfg.task)
+    records = {name: launch_check.check_dataset(name, source_config(cfg.task.data, name), cfg.task)
                for name in PAPER21}
     assert {n: r.problems for n, r in records.items() if r.problems} == {}
     train = records["caltech256"].labels["train"]
     assert (train["dtype"], train["min"], train["max"], train["rows"]) == ("int64", 1, 257, 8)
     assert train["pairs"][0] == (1, "ak47") and train["pairs"][-1] == (257, "clutter")
     assert records["pascal_voc"].classes[10] == "dining table" and records["pascal_voc"].num_classes == 20
-    src = cfg.task.data.sources.caltech256.copy()
+    src = source_config(cfg.task.data, "caltech256")
     src.label_offset = 0
     assert launch_check.check_dataset("caltech256", src, cfg.task).problems == [
         f"split {s!r}: label 257 is outside [0, 257) (labels span 1..257, 257 class names); set "
@@ -168,7 +173,7 @@ def test_preflight_reads_each_split_label_range_of_local_copies(hub_copies, monk
 def test_preflight_names_a_classes_file_that_does_not_align(hub_copies, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = _suite_cfg(hub_copies, ["pascal_voc"])
-    src = cfg.task.data.sources.pascal_voc.copy()
+    src = source_config(cfg.task.data, "pascal_voc")
     copy = tmp_path / "voc"
     hub_standin(copy, "pascal_voc", CLIP["pascal_voc"])
     src.path = str(copy)

@@ -13,7 +13,7 @@ from taskhelpers import compose_task
 
 import tasks
 from runners.train import run
-from tasks.common import ModelNotFoundError
+from tasks.models import ModelNotFoundError
 
 # The paper's 22 datasets without UCF101 (no public copy of its middle frames: task.protocol.deviations)
 PAPER21 = ["cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397", "svhn", "cifar10", "cifar100",

@@ -14,8 +14,8 @@ from taskhelpers import compose_task
 import tasks
 import tasks.commonsense as cs
 from runners.train import run
-from tasks.common import ModelNotFoundError
 from tasks.commonsense import IGNORE, choice_metrics, encode_pair, option_texts
+from tasks.models import ModelNotFoundError
 
 BENCH = ["boolq", "piqa", "winogrande"]
 

@@ -19,7 +19,8 @@ import tasks
 from runners.engine.adapt import adapt
 from runners.train import run
 from tasks import metrics
-from tasks.common import ModelNotFoundError, eval_mode
+from tasks.models import ModelNotFoundError, eval_mode
+from tasks.sources import source_config
 
 # columns, label names and dtypes as nyu-mll/glue publishes them (tests/fixtures/hub/glue.json, from its card)
 GLUE = {name: facts for name, facts in hub_facts("glue").items() if name in ("sst2", "mrpc", "cola", "stsb")}
@@ -66,7 +67,7 @@ def test_glue_config_has_the_official_protocol() -> None:
 
 def test_tiny_language_suite_keeps_its_linear_head() -> None:
     cfg = compose_task("language")
-    assert cfg.task.model.get("head") is None and cfg.task.model.pool == "mean"
+    assert cfg.task.model.head == "linear" and cfg.task.model.pool == "mean"
     assert list(cfg.task.model.target_modules) == ["query", "key", "value", "dense"]
 
 
@@ -182,12 +183,12 @@ def test_preflight_reads_the_glue_label_ranges(glue, tmp_path, monkeypatch) -> N
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = compose_task("language", "size=base", *_overrides(glue, tmp_path))
-    records = {n: launch_check.check_dataset(n, cfg.task.data.sources[n], cfg.task) for n in GLUE}
+    records = {n: launch_check.check_dataset(n, source_config(cfg.task.data, n), cfg.task) for n in GLUE}
     assert {n: r.problems for n, r in records.items() if r.problems} == {}
     cola, stsb = records["cola"].labels["validation"], records["stsb"].labels["validation"]
     assert (cola["min"], cola["max"]) == (0, 1)
     assert stsb["dtype"] == "float32" and "min" not in stsb
-    src = cfg.task.data.sources.cola.copy()
+    src = source_config(cfg.task.data, "cola")
     src.test_split = "test"
     assert launch_check.check_dataset("cola", src, cfg.task).problems == [(
         "split 'test': label -1 is outside [0, 2) (labels span -1..-1, 2 class names); negative labels "

@@ -7,7 +7,7 @@ from taskhelpers import compose_task
 from transformers import AutoTokenizer, CLIPModel
 
 import tasks
-from tasks.common import ASSETS_DIR, resolve_model_path
+from tasks.models import ASSETS_DIR, resolve_model_path
 
 CLIP_DIR = ASSETS_DIR / "tiny-clip"
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, Features, Image
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 from paperstandins import clip_model, curated
 from PIL import Image as PILImage
 from taskhelpers import compose_task
 
 from runners.train import run
-from tasks import data
+from tasks import splits
 
 _OPENED: list[list[str]] = []
 
@@ -111,32 +111,29 @@ def fresh_datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
 
 
-def _src(copies: dict[str, Path], name: str) -> dict:
-    cfg = compose_task("clip", "size=base")
-    return {**OmegaConf.to_container(cfg.task.data.sources[name]), "path": str(copies[name])}
+def _data(copies: dict[str, Path], name: str, *overrides: str) -> DictConfig:
+    """size=base's task.data with source `name` pointed at its local copy."""
+    return compose_task("clip", "size=base", f"task.data.sources.{name}.path={copies[name]}",
+                        *overrides).task.data
 
 
 def test_a_probe_reads_the_test_shards_alone_and_the_same_examples(copies) -> None:
-    src = OmegaConf.create(_src(copies, "country211"))
-    data_cfg = OmegaConf.create({"sources": {"country211": src}, "test_size": 12, "train_size": None,
-                                 "val_fraction": 0.1, "val_max": 5000, "val_seed": 0})
+    data_cfg = _data(copies, "country211", "task.data.test_size=12")
     with files_opened(copies["country211"]) as probe_files:
-        probe = data.load_test_split("country211", data_cfg, generate=None)
+        probe = splits.load_test_split("country211", data_cfg, generate=None)
     assert probe_files, probe_files
     assert all(f.startswith("test/") or f == "classnames.txt" for f in probe_files), probe_files
     assert len(probe.train) == 0 and len(probe.test) == 12
     with files_opened(copies["country211"]) as run_files:
-        whole = data.load_suite(data_cfg, ["country211"], generate=None)["country211"]
+        whole = splits.load_suite(data_cfg, ["country211"], generate=None)["country211"]
     assert {f for f in run_files if f.startswith("train/")} == {"train/0.tar", "train/1.tar", "train/2.tar"}
     assert probe.test["label"] == whole.test["label"] and probe.classes == whole.classes
 
 
 def test_a_run_reads_the_splits_it_uses_not_the_copys_extra_ones(copies) -> None:
-    src = OmegaConf.create({**_src(copies, "cars"), "data_files": None, "prompts": None})
-    data_cfg = OmegaConf.create({"sources": {"cars": src}, "test_size": None, "train_size": None,
-                                 "val_fraction": 0.1, "val_max": 5000, "val_seed": 0})
+    data_cfg = _data(copies, "cars", "task.data.sources.cars.prompts=null")  # data_files: null, the default
     with files_opened(copies["cars"]) as opened:
-        pair = data.load_suite(data_cfg, ["cars"], generate=None)["cars"]
+        pair = splits.load_suite(data_cfg, ["cars"], generate=None)["cars"]
     assert {Path(f).name.split("-")[0] for f in opened} == {"train", "test"}, opened
     assert (len(pair.train), len(pair.validation), len(pair.test)) == (15, 1, 16)
 

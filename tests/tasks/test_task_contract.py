@@ -11,7 +11,7 @@ from taskhelpers import SMALL, TASKS, compose_task
 from torch import nn
 
 import tasks
-from tasks.common import ModelNotFoundError
+from tasks.models import ModelNotFoundError
 
 
 def test_registry_has_every_configured_task() -> None:

@@ -93,8 +93,8 @@ def test_validation_depends_on_the_data_config_only() -> None:
 
 def test_regimes_sample_train_after_the_hold_out(tmp_path: Path) -> None:
     full = suite("vision", "dataset=shapes")["shapes"]
-    shot = suite("vision", "dataset=shapes", "+task.data.shots=2",
-                 f"+task.data.cache_dir={tmp_path}")["shapes"]
+    shot = suite("vision", "dataset=shapes", "task.data.shots=2",
+                 f"task.data.cache_dir={tmp_path}")["shapes"]
     assert row_keys(shot.validation) == row_keys(full.validation)
     assert len(shot.train) == 2 * len(images.SPECS["shapes"].classes)
     assert not set(row_keys(shot.train)) - set(row_keys(full.train))  # never a validation example

