@@ -304,7 +304,7 @@ def config_diff(stored: Mapping[str, Any], current: Mapping[str, Any], prefix: s
 
     A key the stored config lacks was declared after that run was made; a new key's declared default keeps
     the behaviour from before it was declared (tests/tasks/test_task_defaults.py checks the task defaults),
-    so it counts as a difference only when this job overrides it (or a key above or below it)."""
+    so it counts as a difference only when this job overrides it or a key below it."""
     diffs = []
     for key in sorted(set(stored) | set(current)):
         path = f"{prefix}{key}"
@@ -321,7 +321,8 @@ def config_diff(stored: Mapping[str, Any], current: Mapping[str, Any], prefix: s
 
 
 def _overrides_touch(path: str, overridden: Collection[str]) -> bool:
-    return any(k == path or k.startswith(f"{path}.") or path.startswith(f"{k}.") for k in overridden)
+    """Whether an override sets `path` or a key below it; a group choice (`task=clip`) sets no key itself."""
+    return any(k == path or k.startswith(f"{path}.") for k in overridden)
 
 
 def override_keys(overrides: Collection[str]) -> list[str]:

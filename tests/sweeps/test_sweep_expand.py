@@ -250,7 +250,7 @@ def test_a_key_declared_after_a_stored_run_differs_only_where_the_job_overrides_
     stored = {"task": {"data": {"seed": 0}}, "method": {"name": "lora", "r": 8}}
     now = {"task": {"data": {"seed": 0, "shots": None}}, "method": {"name": "lora", "r": 8}}
     write_result(tmp_path / "old", "success", stored)
-    assert already_done(tmp_path / "old", now, override_keys(["method=lora", "+sweep=tuned"]))
+    assert already_done(tmp_path / "old", now, override_keys(["task=clip", "method=lora", "+sweep=tuned"]))
     with pytest.raises(SweepError, match=r"task.data.shots: '<absent>' -> 4"):
         already_done(tmp_path / "old", {**now, "task": {"data": {"seed": 0, "shots": 4}}},
                      override_keys(["task.data.shots=4"]))
