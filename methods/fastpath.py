@@ -47,20 +47,21 @@ class DeltaCache:
     `merge()` and `unmerge()` clear the layer's cache, and copies (deepcopy, pickling) start empty. The
     one write these cannot see is an in-place write through `.data` outside an optimizer: call `clear()`.
 
-    Every cache joins the registry the step hooks clear when it is created, never when it is filled:
-    `get` runs inside `torch.compile`d code, and there dynamo (torch 2.13.0) loses every `set.add` /
-    `WeakSet.add` of a new object into a non-empty global set: it guards on the set's contents, and the
-    code it recompiles for a set holding `a` leaves it holding `a` alone. Minimal reproducer:
+    Every cache joins the registry the step hooks clear when it is created, not when it is filled: a
+    fill inside `torch.compile`d code registers through a `set.add` there, and dynamo (torch 2.13.0)
+    loses every `add` of a new object into a non-empty global set -- it guards on the set's contents,
+    and the code it recompiles for a set holding `a` leaves it holding `a` alone. Minimal reproducer:
 
         LIVE = set()
         f = torch.compile(lambda box, x: (LIVE.add(box), x + 1)[1])
         a, b = object(), object(); f(a, torch.ones(1)); f(b, torch.ones(1))
         assert b in LIVE   # fails: LIVE == {a}
 
-    Registered on first fill, a compiled RandLoRA model had every kept W + dW but the first layer's
-    missed by the optimizer step's clearing (and the fused AdamW kernel keeps `_version`, so its key
-    still matched): later steps reused the first compiled step's weights and drifted from eager
-    (tests/methods/test_method_fast_paths.py `test_compiled_training_matches_eager`).
+    Registered on fill, a compiled RandLoRA model had every kept W + dW but the first layer's missed
+    by the optimizer step's clearing (and the fused AdamW kernel keeps `_version`, so its key still
+    matched): later steps reused the first compiled step's weights and drifted from eager
+    (tests/runners/test_compile.py `test_compiled_layers_train_as_eager`). Compiled code now keeps
+    nothing across calls either (`kept_delta`).
     """
 
     def __init__(self) -> None:
@@ -113,7 +114,12 @@ register_optimizer_step_post_hook(clear_all_caches)
 def kept_delta(layer: AdapterLayer, kind: tuple, build: Callable[[], torch.Tensor], keep: bool
                ) -> torch.Tensor:
     """`build()`, once per state of the layer's tensors when `keep`, else every call (and nothing of
-    an earlier call stays kept)."""
+    an earlier call stays kept). Compiled code builds every call and keeps nothing across calls: dynamo
+    cannot trace `torch.is_inference_mode_enabled` or the key's `data_ptr`, and each graph break in a
+    layer's forward made a frame that dynamo recompiled per layer shape (the forward still saves what it
+    built for its own backward)."""
+    if torch.compiler.is_compiling():
+        return build()
     if not keep or torch.is_inference_mode_enabled():
         layer.delta_cache.clear()
         return build()
