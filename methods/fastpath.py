@@ -95,7 +95,8 @@ class DeltaCache:
         return {"entry": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()   # an unpickled cache starts empty and registered, like a new one
+        self.entry = None   # an unpickled cache starts empty and registered, like a new one
+        _LIVE.add(self)
 
 
 _LIVE: weakref.WeakSet[DeltaCache] = weakref.WeakSet()
