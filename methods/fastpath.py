@@ -46,12 +46,29 @@ class DeltaCache:
     does not), so every `torch.optim` step clears all caches (global step hooks below); `train()`/`eval()`,
     `merge()` and `unmerge()` clear the layer's cache, and copies (deepcopy, pickling) start empty. The
     one write these cannot see is an in-place write through `.data` outside an optimizer: call `clear()`.
+
+    Every cache joins the registry the step hooks clear when it is created, not when it is filled: a
+    fill inside `torch.compile`d code registers through a `set.add` there, and dynamo (torch 2.13.0)
+    loses every `add` of a new object into a non-empty global set -- it guards on the set's contents,
+    and the code it recompiles for a set holding `a` leaves it holding `a` alone. Minimal reproducer:
+
+        LIVE = set()
+        f = torch.compile(lambda box, x: (LIVE.add(box), x + 1)[1])
+        a, b = object(), object(); f(a, torch.ones(1)); f(b, torch.ones(1))
+        assert b in LIVE   # fails: LIVE == {a}
+
+    Registered on fill, a compiled RandLoRA model had every kept W + dW but the first layer's missed
+    by the optimizer step's clearing (and the fused AdamW kernel keeps `_version`, so its key still
+    matched): later steps reused the first compiled step's weights and drifted from eager
+    (tests/runners/test_compile.py `test_compiled_layers_train_as_eager`). Compiled code now keeps
+    nothing across calls either (`kept_delta`).
     """
 
     def __init__(self) -> None:
         # (key, tensor) in one attribute, read once: replicas that share the cache (DataParallel's
         # shallow copies, in threads) never pair one's key with another's tensor
         self.entry: tuple[tuple, torch.Tensor] | None = None
+        _LIVE.add(self)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """The kept tensor, if any (the bench counts it as saved memory)."""
@@ -69,7 +86,6 @@ class DeltaCache:
         if entry is None or entry[0] != key:
             self.clear()
             entry = self.entry = (key, build())
-            _LIVE.add(self)
         return entry[1]
 
     def __deepcopy__(self, memo: dict) -> DeltaCache:
@@ -77,6 +93,10 @@ class DeltaCache:
 
     def __getstate__(self) -> dict[str, Any]:
         return {"entry": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.entry = None   # an unpickled cache starts empty and registered, like a new one
+        _LIVE.add(self)
 
 
 _LIVE: weakref.WeakSet[DeltaCache] = weakref.WeakSet()
@@ -86,7 +106,6 @@ def clear_all_caches(*_: Any) -> None:
     """Drop every kept dW: called before and after each optimizer step (parameters change there)."""
     for cache in list(_LIVE):
         cache.clear()
-    _LIVE.clear()
 
 
 register_optimizer_step_pre_hook(clear_all_caches)
@@ -96,7 +115,12 @@ register_optimizer_step_post_hook(clear_all_caches)
 def kept_delta(layer: AdapterLayer, kind: tuple, build: Callable[[], torch.Tensor], keep: bool
                ) -> torch.Tensor:
     """`build()`, once per state of the layer's tensors when `keep`, else every call (and nothing of
-    an earlier call stays kept)."""
+    an earlier call stays kept). Compiled code builds every call and keeps nothing across calls: dynamo
+    cannot trace `torch.is_inference_mode_enabled` or the key's `data_ptr`, and each graph break in a
+    layer's forward made a frame that dynamo recompiled per layer shape (the forward still saves what it
+    built for its own backward)."""
+    if torch.compiler.is_compiling():
+        return build()
     if not keep or torch.is_inference_mode_enabled():
         layer.delta_cache.clear()
         return build()

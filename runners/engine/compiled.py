@@ -6,9 +6,18 @@ statistics: `cost.compile_time_s` is that step's time minus the median step time
 compiled (a backend error, an unsupported construct) is named in one log line, and the run trains eager
 from that step on (`run.compile` records which happened). The steps the runner measures with counting
 modes or saved-tensor hooks (runners.engine.measure) run eager: those modes watch what eager dispatches.
+
+Compiled steps run under `DYNAMO_SETTINGS`. `trace_autograd_ops` lets dynamo trace the
+`torch.autograd.grad` that the merged path's backward calls for a method without closed-form gradients
+(LoHa, LoKr: methods/fastpath.py `_param_grads`). Off (torch 2.13.0's default), that call made dynamo give
+up on the whole autograd function: a graph break in every adapted linear, each one a frame that dynamo
+compiled again per weight shape and per input `requires_grad` (`TORCH_LOGS=recompiles`:
+"tensor 'x' requires_grad mismatch", "size mismatch ... expected 64, actual 32") until its recompile
+limit (8) left the rest eager.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +29,14 @@ import methods
 from runners.engine.measure import StepTimer
 
 log = logging.getLogger(__name__)
+
+#: torch._dynamo.config values the compiled steps run with (see the module docstring)
+DYNAMO_SETTINGS: dict[str, Any] = {"trace_autograd_ops": True}
+
+
+def dynamo_settings() -> contextlib.AbstractContextManager:
+    """`DYNAMO_SETTINGS` for the duration of a compiled step (traced there), the defaults elsewhere."""
+    return torch._dynamo.config.patch(**DYNAMO_SETTINGS)
 
 
 class StepRunner:
@@ -42,11 +59,13 @@ class StepRunner:
             return step(self.eager)
         if self.timer.times:
             self.steady = True
-            return step(self.compiled)
+            with dynamo_settings():
+                return step(self.compiled)
         self.steady = False
         self.timer.start()
         try:
-            out = step(self.compiled)
+            with dynamo_settings():
+                out = step(self.compiled)
         except Exception as err:
             self.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err) else ''}"
             log.warning("trainer.compile: %s cannot be compiled (%s); training eager", self.label, self.error)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -424,6 +425,19 @@ def test_kept_dw_is_never_stale(how, tmp_path):
     assert_all_close(got_g, want_g, 1e-5, f"{how}: gradients")
 
 
+def test_any_optimizer_step_drops_the_kept_dw_of_every_layer_copies_included():
+    """The step hooks reach every cache, also those of deep copies and unpickled layers, whether or not
+    it was filled (and from where: compiled code loses registrations made on fill)."""
+    layer = randlora_layer((24, 24), r=3)
+    layers = [layer, copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))]
+    for each in layers:
+        each.use_merged_path = forced("merged")
+        layer_step(each, [torch.randn(3, 24)])
+    assert all(list(each.delta_cache) for each in layers), "the square layer keeps W + dW"
+    torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1).step()   # an unrelated optimizer's step
+    assert not any(list(each.delta_cache) for each in layers)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("shape", "hp"), [((20, 20), {"r": 4}), ((12, 30), {"r": 5}), ((30, 12), {"r": 5}),
                                            ((30, 12), {"r": 3, "sparse": True})])
@@ -474,3 +488,4 @@ def test_keep_decision_follows_peft_memory_on_vit_b_shapes():
     assert mlp.path_macs(3152, True)[1] == 3152 * io + 3 * nr * io   # build, G, projection, rebuild
     assert square.path_macs(3152, True)[1] == 3152 * 768**2 + 2 * nr * 768**2   # build, G, projection
     assert not square.eval().keeps_delta()
+
