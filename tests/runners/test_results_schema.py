@@ -185,10 +185,10 @@ def test_hub_revisions_are_the_commits_the_hub_cache_resolves(tmp_path):
     for repo, commit in (("models--org--model", "a" * 40), ("datasets--org--data", "b" * 40)):
         (tmp_path / repo / "refs").mkdir(parents=True)
         (tmp_path / repo / "refs" / "main").write_text(commit)
-    code = ("from omegaconf import OmegaConf; from tasks.models import hub_revision; "
-            "from tasks.sources import source_revision; "
-            "print(hub_revision('org/model'), source_revision(OmegaConf.create({'path': 'org/data'})), "
-            "source_revision(OmegaConf.create({'path': 'tasks'})))")
+    code = ("import sys; sys.path.insert(0, 'tests'); from rbtest import source; "
+            "from tasks.models import hub_revision; from tasks.sources import source_revision; "
+            "print(hub_revision('org/model'), source_revision(source(path='org/data')), "
+            "source_revision(source(path='tasks')))")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          check=True)
