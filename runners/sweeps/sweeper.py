@@ -327,7 +327,7 @@ def _overrides_touch(path: str, overridden: Collection[str]) -> bool:
 
 def override_keys(overrides: Collection[str]) -> list[str]:
     """The dotted keys of Hydra override strings (`+a.b=1`, `~a`, `a=1`), group selections included."""
-    return [o.lstrip("+~").split("=", 1)[0].split("@", 1)[0] for o in overrides]
+    return [_key(o).split("@", 1)[0] for o in overrides]
 
 
 def job_config(cfg: DictConfig) -> dict[str, Any] | None:
