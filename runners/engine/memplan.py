@@ -410,10 +410,20 @@ def _plan_or_none(name: str, cfg: DictConfig, processes: int) -> tuple[Plan, int
     return None
 
 
+#: trainer and method keys that set only numbers of the optimizer's schedule, never a tensor's size: jobs
+#: that differ only in these (a tuned sweep's lr candidates) share one plan
+SCHEDULE_KEYS = ("lr", "method_lr", "weight_decay", "warmup_steps", "warmup_ratio", "schedule",
+                 "final_lr_ratio", "grad_clip")
+
+
 def _plan_key(cfg: DictConfig) -> str:
-    """What a job's plan depends on: its config less the seed and where or how it is run and logged."""
+    """What a job's plan depends on: its config less the seed, the lr schedule and where or how it is run
+    and logged."""
     keep = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v := cfg.get(k), DictConfig) else v
             for k in ("task", "method", "budget", "budget_alpha", "trainer", "size")}
+    for node in (keep["trainer"], keep["method"]):
+        for name in SCHEDULE_KEYS:
+            node.pop(name, None)
     return json.dumps(keep, sort_keys=True, default=str)
 
 

@@ -122,3 +122,15 @@ def test_a_job_whose_forward_cannot_run_on_meta_is_planned_as_unknown_with_one_w
         assert memplan.over_card([("shapes/waveft", cfg)], cfg.plan, processes=1, show=True) == []
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and "cannot be traced on the meta device" in warned[0]
+
+
+def test_jobs_that_differ_only_in_their_lr_schedule_are_planned_once(monkeypatch):
+    # a tuned sweep's lr candidates: same tensors, so one plan; a batch size changes the plan
+    calls = []
+    monkeypatch.setattr(memplan, "_plan_or_none", lambda name, cfg, processes: calls.append(name))
+    base = ["task=clip", "method=lora", "budget=lora8", "dataset=shapes", "plan.gpu_memory_gb=80"]
+    jobs = [(f"lr{lr}", compose_config([*base, f"++method.lr={lr}", f"trainer.warmup_steps={w}"]))
+            for lr, w in ((1e-3, 10), (4e-3, 0))]
+    jobs.append(("b16", compose_config([*base, "trainer.batch_size=16"])))
+    memplan.over_card(jobs, jobs[0][1].plan, processes=1)
+    assert calls == ["lr0.001", "b16"]
