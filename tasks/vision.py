@@ -79,7 +79,8 @@ class VisionTask(ImageSuiteTask):
     def build_model(self) -> nn.Module:
         if self.cfg.model.head == "prompts":
             return self._clip_with_prompt_heads()
-        backbone = load_vision_backbone(self.cfg.model.path, **load_kwargs(self.cfg.model))
+        m = self.cfg.model
+        backbone = load_vision_backbone(m.path, **{**dict(m.kwargs), **load_kwargs(m)})
         backbone = enable_memory_savers(backbone, self.cfg.model)
         classes = {name: len(pair.classes) for name, pair in self.suite.items()}
         log.info("vision task: %s, datasets %s", self.cfg.model.path, ", ".join(classes))

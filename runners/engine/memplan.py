@@ -150,7 +150,7 @@ def skeleton(task_cfg: DictConfig, device: str = "meta") -> nn.Module:
         elif config.model_type == "clip":  # task=vision with a CLIP image tower
             model = CLIPVisionModel(config.vision_config)
         else:
-            model = AutoModel.from_config(config, **dict(task_cfg.model.get("kwargs") or {}))
+            model = AutoModel.from_config(config, **dict(task_cfg.model.kwargs))
     dtype = base_dtype(task_cfg.model)
     return model.to(dtype) if dtype is not None else model
 
@@ -289,8 +289,8 @@ def plan_job(cfg: DictConfig, processes: int = 1, gpu: bool = True) -> Plan:
 
     model = skeleton(cfg.task)
     task = tasks.build(cfg.task)
-    adapt(model, cfg.method, task.target_modules, [], cfg.budget, cfg.get("budget_alpha", "ratio"))
-    checkpointing = bool(cfg.task.model.get("gradient_checkpointing", False))
+    adapt(model, cfg.method, task.target_modules, [], cfg.budget, cfg.budget_alpha)
+    checkpointing = bool(cfg.task.model.gradient_checkpointing)
     micro = max(1, int(cfg.trainer.batch_size) // processes)
     batch = example_batch(model, cfg.task, micro)
     return plan_model(model, batch, checkpointing, bf16=gpu and bool(cfg.trainer.bf16))

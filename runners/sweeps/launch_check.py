@@ -55,8 +55,8 @@ def check_dataset(name: str, src: DictConfig | None, task_cfg: DictConfig, key: 
     key = key or f"task.data.sources.{name}"
     if src is None:
         return DatasetReport(name, {"generated": True}, problems=[])  # the tiny suite's generated data
-    rec = DatasetReport(name, {"path": src.get("path"), "config": src.get("config")})
-    path = src.get("path")
+    rec = DatasetReport(name, {"path": src.path, "config": src.config})
+    path = src.path
     if not path:
         rec.problems.append(f"no path: no verified public copy is configured; "
                             f"set {key}.path=<folder or file>")
@@ -78,7 +78,7 @@ def check_dataset(name: str, src: DictConfig | None, task_cfg: DictConfig, key: 
 
 def _used_splits(src: DictConfig) -> list[str]:
     """The splits a run reads: train, test (unless held out of train) and the source's own validation."""
-    splits = [src.get("train_split", "train"), src.get("test_split", "test"), src.get("val_split")]
+    splits = [src.train_split, src.test_split, src.val_split]
     return [s for s in splits if s is not None]
 
 
@@ -107,7 +107,7 @@ def _label_stats(values: Any, names: list[str] | None = None, dtype: str | None 
 def _hub_labels(path: str, src: DictConfig, features: Any, rec: DatasetReport) -> dict[str, dict[str, Any]]:
     """Label range per used split: [0, len(names)) for a ClassLabel of the card, else the first LABEL_ROWS
     rows read by streaming (integer labels: webdataset `cls`, a parquet int64 column)."""
-    column = src.get("label_column") or "label"
+    column = src.label_column or "label"
     feature = (features or {}).get(column)
     splits = [s for s in _used_splits(src) if not rec.splits or s in rec.splits]
     if hasattr(feature, "names"):
@@ -122,9 +122,9 @@ def _stream_labels(path: str, src: DictConfig, split: str, column: str) -> dict[
 
     from tasks.sources import hub_kwargs
 
-    named = src.get("name_column")
+    named = src.name_column
     try:
-        stream = load_dataset(path, src.get("config"), split=split, streaming=True, **hub_kwargs(src))
+        stream = load_dataset(path, src.config, split=split, streaming=True, **hub_kwargs(src))
         rows = list(itertools.islice(stream.select_columns([column, *([named] if named else [])]),
                                      LABEL_ROWS))
     except Exception as err:  # any read failure is the problem to report
@@ -138,12 +138,12 @@ def _check_labels(rec: DatasetReport, name: str, src: DictConfig, stats: dict[st
     off-by-one copy, a names list of the wrong length), and so are row names (`name_column`) that most
     labels' prompt names contradict (shifted labels, names in another order)."""
     rec.labels = stats
-    offset = int(src.get("label_offset") or 0)
+    offset = int(src.label_offset)
     for split, st in stats.items():
         if "problem" in st:
             rec.problems.append(st["problem"])
         elif "min" in st and rec.num_classes:
-            problem = _label_problem(name, split, st, offset, rec.classes, src.get("name_column"))
+            problem = _label_problem(name, split, st, offset, rec.classes, src.name_column)
             if problem:
                 rec.problems.append(problem.removeprefix(f"dataset {name!r}, "))
 
@@ -165,7 +165,7 @@ def _local_metadata(path: str, src: DictConfig) -> dict[str, Any]:
 
     dd = load_dataset("json", data_files=path) if path.endswith((".json", ".jsonl")) else load_from_disk(path)
     first = next(iter(dd.values()))
-    column, named = src.get("label_column") or "label", src.get("name_column")
+    column, named = src.label_column or "label", src.name_column
     labels = {s: _label_stats(dd[s][column], dd[s][named] if named in dd[s].column_names else None,
                               _feature_type(dd[s].features[column]))
               for s in _used_splits(src) if s in dd and column in dd[s].column_names}
@@ -180,19 +180,19 @@ def _hub_metadata(path: str, src: DictConfig) -> dict[str, Any]:
     if (script := loading_script(path, files)) is not None:
         raise LookupError(f"{path} ships a loading script ({script}), which datasets>=4 refuses: "
                           "use a parquet/webdataset copy")
-    if src.get("classes_file") and str(src.classes_file) not in files:
+    if src.classes_file and str(src.classes_file) not in files:
         raise LookupError(f"{path} has no {src.classes_file} at its root")
     from datasets import load_dataset_builder
 
     from tasks.sources import hub_kwargs
 
     try:
-        builder = load_dataset_builder(path, src.get("config"), **hub_kwargs(src))
+        builder = load_dataset_builder(path, src.config, **hub_kwargs(src))
     except Exception as err:  # any load failure is the problem to report
         raise LookupError(f"{path}: metadata unreadable ({type(err).__name__}: {first_line(err)})") from err
     info = builder.info
     splits = {s: v.num_examples for s, v in (info.splits or {}).items()}
-    if not splits and src.get("data_files"):
+    if not splits and src.data_files:
         splits = {s: None for s in src.data_files}  # webdataset: sizes are not in the metadata
     features = info.features or {}
     return {"splits": splits, "columns": list(features), "features": features}
@@ -208,7 +208,7 @@ def loading_script(path: str, files: list[str]) -> str | None:
 
 def _label_names(features: Any, src: DictConfig) -> list[str] | None:
     """The label column's ClassLabel names, or None for integer labels (or unknown columns)."""
-    feature = (features or {}).get(src.get("label_column") or "label")
+    feature = (features or {}).get(src.label_column or "label")
     return list(feature.names) if hasattr(feature, "names") else None
 
 
@@ -232,14 +232,14 @@ def _repo_files(path: str, repo_type: str = "dataset") -> list[str]:
 
 
 def _check_splits_and_columns(rec: DatasetReport, src: DictConfig, key: str) -> None:
-    train, test = src.get("train_split", "train"), src.get("test_split", "test")
+    train, test = src.train_split, src.test_split
     for split, what in ((train, "train_split"), (test, "test_split")):
         if split is not None and rec.splits and split not in rec.splits:
             rec.problems.append(f"no split {split!r} (has {', '.join(rec.splits)}); set {key}.{what}")
     if not rec.columns:
         return  # webdataset repos: columns are only known from the data; the run checks them
     for col_key in ("image_column", "label_column", "text_column", "text_pair_column"):
-        col = src.get(col_key)
+        col = src[col_key]
         if col and col not in rec.columns:
             rec.problems.append(f"no column {col!r} (has {', '.join(rec.columns)}); set {key}.{col_key}")
 
@@ -265,7 +265,7 @@ def _show_configured_classes(rec: DatasetReport, name: str, src: DictConfig, tas
     from tasks.prompts import prompt_set, source_templates
 
     entry = prompt_set(name, src)
-    rec.classes = [str(c) for c in src.get("classes") or (entry or {}).get("classes", [])]
+    rec.classes = [str(c) for c in src.classes or (entry or {}).get("classes", [])]
     rec.num_classes = len(rec.classes) or None
     templates = _eval_templates(source_templates(name, src), task_cfg)
     rec.prompts = [t.format(c) for t in templates for c in rec.classes][:PROMPTS_SHOWN]
@@ -333,7 +333,7 @@ def _skeleton(path: str, task_cfg: DictConfig) -> Any:
             return AutoModelForCausalLM.from_config(config)
         if config.model_type == "clip":  # task=vision with a CLIP image tower
             return CLIPVisionModel(config.vision_config)
-        return AutoModel.from_config(config, **dict(task_cfg.model.get("kwargs") or {}))
+        return AutoModel.from_config(config, **dict(task_cfg.model.kwargs))
 
 
 def _solve(model: Any, method: str, targets: Any, budget: str, task: Any = None) -> dict[str, Any]:
