@@ -81,9 +81,9 @@ class VisionTask(ImageSuiteTask):
             return self._clip_with_prompt_heads()
         m = self.cfg.model
         backbone = load_vision_backbone(m.path, **{**dict(m.kwargs), **load_kwargs(m)})
-        backbone = enable_memory_savers(backbone, self.cfg.model)
+        backbone = enable_memory_savers(backbone, m)
         classes = {name: len(pair.classes) for name, pair in self.suite.items()}
-        log.info("vision task: %s, datasets %s", self.cfg.model.path, ", ".join(classes))
+        log.info("vision task: %s, datasets %s", m.path, ", ".join(classes))
         return HeadedModel(backbone, hidden_size(backbone), classes,
                            pool=self.cfg.model.pool, seed=int(self.cfg.data.seed),
                            bias=bool(self.cfg.model.head_bias),

@@ -137,22 +137,25 @@ def model_config(path: str) -> Any:
 def skeleton(task_cfg: DictConfig, device: str = "meta") -> nn.Module:
     """The task's backbone on the meta device (no memory), its frozen weights in `task.model.dtype`;
     gradient checkpointing stays off (`trace_activations` derives it per block)."""
-    from transformers import AutoModel, AutoModelForCausalLM, CLIPModel, CLIPVisionModel
-
     from tasks.models import base_dtype
 
-    config = model_config(str(task_cfg.model.path))
-    with torch.device(device):
-        if task_cfg.kind == "clip":
-            model = CLIPModel(config)
-        elif task_cfg.kind == "commonsense":
-            model = AutoModelForCausalLM.from_config(config)
-        elif config.model_type == "clip":  # task=vision with a CLIP image tower
-            model = CLIPVisionModel(config.vision_config)
-        else:
-            model = AutoModel.from_config(config, **dict(task_cfg.model.kwargs))
+    model = model_from_config(model_config(str(task_cfg.model.path)), task_cfg, device)
     dtype = base_dtype(task_cfg.model)
     return model.to(dtype) if dtype is not None else model
+
+
+def model_from_config(config: Any, task_cfg: DictConfig, device: str = "meta") -> nn.Module:
+    """The model class the task loads, built from a transformers config on `device` (no weights read)."""
+    from transformers import AutoModel, AutoModelForCausalLM, CLIPModel, CLIPVisionModel
+
+    with torch.device(device):
+        if task_cfg.kind == "clip":
+            return CLIPModel(config)
+        if task_cfg.kind == "commonsense":
+            return AutoModelForCausalLM.from_config(config)
+        if config.model_type == "clip":  # task=vision with a CLIP image tower
+            return CLIPVisionModel(config.vision_config)
+        return AutoModel.from_config(config, **dict(task_cfg.model.kwargs))
 
 
 def example_batch(model: nn.Module, task_cfg: DictConfig, micro_batch: int) -> dict[str, Any]:

@@ -321,19 +321,13 @@ def check_model(cfg: DictConfig, budgets: list[str], method_names: list[str] | N
 
 
 def _skeleton(path: str, task_cfg: DictConfig) -> Any:
-    """The task's backbone built from its config on the meta device: shapes, no memory, no download."""
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, CLIPModel, CLIPVisionModel
+    """The task's backbone built from its config on the meta device: shapes, no memory, no download. Unlike
+    the memory plan's skeleton, an unreadable config is a problem to report, not a published fallback."""
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        if task_cfg.kind == "clip":
-            return CLIPModel(config)
-        if task_cfg.kind == "commonsense":
-            return AutoModelForCausalLM.from_config(config)
-        if config.model_type == "clip":  # task=vision with a CLIP image tower
-            return CLIPVisionModel(config.vision_config)
-        return AutoModel.from_config(config, **dict(task_cfg.model.kwargs))
+    from runners.engine.memplan import model_from_config
+
+    return model_from_config(AutoConfig.from_pretrained(path), task_cfg)
 
 
 def _solve(model: Any, method: str, targets: Any, budget: str, task: Any = None) -> dict[str, Any]:
