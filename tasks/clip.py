@@ -29,6 +29,7 @@ from tasks.base import Batch, ImageSuiteTask
 from tasks.gather import gather_rows
 from tasks.models import enable_memory_savers, eval_mode, load_kwargs, load_pretrained, model_device
 from tasks.pixels import prepare_images, train_pixels
+from tasks.prompts import templates_for
 from tasks.sampling import TrainData, batches
 from tasks.splits import SplitPair, load_test_split
 
@@ -53,17 +54,6 @@ class Prepared:
     test_y: torch.Tensor
     prompts: dict[str, torch.Tensor]       # training prompts, row t * C + c = template t, class c
     eval_prompts: dict[str, torch.Tensor]  # evaluation prompts, same layout
-
-
-def templates_for(choice: str, pair: object) -> list[str]:
-    """The templates a prompt choice stands for: `ensemble`, `dataset`, or a literal template."""
-    if choice == "ensemble":
-        return pair.ensemble
-    if choice == "dataset":
-        return [pair.template]
-    if "{}" not in choice:
-        raise ValueError(f"prompt {choice!r} is neither 'ensemble', 'dataset' nor a template with {{}}")
-    return [choice]
 
 
 def class_embeddings(model: nn.Module, prompts: dict[str, torch.Tensor], num_classes: int,
@@ -131,7 +121,7 @@ class ClipTask(ImageSuiteTask):
     def prepare(self, pair: SplitPair) -> Prepared:
         """One dataset as tensors: pixels of train and the scored split, labels, tokenised prompts."""
         objective = self.cfg.objective
-        train, test = (self._tokenize(templates_for(objective.prompts[k], pair), pair.classes)
+        train, test = (self._tokenize(templates_for(objective.prompts[k], pair.ensemble), pair.classes)
                        for k in ("train", "eval"))
         images = prepare_images(pair, self.processor, self.lazy, self.augment, int(self.cfg.seed),
                                 self.eval_split)

@@ -55,8 +55,7 @@ class LanguageTask(EpochPlanMixin, Task):
         from transformers import AutoModel
 
         m = self.cfg.model
-        kwargs = {**dict(m.kwargs), **load_kwargs(m)}
-        backbone = load_pretrained(AutoModel.from_pretrained, m.path, **kwargs)
+        backbone = load_pretrained(AutoModel.from_pretrained, m.path, **load_kwargs(m))
         enable_memory_savers(backbone, m)
         outputs = {name: len(pair.classes) or 1 for name, pair in self.suite.items()}
         log.info("language task: %s, %s head per dataset: %s", m.path, m.head, ", ".join(outputs))

@@ -93,9 +93,9 @@ def base_dtype(model_cfg: Any) -> torch.dtype | None:
 
 
 def load_kwargs(model_cfg: Any) -> dict[str, Any]:
-    """Extra `from_pretrained` kwargs of the memory savers (today: the base weights' dtype)."""
+    """The backbone's `from_pretrained` kwargs: `task.model.kwargs` and the memory savers' base dtype."""
     dtype = base_dtype(model_cfg)
-    return {"dtype": dtype} if dtype is not None else {}
+    return {**dict(model_cfg["kwargs"]), **({"dtype": dtype} if dtype is not None else {})}
 
 
 def enable_memory_savers(model: nn.Module, model_cfg: Any) -> nn.Module:

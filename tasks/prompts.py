@@ -44,6 +44,18 @@ def source_templates(name: str, src: DictConfig) -> list[str]:
     return list(entry["templates"]) if entry else ["a photo of a {}."]
 
 
+def templates_for(choice: str, ensemble: list[str]) -> list[str]:
+    """The templates a prompt choice (`task.objective.prompts.*`) stands for: `ensemble` (all of the
+    dataset's templates), `dataset` (its first), or a literal template."""
+    if choice == "ensemble":
+        return list(ensemble)
+    if choice == "dataset":
+        return list(ensemble[:1])
+    if "{}" not in choice:
+        raise ValueError(f"prompt {choice!r} is neither 'ensemble', 'dataset' nor a template with {{}}")
+    return [choice]
+
+
 def source_classes(name: str, src: DictConfig, label_names: list[str] | None) -> list[str]:
     """Class names for prompts, in label order: config `classes`; else the prompt set's curated names
     aligned to the dataset's own label names (`classes_file`, else the ClassLabel names); else those

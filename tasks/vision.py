@@ -80,7 +80,7 @@ class VisionTask(ImageSuiteTask):
         if self.cfg.model.head == "prompts":
             return self._clip_with_prompt_heads()
         m = self.cfg.model
-        backbone = load_vision_backbone(m.path, **{**dict(m.kwargs), **load_kwargs(m)})
+        backbone = load_vision_backbone(m.path, **load_kwargs(m))
         backbone = enable_memory_savers(backbone, m)
         classes = {name: len(pair.classes) for name, pair in self.suite.items()}
         log.info("vision task: %s, datasets %s", m.path, ", ".join(classes))

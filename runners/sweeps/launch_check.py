@@ -251,11 +251,11 @@ def _fill_classes(rec: DatasetReport, name: str, src: DictConfig, label_names: l
 
     try:
         rec.classes = source_classes(name, src, label_names)
+        templates = _eval_templates(source_templates(name, src), task_cfg)
     except (ValueError, KeyError, FileNotFoundError) as err:
         rec.problems.append(first_line(err))
         return
     rec.num_classes = len(rec.classes) or None
-    templates = _eval_templates(source_templates(name, src), task_cfg)
     rec.prompts = [t.format(c) for t in templates for c in rec.classes][:PROMPTS_SHOWN]
 
 
@@ -267,18 +267,22 @@ def _show_configured_classes(rec: DatasetReport, name: str, src: DictConfig, tas
     entry = prompt_set(name, src)
     rec.classes = [str(c) for c in src.classes or (entry or {}).get("classes", [])]
     rec.num_classes = len(rec.classes) or None
-    templates = _eval_templates(source_templates(name, src), task_cfg)
+    try:
+        templates = _eval_templates(source_templates(name, src), task_cfg)
+    except ValueError as err:
+        rec.problems.append(first_line(err))
+        return
     rec.prompts = [t.format(c) for t in templates for c in rec.classes][:PROMPTS_SHOWN]
 
 
 def _eval_templates(dataset_templates: list[str], task_cfg: DictConfig) -> list[str]:
-    """The templates the task's evaluation uses (CLIP's objective; the vision prompt head's ensemble)."""
-    objective = task_cfg.get("objective")
-    if objective is not None:
-        choice = str(objective.prompts.eval)
-        return (dataset_templates if choice == "ensemble"
-                else dataset_templates[:1] if choice == "dataset" else [choice])
-    if (task_cfg.get("model") or {}).get("head") == "prompts":
+    """The templates the task's evaluation formats class names with: CLIP's `objective.prompts.eval`,
+    the whole ensemble under the vision task's prompt head, none under a trained head."""
+    from tasks.prompts import templates_for
+
+    if task_cfg.kind == "clip":
+        return templates_for(str(task_cfg.objective.prompts.eval), dataset_templates)
+    if task_cfg.kind == "vision" and task_cfg.model.head == "prompts":
         return dataset_templates
     return []
 

@@ -121,3 +121,17 @@ def test_the_preflights_bad_input_is_the_one_line_run_py_gives(bad, tmp_path):
     run_code, run_lines = stderr_lines(str(ROOT / "run.py"))
     assert code != 0 and run_code != 0
     assert len(lines) == 1 and lines == run_lines and lines[0].startswith("rankbench: "), lines
+
+
+
+@pytest.mark.parametrize("choice, prompts", [
+    ("dataset", ["a photo of a AM General Hummer SUV 2000.", "a photo of a Acura RL Sedan 2012."]),
+    ("{} on a road", ["AM General Hummer SUV 2000 on a road", "Acura RL Sedan 2012 on a road"]),
+    ("bogus", []),
+])
+def test_the_shown_prompts_are_the_ones_evaluation_uses(copies, choice, prompts):
+    cfg = compose_config([*_overrides(copies, "cars"), f"task.objective.prompts.eval='{choice}'"])
+    cars = launch_check.check_dataset("cars", source_config(cfg.task.data, "cars"), cfg.task)
+    assert cars.prompts[:2] == prompts
+    assert cars.problems == ([] if prompts else
+                             ["prompt 'bogus' is neither 'ensemble', 'dataset' nor a template with {}"])
