@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from rbtest import ROOT, compose_config, run_cli
+from rbtest import NATIVE_METHODS, ROOT, compose_config, run_cli
 
 import methods
 from runners.engine.adapt import method_names
@@ -16,10 +16,12 @@ from runners.train import RunFailed, run
 
 TASKS = ["clip", "vision", "language"]
 METHODS = method_names()  # every registered adapter and the references (full, none)
-# every method on every task; a language suite (MiniLM, 3 datasets) takes 10-20 s a method on 2 cores, so
-# beyond LoRA's those run with the slow tests (the methods themselves run on the clip and vision suites)
-SMOKE = [pytest.param(m, t, marks=pytest.mark.slow) if t == "language" and m != "lora" else pytest.param(m, t)
-         for t in TASKS for m in METHODS]
+# Every method on every task. A language suite (MiniLM, 3 datasets) takes 10-20 s a method on 2 cores, so
+# beyond LoRA's those run with the slow tests; so do the clip runs of the PEFT-backed methods (8-25 s each;
+# their layers are PEFT's code, which the vision suite runs by default).
+FAST = {("language", "lora"), *(("clip", m) for m in [*NATIVE_METHODS, "full", "none"]),
+        *(("vision", m) for m in METHODS)}
+SMOKE = [pytest.param(m, t, marks=[] if (t, m) in FAST else [pytest.mark.slow]) for t in TASKS for m in METHODS]
 SMALL_DATA = ["task.data.train_size=64", "task.data.test_size=32", "trainer.batch_size=16"]
 
 
