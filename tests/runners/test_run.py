@@ -21,7 +21,8 @@ METHODS = method_names()  # every registered adapter and the references (full, n
 # their layers are PEFT's code, which the vision suite runs by default).
 FAST = {("language", "lora"), *(("clip", m) for m in [*NATIVE_METHODS, "full", "none"]),
         *(("vision", m) for m in METHODS)}
-SMOKE = [pytest.param(m, t, marks=[] if (t, m) in FAST else [pytest.mark.slow]) for t in TASKS for m in METHODS]
+SMOKE = [pytest.param(m, t, marks=[] if (t, m) in FAST else [pytest.mark.slow])
+         for t in TASKS for m in METHODS]
 SMALL_DATA = ["task.data.train_size=64", "task.data.test_size=32", "trainer.batch_size=16"]
 
 
