@@ -380,34 +380,44 @@ def _spec(cls: type[PeftLayer]) -> PeftSpec:
 
 
 # ----------------------------------------------------------------------------- registration
+#: `peft:` keys that set the PeftLayer attribute of the same name; absent ones keep PeftLayer's default
+ATTRIBUTE_KEYS = ("knob_max", "rank_per_knob", "knob_multiple", "knob_note", "knob_attr", "count_linear",
+                  "init_exact", "max_rank_exact", "targets_fields")
+#: every key a `peft:` block may have (README "PEFT-backed methods"); config and label are required
+BLOCK_KEYS = ("config", "label", "knob", "hp", "fields", "pattern", "alpha_pattern", *ATTRIBUTE_KEYS)
+
+
 def register_config(name: str, config: dict[str, Any]) -> type[PeftLayer]:
     """Register method `name` from its config file's content (the top-level hp defaults and `peft:`)."""
     spec = config["peft"]
-    hp_fields = dict(spec.get("hp") or {})
-    knob = spec.get("knob")
-    if knob:
-        hp_fields = {"r": knob, **hp_fields}
-    defaults = {k: config[k] for k in hp_fields}
-    attrs = {
+    _check_block(name, spec)
+    knob = spec.get("knob")  # absent: no size knob (IA3)
+    hp_fields = {**({"r": knob} if knob else {}), **(spec.get("hp") or {})}
+    attrs = {key: spec[key] for key in ATTRIBUTE_KEYS if key in spec}
+    attrs.update({
         "label": spec["label"], "config_class": spec["config"], "fixed": dict(spec.get("fields") or {}),
-        "hp_fields": hp_fields, "targets_fields": tuple(spec.get("targets_fields") or ()),
+        "hp_fields": hp_fields, "targets_fields": tuple(attrs.get("targets_fields") or ()),
         "pattern_field": spec.get("pattern") or "", "alpha_pattern_field": spec.get("alpha_pattern") or "",
-        "knob_max": spec.get("knob_max", "max"), "rank_per_knob": int(spec.get("rank_per_knob") or 0),
-        "knob_multiple": int(spec.get("knob_multiple") or 1), "knob_note": spec.get("knob_note", ""),
-        "init_exact": bool(spec.get("init_exact", True)),
-        "max_rank_exact": bool(spec.get("max_rank_exact", True)),
-        "count_linear": bool(spec.get("count_linear", False)), "knob_attr": spec.get("knob_attr") or "",
         "budget_knobs": ("r",) if knob else (), "layer_patterns": bool(spec.get("pattern")),
-        "hp_spec": {k: (v, _validator(k, v)) for k, v in defaults.items()},
+        "hp_spec": {k: (config[k], _validator(k, config[k])) for k in hp_fields},
         "peft": _LazySpec(), "definition": dict(spec),
-        "knob_limit_reason": f"PEFT's {spec['config']} takes {knob} up to {spec.get('knob_max', 'max')} "
-                             f"of the "
-                             f"layer's (in, out)" if knob else "",
         "__doc__": f"{spec['label']}: PEFT's {spec['config']} (conf/method/{name}.yaml).",
-    }
+    })
+    largest = attrs.get("knob_max", PeftLayer.knob_max)
+    attrs["knob_limit_reason"] = (f"PEFT's {spec['config']} takes {knob} up to {largest} of the layer's "
+                                  f"(in, out)") if knob else ""
     cls = type(f"Peft_{name}", (PeftLayer,), attrs)
     register(name)(cls)
     return cls
+
+
+def _check_block(name: str, spec: dict[str, Any]) -> None:
+    """One line for a `peft:` block key that would otherwise be ignored, or a required one missing."""
+    unknown = sorted(set(spec) - set(BLOCK_KEYS))
+    missing = [k for k in ("config", "label") if k not in spec]
+    if unknown or missing:
+        what = f"unknown key peft.{unknown[0]}" if unknown else f"peft.{missing[0]} is required"
+        raise PeftConfigError(f"conf/method/{name}.yaml: {what}; a peft block has {', '.join(BLOCK_KEYS)}")
 
 
 def check_definition(name: str, block: dict[str, Any] | None) -> None:

@@ -31,6 +31,10 @@ def command_line_problem(argv: list[str]) -> str | None:
     if any(a in ("-m", "--multirun") for a in argv):
         overrides = _without_sweeps(overrides)  # the sweeper validates the sweep itself
     try:
+        import methods  # noqa: F401  (registers conf/method/*.yaml, each peft block checked)
+    except ValueError as err:
+        return str(err).splitlines()[0]
+    try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=overrides)
         return check_values(cfg)

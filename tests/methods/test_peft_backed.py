@@ -147,6 +147,17 @@ def test_bad_peft_definitions_fail_in_one_line(peft_block, error, scratch_regist
         methods.num_params_model(nn.Sequential(nn.Linear(12, 8)), "bad_m", ["0"], **hp)
 
 
+@pytest.mark.parametrize("peft_block, error", [
+    ({"config": "LoraConfig", "label": "x", "knob": "r", "knob_maximum": "in"},
+     r"bad_m.yaml: unknown key peft.knob_maximum; a peft block has config, label, knob, .*knob_max"),
+    ({"label": "x", "knob": "r"}, r"bad_m.yaml: peft.config is required; a peft block has config"),
+])
+def test_a_peft_block_key_that_would_be_ignored_is_refused(peft_block, error, scratch_registry):
+    with pytest.raises(PeftConfigError, match=error):
+        register_config("bad_m", {"name": "bad_m", "r": 4, "peft": peft_block})
+    assert "bad_m" not in methods.available()
+
+
 def test_half_precision_inputs_keep_dtype_and_parity(randomize_params):
     """A bf16 base: PEFT's layer trains fp32 tensors (as get_peft_model's autocast_adapter_dtype) and the
     output follows the native lora's within bf16 rounding."""
