@@ -23,6 +23,10 @@ FAST = {("language", "lora"), *(("clip", m) for m in [*NATIVE_METHODS, "full", "
         *(("vision", m) for m in METHODS)}
 SMOKE = [pytest.param(m, t, marks=[] if (t, m) in FAST else [pytest.mark.slow])
          for t in TASKS for m in METHODS]
+# two datasets of each suite: a suite run (one adapter per dataset, the mean, forgetting on the other) at
+# 2/5 of the tiny clip suite's cost; tests/runners/test_suite.py runs whole suites
+SMOKE_SUITES = {"clip": "[shapes,digits]", "vision": "[shapes,digits]", "language": "[sentiment,topic]"}
+CLIP_PAIR = f"task.data.datasets={SMOKE_SUITES['clip']}"   # the default task=clip as a two-dataset suite
 SMALL_DATA = ["task.data.train_size=64", "task.data.test_size=32", "trainer.batch_size=16"]
 
 
@@ -41,7 +45,8 @@ def test_every_method_and_task_composes(method, task):
 
 @pytest.mark.parametrize("method, task", SMOKE)
 def test_smoke_run_writes_a_complete_result(method, task, tiny_overrides, tmp_path):
-    record = run(compose_config([f"method={method}", f"task={task}", *tiny_overrides]))
+    record = run(compose_config([f"method={method}", f"task={task}", *tiny_overrides,
+                                 f"task.data.datasets={SMOKE_SUITES[task]}"]))
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["run"]["status"] == "success" and saved["run"]["error"] is None
     assert saved["metrics"]["accuracy"] == record["metrics"]["accuracy"]
@@ -57,14 +62,15 @@ def test_smoke_run_writes_a_complete_result(method, task, tiny_overrides, tmp_pa
 
 
 def test_same_seed_gives_identical_metrics(tiny_overrides, tmp_path):
-    first = run(compose_config(["method=lora", *tiny_overrides]))
-    second = run(compose_config(["method=lora", *tiny_overrides[1:], f"out_dir={tmp_path / 'again'}"]))
+    first = run(compose_config(["method=lora", *tiny_overrides, CLIP_PAIR]))
+    again = f"out_dir={tmp_path / 'again'}"
+    second = run(compose_config(["method=lora", *tiny_overrides[1:], CLIP_PAIR, again]))
     assert first["metrics"]["per_dataset"] == second["metrics"]["per_dataset"]
     assert [h["loss"] for h in first["history"]] == [h["loss"] for h in second["history"]]
 
 
 def test_budget_is_solved_and_recorded(tiny_overrides):
-    record = run(compose_config(["method=loha", "budget=lora4", *tiny_overrides]))
+    record = run(compose_config(["method=loha", "budget=lora4", *tiny_overrides, CLIP_PAIR]))
     params = record["params"]
     assert params["budget_target"] > 0
     assert abs(params["trainable"] - params["budget_target"]) / params["budget_target"] == pytest.approx(
@@ -75,7 +81,7 @@ def test_budget_is_solved_and_recorded(tiny_overrides):
 @pytest.mark.parametrize("budget_alpha, expected_ratio", [("ratio", 20.0), ("fixed", None)])
 def test_budget_keeps_the_configured_scaling(budget_alpha, expected_ratio, tiny_overrides):
     record = run(compose_config(["method=randlora", "budget=lora8", f"budget_alpha={budget_alpha}",
-                                 *tiny_overrides]))
+                                 *tiny_overrides, CLIP_PAIR]))
     hp = record["run"]["hp"]
     assert hp["r"] != 32  # the solver moved r away from the config's 32
     if expected_ratio is None:
@@ -85,10 +91,10 @@ def test_budget_keeps_the_configured_scaling(budget_alpha, expected_ratio, tiny_
 
 
 def test_completed_run_is_skipped_not_overwritten(tiny_overrides, tmp_path):
-    run(compose_config(["method=lora", *tiny_overrides]))
+    run(compose_config(["method=lora", *tiny_overrides, CLIP_PAIR]))
     path = tmp_path / "run" / "results.json"
     before = path.read_text()
-    run(compose_config(["method=lora", *tiny_overrides]))
+    run(compose_config(["method=lora", *tiny_overrides, CLIP_PAIR]))
     assert path.read_text() == before
 
 
@@ -173,7 +179,7 @@ def test_unreachable_budget_or_rank_fails_naming_what_is_valid(args, expected, t
 def test_wandb_offline_run_holds_the_summary(tiny_overrides, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     overrides = [o for o in tiny_overrides if o != "logger=none"] + ["logger=wandb"]
-    record = run(compose_config(["method=lora", *overrides]))
+    record = run(compose_config(["method=lora", *overrides, CLIP_PAIR]))
     files = [wait_until_written(f)  # one W&B run per dataset
              for f in (tmp_path / "run").glob("*/wandb/offline-run-*/run-*.wandb")]
     assert len(files) == len(record["metrics"]["per_dataset"])
