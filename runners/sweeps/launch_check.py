@@ -247,29 +247,36 @@ def _check_splits_and_columns(rec: DatasetReport, src: DictConfig, key: str) -> 
 def _fill_classes(rec: DatasetReport, name: str, src: DictConfig, label_names: list[str] | None,
                   task_cfg: DictConfig) -> None:
     """Class names as prompts will use them (curated, aligned) and the first prompts."""
-    from tasks.prompts import source_classes, source_templates
+    from tasks.prompts import source_classes
 
     try:
         rec.classes = source_classes(name, src, label_names)
-        templates = _eval_templates(source_templates(name, src), task_cfg)
     except (ValueError, KeyError, FileNotFoundError) as err:
         rec.problems.append(first_line(err))
         return
     rec.num_classes = len(rec.classes) or None
-    rec.prompts = [t.format(c) for t in templates for c in rec.classes][:PROMPTS_SHOWN]
+    _show_prompts(rec, name, src, task_cfg)
 
 
 def _show_configured_classes(rec: DatasetReport, name: str, src: DictConfig, task_cfg: DictConfig) -> None:
     """With no metadata, the class names the config itself names (curated set or `classes`), in their own
     order: prompts can still be read, though their alignment to the copy's labels is unchecked."""
-    from tasks.prompts import prompt_set, source_templates
+    from tasks.prompts import prompt_set
 
     entry = prompt_set(name, src)
     rec.classes = [str(c) for c in src.classes or (entry or {}).get("classes", [])]
     rec.num_classes = len(rec.classes) or None
+    _show_prompts(rec, name, src, task_cfg)
+
+
+def _show_prompts(rec: DatasetReport, name: str, src: DictConfig, task_cfg: DictConfig) -> None:
+    """The first prompts evaluation will score `rec.classes` with; a prompt choice it would refuse is a
+    problem of the record."""
+    from tasks.prompts import source_templates
+
     try:
         templates = _eval_templates(source_templates(name, src), task_cfg)
-    except ValueError as err:
+    except (ValueError, KeyError, FileNotFoundError) as err:
         rec.problems.append(first_line(err))
         return
     rec.prompts = [t.format(c) for t in templates for c in rec.classes][:PROMPTS_SHOWN]

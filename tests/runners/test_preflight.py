@@ -123,7 +123,6 @@ def test_the_preflights_bad_input_is_the_one_line_run_py_gives(bad, tmp_path):
     assert len(lines) == 1 and lines == run_lines and lines[0].startswith("rankbench: "), lines
 
 
-
 @pytest.mark.parametrize("choice, prompts", [
     ("dataset", ["a photo of a AM General Hummer SUV 2000.", "a photo of a Acura RL Sedan 2012."]),
     ("{} on a road", ["AM General Hummer SUV 2000 on a road", "Acura RL Sedan 2012 on a road"]),
