@@ -69,6 +69,12 @@ class Task(ABC):
         `task.dataset` names."""
         return selected(list(self.cfg.data.datasets), self.cfg.dataset)
 
+    @property
+    def train_source(self) -> tuple[DictConfig, str] | None:
+        """A training file shared by every evaluation dataset, with its config key (commonsense's instruction
+        set); None where each dataset trains on a split of its own."""
+        return None
+
     @abstractmethod
     def build_model(self) -> nn.Module: ...
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from omegaconf import DictConfig
 from torch import nn
 
 from tasks import forgetting, register
@@ -229,11 +230,16 @@ class CommonsenseTask(Task):
 
     # --- data ------------------------------------------------------------------------------------------
 
+    @property
+    def train_source(self) -> tuple[DictConfig, str]:
+        d = self.cfg.data
+        return with_source_defaults(d.source_defaults, d.train, "task.data.train"), "task.data.train"
+
     @cached_property
     def _train_and_val(self) -> tuple[Dataset, Dataset | None]:
         d = self.cfg.data
-        src = with_source_defaults(d.source_defaults, d.train, "task.data.train")
-        ds = open_source("train", src, key="task.data.train", splits=[src.split])[src.split]
+        src, key = self.train_source
+        ds = open_source("train", src, key=key, splits=[src.split])[src.split]
         train, val = hold_out(ds, int(d.val_set_size or 0), int(d.val_seed))
         return cap(train, d.train_size), val
 

@@ -375,14 +375,14 @@ def _method_hp(method: str, task: Any = None) -> dict[str, Any]:
 def check_suite(cfg: DictConfig, budgets: list[str] | None = None) -> list[DatasetReport]:
     """Records for every dataset of the run's suite (plus a commonsense training set), model attached."""
     import tasks
-    from tasks.sources import source_config, with_source_defaults
+    from tasks.sources import source_config
 
     task = tasks.build(cfg.task)
     budgets = budgets or ([str(cfg.budget)] if cfg.get("budget") is not None else DEFAULT_BUDGETS)
     records = [check_dataset(n, source_config(cfg.task.data, n), cfg.task) for n in task.datasets]
-    if cfg.task.data.get("train") is not None and "path" in cfg.task.data.train:  # one shared training set
-        train = with_source_defaults(cfg.task.data.source_defaults, cfg.task.data.train, "task.data.train")
-        records.insert(0, check_dataset("train", train, cfg.task, key="task.data.train"))
+    if task.train_source is not None:
+        src, key = task.train_source
+        records.insert(0, check_dataset("train", src, cfg.task, key=key))
     model = check_model(cfg, budgets)
     for rec in records:
         rec.model = model

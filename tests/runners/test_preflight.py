@@ -108,6 +108,16 @@ def test_facts_no_source_confirms_are_printed():
     assert preflight.unchecked_facts(compose_config(["task=clip"])) == []
 
 
+def test_a_shared_training_file_is_checked_before_the_evaluation_sets():
+    """Commonsense trains on one instruction file for all eight benchmarks (Task.train_source): the
+    preflight checks it as the first record, under its own config key."""
+    records = launch_check.check_suite(compose_config(["task=commonsense", "size=base", "dataset=boolq"]),
+                                       ["lora8"])
+    assert [r.dataset for r in records] == ["train", "boolq"]
+    assert records[0].problems == ["no path: no verified public copy is configured; "
+                                   "set task.data.train.path=<folder or file>"]
+
+
 @pytest.mark.parametrize("bad", ["dataset=nosuch", "task=clpi", "trainer.lr=-1"])
 def test_the_preflights_bad_input_is_the_one_line_run_py_gives(bad, tmp_path):
     """`python -m runners.preflight task=clip dataset=nosuch` ends as `python run.py` does: one line,
