@@ -32,7 +32,7 @@ class LoHa(AdapterLayer):
         lambda hp: {"r": hp["r"], "alpha": number(hp["alpha"]), "rank_dropout": 0.0, "module_dropout": 0.0,
                     "use_effective_conv2d": False, "init_weights": True, "rank_pattern": {},
                     "alpha_pattern": {}},
-        lambda c: {"r": c.get("r", 8), "alpha": c.get("alpha", 8)},
+        lambda c: {"r": c["r"], "alpha": c["alpha"]},
         NO_EXTRA_MODULES,
         patterns=True)  # peft 0.21.2 peft/tuners/lycoris_utils.py LycorisConfig.rank_pattern/alpha_pattern
 

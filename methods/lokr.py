@@ -76,8 +76,8 @@ class LoKr(AdapterLayer):
                     "decompose_both": hp["decompose_both"], "rank_dropout": 0.0, "module_dropout": 0.0,
                     "rank_dropout_scale": False, "use_effective_conv2d": False, "init_weights": True,
                     "rank_pattern": {}, "alpha_pattern": {}},
-        lambda c: {"r": c.get("r", 8), "alpha": c.get("alpha", 8), "factor": c.get("decompose_factor", -1),
-                   "decompose_both": c.get("decompose_both", False)},
+        lambda c: {"r": c["r"], "alpha": c["alpha"], "factor": c["decompose_factor"],
+                   "decompose_both": c["decompose_both"]},
         NO_EXTRA_MODULES,
         patterns=True)  # peft 0.21.2 peft/tuners/lycoris_utils.py LycorisConfig.rank_pattern/alpha_pattern
 

@@ -373,7 +373,7 @@ def _spec(cls: type[PeftLayer]) -> PeftSpec:
     return PeftSpec(
         str(model.peft_config[ADAPTER].peft_type.value), cls.config_class, tensors,
         lambda hp: {k: v for k, v in cls.config_fields(hp, []).items() if k not in cls.targets_fields},
-        lambda c: {ours: c[theirs] for theirs, ours in back.items() if theirs in c},
+        lambda c: {ours: c[theirs] for theirs, ours in back.items()},
         fields, patterns=bool(cls.pattern_field),
         pattern_names={"rank_pattern": cls.pattern_field, "alpha_pattern": cls.alpha_pattern_field},
         targets_fields=cls.targets_fields)

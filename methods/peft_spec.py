@@ -2,8 +2,8 @@
 
 Export (runners/engine/peft_files.py), the bench (runners/bench.py) and the parity tests read a method's
 PEFT config type, its field mapping and its tensor names from here, so a new method brings its own
-counterpart and no list elsewhere names it. PEFT is imported inside `config` only (a runtime dependency
-of the PEFT-backed methods alone).
+counterpart and no list elsewhere names it. PEFT is imported inside `config` and `with_defaults` only (a
+runtime dependency of the PEFT-backed methods alone).
 Field names are those of PEFT 0.21.2's config dataclasses (peft/tuners/*/config.py) and state dicts
 (`PeftModel.save_pretrained` keys `base_model.model.<module>.<tensor>`), checked by
 tests/runners/test_export.py.
@@ -27,7 +27,7 @@ class PeftSpec:
     config_class: str
     tensors: dict[str, str]                              # our parameter name -> PEFT's state-dict leaf
     to_peft: Callable[[dict[str, Any]], dict[str, Any]]  # our resolved hp -> PEFT config fields
-    from_peft: Callable[[dict[str, Any]], dict[str, Any]]  # PEFT config -> our hp (PEFT defaults if absent)
+    from_peft: Callable[[dict[str, Any]], dict[str, Any]]  # PEFT config (with_defaults) -> our hp
     refuse: dict[str, Any] = field(default_factory=dict)  # fields changing outputs in ways we cannot follow
     random: tuple[str, ...] = ()                         # frozen random bases, regenerated from the seed
     patterns: bool = False                               # the config has rank_pattern / alpha_pattern
@@ -44,6 +44,17 @@ class PeftSpec:
         own = {f: target_modules for f in self.targets_fields}
         return getattr(peft, self.config_class)(target_modules=target_modules, **self.to_peft(hp), **own,
                                                 **extra)
+
+    def with_defaults(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A saved adapter_config.json completed with the config class's own defaults, as PEFT reads it
+        (`PeftConfig.from_pretrained` builds the dataclass from the file's keys); `from_peft` reads this."""
+        import dataclasses
+
+        import peft
+
+        own = {f.name: f.default for f in dataclasses.fields(getattr(peft, self.config_class))
+               if f.default is not dataclasses.MISSING}
+        return {**own, **saved}
 
     def pattern_name(self, ours: str) -> str:
         """PEFT's name of our pattern hp (`rank_pattern` -> FourierFT's `n_frequency_pattern`)."""

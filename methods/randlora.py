@@ -120,9 +120,8 @@ class RandLoRA(AdapterLayer):
         lambda hp: {"r": hp["r"], "randlora_alpha": number(peft_alpha(hp)), "randlora_dropout": hp["dropout"],
                     "projection_prng_key": hp["seed"], "sparse": hp["sparse"], "very_sparse": False,
                     "save_projection": False, "bias": "none", "fan_in_fan_out": False, "init_weights": True},
-        lambda c: {"r": c.get("r", 32), "alpha": c.get("randlora_alpha", 640),
-                   "dropout": c.get("randlora_dropout", 0.0), "seed": c.get("projection_prng_key", 0),
-                   "sparse": c.get("sparse", False)},
+        lambda c: {"r": c["r"], "alpha": c["randlora_alpha"], "dropout": c["randlora_dropout"],
+                   "seed": c["projection_prng_key"], "sparse": c["sparse"]},
         {**NO_EXTRA_MODULES, "very_sparse": False, "bias": "none", "fan_in_fan_out": False},
         random=("randlora_A", "randlora_B"))
 

@@ -86,8 +86,8 @@ class VeRA(AdapterLayer):
 
     peft: ClassVar[PeftSpec] = PeftSpec(
         "VERA", "VeraConfig", {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"}, _to_peft,
-        lambda c: {"r": c.get("r", 256), "dropout": c.get("vera_dropout", 0.0),
-                   "seed": c.get("projection_prng_key", 0), "d_initial": c.get("d_initial", 0.1)},
+        lambda c: {"r": c["r"], "dropout": c["vera_dropout"], "seed": c["projection_prng_key"],
+                   "d_initial": c["d_initial"]},
         {**NO_EXTRA_MODULES, "bias": "none", "fan_in_fan_out": False},
         random=("vera_A", "vera_B"))
 

@@ -83,6 +83,21 @@ def test_every_registered_method_has_a_peft_format():
 
 
 @pytest.mark.parametrize("method", EXPORTED)
+def test_a_config_file_without_optional_fields_reads_as_peft_reads_it(method, tmp_path):
+    """PEFT fills a field absent from adapter_config.json with its config class's default; so does the
+    import, for every method: the hp read from a file of just the type (and the fields the method fixes)
+    equal those read from the whole file PEFT writes for that config."""
+    fmt = methods.get_method(method).peft
+    full = tmp_path / "full"
+    getattr(peft, fmt.config_class)(target_modules=["fc1"], **fmt.refuse).save_pretrained(full)
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": fmt.peft_type, **fmt.refuse, "target_modules": ["fc1"]}))
+    _, bare, _ = peft_files.read_peft_config(tmp_path / "bare")
+    assert bare == peft_files.read_peft_config(full)[1]
+
+
+@pytest.mark.parametrize("method", EXPORTED)
 def test_round_trip_through_peft(method, runs, tmp_path):
     run_dir = runs[method]
     out = peft_files.export_peft(run_dir, tmp_path / "peft")
