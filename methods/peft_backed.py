@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
@@ -294,7 +295,9 @@ def meta_tensors(method: str, in_features: int, out_features: int, hp_items: tup
     from .base import get_method
 
     cls = cast(type[PeftLayer], get_method(method))
-    tuner = build_tuner(cls, dict(hp_items), nn.Linear(in_features, out_features, device="meta"))
+    with warnings.catch_warnings():  # the solver tries hundreds of values: PEFT's note on each one it would
+        warnings.simplefilter("ignore")  # change (OFT's "Invalid oft_block_size") is build_tuner's refusal
+        tuner = build_tuner(cls, dict(hp_items), nn.Linear(in_features, out_features, device="meta"))
     return tuple((our_name(method, n), tuple(p.shape)) for n, p in trainable(tuner))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 import methods
 from methods import base as registry
 from methods.budget import TOLERANCE
-from methods.peft_backed import PeftConfigError, PeftLayer, register_config
+from methods.peft_backed import PeftConfigError, PeftLayer, meta_tensors, register_config
 
 peft = pytest.importorskip("peft")
 
@@ -171,3 +172,14 @@ def test_half_precision_inputs_keep_dtype_and_parity(randomize_params):
         backed.peft_lora_lora_B_weight.copy_(native.lora_B)
     x = torch.randn(5, 24, dtype=torch.bfloat16)
     torch.testing.assert_close(backed(x).float(), native(x).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_counting_is_quiet_about_values_it_refuses():
+    """The budget solver counts hundreds of knob values on meta layers; PEFT warns for each OFT block size it
+    would change, which build_tuner refuses anyway: counting shows none of them."""
+    hp = {**methods.get_method("oft").resolve_hp({}), "r": 7}   # 7 does not divide 90
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(PeftConfigError, match="changed r=7"):
+            meta_tensors("oft", 90, 90, tuple(sorted(hp.items())))
+    assert not [w for w in caught if "oft_block_size" in str(w.message)]
