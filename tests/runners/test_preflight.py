@@ -118,7 +118,9 @@ def test_a_shared_training_file_is_checked_before_the_evaluation_sets():
                                    "set task.data.train.path=<folder or file>"]
 
 
-@pytest.mark.parametrize("bad", ["dataset=nosuch", "task=clpi", "trainer.lr=-1"])
+@pytest.mark.parametrize("bad", ["dataset=nosuch",   # two subprocesses a case: the others are slow tests
+                                 pytest.param("task=clpi", marks=pytest.mark.slow),
+                                 pytest.param("trainer.lr=-1", marks=pytest.mark.slow)])
 def test_the_preflights_bad_input_is_the_one_line_run_py_gives(bad, tmp_path):
     """`python -m runners.preflight task=clip dataset=nosuch` ends as `python run.py` does: one line,
     exit 1."""
