@@ -11,7 +11,7 @@ tests/runners/test_export.py.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 #: task heads travel in head.safetensors (runners/engine/peft_files.py), not as PEFT `modules_to_save`
@@ -48,13 +48,10 @@ class PeftSpec:
     def with_defaults(self, saved: dict[str, Any]) -> dict[str, Any]:
         """A saved adapter_config.json completed with the config class's own defaults, as PEFT reads it
         (`PeftConfig.from_pretrained` builds the dataclass from the file's keys); `from_peft` reads this."""
-        import dataclasses
-
         import peft
 
-        own = {f.name: f.default for f in dataclasses.fields(getattr(peft, self.config_class))
-               if f.default is not dataclasses.MISSING}
-        return {**own, **saved}
+        declared = fields(getattr(peft, self.config_class))
+        return {**{f.name: f.default for f in declared if f.default is not MISSING}, **saved}
 
     def pattern_name(self, ours: str) -> str:
         """PEFT's name of our pattern hp (`rank_pattern` -> FourierFT's `n_frequency_pattern`)."""

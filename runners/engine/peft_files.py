@@ -264,9 +264,9 @@ def read_peft_config(path: str | Path) -> tuple[str, dict[str, Any], dict[str, A
     # several methods may share a type (LORA: lora, peft_lora, dora): the first, in registry order, whose
     # fixed settings the file has (`refuse`: DoRA needs use_dora true, LoRA false)
     specs = {m: methods.get_method(m).peft for m in of_type}
-    method = next((m for m, s in specs.items() if not _refused(s, s.with_defaults(config))), of_type[0])
-    fmt = specs[method]
-    config = fmt.with_defaults(config)
+    read = {m: s.with_defaults(config) for m, s in specs.items()}   # the file as each method's class reads it
+    method = next((m for m in of_type if not _refused(specs[m], read[m])), of_type[0])
+    fmt, config = specs[method], read[method]
     bad = _refused(fmt, config)
     if bad:
         raise ValueError(f"{path}: {fmt.peft_type} settings rankbench's {method} cannot evaluate: {bad} "

@@ -380,9 +380,8 @@ def check_suite(cfg: DictConfig, budgets: list[str] | None = None) -> list[Datas
     task = tasks.build(cfg.task)
     budgets = budgets or ([str(cfg.budget)] if cfg.get("budget") is not None else DEFAULT_BUDGETS)
     records = [check_dataset(n, source_config(cfg.task.data, n), cfg.task) for n in task.datasets]
-    if task.train_source is not None:
-        src, key = task.train_source
-        records.insert(0, check_dataset("train", src, cfg.task, key=key))
+    if (train := task.train_source) is not None:
+        records.insert(0, check_dataset("train", train[0], cfg.task, key=train[1]))
     model = check_model(cfg, budgets)
     for rec in records:
         rec.model = model
